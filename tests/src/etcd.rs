@@ -1,0 +1,138 @@
+//! A real etcd server (Debian `etcd-server`) on free loopback ports with a temporary data dir.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_ATTEMPTS: usize = 3;
+
+/// A running etcd, killed and its data removed on drop.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Child,
+    client_port: u16,
+    dir: TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd on free loopback ports and waits until it reports healthy.
+    pub fn start() -> Result<Self> {
+        let mut last_err = None;
+        // A port picked as free can be taken by a parallel test before etcd binds it: retry.
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start() {
+                Ok(etcd) => return Ok(etcd),
+                Err(err) => last_err = Some(err),
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    fn try_start() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("calico-etcd-")
+            .tempdir()
+            .context("creating etcd data dir")?;
+        let (client_port, peer_port) = free_port_pair()?;
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log_path = dir.path().join("etcd.log");
+        let log = fs::File::create(&log_path).context("creating etcd log")?;
+        let child = Command::new("etcd")
+            .arg("--name=harness")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=harness={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning etcd (is Debian's etcd-server installed?)")?;
+        let mut etcd = Self {
+            child,
+            client_port,
+            dir,
+        };
+        etcd.wait_healthy(&log_path)?;
+        Ok(etcd)
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Where etcd writes its log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn wait_healthy(&mut self, log_path: &std::path::Path) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "etcd exited during start-up ({status}); log tail:\n{}",
+                    log_tail(log_path)
+                );
+            }
+            if self.is_healthy() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd not healthy after {START_TIMEOUT:?}; log tail:\n{}",
+                    log_tail(log_path)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asks etcd's `/health` endpoint over plain HTTP.
+    pub fn is_healthy(&self) -> bool {
+        let probe = || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.client_port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body)?;
+            Ok(body)
+        };
+        probe().is_ok_and(|body| body.contains(r#""health":"true""#))
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two distinct free loopback ports (both held while the second is chosen).
+fn free_port_pair() -> Result<(u16, u16)> {
+    let a = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    let b = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+fn log_tail(path: &std::path::Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

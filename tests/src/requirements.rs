@@ -1,0 +1,69 @@
+//! What a test needs from the machine, and what happens when it is missing: outside CI the test
+//! skips with a printed reason; with `CI=true` it fails, so CI can never pass by skipping.
+
+use std::{path::Path, process::Command};
+
+/// Something a test needs from the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// Effective uid 0 (for netns, veths, loading BPF programs).
+    Root,
+    /// `ip netns` from iproute2.
+    NetNs,
+    /// Loading BPF programs and attaching them to TC (root and a kernel with BPF syscall).
+    Bpf,
+    /// The `etcd` server binary (Debian `etcd-server`).
+    Etcd,
+}
+
+impl Requirement {
+    /// Why this requirement is not met, or `None` when it is.
+    fn missing(self) -> Option<String> {
+        match self {
+            Requirement::Root => (!nix::unistd::geteuid().is_root())
+                .then(|| "not running as root (euid != 0)".to_owned()),
+            Requirement::NetNs => {
+                if Requirement::Root.missing().is_some() {
+                    return Some("network namespaces need root".to_owned());
+                }
+                (!command_works("ip", &["netns", "list"]))
+                    .then(|| "`ip netns` (iproute2) is not usable".to_owned())
+            }
+            Requirement::Bpf => {
+                if Requirement::Root.missing().is_some() {
+                    return Some("loading BPF programs needs root".to_owned());
+                }
+                (!Path::new("/proc/sys/net/core/bpf_jit_enable").exists()
+                    && !Path::new("/sys/kernel/btf/vmlinux").exists())
+                .then(|| "the kernel shows no sign of BPF support".to_owned())
+            }
+            Requirement::Etcd => (!command_works("etcd", &["--version"]))
+                .then(|| "`etcd` is not installed (Debian package etcd-server)".to_owned()),
+        }
+    }
+}
+
+fn command_works(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Checks `requirements` for the test `test`. Returns `true` when the test may run.
+///
+/// When something is missing: panics if `CI=true` (CI must run every test), otherwise prints a
+/// loud SKIPPED line and returns `false` so the test can return early.
+#[must_use]
+pub fn require(test: &str, requirements: &[Requirement]) -> bool {
+    let missing: Vec<String> = requirements.iter().filter_map(|r| r.missing()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = missing.join("; ");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run in CI: {reason}");
+    }
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
+    false
+}
