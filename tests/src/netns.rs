@@ -30,13 +30,23 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates a namespace with a unique name starting with `prefix`, with loopback up.
+    /// Creates a namespace with a unique name starting with `prefix`, with loopback up and IPv6
+    /// duplicate address detection off (otherwise link-local addresses stay tentative for a
+    /// second or two after a link comes up, and the first neighbour discovery fails).
     pub fn new(prefix: &str) -> Result<Self> {
         let name = unique_name(prefix);
         run_ok(Command::new("ip").args(["netns", "add", &name]))
             .with_context(|| format!("creating network namespace {name}"))?;
         let ns = Self { name };
         ns.exec_ok("ip", &["link", "set", "lo", "up"])?;
+        ns.exec_ok(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         Ok(ns)
     }
 
@@ -96,10 +106,14 @@ impl NetNs {
         Ok(())
     }
 
-    /// One ICMP echo to `addr` with a one-second deadline; `true` if a reply came back.
+    /// ICMP echoes to `addr` every 200 ms until one is answered or two seconds pass; `true` if a
+    /// reply came back. Several probes absorb the first packet lost to neighbour discovery.
     pub fn ping(&self, addr: IpAddr) -> Result<bool> {
         let target = addr.to_string();
-        let output = self.exec("ping", &["-c", "1", "-W", "1", "-n", "-q", &target])?;
+        let output = self.exec(
+            "ping",
+            &["-c", "1", "-i", "0.2", "-w", "2", "-n", "-q", &target],
+        )?;
         Ok(output.status.success())
     }
 }
@@ -115,18 +129,19 @@ impl Drop for NetNs {
 /// A veth pair with one end in each of two namespaces. Dropping it deletes the pair (also gone
 /// when either namespace is deleted).
 #[derive(Debug)]
-pub struct Veth<'a> {
-    a: &'a NetNs,
+pub struct Veth {
+    /// Namespace of the first end, by name, so the pair does not borrow the namespace.
+    a_ns: String,
     /// Interface name of the end in the first namespace.
     pub a_name: String,
     /// Interface name of the end in the second namespace.
     pub b_name: String,
 }
 
-impl<'a> Veth<'a> {
+impl Veth {
     /// Creates a pair with unique names directly inside `a` and `b` (never in the caller's
     /// namespace, so nothing is left behind there if the test dies).
-    pub fn between(a: &'a NetNs, b: &'a NetNs) -> Result<Self> {
+    pub fn between(a: &NetNs, b: &NetNs) -> Result<Self> {
         let a_name = unique_name("va");
         let b_name = unique_name("vb");
         run_ok(Command::new("ip").args([
@@ -144,14 +159,20 @@ impl<'a> Veth<'a> {
             b.name(),
         ]))
         .with_context(|| format!("creating veth {a_name} <-> {b_name}"))?;
-        Ok(Self { a, a_name, b_name })
+        Ok(Self {
+            a_ns: a.name().to_owned(),
+            a_name,
+            b_name,
+        })
     }
 }
 
-impl Drop for Veth<'_> {
+impl Drop for Veth {
     fn drop(&mut self) {
         // Already gone if the namespace went first; nothing to report then.
-        let _ = self.a.exec("ip", &["link", "del", &self.a_name]);
+        let _ = Command::new("ip")
+            .args(["-n", &self.a_ns, "link", "del", &self.a_name])
+            .output();
     }
 }
 

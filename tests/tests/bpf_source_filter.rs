@@ -11,6 +11,7 @@ const NEEDS: &[Requirement] = &[Requirement::Root, Requirement::NetNs, Requireme
 struct Pair {
     client: NetNs,
     server: NetNs,
+    _veth: Veth,
 }
 
 /// Client and server namespaces with one veth between them, addressed in both families.
@@ -23,9 +24,14 @@ fn pair() -> anyhow::Result<(Pair, String)> {
     server.add_address(&veth.b_name, "198.18.0.2/30")?;
     server.add_address(&veth.b_name, "fd00:c0:1::2/64")?;
     let server_if = veth.b_name.clone();
-    // Both namespaces delete the pair when they drop; keep it for the test's life.
-    std::mem::forget(veth);
-    Ok((Pair { client, server }, server_if))
+    Ok((
+        Pair {
+            client,
+            server,
+            _veth: veth,
+        },
+        server_if,
+    ))
 }
 
 /// What the kernel says is attached to `interface` ingress: TCX links by query (bpftool 7.1 does

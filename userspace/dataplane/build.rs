@@ -10,6 +10,9 @@ use std::{
     time::SystemTime,
 };
 
+/// Where `cargo xtask build-ebpf` leaves the object (cargo's own output path, so an unchanged
+/// rebuild does not touch it and does not force userspace to rebuild).
+const DEFAULT_OBJECT: &str = "target/bpf/bpfel-unknown-none/release/calico_tc";
 const OBJECT_NAME: &str = "calico_tc.o";
 
 fn main() {
@@ -18,7 +21,7 @@ fn main() {
     println!("cargo::rerun-if-env-changed=CALICO_BPF_OBJECT");
     let object = env::var_os("CALICO_BPF_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/bpf").join(OBJECT_NAME));
+        .unwrap_or_else(|| root.join(DEFAULT_OBJECT));
     println!("cargo::rerun-if-changed={}", object.display());
     let sources = [
         root.join("ebpf/programs/src"),

@@ -1,0 +1,52 @@
+//! Building the eBPF programs: a separate cargo project built for `bpfel-unknown-none` with a
+//! freshly built `core` (hence RUSTC_BOOTSTRAP) and linked by bpf-linker.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Result};
+
+use crate::{cmd::cargo, cmd::Cmd, step};
+
+const TARGET: &str = "bpfel-unknown-none";
+/// Output directory, shared with the userspace build's `target/` but apart from host artifacts.
+const TARGET_DIR: &str = "target/bpf";
+/// The program binaries the crate defines; each becomes one ELF object.
+const OBJECTS: &[&str] = &["calico_tc"];
+
+/// Builds the programs in release mode; returns the path of the object userspace embeds.
+pub(crate) fn run(root: &Path) -> Result<PathBuf> {
+    step("cargo xtask build-ebpf");
+    bpf_cargo(root, &["build", "--release"]).run()?;
+    let dir = root.join(TARGET_DIR).join(TARGET).join("release");
+    for object in OBJECTS {
+        let path = dir.join(object);
+        ensure!(path.is_file(), "build-ebpf produced no {}", path.display());
+    }
+    Ok(dir.join(OBJECTS[0]))
+}
+
+/// Clippy over the eBPF crate, for the BPF target.
+pub(crate) fn clippy(root: &Path) -> Result<()> {
+    bpf_cargo(root, &["clippy", "--release"])
+        .args(["--", "-D", "warnings"])
+        .run()
+}
+
+/// Runs a target-independent cargo subcommand (e.g. fmt) in the eBPF crate.
+pub(crate) fn cargo_in_programs(root: &Path, args: &[&str]) -> Result<()> {
+    cargo(&root.join("ebpf/programs")).args(args).run()
+}
+
+fn bpf_cargo(root: &Path, args: &[&str]) -> Cmd {
+    cargo(&root.join("ebpf/programs"))
+        .args(args)
+        .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
+        .arg_path(&root.join(TARGET_DIR))
+        // build-std is unstable; the stable toolchain allows it with this switch.
+        .env("RUSTC_BOOTSTRAP", "1")
+        // BTF lets the kernel (and bpftool) show map and program types.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\u{1f}-Clink-arg=--btf",
+        )
+}

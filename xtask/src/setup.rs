@@ -1,0 +1,167 @@
+//! `cargo xtask setup`: installs what the project needs on a fresh Debian 12 machine. Every step
+//! checks first, so a second run does nothing and takes a second or two.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cmd::Cmd, step};
+
+/// Debian packages the build, the tests and the demo use.
+const APT_PACKAGES: &[&str] = &[
+    "etcd-server",       // the datastore (tests and demo run a real one)
+    "etcd-client",       // etcdctl, for inspecting the datastore by hand
+    "bird2",             // BGP daemon driven by the agent
+    "iproute2",          // ip netns / ip link in tests
+    "iputils-ping",      // reachability checks
+    "protobuf-compiler", // etcd-client's build script
+    "libprotobuf-dev",   // well-known .proto files for etcd-client
+    "bpftool",           // inspecting loaded programs
+    "iperf3",            // throughput benchmarks
+    "file",              // checking build outputs
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The LLVM major version of the machine's rustc; bpf-linker must link the very same LLVM.
+const LLVM_FEATURE: &str = "llvm-22";
+
+pub(crate) fn run() -> Result<()> {
+    step("cargo xtask setup");
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    println!("setup: everything is in place");
+    Ok(())
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            !Cmd::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output()
+                .is_ok_and(|status| status.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("apt packages: all {} present", APT_PACKAGES.len());
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; run as root or install them with \
+             `apt-get install {}`",
+            missing.join(" ")
+        );
+    }
+    println!("apt packages: installing {missing:?}");
+    Cmd::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()?;
+    Cmd::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()
+}
+
+fn rust_src() -> Result<()> {
+    let installed = Cmd::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("rust-src: present");
+        return Ok(());
+    }
+    Cmd::new("rustup")
+        .args(["component", "add", "rust-src"])
+        .run()
+}
+
+fn bpf_linker() -> Result<()> {
+    // `--version` also proves the binary can load the libLLVM it was linked against.
+    let version = Cmd::new("bpf-linker").args(["--version"]).output();
+    if version
+        .as_deref()
+        .is_ok_and(|v| v.trim().ends_with(BPF_LINKER_VERSION))
+    {
+        println!("bpf-linker {BPF_LINKER_VERSION}: present");
+        return Ok(());
+    }
+    println!(
+        "bpf-linker {BPF_LINKER_VERSION}: building against rustc's own libLLVM (about a minute)"
+    );
+    let prefix = llvm_prefix()?;
+    Cmd::new("cargo")
+        .args(["install", "--force", "--locked"])
+        .args([format!("bpf-linker@{BPF_LINKER_VERSION}")])
+        .args(["--no-default-features", "--features", LLVM_FEATURE])
+        .env("LLVM_PREFIX", &prefix)
+        .run()
+}
+
+/// A directory laid out like an LLVM install (`lib/libLLVM.so`) whose library is rustc's own.
+/// bpf-linker finds it at run time through its rpath, so it lives outside any checkout, and its
+/// name follows the library's so a new toolchain gets a new one.
+fn llvm_prefix() -> Result<PathBuf> {
+    let sysroot = Cmd::new("rustc").args(["--print", "sysroot"]).output()?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let library = fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so.") && name.contains("-rust-"))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.*-rust-* in {}: this rustc does not ship its LLVM",
+                lib_dir.display()
+            )
+        })?;
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home)
+        .join(".local/share/calico-bpf-llvm")
+        .join(&library);
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in ["libLLVM.so", library.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = fs::remove_file(&path);
+        symlink(lib_dir.join(&library), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+    Ok(prefix)
+}
+
+/// Pinned programs and maps live on bpffs at /sys/fs/bpf; containers often lack the mount.
+fn bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        println!("bpffs: mounted at /sys/fs/bpf");
+        return Ok(());
+    }
+    if !is_root() {
+        println!("bpffs: not mounted at /sys/fs/bpf (needs root: mount -t bpf bpf /sys/fs/bpf)");
+        return Ok(());
+    }
+    println!("bpffs: mounting at /sys/fs/bpf");
+    Cmd::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .run()
+        .context("mounting bpffs at /sys/fs/bpf")
+}
