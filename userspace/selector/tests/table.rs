@@ -21,8 +21,10 @@ const ODD: &[(&str, &str)] = &[
     ("empty", ""),
 ];
 
+type LabelPairs = &'static [(&'static str, &'static str)];
+
 #[rustfmt::skip]
-const MATCHES: &[(&str, &[(&str, &str)], bool)] = &[
+const MATCHES: &[(&str, LabelPairs, bool)] = &[
     ("", APP_WEB, true),
     ("   ", NONE, true),
     ("all()", NONE, true),
