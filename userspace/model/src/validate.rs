@@ -1,0 +1,990 @@
+//! Calico's validation rules, reporting every problem with the path of the field it concerns.
+
+use std::{fmt, net::IpAddr};
+
+use calico_selector::{Expr, Selector};
+use ipnet::IpNet;
+
+use crate::{spec::*, AsNumber, Kind, ObjectMeta, Order, Port, Protocol, Resource, API_VERSION};
+
+/// One problem: the field path (e.g. `spec.ingress[2].source.ports[0]`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ValidationError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one resource.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks `resource` against Calico's rules. Returns every problem found, not just the first.
+pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
+    let mut v = Validator::default();
+    let kind = resource.kind();
+    let (api_version, kind_field) = resource.type_meta();
+    if api_version != API_VERSION {
+        v.err(
+            "apiVersion",
+            format!("must be `{API_VERSION}`, not `{api_version}`"),
+        );
+    }
+    if kind_field != kind.as_str() {
+        v.err("kind", format!("must be `{kind}`, not `{kind_field}`"));
+    }
+    v.metadata(kind, resource.metadata());
+    let name = resource.name();
+    match resource {
+        Resource::NetworkPolicy(o) => v.network_policy(name, &o.spec),
+        Resource::GlobalNetworkPolicy(o) => v.global_network_policy(name, &o.spec),
+        Resource::Tier(o) => v.tier(name, &o.spec),
+        Resource::Profile(o) => v.profile(&o.spec),
+        Resource::WorkloadEndpoint(o) => v.workload_endpoint(&o.spec),
+        Resource::HostEndpoint(o) => v.host_endpoint(&o.spec),
+        Resource::NetworkSet(o) | Resource::GlobalNetworkSet(o) => {
+            v.nets("spec.nets", &o.spec.nets, None)
+        }
+        Resource::Node(o) => v.node(&o.spec),
+        Resource::IPPool(o) => v.ip_pool(&o.spec),
+        Resource::IPReservation(o) => v.nets("spec.reservedCIDRs", &o.spec.reserved_cidrs, None),
+        Resource::BGPConfiguration(o) => v.bgp_configuration(name, &o.spec),
+        Resource::BGPPeer(o) => v.bgp_peer(&o.spec),
+        Resource::FelixConfiguration(o) => v.felix_configuration(name, &o.spec),
+        Resource::ClusterInformation(_) | Resource::KubeControllersConfiguration(_) => {
+            v.singleton_name(name)
+        }
+        Resource::IPAMBlock(o) => {
+            v.cidr("spec.cidr", &o.spec.cidr);
+        }
+        Resource::BlockAffinity(o) => v.block_affinity(&o.spec),
+        Resource::IPAMHandle(o) => {
+            if o.spec.handle_id.is_empty() {
+                v.err("spec.handleID", "required");
+            }
+        }
+        Resource::IPAMConfig(_) => v.singleton_name(name),
+    }
+    if v.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(v.errors))
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ValidationError>,
+}
+
+const LOG_SEVERITIES: &[&str] = &["Trace", "Debug", "Info", "Warning", "Error", "Fatal"];
+
+impl Validator {
+    fn err(&mut self, path: impl fmt::Display, message: impl Into<String>) {
+        self.errors.push(ValidationError {
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    // ---- metadata -------------------------------------------------------------------------
+
+    fn metadata(&mut self, kind: Kind, meta: &ObjectMeta) {
+        if meta.name.is_empty() {
+            self.err("metadata.name", "required");
+        } else if kind == Kind::Tier {
+            if let Err(why) = dns_label(&meta.name) {
+                self.err("metadata.name", format!("`{}` {why}", meta.name));
+            }
+        } else if let Err(why) = dns_subdomain(&meta.name) {
+            self.err("metadata.name", format!("`{}` {why}", meta.name));
+        }
+        match (&meta.namespace, kind.is_namespaced()) {
+            (Some(ns), true) => {
+                if let Err(why) = dns_label(ns) {
+                    self.err("metadata.namespace", format!("`{ns}` {why}"));
+                }
+            }
+            (None, true) => self.err(
+                "metadata.namespace",
+                format!("required: {kind} is namespaced"),
+            ),
+            (Some(ns), false) if !ns.is_empty() => self.err(
+                "metadata.namespace",
+                format!("must not be set: {kind} is not namespaced (got `{ns}`)"),
+            ),
+            _ => {}
+        }
+        self.labels("metadata.labels", &meta.labels);
+        for key in meta.annotations.keys() {
+            if let Err(why) = qualified_name(key) {
+                self.err(format!("metadata.annotations.{key}"), format!("key {why}"));
+            }
+        }
+    }
+
+    fn labels(&mut self, path: &str, labels: &std::collections::BTreeMap<String, String>) {
+        for (key, value) in labels {
+            if let Err(why) = qualified_name(key) {
+                self.err(format!("{path}.{key}"), format!("label key {why}"));
+            }
+            if let Err(why) = label_value(value) {
+                self.err(
+                    format!("{path}.{key}"),
+                    format!("label value `{value}` {why}"),
+                );
+            }
+        }
+    }
+
+    fn singleton_name(&mut self, name: &str) {
+        if !name.is_empty() && name != "default" {
+            self.err("metadata.name", format!("must be `default` (got `{name}`)"));
+        }
+    }
+
+    /// Configuration kinds: `default` for the cluster, `node.<nodename>` for one node.
+    fn config_name(&mut self, name: &str) -> bool {
+        if name == "default" {
+            return true;
+        }
+        if !name.starts_with("node.") {
+            self.err(
+                "metadata.name",
+                format!("must be `default` or `node.<nodename>` (got `{name}`)"),
+            );
+        }
+        false
+    }
+
+    // ---- selectors, nets, ports -----------------------------------------------------------
+
+    /// Parses a selector; `global()` is only allowed where `allow_global`.
+    fn selector(&mut self, path: &str, text: &Option<String>, allow_global: bool) {
+        let Some(text) = text else { return };
+        match Selector::parse(text) {
+            Ok(s) if !allow_global && contains_global(s.expr()) => self.err(
+                path,
+                "global() can only be used in an EntityRule namespaceSelector",
+            ),
+            Ok(_) => {}
+            Err(e) => self.err(path, format!("invalid selector `{text}`: {e}")),
+        }
+    }
+
+    /// A CIDR (a bare address counts as a host prefix). Returns it when valid.
+    fn cidr(&mut self, path: &str, text: &str) -> Option<IpNet> {
+        if text.is_empty() {
+            self.err(path, "required");
+            return None;
+        }
+        match parse_net(text) {
+            Some(net) => Some(net),
+            None => {
+                self.err(path, format!("`{text}` is not a valid CIDR"));
+                None
+            }
+        }
+    }
+
+    fn nets(&mut self, path: &str, nets: &[String], ip_version: Option<i64>) {
+        for (i, text) in nets.iter().enumerate() {
+            let item = format!("{path}[{i}]");
+            if let Some(net) = self.cidr(&item, text) {
+                let version = if net.addr().is_ipv4() { 4 } else { 6 };
+                if let Some(want) = ip_version.filter(|w| *w != version) {
+                    self.err(
+                        item,
+                        format!("{text} is IPv{version} but the rule has ipVersion {want}"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn ip(&mut self, path: &str, text: &str) -> Option<IpAddr> {
+        match text.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.err(path, format!("`{text}` is not a valid IP address"));
+                None
+            }
+        }
+    }
+
+    fn ports(&mut self, path: &str, ports: &[Port]) {
+        for (i, port) in ports.iter().enumerate() {
+            let item = format!("{path}[{i}]");
+            match port {
+                Port::Number(n) if !(0..=65535).contains(n) => {
+                    self.err(item, format!("port {n} is out of range 0-65535"))
+                }
+                Port::Range(a, b) if !(0..=65535).contains(a) || !(0..=65535).contains(b) => {
+                    self.err(item, format!("port range {a}:{b} is out of range 0-65535"))
+                }
+                Port::Range(a, b) if a > b => {
+                    self.err(item, format!("port range {a}:{b} is reversed"))
+                }
+                Port::Named(name) if port_name(name).is_err() => self.err(
+                    item,
+                    format!("`{name}` is neither a port, a range `min:max`, nor a valid port name"),
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    fn port_number(&mut self, path: &str, port: Option<i64>) {
+        if let Some(p) = port.filter(|p| !(1..=65535).contains(p)) {
+            self.err(path, format!("port {p} is out of range 1-65535"));
+        }
+    }
+
+    fn one_of(&mut self, path: &str, value: &Option<String>, allowed: &[&str]) {
+        if let Some(v) = value.as_deref().filter(|v| !allowed.contains(v)) {
+            self.err(path, format!("`{v}` is not one of {}", allowed.join(", ")));
+        }
+    }
+
+    // ---- policy -----------------------------------------------------------------------------
+
+    fn order(&mut self, path: &str, order: Option<Order>) {
+        if let Some(Order(o)) = order.filter(|o| !o.0.is_finite()) {
+            self.err(path, format!("order {o} is not a finite number"));
+        }
+    }
+
+    fn tier_prefix(&mut self, name: &str, tier: &Option<String>) {
+        let Some(tier) = tier else { return };
+        if let Err(why) = dns_label(tier) {
+            self.err("spec.tier", format!("`{tier}` {why}"));
+            return;
+        }
+        if tier != DEFAULT_TIER && !name.starts_with(&format!("{tier}.")) {
+            self.err(
+                "metadata.name",
+                format!("a policy in tier `{tier}` must be named `{tier}.<name>` (got `{name}`)"),
+            );
+        }
+    }
+
+    fn types(&mut self, types: &[PolicyType]) {
+        if types.len() > 2 {
+            self.err("spec.types", "at most two types (Ingress, Egress)");
+        }
+        if types.len() == 2 && types[0] == types[1] {
+            self.err("spec.types[1]", format!("{:?} is listed twice", types[1]));
+        }
+    }
+
+    fn hints(&mut self, hints: &[String]) {
+        for (i, h) in hints.iter().enumerate() {
+            if h != "AssumeNeededOnEveryNode" {
+                self.err(
+                    format!("spec.performanceHints[{i}]"),
+                    format!("unknown hint `{h}` (known: AssumeNeededOnEveryNode)"),
+                );
+            }
+        }
+    }
+
+    fn network_policy(&mut self, name: &str, spec: &NetworkPolicySpec) {
+        self.tier_prefix(name, &spec.tier);
+        self.order("spec.order", spec.order);
+        self.selector("spec.selector", &spec.selector, false);
+        self.selector(
+            "spec.serviceAccountSelector",
+            &spec.service_account_selector,
+            false,
+        );
+        self.types(&spec.types);
+        self.hints(&spec.performance_hints);
+        self.rules("spec.ingress", &spec.ingress);
+        self.rules("spec.egress", &spec.egress);
+    }
+
+    fn global_network_policy(&mut self, name: &str, spec: &GlobalNetworkPolicySpec) {
+        self.tier_prefix(name, &spec.tier);
+        self.order("spec.order", spec.order);
+        self.selector("spec.selector", &spec.selector, false);
+        self.selector(
+            "spec.serviceAccountSelector",
+            &spec.service_account_selector,
+            false,
+        );
+        self.selector("spec.namespaceSelector", &spec.namespace_selector, false);
+        self.types(&spec.types);
+        self.hints(&spec.performance_hints);
+        let (pre_dnat, untracked) = (spec.pre_dnat == Some(true), spec.do_not_track == Some(true));
+        if pre_dnat && untracked {
+            self.err("spec.preDNAT", "preDNAT and doNotTrack cannot both be true");
+        }
+        if pre_dnat && !spec.egress.is_empty() {
+            self.err("spec.egress", "a preDNAT policy cannot have egress rules");
+        }
+        if pre_dnat && spec.types.contains(&PolicyType::Egress) {
+            self.err("spec.types", "a preDNAT policy cannot have type Egress");
+        }
+        if (pre_dnat || untracked) && spec.apply_on_forward != Some(true) {
+            self.err(
+                "spec.applyOnForward",
+                "must be true when preDNAT or doNotTrack is true",
+            );
+        }
+        self.rules("spec.ingress", &spec.ingress);
+        self.rules("spec.egress", &spec.egress);
+    }
+
+    fn tier(&mut self, name: &str, spec: &TierSpec) {
+        self.order("spec.order", spec.order);
+        if name == DEFAULT_TIER && spec.default_action == Some(TierDefaultAction::Pass) {
+            self.err(
+                "spec.defaultAction",
+                "the default tier's default action must be Deny",
+            );
+        }
+    }
+
+    fn profile(&mut self, spec: &ProfileSpec) {
+        self.rules("spec.ingress", &spec.ingress);
+        self.rules("spec.egress", &spec.egress);
+        self.labels("spec.labelsToApply", &spec.labels_to_apply);
+    }
+
+    fn rules(&mut self, path: &str, rules: &[Rule]) {
+        for (i, rule) in rules.iter().enumerate() {
+            self.rule(&format!("{path}[{i}]"), rule);
+        }
+    }
+
+    fn rule(&mut self, path: &str, rule: &Rule) {
+        if let Some(v) = rule.ip_version.filter(|v| *v != 4 && *v != 6) {
+            self.err(format!("{path}.ipVersion"), format!("{v} is not 4 or 6"));
+        }
+        for (field, protocol) in [
+            ("protocol", &rule.protocol),
+            ("notProtocol", &rule.not_protocol),
+        ] {
+            let Some(protocol) = protocol else { continue };
+            if protocol.number().is_none() {
+                self.err(
+                    format!("{path}.{field}"),
+                    format!(
+                        "`{protocol}` is not a protocol: use TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number 1-255"
+                    ),
+                );
+                continue;
+            }
+            let number = protocol.number();
+            if number == Some(1) && rule.ip_version == Some(6) {
+                self.err(
+                    format!("{path}.{field}"),
+                    "protocol ICMP requires ipVersion 4",
+                );
+            }
+            if number == Some(58) && rule.ip_version == Some(4) {
+                self.err(
+                    format!("{path}.{field}"),
+                    "protocol ICMPv6 requires ipVersion 6",
+                );
+            }
+        }
+        for (field, icmp) in [("icmp", &rule.icmp), ("notICMP", &rule.not_icmp)] {
+            let Some(icmp) = icmp else { continue };
+            let p = format!("{path}.{field}");
+            if !rule.protocol.as_ref().is_some_and(Protocol::is_icmp) {
+                self.err(&p, "ICMP fields require protocol to be ICMP or ICMPv6");
+            }
+            if let Some(t) = icmp.icmp_type.filter(|t| !(0..=254).contains(t)) {
+                self.err(
+                    format!("{p}.type"),
+                    format!("ICMP type {t} is out of range 0-254"),
+                );
+            }
+            if let Some(c) = icmp.code {
+                if !(0..=255).contains(&c) {
+                    self.err(
+                        format!("{p}.code"),
+                        format!("ICMP code {c} is out of range 0-255"),
+                    );
+                }
+                if icmp.icmp_type.is_none() {
+                    self.err(
+                        format!("{p}.code"),
+                        "ICMP code specified without an ICMP type",
+                    );
+                }
+            }
+        }
+        self.entity(&format!("{path}.source"), &rule.source, rule);
+        self.entity(&format!("{path}.destination"), &rule.destination, rule);
+        if rule.http.is_some() {
+            self.err(
+                format!("{path}.http"),
+                "HTTP match is not supported: the eBPF dataplane enforces layers 3 and 4 only",
+            );
+        }
+    }
+
+    fn entity(&mut self, path: &str, e: &EntityRule, rule: &Rule) {
+        self.nets(&format!("{path}.nets"), &e.nets, rule.ip_version);
+        self.nets(&format!("{path}.notNets"), &e.not_nets, rule.ip_version);
+        self.selector(&format!("{path}.selector"), &e.selector, false);
+        self.selector(&format!("{path}.notSelector"), &e.not_selector, false);
+        self.selector(
+            &format!("{path}.namespaceSelector"),
+            &e.namespace_selector,
+            true,
+        );
+        for (field, ports) in [("ports", &e.ports), ("notPorts", &e.not_ports)] {
+            if ports.is_empty() {
+                continue;
+            }
+            let p = format!("{path}.{field}");
+            if !rule.protocol.as_ref().is_some_and(Protocol::has_ports) {
+                self.err(
+                    &p,
+                    "ports are only valid with protocol TCP, UDP, SCTP or UDPLite",
+                );
+            }
+            self.ports(&p, ports);
+        }
+        if let Some(accounts) = &e.service_accounts {
+            self.selector(
+                &format!("{path}.serviceAccounts.selector"),
+                &accounts.selector,
+                false,
+            );
+        }
+        if let Some(services) = &e.services {
+            let p = format!("{path}.services");
+            if services.name.is_empty() {
+                self.err(format!("{p}.name"), "services must specify a service name");
+            }
+            let conflicts = [
+                ("selector", e.selector.is_some()),
+                ("notSelector", e.not_selector.is_some()),
+                ("namespaceSelector", e.namespace_selector.is_some()),
+                ("nets", !e.nets.is_empty()),
+                ("notNets", !e.not_nets.is_empty()),
+                ("serviceAccounts", e.service_accounts.is_some()),
+            ];
+            for (field, set) in conflicts {
+                if set {
+                    self.err(
+                        &p,
+                        format!("cannot be combined with {field} in the same rule"),
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- endpoints --------------------------------------------------------------------------
+
+    fn workload_endpoint(&mut self, spec: &WorkloadEndpointSpec) {
+        if spec.node.is_empty() {
+            self.err("spec.node", "required");
+        }
+        for (i, net) in spec.ip_networks.iter().enumerate() {
+            self.cidr(&format!("spec.ipNetworks[{i}]"), net);
+        }
+        for (i, nat) in spec.ip_nats.iter().enumerate() {
+            self.ip(&format!("spec.ipNATs[{i}].internalIP"), &nat.internal_ip);
+            self.ip(&format!("spec.ipNATs[{i}].externalIP"), &nat.external_ip);
+        }
+        if let Some(gw) = &spec.ipv4_gateway {
+            self.ip("spec.ipv4Gateway", gw);
+        }
+        if let Some(gw) = &spec.ipv6_gateway {
+            self.ip("spec.ipv6Gateway", gw);
+        }
+        if !spec.interface_name.is_empty() {
+            if let Err(why) = interface_name(&spec.interface_name) {
+                self.err(
+                    "spec.interfaceName",
+                    format!("`{}` {why}", spec.interface_name),
+                );
+            }
+        }
+        if let Some(mac) = spec.mac.as_deref().filter(|m| !is_mac(m)) {
+            self.err("spec.mac", format!("`{mac}` is not a MAC address"));
+        }
+        for (i, port) in spec.ports.iter().enumerate() {
+            let p = format!("spec.ports[{i}]");
+            self.endpoint_port(&p, &port.name, &port.protocol, port.port);
+            self.port_number(&format!("{p}.hostPort"), port.host_port);
+        }
+        self.nets(
+            "spec.allowSpoofedSourcePrefixes",
+            &spec.allow_spoofed_source_prefixes,
+            None,
+        );
+    }
+
+    fn endpoint_port(&mut self, path: &str, name: &str, protocol: &Protocol, port: i64) {
+        if let Err(why) = port_name(name) {
+            self.err(format!("{path}.name"), format!("`{name}` {why}"));
+        }
+        if !protocol.has_ports() {
+            self.err(
+                format!("{path}.protocol"),
+                format!("`{protocol}` has no ports: use TCP, UDP or SCTP"),
+            );
+        }
+        self.port_number(&format!("{path}.port"), Some(port));
+    }
+
+    fn host_endpoint(&mut self, spec: &HostEndpointSpec) {
+        if spec.node.is_empty() {
+            self.err("spec.node", "required");
+        }
+        if spec.interface_name.is_empty() && spec.expected_ips.is_empty() {
+            self.err(
+                "spec.interfaceName",
+                "one of interfaceName or expectedIPs is required",
+            );
+        }
+        if !spec.interface_name.is_empty() && spec.interface_name != "*" {
+            if let Err(why) = interface_name(&spec.interface_name) {
+                self.err(
+                    "spec.interfaceName",
+                    format!("`{}` {why}", spec.interface_name),
+                );
+            }
+        }
+        for (i, ip) in spec.expected_ips.iter().enumerate() {
+            self.ip(&format!("spec.expectedIPs[{i}]"), ip);
+        }
+        for (i, port) in spec.ports.iter().enumerate() {
+            self.endpoint_port(
+                &format!("spec.ports[{i}]"),
+                &port.name,
+                &port.protocol,
+                port.port,
+            );
+        }
+    }
+
+    // ---- networking -------------------------------------------------------------------------
+
+    fn node(&mut self, spec: &NodeSpec) {
+        if let Some(bgp) = &spec.bgp {
+            for (field, value, want_v4) in [
+                ("spec.bgp.ipv4Address", &bgp.ipv4_address, true),
+                ("spec.bgp.ipv6Address", &bgp.ipv6_address, false),
+            ] {
+                let Some(text) = value else { continue };
+                if let Some(net) = self.cidr(field, text) {
+                    if net.addr().is_ipv4() != want_v4 {
+                        let want = if want_v4 { "an IPv4" } else { "an IPv6" };
+                        self.err(field, format!("`{text}` is not {want} address"));
+                    }
+                }
+            }
+            self.as_number("spec.bgp.asNumber", bgp.as_number);
+            if let Some(id) = &bgp.route_reflector_cluster_id {
+                if id.parse::<std::net::Ipv4Addr>().is_err() {
+                    self.err(
+                        "spec.bgp.routeReflectorClusterID",
+                        format!("`{id}` must be in IPv4 address form"),
+                    );
+                }
+            }
+        }
+        for (i, a) in spec.addresses.iter().enumerate() {
+            self.cidr(&format!("spec.addresses[{i}].address"), &a.address);
+        }
+    }
+
+    fn as_number(&mut self, path: &str, asn: Option<AsNumber>) {
+        if asn == Some(AsNumber(0)) {
+            self.err(path, "AS number 0 is reserved");
+        }
+    }
+
+    fn ip_pool(&mut self, spec: &IpPoolSpec) {
+        let net = self.cidr("spec.cidr", &spec.cidr);
+        let block = spec.block_size_or_default();
+        if let Some(net) = net {
+            let v4 = net.addr().is_ipv4();
+            let range = if v4 { 20..=32 } else { 116..=128 };
+            if !range.contains(&block) {
+                self.err(
+                    "spec.blockSize",
+                    format!(
+                        "{block} is out of range {}-{} for an IPv{} pool",
+                        range.start(),
+                        range.end(),
+                        if v4 { 4 } else { 6 }
+                    ),
+                );
+            } else if block < i64::from(net.prefix_len()) {
+                self.err(
+                    "spec.blockSize",
+                    format!(
+                        "/{block} blocks do not fit in the /{} pool",
+                        net.prefix_len()
+                    ),
+                );
+            }
+            let link_local: IpNet = if v4 { "169.254.0.0/16" } else { "fe80::/10" }
+                .parse()
+                .expect("constant");
+            if link_local.contains(&net.network()) || net.contains(&link_local.network()) {
+                self.err(
+                    "spec.cidr",
+                    format!("{net} overlaps the link-local range {link_local}"),
+                );
+            }
+            let encapsulated =
+                |m: Option<EncapsulationMode>| m.is_some_and(|m| m != EncapsulationMode::Never);
+            if !v4 && encapsulated(spec.ipip_mode) {
+                self.err("spec.ipipMode", "IPIP is not supported for IPv6 pools");
+            }
+            if encapsulated(spec.ipip_mode) && encapsulated(spec.vxlan_mode) {
+                self.err(
+                    "spec.vxlanMode",
+                    "ipipMode and vxlanMode cannot both be enabled",
+                );
+            }
+        }
+        self.selector("spec.nodeSelector", &spec.node_selector, false);
+        self.selector("spec.namespaceSelector", &spec.namespace_selector, false);
+        let uses = &spec.allowed_uses;
+        if uses.contains(&IpPoolAllowedUse::LoadBalancer) && uses.len() > 1 {
+            self.err(
+                "spec.allowedUses",
+                "LoadBalancer cannot be combined with other uses",
+            );
+        }
+    }
+
+    fn bgp_configuration(&mut self, name: &str, spec: &BgpConfigurationSpec) {
+        let global = self.config_name(name);
+        self.one_of(
+            "spec.logSeverityScreen",
+            &spec.log_severity_screen,
+            LOG_SEVERITIES,
+        );
+        self.port_number("spec.listenPort", spec.listen_port);
+        self.as_number("spec.asNumber", spec.as_number);
+        if !global {
+            if spec.node_to_node_mesh_enabled.is_some() {
+                self.err(
+                    "spec.nodeToNodeMeshEnabled",
+                    "may only be set in the global `default` BGPConfiguration",
+                );
+            }
+            if spec.as_number.is_some() {
+                self.err(
+                    "spec.asNumber",
+                    "may only be set in the global `default` BGPConfiguration",
+                );
+            }
+        }
+        for (field, blocks) in [
+            ("serviceClusterIPs", &spec.service_cluster_ips),
+            ("serviceExternalIPs", &spec.service_external_ips),
+            ("serviceLoadBalancerIPs", &spec.service_load_balancer_ips),
+        ] {
+            for (i, b) in blocks.iter().enumerate() {
+                self.cidr(&format!("spec.{field}[{i}].cidr"), &b.cidr);
+            }
+        }
+        for (i, c) in spec.communities.iter().enumerate() {
+            if !is_community(&c.value) {
+                self.err(
+                    format!("spec.communities[{i}].value"),
+                    format!("`{}` is not a BGP community (aa:nn or aa:nn:mm)", c.value),
+                );
+            }
+        }
+        for (i, pa) in spec.prefix_advertisements.iter().enumerate() {
+            self.cidr(&format!("spec.prefixAdvertisements[{i}].cidr"), &pa.cidr);
+            for (j, c) in pa.communities.iter().enumerate() {
+                let known = spec.communities.iter().any(|k| &k.name == c);
+                if !known && !is_community(c) {
+                    self.err(
+                        format!("spec.prefixAdvertisements[{i}].communities[{j}]"),
+                        format!("`{c}` is neither a defined community name nor a community value"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn bgp_peer(&mut self, spec: &BgpPeerSpec) {
+        if spec.node.is_some() && spec.node_selector.is_some() {
+            self.err(
+                "spec.nodeSelector",
+                "node and nodeSelector cannot both be set",
+            );
+        }
+        if spec.peer_ip.is_some() && spec.peer_selector.is_some() {
+            self.err(
+                "spec.peerSelector",
+                "peerIP and peerSelector cannot both be set",
+            );
+        }
+        if spec.as_number.is_some() && spec.peer_selector.is_some() {
+            self.err(
+                "spec.asNumber",
+                "asNumber cannot be set with peerSelector (it comes from the selected nodes)",
+            );
+        }
+        if spec.peer_ip.is_none() && spec.peer_selector.is_none() {
+            self.err("spec.peerIP", "one of peerIP or peerSelector is required");
+        }
+        if let Some(ip) = &spec.peer_ip {
+            if parse_peer_ip(ip).is_none() {
+                self.err(
+                    "spec.peerIP",
+                    format!(
+                        "`{ip}` is not an IP address (optionally `IPv4:port` or `[IPv6]:port`)"
+                    ),
+                );
+            }
+            if spec.as_number.is_none() {
+                self.err("spec.asNumber", "required with peerIP");
+            }
+        }
+        self.as_number("spec.asNumber", spec.as_number);
+        self.selector("spec.nodeSelector", &spec.node_selector, false);
+        self.selector("spec.peerSelector", &spec.peer_selector, false);
+        self.one_of(
+            "spec.sourceAddress",
+            &spec.source_address,
+            &["UseNodeIP", "None"],
+        );
+        if let Some(pw) = &spec.password {
+            if pw.secret_key_ref.is_some() == pw.file.is_some() {
+                self.err(
+                    "spec.password",
+                    "exactly one of secretKeyRef or file is required",
+                );
+            }
+        }
+    }
+
+    fn felix_configuration(&mut self, name: &str, spec: &FelixConfigurationSpec) {
+        self.config_name(name);
+        for (field, value) in [
+            ("logSeverityScreen", &spec.log_severity_screen),
+            ("logSeverityFile", &spec.log_severity_file),
+            ("logSeveritySys", &spec.log_severity_sys),
+        ] {
+            self.one_of(&format!("spec.{field}"), value, LOG_SEVERITIES);
+        }
+        self.one_of(
+            "spec.defaultEndpointToHostAction",
+            &spec.default_endpoint_to_host_action,
+            &["Drop", "Accept", "Return"],
+        );
+        self.one_of(
+            "spec.bpfLogLevel",
+            &spec.bpf_log_level,
+            &["Off", "Info", "Debug"],
+        );
+        self.one_of(
+            "spec.chainInsertMode",
+            &spec.chain_insert_mode,
+            &["Insert", "Append"],
+        );
+        for (field, port) in [
+            ("healthPort", spec.health_port),
+            ("prometheusMetricsPort", spec.prometheus_metrics_port),
+            ("vxlanPort", spec.vxlan_port),
+            ("wireguardListeningPort", spec.wireguard_listening_port),
+        ] {
+            self.port_number(&format!("spec.{field}"), port);
+        }
+        if let Some(vni) = spec.vxlan_vni.filter(|v| !(1..=16_777_215).contains(v)) {
+            self.err("spec.vxlanVNI", format!("{vni} is out of range 1-16777215"));
+        }
+        for (field, list) in [
+            (
+                "failsafeInboundHostPorts",
+                &spec.failsafe_inbound_host_ports,
+            ),
+            (
+                "failsafeOutboundHostPorts",
+                &spec.failsafe_outbound_host_ports,
+            ),
+        ] {
+            for (i, pp) in list.iter().flatten().enumerate() {
+                let p = format!("spec.{field}[{i}]");
+                if !["TCP", "UDP", "SCTP"].contains(&pp.protocol.to_ascii_uppercase().as_str()) {
+                    self.err(
+                        format!("{p}.protocol"),
+                        format!("`{}` is not TCP, UDP or SCTP", pp.protocol),
+                    );
+                }
+                if !(0..=65535).contains(&pp.port) {
+                    self.err(
+                        format!("{p}.port"),
+                        format!("port {} is out of range 0-65535", pp.port),
+                    );
+                }
+                if let Some(net) = &pp.net {
+                    self.cidr(&format!("{p}.net"), net);
+                }
+            }
+        }
+    }
+
+    fn block_affinity(&mut self, spec: &BlockAffinitySpec) {
+        if !["pending", "confirmed", "pendingDeletion"].contains(&spec.state.as_str()) {
+            self.err(
+                "spec.state",
+                format!(
+                    "`{}` is not pending, confirmed or pendingDeletion",
+                    spec.state
+                ),
+            );
+        }
+        if spec.node.is_empty() {
+            self.err("spec.node", "required");
+        }
+        self.cidr("spec.cidr", &spec.cidr);
+    }
+}
+
+fn contains_global(e: &Expr) -> bool {
+    match e {
+        Expr::Global => true,
+        Expr::Not(inner) => contains_global(inner),
+        Expr::And(ops) | Expr::Or(ops) => ops.iter().any(contains_global),
+        _ => false,
+    }
+}
+
+/// A CIDR, or a bare address as a host prefix.
+pub(crate) fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn parse_peer_ip(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    text.parse::<std::net::SocketAddr>().ok().map(|s| s.ip())
+}
+
+fn dns_label(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("is longer than 63 characters");
+    }
+    let b = s.as_bytes();
+    let ok_char = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
+    if b.is_empty()
+        || !b.iter().all(ok_char)
+        || !b[0].is_ascii_alphanumeric()
+        || !b[b.len() - 1].is_ascii_alphanumeric()
+    {
+        return Err("must be lower-case letters, digits and '-', starting and ending with a letter or digit");
+    }
+    Ok(())
+}
+
+fn dns_subdomain(s: &str) -> Result<(), &'static str> {
+    if s.len() > 253 {
+        return Err("is longer than 253 characters");
+    }
+    for part in s.split('.') {
+        if dns_label(part).is_err() {
+            return Err("must be lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit");
+        }
+    }
+    Ok(())
+}
+
+/// Kubernetes qualified name: `[prefix/]name`, prefix a DNS subdomain, name ≤ 63 of
+/// `[A-Za-z0-9_.-]` starting and ending alphanumeric.
+fn qualified_name(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(p) = prefix {
+        dns_subdomain(p).map_err(|why| format!("`{s}`: prefix `{p}` {why}"))?;
+    }
+    label_value(name).map_err(|why| format!("`{s}`: name part {why}"))?;
+    if name.is_empty() {
+        return Err(format!("`{s}`: name part is empty"));
+    }
+    Ok(())
+}
+
+fn label_value(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("is longer than 63 characters");
+    }
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return Ok(());
+    }
+    let ok_char = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
+    if !b.iter().all(ok_char)
+        || !b[0].is_ascii_alphanumeric()
+        || !b[b.len() - 1].is_ascii_alphanumeric()
+    {
+        return Err(
+            "must be letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+        );
+    }
+    Ok(())
+}
+
+fn port_name(s: &str) -> Result<(), &'static str> {
+    let b = s.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 15
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().any(|c| c.is_ascii_lowercase())
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a valid port name (1-15 lower-case letters, digits and '-', with a letter)")
+    }
+}
+
+fn interface_name(s: &str) -> Result<(), &'static str> {
+    if s.len() > 15 {
+        return Err("is longer than 15 characters (IFNAMSIZ)");
+    }
+    if s.is_empty() || s.contains(['/', ' ', ':']) || s == "." || s == ".." {
+        return Err("is not a valid interface name");
+    }
+    Ok(())
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn is_community(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    (parts.len() == 2 || parts.len() == 3) && parts.iter().all(|p| p.parse::<u32>().is_ok())
+}

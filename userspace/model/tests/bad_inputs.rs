@@ -1,0 +1,188 @@
+//! Bad inputs, each with the field path its error must name and a fragment of the message.
+//! Covers YAML syntax, schema (unknown fields, wrong types, unknown kinds) and Calico's
+//! validation rules.
+
+use calico_model::{parse_documents, validate, DocumentError};
+
+/// Field paths and messages of every problem `text` has (empty when it is fine).
+fn problems(text: &str) -> Vec<(String, String)> {
+    match parse_documents(text) {
+        Err(DocumentError::Syntax {
+            line,
+            column,
+            message,
+        }) => vec![(format!("{line}:{column}"), message)],
+        Err(DocumentError::Schema { path, message, .. }) => vec![(path, message)],
+        Ok(resources) => resources
+            .iter()
+            .filter_map(|r| validate(r).err())
+            .flat_map(|errs| errs.0.into_iter().map(|e| (e.path, e.message)))
+            .collect(),
+    }
+}
+
+fn policy(spec: &str) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: p\nspec:\n{}",
+        indent(spec)
+    )
+}
+
+fn rule(rule: &str) -> String {
+    policy(&format!("ingress:\n  - {}", rule.replace('\n', "\n    ")))
+}
+
+fn kind(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: {kind}\nmetadata:\n  name: {name}\nspec:\n{}",
+        indent(spec)
+    )
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[test]
+fn bad_inputs_name_their_field() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        // --- syntax and schema
+        ("kind: IPPool\n  bad: [".into(), "2:6", ""),
+        ("apiVersion: projectcalico.org/v3\nmetadata: {name: x}\n".into(), "kind", "missing"),
+        ("kind: IPPool\nmetadata: {name: x}\n".into(), "apiVersion", "missing"),
+        ("apiVersion: v1\nkind: IPPool\nmetadata: {name: x}\n".into(), "apiVersion", "not supported"),
+        ("apiVersion: projectcalico.org/v3\nkind: Pool\nmetadata: {name: x}\n".into(), "kind", "unknown kind `Pool`"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nnatOutgoin: true"), "spec.natOutgoin", "unknown field `natOutgoin`"),
+        (policy("selector: all()\ningres: []"), "spec.ingres", "unknown field `ingres`"),
+        ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x, lables: {}}\n".into(), "metadata.lables", "unknown field `lables`"),
+        (rule("action: Alow"), "spec.ingress[0].action", "unknown variant `Alow`"),
+        (rule("action: Allow\nsource:\n  nets: 10.0.0.0/8"), "spec.ingress[0].source.nets", "invalid type"),
+        (rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: [[80]]"), "spec.ingress[0].destination.ports[0]", "a number or a string"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nblockSize: big"), "spec.blockSize", "invalid type"),
+        (kind("BGPPeer", "x", "peerIP: 10.0.0.1\nasNumber: -5"), "spec.asNumber", "invalid AS number"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nipipMode: Sometimes"), "spec.ipipMode", "unknown variant `Sometimes`"),
+        ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x}\nspec: {cidr: 10.0.0.0/16}\nstatus: {}\n".into(), "status", "has no `status`"),
+        // --- metadata
+        (kind("IPPool", "''", "cidr: 10.0.0.0/16"), "metadata.name", "required"),
+        (kind("IPPool", "Bad_Name", "cidr: 10.0.0.0/16"), "metadata.name", "lower-case"),
+        ("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {}\n".into(), "metadata.namespace", "required"),
+        ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x, namespace: default}\nspec: {cidr: 10.0.0.0/16}\n".into(), "metadata.namespace", "not namespaced"),
+        ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x, labels: {'-bad': v}}\nspec: {cidr: 10.0.0.0/16}\n".into(), "metadata.labels.-bad", "label key"),
+        ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x, labels: {ok: 'bad value'}}\nspec: {cidr: 10.0.0.0/16}\n".into(), "metadata.labels.ok", "label value"),
+        (kind("Tier", "sec.urity", "order: 1"), "metadata.name", "lower-case"),
+        // --- policy
+        (policy("selector: app == web"), "spec.selector", "found label 'web' at offset 7"),
+        (policy("selector: global()"), "spec.selector", "global() can only be used"),
+        (policy("tier: security\nselector: all()"), "metadata.name", "must be named `security.<name>`"),
+        (policy("types: [Ingress, Ingress]"), "spec.types[1]", "listed twice"),
+        (policy("preDNAT: true\ndoNotTrack: true\napplyOnForward: true"), "spec.preDNAT", "cannot both be true"),
+        (policy("preDNAT: true\napplyOnForward: true\negress: [{action: Allow}]"), "spec.egress", "cannot have egress rules"),
+        (policy("doNotTrack: true"), "spec.applyOnForward", "must be true"),
+        (policy("performanceHints: [GoFast]"), "spec.performanceHints[0]", "unknown hint"),
+        // --- rules
+        (policy("ingress:\n  - action: Allow\n  - action: Allow\n  - action: Allow\n    protocol: TCP\n    source:\n      ports: ['90:80']"), "spec.ingress[2].source.ports[0]", "port range 90:80 is reversed"),
+        (rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: [70000]"), "spec.ingress[0].destination.ports[0]", "out of range"),
+        (rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: ['Not_A_Port']"), "spec.ingress[0].destination.ports[0]", "valid port name"),
+        (rule("action: Allow\ndestination:\n  ports: [80]"), "spec.ingress[0].destination.ports", "only valid with protocol TCP"),
+        (rule("action: Allow\nprotocol: ICMP\ndestination:\n  notPorts: [80]"), "spec.ingress[0].destination.notPorts", "only valid with protocol"),
+        (rule("action: Allow\nprotocol: TCP\nicmp: {type: 8}"), "spec.ingress[0].icmp", "require protocol to be ICMP"),
+        (rule("action: Allow\nprotocol: ICMP\nicmp: {code: 0}"), "spec.ingress[0].icmp.code", "without an ICMP type"),
+        (rule("action: Allow\nprotocol: ICMP\nicmp: {type: 255}"), "spec.ingress[0].icmp.type", "out of range 0-254"),
+        (rule("action: Allow\nprotocol: ICMP\nipVersion: 6"), "spec.ingress[0].protocol", "requires ipVersion 4"),
+        (rule("action: Allow\nprotocol: GRE"), "spec.ingress[0].protocol", "is not a protocol"),
+        (rule("action: Allow\nnotProtocol: 256"), "spec.ingress[0].notProtocol", "is not a protocol"),
+        (rule("action: Allow\nipVersion: 5"), "spec.ingress[0].ipVersion", "not 4 or 6"),
+        (rule("action: Allow\nipVersion: 6\nsource:\n  nets: [10.0.0.0/8]"), "spec.ingress[0].source.nets[0]", "is IPv4 but the rule has ipVersion 6"),
+        (rule("action: Allow\nsource:\n  nets: [10.0.0.0/33]"), "spec.ingress[0].source.nets[0]", "not a valid CIDR"),
+        (rule("action: Allow\ndestination:\n  notNets: [banana]"), "spec.ingress[0].destination.notNets[0]", "not a valid CIDR"),
+        (rule("action: Allow\nsource:\n  selector: \"has(a\""), "spec.ingress[0].source.selector", "expected ')'"),
+        (rule("action: Allow\nsource:\n  selector: global()"), "spec.ingress[0].source.selector", "global() can only be used"),
+        (rule("action: Allow\ndestination:\n  services: {name: dns}\n  selector: all()"), "spec.ingress[0].destination.services", "cannot be combined with selector"),
+        (rule("action: Allow\ndestination:\n  services: {namespace: x}"), "spec.ingress[0].destination.services.name", "service name"),
+        (rule("action: Allow\nhttp:\n  methods: [GET]"), "spec.ingress[0].http", "not supported"),
+        // --- pools, nodes, BGP
+        (kind("IPPool", "x", "natOutgoing: true"), "spec.cidr", "required"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nblockSize: 19"), "spec.blockSize", "out of range 20-32"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/28\nblockSize: 24"), "spec.blockSize", "do not fit"),
+        (kind("IPPool", "x", "cidr: fd00::/64\nipipMode: Always"), "spec.ipipMode", "not supported for IPv6"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nipipMode: Always\nvxlanMode: Always"), "spec.vxlanMode", "cannot both be enabled"),
+        (kind("IPPool", "x", "cidr: 169.254.0.0/24"), "spec.cidr", "link-local"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nnodeSelector: \"rack = 'a'\""), "spec.nodeSelector", "expected '=='"),
+        (kind("BGPPeer", "x", "peerIP: not-an-ip\nasNumber: 64512"), "spec.peerIP", "is not an IP address"),
+        (kind("BGPPeer", "x", "peerIP: 10.0.0.1\nasNumber: 0"), "spec.asNumber", "reserved"),
+        (kind("BGPPeer", "x", "asNumber: 64512"), "spec.peerIP", "one of peerIP or peerSelector"),
+        (kind("BGPPeer", "x", "node: a\nnodeSelector: all()\npeerIP: 10.0.0.1\nasNumber: 1"), "spec.nodeSelector", "cannot both be set"),
+        (kind("BGPPeer", "x", "peerSelector: all()\npassword: {}"), "spec.password", "exactly one"),
+        (kind("BGPConfiguration", "node.n1", "nodeToNodeMeshEnabled: false"), "spec.nodeToNodeMeshEnabled", "only be set in the global"),
+        (kind("BGPConfiguration", "default", "logSeverityScreen: Loud"), "spec.logSeverityScreen", "not one of"),
+        (kind("BGPConfiguration", "default", "listenPort: 0"), "spec.listenPort", "out of range"),
+        (kind("BGPConfiguration", "default", "communities: [{name: c, value: '1:2:3:4'}]"), "spec.communities[0].value", "not a BGP community"),
+        (kind("BGPConfiguration", "mine", "{}"), "metadata.name", "`default` or `node.<nodename>`"),
+        (kind("Node", "n1", "bgp: {ipv4Address: 'fd00::1/64'}"), "spec.bgp.ipv4Address", "not an IPv4"),
+        (kind("Node", "n1", "bgp: {routeReflectorClusterID: abc}"), "spec.bgp.routeReflectorClusterID", "IPv4 address form"),
+        // --- endpoints and config
+        ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, ipNetworks: [10.0.0.1/40]}\n".into(), "spec.ipNetworks[0]", "not a valid CIDR"),
+        ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, interfaceName: averyveryverylongname}\n".into(), "spec.interfaceName", "longer than 15"),
+        ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, mac: 'zz:zz'}\n".into(), "spec.mac", "not a MAC"),
+        ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, ports: [{name: web, protocol: ICMP, port: 80}]}\n".into(), "spec.ports[0].protocol", "has no ports"),
+        (kind("HostEndpoint", "h", "node: n"), "spec.interfaceName", "one of interfaceName or expectedIPs"),
+        (kind("HostEndpoint", "h", "node: n\nexpectedIPs: [1.2.3.999]"), "spec.expectedIPs[0]", "not a valid IP"),
+        (kind("GlobalNetworkSet", "s", "nets: [10.0.0.0/99]"), "spec.nets[0]", "not a valid CIDR"),
+        (kind("FelixConfiguration", "default", "healthPort: 70000"), "spec.healthPort", "out of range"),
+        (kind("FelixConfiguration", "default", "failsafeInboundHostPorts: [{protocol: ICMP, port: 22}]"), "spec.failsafeInboundHostPorts[0].protocol", "not TCP, UDP or SCTP"),
+        (kind("FelixConfiguration", "default", "bpfLogLevel: Verbose"), "spec.bpfLogLevel", "not one of Off, Info, Debug"),
+        (kind("FelixConfiguration", "default", "madeUpSetting: 1"), "spec.madeUpSetting", "unknown field `madeUpSetting`"),
+        (kind("ClusterInformation", "other", "{}"), "metadata.name", "must be `default`"),
+        (kind("BlockAffinity", "b", "state: maybe\nnode: n\ncidr: 10.0.0.0/26"), "spec.state", "not pending, confirmed"),
+    ];
+    assert!(cases.len() >= 40, "the table must hold at least 40 cases");
+    let mut failures = Vec::new();
+    for (text, path, message) in &cases {
+        let found = problems(text);
+        let hit = found.iter().any(|(p, m)| p == path && m.contains(message));
+        if !hit {
+            failures.push(format!(
+                "expected `{path}: …{message}…`\n  input:\n{}\n  got: {found:?}",
+                indent(text)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    println!("{} bad inputs, each reported at its field", cases.len());
+}
+
+#[test]
+fn a_document_reports_every_problem_not_just_the_first() {
+    let text = kind(
+        "IPPool",
+        "x",
+        "cidr: fd00::/64\nblockSize: 64\nipipMode: Always\nnodeSelector: \"a ==\"",
+    );
+    let paths: Vec<String> = problems(&text).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        paths,
+        ["spec.blockSize", "spec.ipipMode", "spec.nodeSelector"]
+    );
+}
+
+#[test]
+fn syntax_errors_carry_line_and_column_of_later_documents() {
+    let text = "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: a}\n---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: [b\n";
+    match parse_documents(text) {
+        Err(DocumentError::Syntax { line, .. }) => assert!(line >= 7, "line {line}"),
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+    let text = "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: a}\n---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: b}\nspec: {rank: 1}\n";
+    match parse_documents(text) {
+        Err(e @ DocumentError::Schema { line: 5, .. }) => {
+            assert!(e.to_string().contains("Tier b"), "{e}")
+        }
+        other => panic!("expected a schema error at the second document, got {other:?}"),
+    }
+}
