@@ -44,12 +44,16 @@ fn every_fixture_round_trips_without_loss() {
 
             // And back in again, from YAML and from JSON.
             let again = parse_documents(&yaml).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(again, [resource.clone()], "{what}: YAML re-read differs");
+            assert_eq!(
+                again,
+                std::slice::from_ref(resource),
+                "{what}: YAML re-read differs"
+            );
             let json = to_json(std::slice::from_ref(resource));
             let from_json = parse_documents(&json).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_eq!(
                 from_json,
-                [resource.clone()],
+                std::slice::from_ref(resource),
                 "{what}: JSON re-read differs"
             );
         }
