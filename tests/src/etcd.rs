@@ -20,6 +20,7 @@ const START_ATTEMPTS: usize = 3;
 pub struct Etcd {
     child: Child,
     client_port: u16,
+    peer_port: u16,
     dir: TempDir,
 }
 
@@ -43,32 +44,28 @@ impl Etcd {
             .tempdir()
             .context("creating etcd data dir")?;
         let (client_port, peer_port) = free_port_pair()?;
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let log_path = dir.path().join("etcd.log");
-        let log = fs::File::create(&log_path).context("creating etcd log")?;
-        let child = Command::new("etcd")
-            .arg("--name=harness")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=harness={peer}"))
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning etcd (is Debian's etcd-server installed?)")?;
+        let child = spawn(dir.path(), client_port, peer_port)?;
         let mut etcd = Self {
             child,
             client_port,
+            peer_port,
             dir,
         };
-        etcd.wait_healthy(&log_path)?;
+        etcd.wait_healthy()?;
         Ok(etcd)
+    }
+
+    /// Kills etcd (SIGKILL, like a crash) and leaves it down until [`Etcd::resume`].
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("killing etcd")?;
+        self.child.wait().context("reaping etcd")?;
+        Ok(())
+    }
+
+    /// Starts etcd again on the same ports and data (after [`Etcd::kill`]).
+    pub fn resume(&mut self) -> Result<()> {
+        self.child = spawn(self.dir.path(), self.client_port, self.peer_port)?;
+        self.wait_healthy()
     }
 
     /// The client URL, e.g. `http://127.0.0.1:41234`.
@@ -81,7 +78,9 @@ impl Etcd {
         self.dir.path().join("etcd.log")
     }
 
-    fn wait_healthy(&mut self, log_path: &std::path::Path) -> Result<()> {
+    fn wait_healthy(&mut self) -> Result<()> {
+        let log_path = self.log_path();
+        let log_path = log_path.as_path();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -122,6 +121,32 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns etcd with its data under `dir`, appending to `dir/etcd.log`.
+fn spawn(dir: &std::path::Path, client_port: u16, peer_port: u16) -> Result<Child> {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .context("opening etcd log")?;
+    Command::new("etcd")
+        .arg("--name=harness")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=harness={peer}"))
+        .arg("--logger=zap")
+        .arg("--log-outputs=stderr")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning etcd (is Debian's etcd-server installed?)")
 }
 
 /// Two distinct free loopback ports (both held while the second is chosen).

@@ -1,0 +1,46 @@
+use calico_model::{Kind, ValidationErrors};
+
+/// Errors at the datastore's boundary. Each names the resource it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("{kind} {name} does not exist")]
+    NotFound { kind: Kind, name: String },
+    #[error("{kind} {name} already exists")]
+    AlreadyExists { kind: Kind, name: String },
+    #[error("{kind} {name} was changed by someone else (resourceVersion {expected} is stale; now {actual})")]
+    Conflict {
+        kind: Kind,
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{kind} {name} is invalid: {errors}")]
+    Invalid {
+        kind: Kind,
+        name: String,
+        errors: ValidationErrors,
+    },
+    #[error("{kind} {name}: {message}")]
+    BadRequest {
+        kind: Kind,
+        name: String,
+        message: String,
+    },
+    #[error("etcd at {endpoints} is unavailable: {source}")]
+    Unavailable {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd configuration: {0}")]
+    Config(String),
+    #[error("stored value at {key} cannot be read: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+impl DatastoreError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DatastoreError::Unavailable { .. })
+    }
+}

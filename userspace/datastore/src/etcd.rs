@@ -1,0 +1,492 @@
+//! The etcd v3 backend.
+
+use std::time::{Duration, SystemTime};
+
+use calico_model::{validate, Kind, Resource, API_VERSION};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+
+use crate::{
+    keys::{key_for, key_for_name, parse_key, prefix_for},
+    DatastoreError, EtcdConfig,
+};
+
+/// Reads are retried this many times on transport errors, with doubling backoff.
+const READ_ATTEMPTS: u32 = 4;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// `apply` re-reads and retries this many times when a concurrent writer wins.
+const APPLY_ATTEMPTS: u32 = 8;
+
+/// A connection to the datastore. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Datastore {
+    client: Client,
+    endpoints: String,
+}
+
+impl Datastore {
+    /// Connects and checks that etcd answers.
+    pub async fn connect(config: &EtcdConfig) -> Result<Self, DatastoreError> {
+        let endpoints = config.endpoints_display();
+        let mut options = ConnectOptions::new()
+            .with_timeout(config.timeout)
+            .with_connect_timeout(config.connect_timeout);
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            options = options.with_user(user, password);
+        }
+        if config.ca_cert_file.is_some() || config.cert_file.is_some() {
+            options = options.with_tls(tls_options(config)?);
+        }
+        let unavailable = |source| DatastoreError::Unavailable {
+            endpoints: endpoints.clone(),
+            source,
+        };
+        let mut client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(unavailable)?;
+        client.status().await.map_err(unavailable)?;
+        Ok(Self { client, endpoints })
+    }
+
+    /// The raw etcd client (for tests and tools that inspect keys directly).
+    pub fn etcd(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn unavailable(&self, source: etcd_client::Error) -> DatastoreError {
+        DatastoreError::Unavailable {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
+    }
+
+    /// Stores a new object. Fails with `AlreadyExists` if one is stored under its name. Sets
+    /// `uid`, `creationTimestamp` and `resourceVersion`.
+    pub async fn create(&self, mut resource: Resource) -> Result<Resource, DatastoreError> {
+        check(&resource)?;
+        let meta = resource.metadata_mut();
+        meta.resource_version = None;
+        meta.uid = Some(uuid::Uuid::new_v4().to_string());
+        meta.creation_timestamp = Some(now_rfc3339());
+        let key = storage_key(&resource)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), encode(&resource)?, None)]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if !response.succeeded() {
+            return Err(DatastoreError::AlreadyExists {
+                kind: resource.kind(),
+                name: display_name(&resource),
+            });
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        resource.metadata_mut().resource_version = Some(revision.to_string());
+        Ok(resource)
+    }
+
+    /// Replaces a stored object. With `metadata.resourceVersion` set, fails with `Conflict`
+    /// unless that is still the stored version; without it, replaces whatever is stored. Keeps
+    /// the stored `uid` and `creationTimestamp`.
+    pub async fn update(&self, resource: Resource) -> Result<Resource, DatastoreError> {
+        check(&resource)?;
+        let current = self.get_resource_like(&resource).await?;
+        let stored = current
+            .metadata()
+            .resource_version
+            .clone()
+            .unwrap_or_default();
+        let expected = match resource.metadata().resource_version.clone() {
+            Some(rv) if rv != stored => {
+                return Err(DatastoreError::Conflict {
+                    kind: resource.kind(),
+                    name: display_name(&resource),
+                    expected: rv,
+                    actual: stored,
+                })
+            }
+            _ => stored,
+        };
+        self.replace_at(resource, &current, &expected).await
+    }
+
+    /// Creates the object, or replaces what is stored whatever its version (retrying when a
+    /// concurrent writer gets in between). Idempotent.
+    pub async fn apply(&self, resource: Resource) -> Result<Resource, DatastoreError> {
+        check(&resource)?;
+        for _ in 0..APPLY_ATTEMPTS {
+            let result = match self.get_resource_like(&resource).await {
+                Err(DatastoreError::NotFound { .. }) => self.create(resource.clone()).await,
+                Err(e) => return Err(e),
+                Ok(current) => {
+                    let stored = current
+                        .metadata()
+                        .resource_version
+                        .clone()
+                        .unwrap_or_default();
+                    self.replace_at(resource.clone(), &current, &stored).await
+                }
+            };
+            match result {
+                Err(DatastoreError::AlreadyExists { .. } | DatastoreError::Conflict { .. }) => {
+                    continue
+                }
+                other => return other,
+            }
+        }
+        Err(DatastoreError::Conflict {
+            kind: resource.kind(),
+            name: display_name(&resource),
+            expected: "any".to_owned(),
+            actual: format!("still changing after {APPLY_ATTEMPTS} attempts"),
+        })
+    }
+
+    /// Writes `resource` over `current` if the stored mod_revision is still `expected`.
+    async fn replace_at(
+        &self,
+        mut resource: Resource,
+        current: &Resource,
+        expected: &str,
+    ) -> Result<Resource, DatastoreError> {
+        let current_meta = current.metadata().clone();
+        let meta = resource.metadata_mut();
+        meta.uid = current_meta.uid;
+        meta.creation_timestamp = current_meta.creation_timestamp;
+        meta.resource_version = None;
+        let key = storage_key(&resource)?;
+        let expected_revision: i64 = expected.parse().map_err(|_| DatastoreError::BadRequest {
+            kind: resource.kind(),
+            name: display_name(&resource),
+            message: format!("resourceVersion `{expected}` is not a revision number"),
+        })?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                expected_revision,
+            )])
+            .and_then([TxnOp::put(key.as_str(), encode(&resource)?, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if !response.succeeded() {
+            let actual =
+                first_get(&response.op_responses()).map(|kv| kv.mod_revision().to_string());
+            return Err(match actual {
+                Some(actual) => DatastoreError::Conflict {
+                    kind: resource.kind(),
+                    name: display_name(&resource),
+                    expected: expected.to_owned(),
+                    actual,
+                },
+                None => DatastoreError::NotFound {
+                    kind: resource.kind(),
+                    name: display_name(&resource),
+                },
+            });
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        resource.metadata_mut().resource_version = Some(revision.to_string());
+        Ok(resource)
+    }
+
+    /// Deletes an object; with `resource_version`, only if that is still the stored version.
+    /// Returns what was stored.
+    pub async fn delete(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+        resource_version: Option<&str>,
+    ) -> Result<Resource, DatastoreError> {
+        let what = display(kind, namespace, name);
+        let key = self.locate(kind, namespace, name).await?;
+        let condition = match resource_version {
+            Some(rv) => {
+                let rev: i64 = rv.parse().map_err(|_| DatastoreError::BadRequest {
+                    kind,
+                    name: what.clone(),
+                    message: format!("resourceVersion `{rv}` is not a revision number"),
+                })?;
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)
+            }
+            None => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+        };
+        let txn = Txn::new()
+            .when([condition])
+            .and_then([TxnOp::delete(
+                key.as_str(),
+                Some(DeleteOptions::new().with_prev_key()),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let ops = response.op_responses();
+        if !response.succeeded() {
+            return Err(match first_get(&ops) {
+                Some(kv) => DatastoreError::Conflict {
+                    kind,
+                    name: what,
+                    expected: resource_version.unwrap_or_default().to_owned(),
+                    actual: kv.mod_revision().to_string(),
+                },
+                None => DatastoreError::NotFound { kind, name: what },
+            });
+        }
+        let deleted = ops.iter().find_map(|op| match op {
+            TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
+            _ => None,
+        });
+        match deleted {
+            Some(kv) => decode(&kv),
+            None => Err(DatastoreError::NotFound { kind, name: what }),
+        }
+    }
+
+    /// Reads one object.
+    pub async fn get(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Resource, DatastoreError> {
+        let key = self.locate(kind, namespace, name).await?;
+        let kvs = self.read(&key, None).await?.0;
+        match kvs.first() {
+            Some(kv) => decode(kv),
+            None => Err(DatastoreError::NotFound {
+                kind,
+                name: display(kind, namespace, name),
+            }),
+        }
+    }
+
+    /// Reads every object of `kind` (in `namespace`, or in all namespaces when `None`), with
+    /// the etcd revision the list was read at (watch from there to miss nothing).
+    pub async fn list(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<Resource>, i64), DatastoreError> {
+        let prefix = prefix_for(kind, namespace);
+        let (kvs, revision) = self
+            .read(&prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let resources = kvs
+            .iter()
+            .filter(|kv| {
+                parse_key(kv.key_str().unwrap_or_default()).is_some_and(|k| k.kind == kind)
+            })
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((resources, revision))
+    }
+
+    /// Reads every object under `prefix` (any kinds), with the revision it was read at. Values
+    /// that cannot be read are returned as errors in place, so one bad key hides nothing else.
+    pub async fn list_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<Result<Resource, DatastoreError>>, i64), DatastoreError> {
+        let (kvs, revision) = self
+            .read(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let resources = kvs
+            .iter()
+            .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
+            .map(decode)
+            .collect();
+        Ok((resources, revision))
+    }
+
+    /// A get with retries on transport errors.
+    async fn read(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self.client.clone().get(key, options.clone()).await {
+                Ok(mut response) => {
+                    let revision = response.header().map_or(0, |h| h.revision());
+                    return Ok((response.take_kvs(), revision));
+                }
+                Err(e) if attempt < READ_ATTEMPTS => {
+                    tracing::warn!(key, attempt, error = %e, "etcd read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.unavailable(e)),
+            }
+        }
+    }
+
+    /// The key of a named object; IPAM blocks and affinities are found by listing.
+    async fn locate(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<String, DatastoreError> {
+        if kind.is_namespaced() && namespace.is_none() {
+            return Err(DatastoreError::BadRequest {
+                kind,
+                name: name.to_owned(),
+                message: "a namespace is required for this kind".to_owned(),
+            });
+        }
+        if let Some(key) = key_for_name(kind, namespace, name) {
+            return Ok(key);
+        }
+        let prefix = prefix_for(kind, None);
+        let (kvs, _) = self
+            .read(
+                &prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        kvs.iter()
+            .filter_map(|kv| kv.key_str().ok())
+            .find(|key| parse_key(key).is_some_and(|k| k.kind == kind && k.name == name))
+            .map(str::to_owned)
+            .ok_or_else(|| DatastoreError::NotFound {
+                kind,
+                name: name.to_owned(),
+            })
+    }
+
+    async fn get_resource_like(&self, resource: &Resource) -> Result<Resource, DatastoreError> {
+        let key = storage_key(resource)?;
+        let kvs = self.read(&key, None).await?.0;
+        match kvs.first() {
+            Some(kv) => decode(kv),
+            None => Err(DatastoreError::NotFound {
+                kind: resource.kind(),
+                name: display_name(resource),
+            }),
+        }
+    }
+}
+
+fn check(resource: &Resource) -> Result<(), DatastoreError> {
+    validate(resource).map_err(|errors| DatastoreError::Invalid {
+        kind: resource.kind(),
+        name: display_name(resource),
+        errors,
+    })
+}
+
+fn storage_key(resource: &Resource) -> Result<String, DatastoreError> {
+    key_for(resource).map_err(|message| DatastoreError::BadRequest {
+        kind: resource.kind(),
+        name: display_name(resource),
+        message,
+    })
+}
+
+fn is_ipam(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::IPAMBlock | Kind::BlockAffinity | Kind::IPAMHandle | Kind::IPAMConfig
+    )
+}
+
+/// The stored form: v3 objects as upstream stores them (without resourceVersion, which is the
+/// key's revision); IPAM objects as their spec, the shape of upstream's `/calico/ipam/v2/`
+/// values.
+fn encode(resource: &Resource) -> Result<Vec<u8>, DatastoreError> {
+    let result = if is_ipam(resource.kind()) {
+        serde_json::to_vec(&resource.spec_json())
+    } else {
+        serde_json::to_vec(resource)
+    };
+    result.map_err(|e| DatastoreError::BadRequest {
+        kind: resource.kind(),
+        name: display_name(resource),
+        message: format!("cannot encode: {e}"),
+    })
+}
+
+/// Reads a stored value back into a resource, with `resourceVersion` set to its revision.
+pub(crate) fn decode(kv: &KeyValue) -> Result<Resource, DatastoreError> {
+    let key = kv.key_str().unwrap_or("<non-UTF-8 key>").to_owned();
+    let corrupt = |message: String| DatastoreError::Corrupt {
+        key: key.clone(),
+        message,
+    };
+    let info = parse_key(&key).ok_or_else(|| corrupt("not a Calico key".to_owned()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(kv.value()).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+    let value = if is_ipam(info.kind) {
+        serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": info.kind.as_str(),
+            "metadata": { "name": info.name },
+            "spec": value,
+        })
+    } else {
+        value
+    };
+    let mut resource = Resource::deserialize_as(info.kind, value)
+        .map_err(|e| corrupt(format!("{}: {}", e.path(), e.inner())))?;
+    resource.metadata_mut().resource_version = Some(kv.mod_revision().to_string());
+    Ok(resource)
+}
+
+fn first_get(ops: &[TxnOpResponse]) -> Option<KeyValue> {
+    ops.iter().find_map(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    })
+}
+
+fn display(kind: Kind, namespace: Option<&str>, name: &str) -> String {
+    match namespace.filter(|_| kind.is_namespaced()) {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+fn display_name(resource: &Resource) -> String {
+    display(resource.kind(), resource.namespace(), resource.name())
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, DatastoreError> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| DatastoreError::Config(format!("{what} {}: {e}", path.display())))
+    };
+    let mut tls = TlsOptions::new();
+    if let Some(ca) = &config.ca_cert_file {
+        tls = tls.ca_certificate(Certificate::from_pem(read("ETCD_CA_CERT_FILE", ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+        tls = tls.identity(Identity::from_pem(
+            read("ETCD_CERT_FILE", cert)?,
+            read("ETCD_KEY_FILE", key)?,
+        ));
+    }
+    Ok(tls)
+}

@@ -1,0 +1,233 @@
+//! Watching the datastore from a revision, in order, across etcd restarts and compactions.
+
+use std::time::Duration;
+
+use calico_model::{Kind, Resource};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{etcd::decode, keys::parse_key, Datastore, DatastoreError};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One change seen by a [`Watch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent {
+    /// The whole state under the watched prefix at `revision`: sent first when the watch starts
+    /// without a revision, and again whenever etcd compacted the revision the watch needed
+    /// (replace everything you knew with this).
+    Snapshot {
+        resources: Vec<Resource>,
+        revision: i64,
+    },
+    /// An object was created or changed.
+    Put {
+        resource: Box<Resource>,
+        revision: i64,
+    },
+    /// An object was deleted.
+    Deleted {
+        kind: Kind,
+        namespace: Option<String>,
+        name: String,
+        revision: i64,
+    },
+    /// A stored value under the prefix cannot be read; the watch goes on.
+    Unreadable { error: String, revision: i64 },
+}
+
+impl WatchEvent {
+    pub fn revision(&self) -> i64 {
+        match self {
+            WatchEvent::Snapshot { revision, .. }
+            | WatchEvent::Put { revision, .. }
+            | WatchEvent::Deleted { revision, .. }
+            | WatchEvent::Unreadable { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A running watch. Events arrive in revision order; dropping it stops the watch.
+pub struct Watch {
+    events: mpsc::Receiver<WatchEvent>,
+    task: JoinHandle<()>,
+}
+
+impl Watch {
+    /// The next event; `None` only after the watch task ended.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Datastore {
+    /// Watches every Calico object under `prefix` (e.g. [`crate::keys::RESOURCES_PREFIX`]).
+    /// With `after_revision`, delivers the changes made after that revision; without, starts
+    /// with a [`WatchEvent::Snapshot`]. Reconnects with backoff when etcd goes away, resuming
+    /// where it left off; resyncs with a snapshot when that revision has been compacted.
+    pub fn watch(&self, prefix: impl Into<String>, after_revision: Option<i64>) -> Watch {
+        let (tx, events) = mpsc::channel(1024);
+        let store = self.clone();
+        let prefix = prefix.into();
+        let task = tokio::spawn(async move {
+            if let Err(Closed) = run(store, prefix, after_revision, tx).await {
+                tracing::debug!("watch receiver dropped; watch ends");
+            }
+        });
+        Watch { events, task }
+    }
+}
+
+struct Closed;
+
+async fn send(tx: &mpsc::Sender<WatchEvent>, event: WatchEvent) -> Result<(), Closed> {
+    tx.send(event).await.map_err(|_| Closed)
+}
+
+async fn run(
+    store: Datastore,
+    prefix: String,
+    after_revision: Option<i64>,
+    tx: mpsc::Sender<WatchEvent>,
+) -> Result<(), Closed> {
+    let mut backoff = Duration::from_millis(100);
+    // The first revision not yet delivered.
+    let mut next = match after_revision {
+        Some(rev) => rev + 1,
+        None => snapshot(&store, &prefix, &tx, &mut backoff).await? + 1,
+    };
+    loop {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next)
+            .with_prev_key();
+        let (_watcher, mut stream) = match store.etcd().watch(prefix.as_str(), Some(options)).await
+        {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "etcd watch failed to start; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    if response.compact_revision() > 0 {
+                        tracing::warn!(
+                            wanted = next,
+                            compacted = response.compact_revision(),
+                            "watch revision compacted; resyncing"
+                        );
+                        next = snapshot(&store, &prefix, &tx, &mut backoff).await? + 1;
+                        break;
+                    }
+                    if response.canceled() {
+                        tracing::warn!(reason = response.cancel_reason(), "watch canceled");
+                        break;
+                    }
+                    backoff = Duration::from_millis(100);
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let revision = kv.mod_revision();
+                        next = revision + 1;
+                        // Keys under the prefix outside Calico's layout are not objects.
+                        let Some(info) = parse_key(kv.key_str().unwrap_or_default()) else {
+                            continue;
+                        };
+                        let delivered = match event.event_type() {
+                            EventType::Put => match decode(kv) {
+                                Ok(resource) => WatchEvent::Put {
+                                    resource: Box::new(resource),
+                                    revision,
+                                },
+                                Err(e) => WatchEvent::Unreadable {
+                                    error: e.to_string(),
+                                    revision,
+                                },
+                            },
+                            EventType::Delete => WatchEvent::Deleted {
+                                kind: info.kind,
+                                namespace: info.namespace,
+                                name: info.name,
+                                revision,
+                            },
+                        };
+                        send(&tx, delivered).await?;
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("etcd watch stream ended; reconnecting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd watch stream failed; reconnecting");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Lists the prefix (retrying until etcd answers) and sends the snapshot; returns its revision.
+async fn snapshot(
+    store: &Datastore,
+    prefix: &str,
+    tx: &mpsc::Sender<WatchEvent>,
+    backoff: &mut Duration,
+) -> Result<i64, Closed> {
+    loop {
+        match list(store, prefix).await {
+            Ok((resources, revision)) => {
+                send(
+                    tx,
+                    WatchEvent::Snapshot {
+                        resources,
+                        revision,
+                    },
+                )
+                .await?;
+                return Ok(revision);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "listing for a resync failed; retrying");
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn list(store: &Datastore, prefix: &str) -> Result<(Vec<Resource>, i64), DatastoreError> {
+    let mut response = store
+        .etcd()
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|source| DatastoreError::Unavailable {
+            endpoints: String::new(),
+            source,
+        })?;
+    let revision = response.header().map_or(0, |h| h.revision());
+    let resources = response
+        .take_kvs()
+        .iter()
+        .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
+        .filter_map(|kv| match decode(kv) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "unreadable value left out of the snapshot");
+                None
+            }
+        })
+        .collect();
+    Ok((resources, revision))
+}
