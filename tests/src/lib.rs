@@ -6,6 +6,6 @@ mod etcd;
 mod netns;
 mod requirements;
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, TlsFiles};
 pub use netns::{unique_name, NetNs, Veth};
 pub use requirements::{require, Requirement};

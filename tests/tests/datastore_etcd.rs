@@ -436,3 +436,71 @@ async fn an_unreachable_etcd_is_named_in_the_error() -> anyhow::Result<()> {
     assert!(err.to_string().contains(&endpoint), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn tls_with_client_certificates_from_the_upstream_variables() -> anyhow::Result<()> {
+    if !require(
+        "tls_with_client_certificates_from_the_upstream_variables",
+        &[Requirement::Etcd],
+    ) {
+        return Ok(());
+    }
+    let etcd = Etcd::start_tls()?;
+    let tls = etcd.tls_files().expect("a TLS etcd has TLS files").clone();
+    let env = |name: &str| -> Option<String> {
+        match name {
+            "ETCD_ENDPOINTS" => Some(etcd.endpoint()),
+            "ETCD_CA_CERT_FILE" => Some(tls.ca.display().to_string()),
+            "ETCD_CERT_FILE" => Some(tls.client_cert.display().to_string()),
+            "ETCD_KEY_FILE" => Some(tls.client_key.display().to_string()),
+            _ => None,
+        }
+    };
+    let store = Datastore::connect(&EtcdConfig::from_lookup(env)?).await?;
+    store.create(pool("over-tls", "10.5.0.0/16")).await?;
+    assert_eq!(
+        store.get(Kind::IPPool, None, "over-tls").await?.name(),
+        "over-tls"
+    );
+
+    // Without a client certificate the server refuses, and the error names the endpoint.
+    let mut no_cert = EtcdConfig::from_lookup(env)?;
+    no_cert.cert_file = None;
+    no_cert.key_file = None;
+    no_cert.timeout = Duration::from_secs(2);
+    let err = match Datastore::connect(&no_cert).await {
+        Ok(_) => panic!("connected without a client certificate"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains(&etcd.endpoint()), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn username_and_password_authenticate() -> anyhow::Result<()> {
+    if !require("username_and_password_authenticate", &[Requirement::Etcd]) {
+        return Ok(());
+    }
+    let etcd = Etcd::start()?;
+    let mut admin = etcd_client::Client::connect([etcd.endpoint()], None).await?;
+    admin.user_add("root", "rootpw", None).await?;
+    admin.user_grant_role("root", "root").await?;
+    admin.auth_enable().await?;
+
+    let mut config = EtcdConfig::with_endpoints([etcd.endpoint()]);
+    config.username = Some("root".into());
+    config.password = Some("rootpw".into());
+    let store = Datastore::connect(&config).await?;
+    store.create(pool("authed", "10.4.0.0/16")).await?;
+
+    config.password = Some("wrong".into());
+    let err = match Datastore::connect(&config).await {
+        Ok(_) => panic!("connected with a wrong password"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, DatastoreError::Unauthorized { .. }),
+        "{err:?}"
+    );
+    Ok(())
+}

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",           // inspecting loaded programs
     "iperf3",            // throughput benchmarks
     "file",              // checking build outputs
+    "openssl",           // certificates for the TLS etcd tests
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

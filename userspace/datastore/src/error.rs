@@ -32,6 +32,8 @@ pub enum DatastoreError {
         #[source]
         source: etcd_client::Error,
     },
+    #[error("etcd at {endpoints} refused the credentials: {message}")]
+    Unauthorized { endpoints: String, message: String },
     #[error("etcd configuration: {0}")]
     Config(String),
     #[error("stored value at {key} cannot be read: {message}")]

@@ -39,9 +39,19 @@ impl Datastore {
         if config.ca_cert_file.is_some() || config.cert_file.is_some() {
             options = options.with_tls(tls_options(config)?);
         }
-        let unavailable = |source| DatastoreError::Unavailable {
-            endpoints: endpoints.clone(),
-            source,
+        let unavailable = |source: etcd_client::Error| {
+            let message = source.to_string();
+            if message.contains("authentication failed") || message.contains("permission denied") {
+                DatastoreError::Unauthorized {
+                    endpoints: endpoints.clone(),
+                    message,
+                }
+            } else {
+                DatastoreError::Unavailable {
+                    endpoints: endpoints.clone(),
+                    source,
+                }
+            }
         };
         let mut client = Client::connect(&config.endpoints, Some(options))
             .await
