@@ -135,10 +135,16 @@ enum Command {
         namespace: Option<String>,
     },
     /// IP address management.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  calicoctl ipam show --show-blocks\n  calicoctl ipam check\n  calicoctl ipam release --ip=10.244.0.5"
+    )]
     Ipam(ipam::IpamCommand),
     /// Node status and system checks.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  calicoctl node status\n  calicoctl node checksystem"
+    )]
     Node(node::NodeCommand),
     /// Convert Kubernetes NetworkPolicy (networking.k8s.io/v1) to Calico NetworkPolicy.
     #[command(
@@ -152,6 +158,7 @@ enum Command {
         output: Format,
     },
     /// Client and cluster version.
+    #[command(after_help = "Examples:\n  calicoctl version")]
     Version,
     /// Shell completion script.
     #[command(

@@ -1,0 +1,578 @@
+//! calicoctl, the built binary, against a real etcd: Calico's documented examples in and out,
+//! upstream's semantics, the output formats, and bad input with its message and exit code.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use harness::{require, Etcd, Requirement};
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+struct Ctl {
+    etcd: Etcd,
+    dir: tempfile::TempDir,
+}
+
+impl Ctl {
+    fn start() -> Option<Self> {
+        if !require("calicoctl CLI tests", &[Requirement::Etcd]) {
+            return None;
+        }
+        Some(Self {
+            etcd: Etcd::start().expect("etcd starts"),
+            dir: tempfile::tempdir().expect("temp dir"),
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_calicoctl"));
+        c.args(args)
+            .env("ETCD_ENDPOINTS", self.etcd.endpoint())
+            .env_remove("DATASTORE_TYPE");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        let o = self.command(args).output().expect("calicoctl runs");
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    fn run_stdin(&self, args: &[&str], input: &str) -> Out {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("calicoctl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(out.code, 0, "calicoctl {args:?} failed: {out:?}");
+        out.stdout
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let path: PathBuf = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+const FIXTURES: &[&str] = &[
+    include_str!("../../../userspace/model/tests/fixtures/policies.yaml"),
+    include_str!("../../../userspace/model/tests/fixtures/endpoints.yaml"),
+    include_str!("../../../userspace/model/tests/fixtures/network.yaml"),
+    include_str!("../../../userspace/model/tests/fixtures/config.yaml"),
+];
+
+/// The YAML documents of `text` as values, without the metadata the datastore sets.
+fn documents(text: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .flat_map(|v| match v.get("items") {
+            Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+            _ => vec![v],
+        })
+        .map(|mut v| {
+            if let Some(serde_yaml::Value::Mapping(meta)) = v.get_mut("metadata") {
+                for server_set in ["uid", "creationTimestamp", "resourceVersion"] {
+                    meta.remove(server_set);
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn documented_examples_apply_and_read_back_unchanged() {
+    let Some(ctl) = Ctl::start() else { return };
+    for (i, text) in FIXTURES.iter().enumerate() {
+        let path = ctl.file(&format!("fixture{i}.yaml"), text);
+        let out = ctl.ok(&["apply", "-f", &path]);
+        assert!(out.starts_with("Successfully applied"), "{out}");
+        for original in documents(text) {
+            let kind = original["kind"].as_str().unwrap().to_owned();
+            let name = original["metadata"]["name"].as_str().unwrap().to_owned();
+            let mut args = vec!["get", kind.as_str(), name.as_str(), "-o", "yaml"];
+            let ns = original["metadata"]["namespace"]
+                .as_str()
+                .map(str::to_owned);
+            if let Some(ns) = &ns {
+                args.extend(["-n", ns.as_str()]);
+            }
+            let got = ctl.ok(&args);
+            let round = documents(&got);
+            assert_eq!(round, [original.clone()], "{kind} {name} changed:\n{got}");
+            assert!(
+                got.contains("resourceVersion"),
+                "server metadata missing:\n{got}"
+            );
+        }
+    }
+    // Applying the same files again is a no-op that succeeds.
+    let path = ctl.file("again.yaml", FIXTURES[0]);
+    assert!(ctl
+        .ok(&["apply", "-f", &path])
+        .starts_with("Successfully applied"));
+}
+
+#[test]
+fn create_replace_delete_follow_upstream_semantics() {
+    let Some(ctl) = Ctl::start() else { return };
+    let pool = ctl.file(
+        "pool.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool1\nspec:\n  cidr: 10.10.0.0/16\n",
+    );
+    assert_eq!(
+        ctl.ok(&["create", "-f", &pool]),
+        "Successfully created 1 'IPPool' resource(s)\n"
+    );
+    let again = ctl.run(&["create", "-f", &pool]);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(
+        again.stderr.contains("IPPool pool1 already exists"),
+        "{again:?}"
+    );
+    ctl.ok(&["create", "-f", &pool, "--skip-exists"]);
+
+    // replace with the current resourceVersion works; with a stale one it is refused.
+    let current = ctl.ok(&["get", "ippool", "pool1", "-o", "yaml"]);
+    let edited = ctl.file(
+        "edited.yaml",
+        &current.replace("cidr: 10.10.0.0/16", "cidr: 10.11.0.0/16"),
+    );
+    assert!(ctl
+        .ok(&["replace", "-f", &edited])
+        .starts_with("Successfully replaced"));
+    let stale = ctl.run(&["replace", "-f", &edited]);
+    assert_eq!(stale.code, 1, "{stale:?}");
+    assert!(stale.stderr.contains("is stale"), "{stale:?}");
+
+    // get of a missing name exits 1 naming it.
+    let missing = ctl.run(&["get", "ippool", "nope"]);
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing
+            .stderr
+            .contains("resource does not exist: IPPool(nope)"),
+        "{missing:?}"
+    );
+    let missing_ns = ctl.run(&["get", "networkpolicy", "nope", "-n", "prod"]);
+    assert!(
+        missing_ns.stderr.contains("NetworkPolicy(prod/nope)"),
+        "{missing_ns:?}"
+    );
+
+    assert_eq!(
+        ctl.ok(&["delete", "ippool", "pool1"]),
+        "Successfully deleted 1 'IPPool' resource(s)\n"
+    );
+    let twice = ctl.run(&["delete", "ippool", "pool1"]);
+    assert_eq!(twice.code, 1, "{twice:?}");
+    ctl.ok(&["delete", "ippool", "pool1", "--skip-not-exists"]);
+
+    // Namespaced kinds default to `default`; stdin works.
+    let out = ctl.run_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: np1}\nspec: {selector: all()}\n",
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(ctl
+        .ok(&["get", "netpol", "np1", "-n", "default"])
+        .contains("np1"));
+    assert!(ctl.ok(&["get", "policy", "-A"]).contains("default     np1"));
+}
+
+#[test]
+fn output_formats() {
+    let Some(ctl) = Ctl::start() else { return };
+    let path = ctl.file("network.yaml", FIXTURES[2]);
+    ctl.ok(&["apply", "-f", &path]);
+    let table = ctl.ok(&["get", "ippools"]);
+    assert_eq!(
+        table,
+        "NAME          CIDR           SELECTOR\nipv6-pool     fd00:10::/64\nmy.ippool-1   10.1.0.0/16    all()\n"
+    );
+    let wide = ctl.ok(&["get", "ippools", "-o", "wide"]);
+    assert!(
+        wide.starts_with("NAME          CIDR           SELECTOR   NAT    IPIPMODE      VXLANMODE"),
+        "{wide}"
+    );
+    assert!(wide.contains("CrossSubnet"), "{wide}");
+    let custom = ctl.ok(&["get", "ippools", "-o", "custom-columns=NAME,NAT"]);
+    assert_eq!(custom, "NAME          NAT\nipv6-pool\nmy.ippool-1   true\n");
+    let bad_column = ctl.run(&["get", "ippools", "-o", "custom-columns=NAME,COLOUR"]);
+    assert_eq!(bad_column.code, 1);
+    assert!(
+        bad_column.stderr.contains("no column `COLOUR`"),
+        "{bad_column:?}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["get", "ippools", "-o", "json"])).unwrap();
+    assert_eq!(json["kind"], "IPPoolList");
+    assert_eq!(json["items"].as_array().unwrap().len(), 2);
+    let one: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["get", "bgppeer", "some.name", "-o", "json"])).unwrap();
+    assert_eq!(one["spec"]["peerIP"], "192.168.1.1");
+    let bad_format = ctl.run(&["get", "ippools", "-o", "xml"]);
+    assert_eq!(bad_format.code, 2, "{bad_format:?}");
+    assert!(bad_format.stderr.contains("unknown output format `xml`"));
+}
+
+#[test]
+fn patch_and_label() {
+    let Some(ctl) = Ctl::start() else { return };
+    let path = ctl.file("network.yaml", FIXTURES[2]);
+    ctl.ok(&["apply", "-f", &path]);
+    ctl.ok(&[
+        "patch",
+        "ippool",
+        "my.ippool-1",
+        "-p",
+        r#"{"spec":{"disabled":true}}"#,
+    ]);
+    assert!(ctl
+        .ok(&["get", "ippool", "my.ippool-1", "-o", "yaml"])
+        .contains("disabled: true"));
+    let invalid = ctl.run(&[
+        "patch",
+        "ippool",
+        "my.ippool-1",
+        "-p",
+        r#"{"spec":{"blockSize":8}}"#,
+    ]);
+    assert_eq!(invalid.code, 1);
+    assert!(invalid.stderr.contains("spec.blockSize"), "{invalid:?}");
+    let not_json = ctl.run(&["patch", "ippool", "my.ippool-1", "-p", "{spec"]);
+    assert!(not_json.stderr.contains("not valid JSON"), "{not_json:?}");
+
+    assert_eq!(
+        ctl.ok(&["label", "nodes", "node-hostname", "rack=r1"]),
+        "Successfully set label rack on nodes node-hostname\n"
+    );
+    let clash = ctl.run(&["label", "nodes", "node-hostname", "rack=r2"]);
+    assert_eq!(clash.code, 1);
+    assert!(clash.stderr.contains("--overwrite"), "{clash:?}");
+    ctl.ok(&["label", "nodes", "node-hostname", "rack=r2", "--overwrite"]);
+    assert!(ctl
+        .ok(&["get", "node", "node-hostname", "-o", "yaml"])
+        .contains("rack: r2"));
+    ctl.ok(&["label", "nodes", "node-hostname", "rack-"]);
+    assert!(!ctl
+        .ok(&["get", "node", "node-hostname", "-o", "yaml"])
+        .contains("rack"));
+}
+
+#[test]
+fn bad_input_is_reported_with_position_and_nothing_is_applied() {
+    let Some(ctl) = Ctl::start() else { return };
+    // YAML syntax: file:line:column.
+    let broken = ctl.file(
+        "broken.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: [x\n",
+    );
+    let out = ctl.run(&["apply", "-f", &broken]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains(&format!("{broken}: line 5, column 1")),
+        "{out:?}"
+    );
+
+    // A batch with one invalid document: every problem named, nothing applied.
+    let batch = ctl.file(
+        "batch.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: good}\nspec: {cidr: 10.1.0.0/16}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bad}\nspec:\n  ingress:\n    - action: Allow\n      protocol: TCP\n      source:\n        ports: ['90:80']\n",
+    );
+    let out = ctl.run(&["apply", "-f", &batch]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("nothing was applied"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("spec.ingress[0].source.ports[0]: port range 90:80 is reversed"),
+        "{out:?}"
+    );
+    assert_eq!(
+        ctl.ok(&["get", "ippools"]),
+        "NAME   CIDR   SELECTOR\n",
+        "the valid pool must not be applied"
+    );
+
+    // Unknown field and unknown kind.
+    let typo = ctl.file("typo.yaml", "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x}\nspec: {cidr: 10.0.0.0/16, natOutgoin: true}\n");
+    let out = ctl.run(&["create", "-f", &typo]);
+    assert!(
+        out.stderr
+            .contains("spec.natOutgoin: unknown field `natOutgoin`"),
+        "{out:?}"
+    );
+    let unknown = ctl.run(&["get", "pools2"]);
+    assert_eq!(unknown.code, 1);
+    assert!(
+        unknown.stderr.contains("unknown resource type `pools2`"),
+        "{unknown:?}"
+    );
+    let missing_file = ctl.run(&["apply", "-f", "/nonexistent/x.yaml"]);
+    assert!(
+        missing_file
+            .stderr
+            .contains("/nonexistent/x.yaml: cannot read"),
+        "{missing_file:?}"
+    );
+
+    // A namespace in the document that contradicts --namespace.
+    let ns = ctl.file("ns.yaml", "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {}\n");
+    let out = ctl.run(&["apply", "-f", &ns, "-n", "b"]);
+    assert!(
+        out.stderr.contains("does not match --namespace `b`"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn failures_part_way_are_reported_per_resource_with_a_summary() {
+    let Some(ctl) = Ctl::start() else { return };
+    let one = ctl.file(
+        "one.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: b}\nspec: {order: 2}\n",
+    );
+    ctl.ok(&["create", "-f", &one]);
+    let three = ctl.file(
+        "three.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: a}\nspec: {order: 1}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: b}\nspec: {order: 2}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: c}\nspec: {order: 3}\n",
+    );
+    let out = ctl.run(&["create", "-f", &three]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("Failed to create Tier 'b'"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("Partial success: created 2 of 3 'Tier' resource(s); 1 failed"),
+        "{out:?}"
+    );
+    let tiers = ctl.ok(&["get", "tiers"]);
+    assert!(tiers.contains("a ") && tiers.contains("c "), "{tiers}");
+}
+
+#[test]
+fn configuration_from_file_and_environment() {
+    let Some(ctl) = Ctl::start() else { return };
+    let cfg = ctl.file(
+        "calicoctl.cfg",
+        &format!(
+            "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nmetadata:\nspec:\n  datastoreType: etcdv3\n  etcdEndpoints: {}\n",
+            ctl.etcd.endpoint()
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(["--config", &cfg, "get", "ippools"])
+        .env_remove("ETCD_ENDPOINTS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad_cfg = ctl.file("bad.cfg", "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nspec:\n  datastoreType: kubernetes\n");
+    let out = ctl.run(&["--config", &bad_cfg, "get", "ippools"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("datastoreType `kubernetes` is not supported"),
+        "{out:?}"
+    );
+
+    // An unreachable datastore names the endpoint.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(["get", "ippools"])
+        .env("ETCD_ENDPOINTS", format!("http://127.0.0.1:{port}"))
+        .env("ETCD_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains(&format!("http://127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn convert_kubernetes_network_policy() {
+    let Some(ctl) = Ctl::start() else { return };
+    let k8s = ctl.file(
+        "k8s.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: allow-frontend\n  namespace: shop\nspec:\n  podSelector:\n    matchLabels: {role: db}\n  ingress:\n    - from:\n        - podSelector:\n            matchLabels: {role: frontend}\n      ports:\n        - port: 6379\n",
+    );
+    let yaml = ctl.ok(&["convert", "-f", &k8s]);
+    let docs = documents(&yaml);
+    assert_eq!(docs.len(), 1);
+    let p = &docs[0];
+    assert_eq!(p["metadata"]["name"], "knp.default.allow-frontend");
+    assert_eq!(p["metadata"]["namespace"], "shop");
+    assert_eq!(p["spec"]["order"], 1000);
+    assert_eq!(
+        p["spec"]["selector"],
+        "projectcalico.org/orchestrator == 'k8s' && role == 'db'"
+    );
+    assert_eq!(p["spec"]["ingress"][0]["protocol"], "TCP");
+    assert_eq!(p["spec"]["ingress"][0]["destination"]["ports"][0], 6379);
+    // The converted policy is accepted as it is.
+    let converted = ctl.file("converted.yaml", &yaml);
+    ctl.ok(&["apply", "-f", &converted]);
+}
+
+#[test]
+fn ipam_show_check_and_release() {
+    let Some(ctl) = Ctl::start() else { return };
+    let objects = ctl.file(
+        "ipam.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.1.0.0/24}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: IPAMBlock\nmetadata: {name: 10-1-0-0-30}\nspec:\n  cidr: 10.1.0.0/30\n  affinity: host:node1\n  allocations: [0, null, 1, null]\n  unallocated: [1, 3]\n  attributes:\n    - {handle_id: h-web, secondary: {pod: web}}\n    - {handle_id: h-leak, secondary: {pod: gone}}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: IPAMHandle\nmetadata: {name: h-web}\nspec: {handleID: h-web, block: {10.1.0.0/30: 1}}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: IPAMHandle\nmetadata: {name: h-leak}\nspec: {handleID: h-leak, block: {10.1.0.0/30: 1}}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: node1-cni-web-eth0, namespace: default}\nspec: {node: node1, ipNetworks: [10.1.0.0/32]}\n",
+    );
+    ctl.ok(&["apply", "-f", &objects]);
+    let show = ctl.ok(&["ipam", "show", "--show-blocks"]);
+    assert!(
+        show.contains("| IP Pool  | 10.1.0.0/24 | 256       | 2 (0%)     | 254 (99%) |"),
+        "{show}"
+    );
+    assert!(
+        show.contains("| Block    | 10.1.0.0/30 | 4         | 2 (50%)    | 2 (50%)   |"),
+        "{show}"
+    );
+    let ip = ctl.ok(&["ipam", "show", "--ip=10.1.0.2"]);
+    assert!(
+        ip.contains("IP 10.1.0.2 is in use") && ip.contains("h-leak"),
+        "{ip}"
+    );
+
+    let check = ctl.run(&["ipam", "check"]);
+    assert_eq!(check.code, 1, "a leak must make check fail: {check:?}");
+    assert!(
+        check
+            .stdout
+            .contains("10.1.0.2: allocated (handle `h-leak`) but no workload endpoint uses it"),
+        "{check:?}"
+    );
+
+    assert_eq!(
+        ctl.ok(&["ipam", "release", "--ip=10.1.0.2"]),
+        "Successfully released IP 10.1.0.2\n"
+    );
+    let clean = ctl.run(&["ipam", "check"]);
+    assert_eq!(clean.code, 0, "{clean:?}");
+    assert!(clean.stdout.contains("IPAM is clean"), "{clean:?}");
+    let gone = ctl.run(&["get", "ipamhandle", "h-leak"]);
+    assert_eq!(gone.code, 1, "the emptied handle must be deleted: {gone:?}");
+    let not_assigned = ctl.run(&["ipam", "release", "--ip=10.1.0.3"]);
+    assert!(
+        not_assigned.stderr.contains("IP 10.1.0.3 is not assigned"),
+        "{not_assigned:?}"
+    );
+}
+
+#[test]
+fn node_commands_version_and_completion() {
+    let Some(ctl) = Ctl::start() else { return };
+    let status = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(["node", "status"])
+        .env("CALICO_BIRD_SOCKET", ctl.dir.path().join("no-bird.ctl"))
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("Calico process is not running."));
+
+    let check = ctl.run(&["node", "checksystem"]);
+    assert!(
+        check.stdout.contains("Checking kernel version"),
+        "{check:?}"
+    );
+    if nix_is_root() {
+        assert_eq!(check.code, 0, "{check:?}");
+    }
+    assert!(ctl.ok(&["version"]).starts_with("Client Version:    v"));
+    assert!(ctl.ok(&["completion", "bash"]).contains("_calicoctl()"));
+    for sub in [
+        &["create"][..],
+        &["apply"],
+        &["replace"],
+        &["delete"],
+        &["get"],
+        &["patch"],
+        &["label"],
+        &["ipam"],
+        &["ipam", "show"],
+        &["ipam", "check"],
+        &["ipam", "release"],
+        &["node"],
+        &["node", "status"],
+        &["node", "checksystem"],
+        &["convert"],
+        &["version"],
+        &["completion"],
+    ] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let help = ctl.ok(&args);
+        assert!(
+            help.contains("Examples:"),
+            "{sub:?} --help has no examples:\n{help}"
+        );
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
