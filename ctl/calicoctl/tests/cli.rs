@@ -140,12 +140,41 @@ fn documented_examples_apply_and_read_back_unchanged() {
             }
             let got = ctl.ok(&args);
             let round = documents(&got);
-            assert_eq!(round, [original.clone()], "{kind} {name} changed:\n{got}");
+            assert_eq!(
+                round,
+                std::slice::from_ref(&original),
+                "{kind} {name} changed:\n{got}"
+            );
             assert!(
                 got.contains("resourceVersion"),
                 "server metadata missing:\n{got}"
             );
         }
+    }
+    // The keys sit where upstream puts them.
+    let keys = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &ctl.etcd.endpoint(),
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/calico/",
+        ])
+        .output()
+        .expect("etcdctl runs (Debian etcd-client)");
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    for expected in [
+        "/calico/resources/v3/projectcalico.org/networkpolicies/production/allow-tcp-6379",
+        "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/deny-blue",
+        "/calico/resources/v3/projectcalico.org/tiers/security",
+        "/calico/resources/v3/projectcalico.org/ippools/my.ippool-1",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node1-k8s-my--nginx--b1337a-eth0",
+        "/calico/resources/v3/projectcalico.org/bgpconfigurations/default",
+        "/calico/resources/v3/projectcalico.org/felixconfigurations/node.node1",
+    ] {
+        assert!(keys.lines().any(|k| k == expected), "{expected} missing from:\n{keys}");
     }
     // Applying the same files again is a no-op that succeeds.
     let path = ctl.file("again.yaml", FIXTURES[0]);
@@ -567,6 +596,73 @@ fn node_commands_version_and_completion() {
             help.contains("Examples:"),
             "{sub:?} --help has no examples:\n{help}"
         );
+    }
+}
+
+#[test]
+fn node_status_reads_a_real_bird() {
+    if !require(
+        "node_status_reads_a_real_bird",
+        &[Requirement::Root, Requirement::NetNs],
+    ) {
+        return;
+    }
+    let ns = harness::NetNs::new("bird").expect("netns");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bird.ctl");
+    let config = dir.path().join("bird.conf");
+    // A mesh peer that never answers: BIRD shows it as a BGP protocol that is not Established.
+    std::fs::write(
+        &config,
+        "router id 198.18.2.1;\nprotocol device {}\n\
+         protocol bgp Mesh_198_18_2_2 {\n  local 198.18.2.1 as 64512;\n  neighbor 198.18.2.2 as 64512;\n  ipv4 { import all; export none; };\n}\n",
+    )
+    .unwrap();
+    ns.add_address("lo", "198.18.2.1/32").unwrap();
+    let sock = socket.display().to_string();
+    let conf = config.display().to_string();
+    ns.exec_ok(
+        "bird",
+        &[
+            "-c",
+            &conf,
+            "-s",
+            &sock,
+            "-P",
+            &format!("{}/bird.pid", dir.path().display()),
+        ],
+    )
+    .expect("bird starts (Debian bird2)");
+    let _stop = Defer(|| {
+        let _ = Command::new("birdc").args(["-s", &sock, "down"]).output();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stdout = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+            .args(["node", "status"])
+            .env("CALICO_BIRD_SOCKET", &socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() || std::time::Instant::now() > deadline {
+            break stdout;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(stdout.contains("Calico process is running."), "{stdout}");
+    assert!(
+        stdout.contains("| 198.18.2.2   | node-to-node mesh |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("No IPv6 peers found."), "{stdout}");
+}
+
+/// Runs a closure on drop (cleanup that must happen when an assertion fails).
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
