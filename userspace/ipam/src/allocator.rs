@@ -1,0 +1,548 @@
+//! The allocator: plans from [`crate::plan`], block arithmetic from [`crate::block`], and every
+//! write a compare-and-swap in the datastore, retried on conflict.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use calico_datastore::{keys::block_name, Datastore, DatastoreError};
+use calico_model::{
+    spec::{BlockAffinitySpec, IpamBlockSpec, IpamHandleSpec},
+    Kind, Object, ObjectMeta, Resource, API_VERSION,
+};
+use ipnet::IpNet;
+
+use crate::{
+    block,
+    plan::{next_free_block, usable_pools, Family, Pool},
+};
+
+/// Writes retried on conflict before giving up.
+const MAX_ATTEMPTS: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("no enabled {family} pool is usable by workloads on node {node}")]
+    NoPools { family: &'static str, node: String },
+    #[error("{family} pools {pools} have no free address for node {node}")]
+    Exhausted {
+        family: &'static str,
+        pools: String,
+        node: String,
+    },
+    #[error("{ip} is already in use")]
+    InUse { ip: IpAddr },
+    #[error("{ip} is not in any enabled IP pool")]
+    NotInPool { ip: IpAddr },
+    #[error("gave up after {MAX_ATTEMPTS} conflicting writes to {what}")]
+    Contention { what: String },
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+}
+
+impl IpamError {
+    /// Whether the same request may succeed later (CNI "try again later").
+    pub fn is_transient(&self) -> bool {
+        match self {
+            IpamError::Contention { .. } => true,
+            IpamError::Datastore(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+/// What to assign.
+#[derive(Debug, Clone, Default)]
+pub struct AssignRequest {
+    /// Owner of the addresses, e.g. `k8s-pod-network.<containerID>`.
+    pub handle: String,
+    /// Recorded with each address (pod, namespace, node, ...).
+    pub attrs: BTreeMap<String, String>,
+    pub num_v4: usize,
+    pub num_v6: usize,
+    /// Restrict to these pools (names or CIDRs); empty means any usable pool.
+    pub ipv4_pools: Vec<String>,
+    pub ipv6_pools: Vec<String>,
+}
+
+/// Block IPAM for one node.
+#[derive(Clone)]
+pub struct Ipam {
+    store: Datastore,
+    node: String,
+}
+
+struct Context {
+    pools: Vec<Resource>,
+    node_labels: BTreeMap<String, String>,
+    reserved: Vec<IpNet>,
+    strict_affinity: bool,
+    auto_allocate: bool,
+}
+
+impl Ipam {
+    pub fn new(store: Datastore, node: impl Into<String>) -> Self {
+        Self {
+            store,
+            node: node.into(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn context(&self) -> Result<Context, IpamError> {
+        let (pools, _) = self.store.list(Kind::IPPool, None).await?;
+        let node_labels = match self.store.get(Kind::Node, None, &self.node).await {
+            Ok(node) => node.metadata().labels.clone(),
+            Err(DatastoreError::NotFound { .. }) => BTreeMap::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let (reservations, _) = self.store.list(Kind::IPReservation, None).await?;
+        let reserved = reservations
+            .iter()
+            .filter_map(|r| match r {
+                Resource::IPReservation(o) => Some(&o.spec.reserved_cidrs),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|c| {
+                c.parse::<IpNet>()
+                    .ok()
+                    .or_else(|| c.parse::<IpAddr>().ok().map(IpNet::from))
+            })
+            .collect();
+        let (strict_affinity, auto_allocate) =
+            match self.store.get(Kind::IPAMConfig, None, "default").await {
+                Ok(Resource::IPAMConfig(c)) => (c.spec.strict_affinity, c.spec.auto_allocate_blocks),
+                Ok(_) | Err(DatastoreError::NotFound { .. }) => (false, true),
+                Err(e) => return Err(e.into()),
+            };
+        Ok(Context {
+            pools,
+            node_labels,
+            reserved,
+            strict_affinity,
+            auto_allocate,
+        })
+    }
+
+    /// Assigns the requested numbers of IPv4 and IPv6 addresses to `req.handle`, as host
+    /// prefixes. All or nothing: on failure, whatever was assigned is released again.
+    pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
+        let ctx = self.context().await?;
+        let mut assigned = Vec::new();
+        for (family, count, only) in [
+            (Family::V4, req.num_v4, &req.ipv4_pools),
+            (Family::V6, req.num_v6, &req.ipv6_pools),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            match self.assign_family(&ctx, family, count, only, req).await {
+                Ok(ips) => assigned.extend(ips),
+                Err(e) => {
+                    if !assigned.is_empty() {
+                        if let Err(undo) = self.release_by_handle(&req.handle).await {
+                            tracing::error!(handle = req.handle, error = %undo, "rollback of a partial assignment failed");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(assigned.into_iter().map(IpNet::from).collect())
+    }
+
+    async fn assign_family(
+        &self,
+        ctx: &Context,
+        family: Family,
+        count: usize,
+        only: &[String],
+        req: &AssignRequest,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let pools = usable_pools(&ctx.pools, family, &ctx.node_labels, only);
+        if pools.is_empty() {
+            return Err(IpamError::NoPools {
+                family: family_name(family),
+                node: self.node.clone(),
+            });
+        }
+        let mut got: Vec<IpAddr> = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            if got.len() == count {
+                break;
+            }
+            let blocks = self.blocks_in(&pools).await?;
+            let affinity = format!("host:{}", self.node);
+            // 1. Our own blocks with room.
+            let mine: Vec<&(IpNet, IpamBlockSpec, String)> = blocks
+                .iter()
+                .filter(|(c, s, _)| {
+                    s.affinity.as_deref() == Some(affinity.as_str())
+                        && block::free(s, c, &ctx.reserved) > 0
+                })
+                .collect();
+            if let Some((cidr, _, _)) = mine.first() {
+                let ips = self.assign_in_block(cidr, count - got.len(), req, &ctx.reserved).await?;
+                self.record(&req.handle, cidr, ips.len()).await?;
+                got.extend(ips);
+                continue;
+            }
+            // 2. Claim a new block.
+            let existing: BTreeSet<IpNet> = blocks.iter().map(|(c, _, _)| *c).collect();
+            let free_block = pools.iter().find_map(|p| next_free_block(p, &existing));
+            if let (Some(cidr), true) = (free_block, ctx.auto_allocate) {
+                self.claim(&cidr, ctx.strict_affinity).await?;
+                continue;
+            }
+            // 3. Borrow from another node's block.
+            if ctx.strict_affinity {
+                break;
+            }
+            let borrowable = blocks
+                .iter()
+                .find(|(c, s, _)| block::free(s, c, &ctx.reserved) > 0 && !s.strict_affinity);
+            match borrowable {
+                Some((cidr, _, _)) => {
+                    let ips =
+                        self.assign_in_block(cidr, count - got.len(), req, &ctx.reserved).await?;
+                    self.record(&req.handle, cidr, ips.len()).await?;
+                    got.extend(ips);
+                }
+                None => break,
+            }
+        }
+        if got.len() < count {
+            return Err(IpamError::Exhausted {
+                family: family_name(family),
+                pools: pools.iter().map(|p| p.cidr.to_string()).collect::<Vec<_>>().join(", "),
+                node: self.node.clone(),
+            });
+        }
+        Ok(got)
+    }
+
+    /// Every block inside `pools`, with its spec and resourceVersion.
+    async fn blocks_in(&self, pools: &[Pool]) -> Result<Vec<(IpNet, IpamBlockSpec, String)>, IpamError> {
+        let (all, _) = self.store.list(Kind::IPAMBlock, None).await?;
+        Ok(all
+            .into_iter()
+            .filter_map(|r| match r {
+                Resource::IPAMBlock(b) => {
+                    let cidr: IpNet = b.spec.cidr.parse().ok()?;
+                    let rv = b.metadata.resource_version.clone().unwrap_or_default();
+                    pools
+                        .iter()
+                        .any(|p| p.cidr.contains(&cidr.network()))
+                        .then_some((cidr, b.spec, rv))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Re-reads one block and takes up to `want` addresses from it with a compare-and-swap,
+    /// retrying on conflict. Returns what it got (possibly nothing when the block filled up).
+    async fn assign_in_block(
+        &self,
+        cidr: &IpNet,
+        want: usize,
+        req: &AssignRequest,
+        reserved: &[IpNet],
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut resource = self.store.get(Kind::IPAMBlock, None, &block_name(cidr)).await?;
+            let Resource::IPAMBlock(b) = &mut resource else { unreachable!("asked for a block") };
+            let ips = block::assign(&mut b.spec, cidr, want, &req.handle, &req.attrs, reserved);
+            if ips.is_empty() {
+                return Ok(ips);
+            }
+            match self.store.update(resource).await {
+                Ok(_) => return Ok(ips),
+                Err(DatastoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("block {cidr}"),
+        })
+    }
+
+    /// Claims `cidr` for this node: creates the block with our affinity, then the affinity
+    /// record. Losing the race to another node is not an error.
+    async fn claim(&self, cidr: &IpNet, strict: bool) -> Result<(), IpamError> {
+        let mut spec = block::new_block(cidr, Some(&self.node));
+        spec.strict_affinity = strict;
+        match self.store.create(block_resource(cidr, spec)).await {
+            Ok(_) => {}
+            Err(DatastoreError::AlreadyExists { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let affinity = Resource::BlockAffinity(Object {
+            api_version: API_VERSION.into(),
+            kind: Kind::BlockAffinity.as_str().into(),
+            metadata: ObjectMeta {
+                name: format!("{}-{}", self.node, block_name(cidr)),
+                ..Default::default()
+            },
+            spec: BlockAffinitySpec {
+                state: "confirmed".into(),
+                node: self.node.clone(),
+                cidr: cidr.to_string(),
+                deleted: None,
+            },
+            status: None,
+        });
+        self.store.apply(affinity).await?;
+        tracing::info!(node = self.node, %cidr, "claimed IPAM block");
+        Ok(())
+    }
+
+    /// Adds `count` addresses in `cidr` to the handle's record.
+    async fn record(&self, handle: &str, cidr: &IpNet, count: usize) -> Result<(), IpamError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.adjust_handle(handle, cidr.to_string(), count as i64).await
+    }
+
+    async fn adjust_handle(&self, handle: &str, cidr: String, delta: i64) -> Result<(), IpamError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let result = match self.store.get(Kind::IPAMHandle, None, handle).await {
+                Err(DatastoreError::NotFound { .. }) if delta > 0 => {
+                    let spec = IpamHandleSpec {
+                        handle_id: handle.to_owned(),
+                        block: BTreeMap::from([(cidr.clone(), delta as usize)]),
+                        deleted: false,
+                    };
+                    self.store.create(handle_resource(spec)).await.map(drop)
+                }
+                Err(DatastoreError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+                Ok(mut resource) => {
+                    let Resource::IPAMHandle(h) = &mut resource else { unreachable!("asked for a handle") };
+                    let n = h.spec.block.entry(cidr.clone()).or_default();
+                    *n = (*n as i64 + delta).max(0) as usize;
+                    if *n == 0 {
+                        h.spec.block.remove(&cidr);
+                    }
+                    if h.spec.block.is_empty() {
+                        let rv = resource.metadata().resource_version.clone();
+                        self.store
+                            .delete(Kind::IPAMHandle, None, handle, rv.as_deref())
+                            .await
+                            .map(drop)
+                    } else {
+                        self.store.update(resource).await.map(drop)
+                    }
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(DatastoreError::Conflict { .. } | DatastoreError::AlreadyExists { .. }) => continue,
+                Err(DatastoreError::NotFound { .. }) if delta < 0 => return Ok(()),
+                Err(DatastoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("handle {handle}"),
+        })
+    }
+
+    /// Assigns exactly `ip` (e.g. a requested static address) to `handle`.
+    pub async fn assign_ip(
+        &self,
+        ip: IpAddr,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Result<(), IpamError> {
+        let ctx = self.context().await?;
+        let family = if ip.is_ipv4() { Family::V4 } else { Family::V6 };
+        let pools = usable_pools(&ctx.pools, family, &ctx.node_labels, &[]);
+        let pool = pools
+            .iter()
+            .find(|p| p.cidr.contains(&ip))
+            .ok_or(IpamError::NotInPool { ip })?;
+        let cidr = IpNet::new(ip, pool.block_size)
+            .map(|n| n.trunc())
+            .map_err(|_| IpamError::NotInPool { ip })?;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut resource = match self.store.get(Kind::IPAMBlock, None, &block_name(&cidr)).await {
+                Ok(r) => r,
+                Err(DatastoreError::NotFound { .. }) => {
+                    self.claim(&cidr, ctx.strict_affinity).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Resource::IPAMBlock(b) = &mut resource else { unreachable!("asked for a block") };
+            if !block::assign_ip(&mut b.spec, &cidr, ip, handle, attrs) {
+                return Err(IpamError::InUse { ip });
+            }
+            match self.store.update(resource).await {
+                Ok(_) => return self.record(handle, &cidr, 1).await,
+                Err(DatastoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("block {cidr}"),
+        })
+    }
+
+    /// Addresses `handle` holds.
+    pub async fn ips_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let (blocks, _) = self.store.list(Kind::IPAMBlock, None).await?;
+        Ok(blocks
+            .iter()
+            .filter_map(|r| match r {
+                Resource::IPAMBlock(b) => Some(b),
+                _ => None,
+            })
+            .filter_map(|b| Some((b.spec.cidr.parse::<IpNet>().ok()?, &b.spec)))
+            .flat_map(|(cidr, spec)| block::held_by(spec, &cidr, handle))
+            .collect())
+    }
+
+    /// Releases everything `handle` holds and deletes the handle. Releasing a handle that
+    /// holds nothing is not an error (a runtime may DEL twice).
+    pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let blocks: Vec<IpNet> = match self.store.get(Kind::IPAMHandle, None, handle).await {
+            Ok(Resource::IPAMHandle(h)) => h.spec.block.keys().filter_map(|c| c.parse().ok()).collect(),
+            Ok(_) => Vec::new(),
+            Err(DatastoreError::NotFound { .. }) => {
+                // No record: look everywhere, so an allocation whose handle write was lost
+                // is still released.
+                let (all, _) = self.store.list(Kind::IPAMBlock, None).await?;
+                all.iter()
+                    .filter_map(|r| match r {
+                        Resource::IPAMBlock(b) => b.spec.cidr.parse().ok(),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut released = Vec::new();
+        for cidr in blocks {
+            released.extend(self.release_in_block(&cidr, |spec| block::release_handle(spec, &cidr, handle)).await?);
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            match self.store.get(Kind::IPAMHandle, None, handle).await {
+                Err(DatastoreError::NotFound { .. }) => break,
+                Err(e) => return Err(e.into()),
+                Ok(h) => {
+                    let rv = h.metadata().resource_version.clone();
+                    match self.store.delete(Kind::IPAMHandle, None, handle, rv.as_deref()).await {
+                        Ok(_) | Err(DatastoreError::NotFound { .. }) => break,
+                        Err(DatastoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// Releases `ips`; returns the ones that were not allocated.
+    pub async fn release_ips(&self, ips: &[IpAddr]) -> Result<Vec<IpAddr>, IpamError> {
+        let (all, _) = self.store.list(Kind::IPAMBlock, None).await?;
+        let cidrs: Vec<IpNet> = all
+            .iter()
+            .filter_map(|r| match r {
+                Resource::IPAMBlock(b) => b.spec.cidr.parse().ok(),
+                _ => None,
+            })
+            .collect();
+        let mut not_allocated: Vec<IpAddr> =
+            ips.iter().copied().filter(|ip| !cidrs.iter().any(|c| c.contains(ip))).collect();
+        for cidr in cidrs {
+            let mine: Vec<IpAddr> = ips.iter().copied().filter(|ip| cidr.contains(ip)).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut per_handle = BTreeMap::new();
+            let mut missing = Vec::new();
+            self.release_in_block(&cidr, |spec| {
+                let (handles, absent) = block::release(spec, &cidr, &mine);
+                let released: Vec<IpAddr> =
+                    mine.iter().copied().filter(|ip| !absent.contains(ip)).collect();
+                per_handle = handles;
+                missing = absent;
+                released
+            })
+            .await?;
+            not_allocated.extend(missing);
+            for (handle, n) in per_handle {
+                self.adjust_handle(&handle, cidr.to_string(), -(n as i64)).await?;
+            }
+        }
+        Ok(not_allocated)
+    }
+
+    /// Applies `change` to a block with compare-and-swap, retrying on conflict.
+    async fn release_in_block(
+        &self,
+        cidr: &IpNet,
+        mut change: impl FnMut(&mut IpamBlockSpec) -> Vec<IpAddr>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut resource = match self.store.get(Kind::IPAMBlock, None, &block_name(cidr)).await {
+                Ok(r) => r,
+                Err(DatastoreError::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let Resource::IPAMBlock(b) = &mut resource else { unreachable!("asked for a block") };
+            let released = change(&mut b.spec);
+            if released.is_empty() {
+                return Ok(released);
+            }
+            match self.store.update(resource).await {
+                Ok(_) => return Ok(released),
+                Err(DatastoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("block {cidr}"),
+        })
+    }
+}
+
+fn block_resource(cidr: &IpNet, spec: IpamBlockSpec) -> Resource {
+    Resource::IPAMBlock(Object {
+        api_version: API_VERSION.into(),
+        kind: Kind::IPAMBlock.as_str().into(),
+        metadata: ObjectMeta {
+            name: block_name(cidr),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    })
+}
+
+fn handle_resource(spec: IpamHandleSpec) -> Resource {
+    Resource::IPAMHandle(Object {
+        api_version: API_VERSION.into(),
+        kind: Kind::IPAMHandle.as_str().into(),
+        metadata: ObjectMeta {
+            name: spec.handle_id.clone(),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    })
+}
