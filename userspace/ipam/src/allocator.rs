@@ -123,7 +123,9 @@ impl Ipam {
             .collect();
         let (strict_affinity, auto_allocate) =
             match self.store.get(Kind::IPAMConfig, None, "default").await {
-                Ok(Resource::IPAMConfig(c)) => (c.spec.strict_affinity, c.spec.auto_allocate_blocks),
+                Ok(Resource::IPAMConfig(c)) => {
+                    (c.spec.strict_affinity, c.spec.auto_allocate_blocks)
+                }
                 Ok(_) | Err(DatastoreError::NotFound { .. }) => (false, true),
                 Err(e) => return Err(e.into()),
             };
@@ -194,7 +196,9 @@ impl Ipam {
                 })
                 .collect();
             if let Some((cidr, _, _)) = mine.first() {
-                let ips = self.assign_in_block(cidr, count - got.len(), req, &ctx.reserved).await?;
+                let ips = self
+                    .assign_in_block(cidr, count - got.len(), req, &ctx.reserved)
+                    .await?;
                 self.record(&req.handle, cidr, ips.len()).await?;
                 got.extend(ips);
                 continue;
@@ -215,8 +219,9 @@ impl Ipam {
                 .find(|(c, s, _)| block::free(s, c, &ctx.reserved) > 0 && !s.strict_affinity);
             match borrowable {
                 Some((cidr, _, _)) => {
-                    let ips =
-                        self.assign_in_block(cidr, count - got.len(), req, &ctx.reserved).await?;
+                    let ips = self
+                        .assign_in_block(cidr, count - got.len(), req, &ctx.reserved)
+                        .await?;
                     self.record(&req.handle, cidr, ips.len()).await?;
                     got.extend(ips);
                 }
@@ -226,7 +231,11 @@ impl Ipam {
         if got.len() < count {
             return Err(IpamError::Exhausted {
                 family: family_name(family),
-                pools: pools.iter().map(|p| p.cidr.to_string()).collect::<Vec<_>>().join(", "),
+                pools: pools
+                    .iter()
+                    .map(|p| p.cidr.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 node: self.node.clone(),
             });
         }
@@ -234,7 +243,10 @@ impl Ipam {
     }
 
     /// Every block inside `pools`, with its spec and resourceVersion.
-    async fn blocks_in(&self, pools: &[Pool]) -> Result<Vec<(IpNet, IpamBlockSpec, String)>, IpamError> {
+    async fn blocks_in(
+        &self,
+        pools: &[Pool],
+    ) -> Result<Vec<(IpNet, IpamBlockSpec, String)>, IpamError> {
         let (all, _) = self.store.list(Kind::IPAMBlock, None).await?;
         Ok(all
             .into_iter()
@@ -262,8 +274,13 @@ impl Ipam {
         reserved: &[IpNet],
     ) -> Result<Vec<IpAddr>, IpamError> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut resource = self.store.get(Kind::IPAMBlock, None, &block_name(cidr)).await?;
-            let Resource::IPAMBlock(b) = &mut resource else { unreachable!("asked for a block") };
+            let mut resource = self
+                .store
+                .get(Kind::IPAMBlock, None, &block_name(cidr))
+                .await?;
+            let Resource::IPAMBlock(b) = &mut resource else {
+                unreachable!("asked for a block")
+            };
             let ips = block::assign(&mut b.spec, cidr, want, &req.handle, &req.attrs, reserved);
             if ips.is_empty() {
                 return Ok(ips);
@@ -314,7 +331,8 @@ impl Ipam {
         if count == 0 {
             return Ok(());
         }
-        self.adjust_handle(handle, cidr.to_string(), count as i64).await
+        self.adjust_handle(handle, cidr.to_string(), count as i64)
+            .await
     }
 
     async fn adjust_handle(&self, handle: &str, cidr: String, delta: i64) -> Result<(), IpamError> {
@@ -331,7 +349,9 @@ impl Ipam {
                 Err(DatastoreError::NotFound { .. }) => return Ok(()),
                 Err(e) => return Err(e.into()),
                 Ok(mut resource) => {
-                    let Resource::IPAMHandle(h) = &mut resource else { unreachable!("asked for a handle") };
+                    let Resource::IPAMHandle(h) = &mut resource else {
+                        unreachable!("asked for a handle")
+                    };
                     let n = h.spec.block.entry(cidr.clone()).or_default();
                     *n = (*n as i64 + delta).max(0) as usize;
                     if *n == 0 {
@@ -350,7 +370,9 @@ impl Ipam {
             };
             match result {
                 Ok(()) => return Ok(()),
-                Err(DatastoreError::Conflict { .. } | DatastoreError::AlreadyExists { .. }) => continue,
+                Err(DatastoreError::Conflict { .. } | DatastoreError::AlreadyExists { .. }) => {
+                    continue
+                }
                 Err(DatastoreError::NotFound { .. }) if delta < 0 => return Ok(()),
                 Err(DatastoreError::NotFound { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -379,7 +401,11 @@ impl Ipam {
             .map(|n| n.trunc())
             .map_err(|_| IpamError::NotInPool { ip })?;
         for _ in 0..MAX_ATTEMPTS {
-            let mut resource = match self.store.get(Kind::IPAMBlock, None, &block_name(&cidr)).await {
+            let mut resource = match self
+                .store
+                .get(Kind::IPAMBlock, None, &block_name(&cidr))
+                .await
+            {
                 Ok(r) => r,
                 Err(DatastoreError::NotFound { .. }) => {
                     self.claim(&cidr, ctx.strict_affinity).await?;
@@ -387,7 +413,9 @@ impl Ipam {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let Resource::IPAMBlock(b) = &mut resource else { unreachable!("asked for a block") };
+            let Resource::IPAMBlock(b) = &mut resource else {
+                unreachable!("asked for a block")
+            };
             if !block::assign_ip(&mut b.spec, &cidr, ip, handle, attrs) {
                 return Err(IpamError::InUse { ip });
             }
@@ -420,7 +448,9 @@ impl Ipam {
     /// holds nothing is not an error (a runtime may DEL twice).
     pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         let blocks: Vec<IpNet> = match self.store.get(Kind::IPAMHandle, None, handle).await {
-            Ok(Resource::IPAMHandle(h)) => h.spec.block.keys().filter_map(|c| c.parse().ok()).collect(),
+            Ok(Resource::IPAMHandle(h)) => {
+                h.spec.block.keys().filter_map(|c| c.parse().ok()).collect()
+            }
             Ok(_) => Vec::new(),
             Err(DatastoreError::NotFound { .. }) => {
                 // No record: look everywhere, so an allocation whose handle write was lost
@@ -437,7 +467,10 @@ impl Ipam {
         };
         let mut released = Vec::new();
         for cidr in blocks {
-            released.extend(self.release_in_block(&cidr, |spec| block::release_handle(spec, &cidr, handle)).await?);
+            released.extend(
+                self.release_in_block(&cidr, |spec| block::release_handle(spec, &cidr, handle))
+                    .await?,
+            );
         }
         for _ in 0..MAX_ATTEMPTS {
             match self.store.get(Kind::IPAMHandle, None, handle).await {
@@ -445,7 +478,11 @@ impl Ipam {
                 Err(e) => return Err(e.into()),
                 Ok(h) => {
                     let rv = h.metadata().resource_version.clone();
-                    match self.store.delete(Kind::IPAMHandle, None, handle, rv.as_deref()).await {
+                    match self
+                        .store
+                        .delete(Kind::IPAMHandle, None, handle, rv.as_deref())
+                        .await
+                    {
                         Ok(_) | Err(DatastoreError::NotFound { .. }) => break,
                         Err(DatastoreError::Conflict { .. }) => continue,
                         Err(e) => return Err(e.into()),
@@ -466,8 +503,11 @@ impl Ipam {
                 _ => None,
             })
             .collect();
-        let mut not_allocated: Vec<IpAddr> =
-            ips.iter().copied().filter(|ip| !cidrs.iter().any(|c| c.contains(ip))).collect();
+        let mut not_allocated: Vec<IpAddr> = ips
+            .iter()
+            .copied()
+            .filter(|ip| !cidrs.iter().any(|c| c.contains(ip)))
+            .collect();
         for cidr in cidrs {
             let mine: Vec<IpAddr> = ips.iter().copied().filter(|ip| cidr.contains(ip)).collect();
             if mine.is_empty() {
@@ -477,8 +517,11 @@ impl Ipam {
             let mut missing = Vec::new();
             self.release_in_block(&cidr, |spec| {
                 let (handles, absent) = block::release(spec, &cidr, &mine);
-                let released: Vec<IpAddr> =
-                    mine.iter().copied().filter(|ip| !absent.contains(ip)).collect();
+                let released: Vec<IpAddr> = mine
+                    .iter()
+                    .copied()
+                    .filter(|ip| !absent.contains(ip))
+                    .collect();
                 per_handle = handles;
                 missing = absent;
                 released
@@ -486,7 +529,8 @@ impl Ipam {
             .await?;
             not_allocated.extend(missing);
             for (handle, n) in per_handle {
-                self.adjust_handle(&handle, cidr.to_string(), -(n as i64)).await?;
+                self.adjust_handle(&handle, cidr.to_string(), -(n as i64))
+                    .await?;
             }
         }
         Ok(not_allocated)
@@ -499,12 +543,18 @@ impl Ipam {
         mut change: impl FnMut(&mut IpamBlockSpec) -> Vec<IpAddr>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut resource = match self.store.get(Kind::IPAMBlock, None, &block_name(cidr)).await {
+            let mut resource = match self
+                .store
+                .get(Kind::IPAMBlock, None, &block_name(cidr))
+                .await
+            {
                 Ok(r) => r,
                 Err(DatastoreError::NotFound { .. }) => return Ok(Vec::new()),
                 Err(e) => return Err(e.into()),
             };
-            let Resource::IPAMBlock(b) = &mut resource else { unreachable!("asked for a block") };
+            let Resource::IPAMBlock(b) = &mut resource else {
+                unreachable!("asked for a block")
+            };
             let released = change(&mut b.spec);
             if released.is_empty() {
                 return Ok(released);

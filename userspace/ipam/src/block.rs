@@ -111,7 +111,9 @@ pub fn assign_ip(
     handle: &str,
     attrs: &BTreeMap<String, String>,
 ) -> bool {
-    let Some(o) = ordinal(cidr, ip) else { return false };
+    let Some(o) = ordinal(cidr, ip) else {
+        return false;
+    };
     if spec.allocations.get(o).copied().flatten().is_some() {
         return false;
     }
@@ -225,7 +227,10 @@ mod tests {
         let mut b = new_block(&cidr, Some("n1"));
         let attrs = BTreeMap::from([("pod".to_owned(), "a".to_owned())]);
         let got = assign(&mut b, &cidr, 3, "h1", &attrs, &[]);
-        assert_eq!(got, ["10.0.0.0", "10.0.0.1", "10.0.0.2"].map(|s| s.parse::<IpAddr>().unwrap()));
+        assert_eq!(
+            got,
+            ["10.0.0.0", "10.0.0.1", "10.0.0.2"].map(|s| s.parse::<IpAddr>().unwrap())
+        );
         assert_eq!(free(&b, &cidr, &[]), 1);
         assert_eq!(b.attributes.len(), 1, "one handle, one attribute");
         let more = assign(&mut b, &cidr, 5, "h2", &BTreeMap::new(), &[]);
@@ -235,7 +240,10 @@ mod tests {
         let released = release_handle(&mut b, &cidr, "h1");
         assert_eq!(released.len(), 3);
         assert_eq!(b.attributes.len(), 1, "h1's attribute is dropped");
-        assert_eq!(held_by(&b, &cidr, "h2"), ["10.0.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            held_by(&b, &cidr, "h2"),
+            ["10.0.0.3".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(free(&b, &cidr, &[]), 3);
     }
 
@@ -246,7 +254,10 @@ mod tests {
         let reserved = [net("10.0.0.0/31"), net("10.0.0.5/32")];
         let got = assign(&mut b, &cidr, 8, "h", &BTreeMap::new(), &reserved);
         let got: Vec<String> = got.iter().map(ToString::to_string).collect();
-        assert_eq!(got, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.6", "10.0.0.7"]);
+        assert_eq!(
+            got,
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.6", "10.0.0.7"]
+        );
     }
 
     #[test]
@@ -256,7 +267,13 @@ mod tests {
         let ip: IpAddr = "fd00::2".parse().unwrap();
         assert!(assign_ip(&mut b, &cidr, ip, "h", &BTreeMap::new()));
         assert!(!assign_ip(&mut b, &cidr, ip, "h2", &BTreeMap::new()));
-        assert!(!assign_ip(&mut b, &cidr, "fd01::1".parse().unwrap(), "h", &BTreeMap::new()));
+        assert!(!assign_ip(
+            &mut b,
+            &cidr,
+            "fd01::1".parse().unwrap(),
+            "h",
+            &BTreeMap::new()
+        ));
         let (per_handle, missing) = release(&mut b, &cidr, &[ip, "fd00::1".parse().unwrap()]);
         assert_eq!(per_handle, BTreeMap::from([("h".to_owned(), 1)]));
         assert_eq!(missing, ["fd00::1".parse::<IpAddr>().unwrap()]);

@@ -64,8 +64,8 @@ fn usable(
     if Family::of(&cidr) != family || spec.is_disabled() {
         return None;
     }
-    let for_workloads = spec.allowed_uses.is_empty()
-        || spec.allowed_uses.contains(&IpPoolAllowedUse::Workload);
+    let for_workloads =
+        spec.allowed_uses.is_empty() || spec.allowed_uses.contains(&IpPoolAllowedUse::Workload);
     if !for_workloads {
         return None;
     }
@@ -122,11 +122,22 @@ apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: v6}\nspec: {cid
         let rack1 = BTreeMap::from([("rack".to_owned(), "1".to_owned())]);
         let rack2 = BTreeMap::from([("rack".to_owned(), "2".to_owned())]);
         let names = |ps: Vec<Pool>| ps.into_iter().map(|p| p.name).collect::<Vec<_>>();
-        assert_eq!(names(usable_pools(&all, Family::V4, &rack1, &[])), ["a-pool", "b-pool"]);
-        assert_eq!(names(usable_pools(&all, Family::V4, &rack2, &[])), ["a-pool", "b-pool", "rack2"]);
+        assert_eq!(
+            names(usable_pools(&all, Family::V4, &rack1, &[])),
+            ["a-pool", "b-pool"]
+        );
+        assert_eq!(
+            names(usable_pools(&all, Family::V4, &rack2, &[])),
+            ["a-pool", "b-pool", "rack2"]
+        );
         assert_eq!(names(usable_pools(&all, Family::V6, &rack1, &[])), ["v6"]);
         assert_eq!(
-            names(usable_pools(&all, Family::V4, &rack2, &["10.2.0.0/16".into()])),
+            names(usable_pools(
+                &all,
+                Family::V4,
+                &rack2,
+                &["10.2.0.0/16".into()]
+            )),
             ["b-pool"]
         );
         let v6 = &usable_pools(&all, Family::V6, &rack1, &[])[0];
@@ -141,10 +152,16 @@ apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: v6}\nspec: {cid
             block_size: 26,
         };
         let mut existing = BTreeSet::new();
-        assert_eq!(next_free_block(&pool, &existing), Some("10.0.0.0/26".parse().unwrap()));
+        assert_eq!(
+            next_free_block(&pool, &existing),
+            Some("10.0.0.0/26".parse().unwrap())
+        );
         existing.insert("10.0.0.0/26".parse().unwrap());
         existing.insert("10.0.0.128/26".parse().unwrap());
-        assert_eq!(next_free_block(&pool, &existing), Some("10.0.0.64/26".parse().unwrap()));
+        assert_eq!(
+            next_free_block(&pool, &existing),
+            Some("10.0.0.64/26".parse().unwrap())
+        );
         existing.insert("10.0.0.64/26".parse().unwrap());
         existing.insert("10.0.0.192/26".parse().unwrap());
         assert_eq!(next_free_block(&pool, &existing), None);
