@@ -89,13 +89,8 @@ fn usable(
 
 /// The first block of `pool` that no existing block occupies, in address order.
 pub fn next_free_block(pool: &Pool, existing: &BTreeSet<IpNet>) -> Option<IpNet> {
-    let blocks = pool.cidr.subnets(pool.block_size).ok()?;
-    for candidate in blocks {
-        if !existing.contains(&candidate) {
-            return Some(candidate);
-        }
-    }
-    None
+    let mut blocks = pool.cidr.subnets(pool.block_size).ok()?;
+    blocks.find(|candidate| !existing.contains(candidate))
 }
 
 #[cfg(test)]

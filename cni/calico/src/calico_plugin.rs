@@ -1,0 +1,452 @@
+//! `calico`: wires a workload into the host and records it as a WorkloadEndpoint.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use calico_datastore::{Datastore, DatastoreError};
+use calico_model::{
+    spec::{Action, EntityRule, ProfileSpec, Rule, WorkloadEndpointSpec},
+    Kind, Object, ObjectMeta, Resource, API_VERSION,
+};
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::{
+    connect, datastore_error, delegate,
+    identity::Workload,
+    ipam_plugin::valid_attachments,
+    netconf::NetConf,
+    protocol::{code, CniError, CniResult, Command, Env, Interface, IpConfig, Route},
+    wiring::{self, Plan, GATEWAY_V4, GATEWAY_V6},
+};
+
+/// Annotations that tie an endpoint to the network and attachment that made it.
+const NETWORK_ANNOTATION: &str = "cni.projectcalico.org/network";
+const CONTAINER_ANNOTATION: &str = "cni.projectcalico.org/containerID";
+
+fn wiring_error(e: wiring::WiringError) -> CniError {
+    CniError::new(code::GENERIC, "cannot wire the workload").with_details(e.to_string())
+}
+
+pub async fn run(
+    command: Command,
+    env: &Env,
+    conf: &NetConf,
+    raw: &Value,
+    stdin: &[u8],
+    version: &str,
+) -> Result<Option<String>, CniError> {
+    let ipam_type = conf
+        .ipam
+        .as_ref()
+        .map(|i| i.plugin.clone())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "network configuration has no `ipam.type`",
+            )
+        })?;
+    if command == Command::Status {
+        connect(conf).await.map_err(|e| {
+            CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
+                .with_details(e.to_string())
+        })?;
+        delegate::run(env, &ipam_type, "STATUS", stdin)?;
+        return Ok(None);
+    }
+    let store = connect(conf).await?;
+    let node = conf.node_name();
+    let workload = Workload::new(&node, &env.container_id, &env.ifname, &env.args);
+    match command {
+        Command::Add => add(env, conf, stdin, version, &store, &workload, &ipam_type)
+            .await
+            .map(Some),
+        Command::Del => del(env, conf, stdin, &store, &workload, &ipam_type)
+            .await
+            .map(|()| None),
+        Command::Check => check(env, conf, raw, stdin, &store, &workload, &ipam_type)
+            .await
+            .map(|()| None),
+        Command::Gc => gc(env, conf, raw, stdin, &store, &node, &ipam_type)
+            .await
+            .map(|()| None),
+        Command::Version | Command::Status => unreachable!("handled before"),
+    }
+}
+
+fn build_result(
+    conf: &NetConf,
+    env: &Env,
+    veth: &str,
+    host_mac: &str,
+    container_mac: &str,
+    ips: &[IpNet],
+) -> CniResult {
+    let mut routes = Vec::new();
+    if ips.iter().any(|a| a.addr().is_ipv4()) {
+        routes.push(Route {
+            dst: "0.0.0.0/0".parse().expect("constant"),
+            gw: None,
+        });
+    }
+    if ips.iter().any(|a| a.addr().is_ipv6()) {
+        routes.push(Route {
+            dst: "::/0".parse().expect("constant"),
+            gw: None,
+        });
+    }
+    CniResult {
+        interfaces: vec![
+            Interface {
+                name: veth.to_owned(),
+                mac: host_mac.to_owned(),
+                sandbox: String::new(),
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: container_mac.to_owned(),
+                sandbox: env.netns.clone(),
+            },
+        ],
+        ips: ips
+            .iter()
+            .map(|a| IpConfig {
+                address: *a,
+                gateway: Some(if a.addr().is_ipv4() {
+                    IpAddr::V4(GATEWAY_V4)
+                } else {
+                    IpAddr::V6(GATEWAY_V6)
+                }),
+                interface: Some(1),
+            })
+            .collect(),
+        routes,
+        dns: conf.dns.clone().unwrap_or_default(),
+    }
+}
+
+async fn add(
+    env: &Env,
+    conf: &NetConf,
+    stdin: &[u8],
+    version: &str,
+    store: &Datastore,
+    workload: &Workload,
+    ipam_type: &str,
+) -> Result<String, CniError> {
+    let veth = workload.veth_name();
+    let wep_name = workload.endpoint_name();
+    // A retried ADD for the same attachment answers with what is already there.
+    if let Ok(Resource::WorkloadEndpoint(existing)) = store
+        .get(Kind::WorkloadEndpoint, Some(&workload.namespace), &wep_name)
+        .await
+    {
+        if existing.spec.container_id == env.container_id
+            && wiring::host_link_exists(&veth).map_err(wiring_error)?
+        {
+            let ips: Vec<IpNet> = existing
+                .spec
+                .ip_networks
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            let mac = existing.spec.mac.clone().unwrap_or_default();
+            let host_mac = "ee:ee:ee:ee:ee:ee";
+            return Ok(build_result(conf, env, &veth, host_mac, &mac, &ips).to_json(version));
+        }
+    }
+
+    let ipam_result = delegate::add(env, ipam_type, stdin)?;
+    let addresses: Vec<IpNet> = ipam_result
+        .ips
+        .iter()
+        .map(|i| IpNet::new(i.address.addr(), i.address.max_prefix_len()).expect("host prefix"))
+        .collect();
+    if addresses.is_empty() {
+        let _ = delegate::run(env, ipam_type, "DEL", stdin);
+        return Err(CniError::new(
+            code::GENERIC,
+            format!("IPAM plugin {ipam_type} assigned no address"),
+        ));
+    }
+    let plan = Plan {
+        host_veth: veth.clone(),
+        netns: PathBuf::from(&env.netns),
+        ifname: env.ifname.clone(),
+        mtu: conf.mtu.unwrap_or(1500),
+        addresses: addresses.clone(),
+    };
+    let wired = match wiring::wire(&plan) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = delegate::run(env, ipam_type, "DEL", stdin);
+            return Err(wiring_error(e));
+        }
+    };
+    let record = async {
+        if workload.orchestrator == "cni" {
+            ensure_network_profile(store, &conf.name).await?;
+        }
+        store
+            .apply(endpoint(
+                conf,
+                env,
+                workload,
+                &veth,
+                &wired.container_mac,
+                &addresses,
+            ))
+            .await?;
+        Ok::<_, DatastoreError>(())
+    };
+    if let Err(e) = record.await {
+        let _ = wiring::unwire(&veth, Some(&plan.netns), &env.ifname);
+        let _ = delegate::run(env, ipam_type, "DEL", stdin);
+        return Err(datastore_error(e));
+    }
+    Ok(build_result(
+        conf,
+        env,
+        &veth,
+        &wired.host_mac,
+        &wired.container_mac,
+        &addresses,
+    )
+    .to_json(version))
+}
+
+fn endpoint(
+    conf: &NetConf,
+    env: &Env,
+    workload: &Workload,
+    veth: &str,
+    mac: &str,
+    addresses: &[IpNet],
+) -> Resource {
+    let mut labels = conf.workload_labels();
+    labels.insert(
+        "projectcalico.org/namespace".into(),
+        workload.namespace.clone(),
+    );
+    labels.insert(
+        "projectcalico.org/orchestrator".into(),
+        workload.orchestrator.into(),
+    );
+    let profiles = match workload.orchestrator {
+        "k8s" => vec![format!("kns.{}", workload.namespace)],
+        _ => vec![conf.name.clone()],
+    };
+    Resource::WorkloadEndpoint(Object {
+        api_version: API_VERSION.into(),
+        kind: Kind::WorkloadEndpoint.as_str().into(),
+        metadata: ObjectMeta {
+            name: workload.endpoint_name(),
+            namespace: Some(workload.namespace.clone()),
+            labels,
+            annotations: BTreeMap::from([
+                (NETWORK_ANNOTATION.to_owned(), conf.name.clone()),
+                (CONTAINER_ANNOTATION.to_owned(), env.container_id.clone()),
+            ]),
+            ..Default::default()
+        },
+        spec: WorkloadEndpointSpec {
+            orchestrator: workload.orchestrator.into(),
+            workload: if workload.pod.is_some() {
+                String::new()
+            } else {
+                workload.workload.clone()
+            },
+            node: workload.node.clone(),
+            container_id: env.container_id.clone(),
+            pod: workload.pod.clone().unwrap_or_default(),
+            endpoint: env.ifname.clone(),
+            ip_networks: addresses.iter().map(ToString::to_string).collect(),
+            profiles,
+            interface_name: veth.to_owned(),
+            mac: Some(mac.to_owned()),
+            ..Default::default()
+        },
+        status: None,
+    })
+}
+
+/// Members of a network reach each other by default: its profile allows ingress from
+/// endpoints carrying the profile's label and all egress. Policy refines it.
+async fn ensure_network_profile(store: &Datastore, network: &str) -> Result<(), DatastoreError> {
+    let profile = Resource::Profile(Object {
+        api_version: API_VERSION.into(),
+        kind: Kind::Profile.as_str().into(),
+        metadata: ObjectMeta {
+            name: network.to_owned(),
+            ..Default::default()
+        },
+        spec: ProfileSpec {
+            ingress: vec![Rule {
+                action: Action::Allow,
+                ip_version: None,
+                protocol: None,
+                icmp: None,
+                not_protocol: None,
+                not_icmp: None,
+                source: EntityRule {
+                    selector: Some(format!("has({network})")),
+                    ..Default::default()
+                },
+                destination: EntityRule::default(),
+                http: None,
+                metadata: None,
+            }],
+            egress: vec![Rule {
+                action: Action::Allow,
+                ip_version: None,
+                protocol: None,
+                icmp: None,
+                not_protocol: None,
+                not_icmp: None,
+                source: EntityRule::default(),
+                destination: EntityRule::default(),
+                http: None,
+                metadata: None,
+            }],
+            labels_to_apply: BTreeMap::from([(network.to_owned(), String::new())]),
+        },
+        status: None,
+    });
+    match store.create(profile).await {
+        Ok(_) | Err(DatastoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn del(
+    env: &Env,
+    _conf: &NetConf,
+    stdin: &[u8],
+    store: &Datastore,
+    workload: &Workload,
+    ipam_type: &str,
+) -> Result<(), CniError> {
+    let netns = (!env.netns.is_empty()).then(|| PathBuf::from(&env.netns));
+    wiring::unwire(&workload.veth_name(), netns.as_deref(), &env.ifname).map_err(wiring_error)?;
+    delegate::run(env, ipam_type, "DEL", stdin)?;
+    let name = workload.endpoint_name();
+    match store
+        .get(Kind::WorkloadEndpoint, Some(&workload.namespace), &name)
+        .await
+    {
+        Ok(Resource::WorkloadEndpoint(w)) if w.spec.container_id == env.container_id => match store
+            .delete(
+                Kind::WorkloadEndpoint,
+                Some(&workload.namespace),
+                &name,
+                None,
+            )
+            .await
+        {
+            Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(datastore_error(e)),
+        },
+        // Gone already, or now belongs to a newer attachment: leave it.
+        Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(datastore_error(e)),
+    }
+}
+
+async fn check(
+    env: &Env,
+    conf: &NetConf,
+    raw: &Value,
+    stdin: &[u8],
+    store: &Datastore,
+    workload: &Workload,
+    ipam_type: &str,
+) -> Result<(), CniError> {
+    let prev = raw
+        .get("prevResult")
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
+    let prev = CniResult::from_value(prev)?;
+    let plan = Plan {
+        host_veth: workload.veth_name(),
+        netns: PathBuf::from(&env.netns),
+        ifname: env.ifname.clone(),
+        mtu: conf.mtu.unwrap_or(1500),
+        addresses: prev.ips.iter().map(|i| i.address).collect(),
+    };
+    let mut problems = wiring::check(&plan).map_err(wiring_error)?;
+    match store
+        .get(
+            Kind::WorkloadEndpoint,
+            Some(&workload.namespace),
+            &workload.endpoint_name(),
+        )
+        .await
+    {
+        Ok(Resource::WorkloadEndpoint(w)) => {
+            if w.spec.container_id != env.container_id {
+                problems.push(format!(
+                    "endpoint {} belongs to container {}",
+                    workload.endpoint_name(),
+                    w.spec.container_id
+                ));
+            }
+        }
+        Ok(_) => {}
+        Err(DatastoreError::NotFound { .. }) => problems.push(format!(
+            "workload endpoint {} does not exist",
+            workload.endpoint_name()
+        )),
+        Err(e) => return Err(datastore_error(e)),
+    }
+    if !problems.is_empty() {
+        return Err(CniError::new(code::GENERIC, "CHECK failed").with_details(problems.join("; ")));
+    }
+    delegate::run(env, ipam_type, "CHECK", stdin)?;
+    Ok(())
+}
+
+async fn gc(
+    env: &Env,
+    conf: &NetConf,
+    raw: &Value,
+    stdin: &[u8],
+    store: &Datastore,
+    node: &str,
+    ipam_type: &str,
+) -> Result<(), CniError> {
+    let valid = valid_attachments(raw);
+    let (endpoints, _) = store
+        .list(Kind::WorkloadEndpoint, None)
+        .await
+        .map_err(datastore_error)?;
+    for r in endpoints {
+        let Resource::WorkloadEndpoint(w) = r else {
+            continue;
+        };
+        let ours = w.spec.node == node
+            && w.metadata.annotations.get(NETWORK_ANNOTATION) == Some(&conf.name);
+        let live = valid
+            .iter()
+            .any(|(c, i)| c == &w.spec.container_id && (i.is_empty() || i == &w.spec.endpoint));
+        if ours && !live {
+            tracing::info!(
+                endpoint = w.metadata.name,
+                "GC: removing a stale attachment"
+            );
+            wiring::unwire(&w.spec.interface_name, None, &w.spec.endpoint).map_err(wiring_error)?;
+            match store
+                .delete(
+                    Kind::WorkloadEndpoint,
+                    w.metadata.namespace.as_deref(),
+                    &w.metadata.name,
+                    None,
+                )
+                .await
+            {
+                Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
+                Err(e) => return Err(datastore_error(e)),
+            }
+        }
+    }
+    delegate::run(env, ipam_type, "GC", stdin)?;
+    Ok(())
+}

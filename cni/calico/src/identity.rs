@@ -1,0 +1,114 @@
+//! Who the workload is: orchestrator, names of its endpoint, veth and IPAM handle, as upstream
+//! derives them.
+
+use std::collections::BTreeMap;
+
+use sha1::{Digest, Sha1};
+
+/// The identity of one attachment (container + interface).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// `k8s` when the runtime passed a pod namespace and name, else `cni`.
+    pub orchestrator: &'static str,
+    pub namespace: String,
+    /// Pod name (k8s) or container ID (cni).
+    pub workload: String,
+    pub pod: Option<String>,
+    pub container_id: String,
+    pub ifname: String,
+    pub node: String,
+}
+
+impl Workload {
+    pub fn new(
+        node: &str,
+        container_id: &str,
+        ifname: &str,
+        args: &BTreeMap<String, String>,
+    ) -> Self {
+        match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
+            (Some(ns), Some(pod)) if !ns.is_empty() && !pod.is_empty() => Workload {
+                orchestrator: "k8s",
+                namespace: ns.clone(),
+                workload: pod.clone(),
+                pod: Some(pod.clone()),
+                container_id: container_id.to_owned(),
+                ifname: ifname.to_owned(),
+                node: node.to_owned(),
+            },
+            _ => Workload {
+                orchestrator: "cni",
+                namespace: "default".to_owned(),
+                workload: container_id.to_owned(),
+                pod: None,
+                container_id: container_id.to_owned(),
+                ifname: ifname.to_owned(),
+                node: node.to_owned(),
+            },
+        }
+    }
+
+    /// Host-side veth: `cali` + 11 hex chars of sha1(`<namespace>.<pod>`) for Kubernetes, of
+    /// the container ID otherwise (as upstream names them).
+    pub fn veth_name(&self) -> String {
+        let id = match &self.pod {
+            Some(pod) => {
+                let digest = Sha1::digest(format!("{}.{pod}", self.namespace).as_bytes());
+                digest
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            }
+            None => self.container_id.clone(),
+        };
+        format!("cali{}", &id[..id.len().min(11)])
+    }
+
+    /// WorkloadEndpoint name, e.g. `node1-k8s-my--pod-eth0` (dashes in parts doubled).
+    pub fn endpoint_name(&self) -> String {
+        let esc = |s: &str| s.replace('-', "--");
+        format!(
+            "{}-{}-{}-{}",
+            esc(&self.node),
+            self.orchestrator,
+            esc(&self.workload),
+            esc(&self.ifname)
+        )
+    }
+
+    /// IPAM handle: `<network>.<containerID>`.
+    pub fn handle(network: &str, container_id: &str) -> String {
+        format!("{network}.{container_id}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_pods_are_named_as_upstream() {
+        let args = BTreeMap::from([
+            ("K8S_POD_NAMESPACE".to_owned(), "default".to_owned()),
+            ("K8S_POD_NAME".to_owned(), "my-nginx-b1337a".to_owned()),
+        ]);
+        let w = Workload::new("node1", "abcdef0123456789", "eth0", &args);
+        assert_eq!(w.orchestrator, "k8s");
+        assert_eq!(w.endpoint_name(), "node1-k8s-my--nginx--b1337a-eth0");
+        // sha1("default.my-nginx-b1337a"), first 11 hex chars.
+        let digest = Sha1::digest(b"default.my-nginx-b1337a");
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(w.veth_name(), format!("cali{}", &hex[..11]));
+        assert_eq!(w.veth_name().len(), 15);
+    }
+
+    #[test]
+    fn other_runtimes_use_the_container_id() {
+        let args = BTreeMap::from([("K8S_POD_NAME".to_owned(), "va".to_owned())]);
+        let w = Workload::new("my-node", "702f68bf34d8b947e4", "eth0", &args);
+        assert_eq!(w.orchestrator, "cni");
+        assert_eq!(w.veth_name(), "cali702f68bf34d");
+        assert_eq!(w.endpoint_name(), "my--node-cni-702f68bf34d8b947e4-eth0");
+        assert_eq!(Workload::handle("net1", "702f"), "net1.702f");
+    }
+}

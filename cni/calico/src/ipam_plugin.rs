@@ -1,0 +1,209 @@
+//! `calico-ipam`: addresses from Calico's block IPAM for one attachment.
+
+use std::{collections::BTreeMap, collections::BTreeSet, net::IpAddr};
+
+use calico_ipam::{AssignRequest, Ipam, IpamError};
+use calico_model::{Kind, Resource};
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::{
+    connect, datastore_error,
+    identity::Workload,
+    netconf::NetConf,
+    protocol::{code, CniError, CniResult, Command, Env, IpConfig},
+};
+
+fn ipam_error(e: IpamError) -> CniError {
+    let c = if e.is_transient() {
+        code::TRY_AGAIN_LATER
+    } else {
+        code::GENERIC
+    };
+    CniError::new(c, e.to_string())
+}
+
+/// Addresses requested explicitly: `IP=a,b` in CNI_ARGS or `runtimeConfig.ips`.
+fn static_ips(env: &Env, raw: &Value) -> Result<Vec<IpAddr>, CniError> {
+    let mut texts: Vec<String> = env
+        .args
+        .get("IP")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    if let Some(list) = raw.pointer("/runtimeConfig/ips").and_then(Value::as_array) {
+        texts.extend(list.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+    }
+    texts
+        .iter()
+        .map(|t| {
+            let t = t.trim();
+            t.parse::<IpAddr>()
+                .or_else(|_| t.parse::<IpNet>().map(|n| n.addr()))
+                .map_err(|_| {
+                    CniError::new(
+                        code::INVALID_CONFIG,
+                        format!("requested IP `{t}` is not an address"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn result_for(ips: &[IpAddr]) -> CniResult {
+    CniResult {
+        ips: ips
+            .iter()
+            .map(|ip| IpConfig {
+                address: IpNet::from(*ip),
+                gateway: None,
+                interface: None,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn run(
+    command: Command,
+    env: &Env,
+    conf: &NetConf,
+    raw: &Value,
+    version: &str,
+) -> Result<Option<String>, CniError> {
+    let store = connect(conf).await;
+    if command == Command::Status {
+        return store.map(|_| None).map_err(|e| {
+            CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
+                .with_details(e.to_string())
+        });
+    }
+    let store = store?;
+    let node = conf.node_name();
+    let ipam = Ipam::new(store.clone(), node.clone());
+    let handle = Workload::handle(&conf.name, &env.container_id);
+    match command {
+        Command::Add => {
+            let held = ipam.ips_by_handle(&handle).await.map_err(ipam_error)?;
+            if !held.is_empty() {
+                // A retried ADD: answer with what this attachment already holds.
+                return Ok(Some(result_for(&held).to_json(version)));
+            }
+            let workload = Workload::new(&node, &env.container_id, &env.ifname, &env.args);
+            let mut attrs = BTreeMap::from([("node".to_owned(), node.clone())]);
+            match &workload.pod {
+                Some(pod) => {
+                    attrs.insert("namespace".into(), workload.namespace.clone());
+                    attrs.insert("pod".into(), pod.clone());
+                }
+                None => {
+                    attrs.insert("containerID".into(), env.container_id.clone());
+                }
+            }
+            let wanted = static_ips(env, raw)?;
+            let ips = if wanted.is_empty() {
+                let section = conf.ipam.clone().unwrap_or_default();
+                let request = AssignRequest {
+                    handle: handle.clone(),
+                    attrs,
+                    num_v4: usize::from(section.assign_ipv4.is_none_or(|f| f.0)),
+                    num_v6: usize::from(section.assign_ipv6.is_some_and(|f| f.0)),
+                    ipv4_pools: section.ipv4_pools.clone(),
+                    ipv6_pools: section.ipv6_pools.clone(),
+                };
+                if request.num_v4 + request.num_v6 == 0 {
+                    return Err(CniError::new(
+                        code::INVALID_CONFIG,
+                        "assign_ipv4 and assign_ipv6 are both false",
+                    ));
+                }
+                ipam.auto_assign(&request)
+                    .await
+                    .map_err(ipam_error)?
+                    .into_iter()
+                    .map(|n| n.addr())
+                    .collect()
+            } else {
+                let mut done = Vec::new();
+                for ip in wanted {
+                    if let Err(e) = ipam.assign_ip(ip, &handle, &attrs).await {
+                        let _ = ipam.release_by_handle(&handle).await;
+                        return Err(ipam_error(e));
+                    }
+                    done.push(ip);
+                }
+                done
+            };
+            Ok(Some(result_for(&ips).to_json(version)))
+        }
+        Command::Del => {
+            ipam.release_by_handle(&handle).await.map_err(ipam_error)?;
+            Ok(None)
+        }
+        Command::Check => {
+            let prev = raw
+                .get("prevResult")
+                .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
+            let prev = CniResult::from_value(prev)?;
+            let held: BTreeSet<IpAddr> = ipam
+                .ips_by_handle(&handle)
+                .await
+                .map_err(ipam_error)?
+                .into_iter()
+                .collect();
+            let missing: Vec<String> = prev
+                .ips
+                .iter()
+                .map(|i| i.address.addr())
+                .filter(|ip| !held.contains(ip))
+                .map(|ip| ip.to_string())
+                .collect();
+            if missing.is_empty() {
+                Ok(None)
+            } else {
+                Err(CniError::new(
+                    code::GENERIC,
+                    format!(
+                        "IPAM does not hold {} for handle {handle}",
+                        missing.join(", ")
+                    ),
+                ))
+            }
+        }
+        Command::Gc => {
+            let valid = valid_attachments(raw);
+            let prefix = format!("{}.", conf.name);
+            let (handles, _) = store
+                .list(Kind::IPAMHandle, None)
+                .await
+                .map_err(datastore_error)?;
+            for h in handles {
+                let Resource::IPAMHandle(h) = h else { continue };
+                let id = &h.spec.handle_id;
+                let Some(container) = id.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if !valid.iter().any(|(c, _)| c == container) {
+                    tracing::info!(handle = id, "GC: releasing addresses of a stale attachment");
+                    ipam.release_by_handle(id).await.map_err(ipam_error)?;
+                }
+            }
+            Ok(None)
+        }
+        Command::Version | Command::Status => unreachable!("handled before"),
+    }
+}
+
+/// `cni.dev/valid-attachments` of a GC call: (containerID, ifname) pairs.
+pub fn valid_attachments(raw: &Value) -> Vec<(String, String)> {
+    raw.get("cni.dev/valid-attachments")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            Some((
+                a["containerID"].as_str()?.to_owned(),
+                a["ifname"].as_str().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! The `calico` CNI plugin and the `calico-ipam` IPAM plugin.
+//!
+//! Both speak CNI 1.1.0 and the older versions runtimes still send (0.3.0, 0.3.1, 0.4.0,
+//! 1.0.0): ADD, DEL, CHECK, VERSION, STATUS and GC. Errors are CNI error JSON on stdout with a
+//! non-zero exit, using the spec's codes. A failure part-way through ADD is rolled back: no
+//! address stays allocated and no veth is left behind.
+
+pub mod identity;
+pub mod netconf;
+pub mod protocol;
+pub mod wiring;
+
+mod calico_plugin;
+mod delegate;
+mod ipam_plugin;
+
+use std::{io::Read, process::ExitCode};
+
+use protocol::{check_version, code, version_result, CniError, Command, Env};
+
+/// Which plugin this binary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plugin {
+    Calico,
+    CalicoIpam,
+}
+
+/// The whole plugin run: reads the environment and stdin, writes the answer to stdout.
+pub fn main(plugin: Plugin) -> ExitCode {
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    // Errors are written in the version the caller asked for, when it could be read.
+    let requested = serde_json::from_slice::<serde_json::Value>(&stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+        .filter(|v| protocol::SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.1.0".to_owned());
+    match run(plugin, &stdin) {
+        Ok(Some(out)) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(code = e.code, error = %e, "CNI command failed");
+            println!("{}", e.to_json(&requested));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(plugin: Plugin, stdin: &[u8]) -> Result<Option<String>, CniError> {
+    let (command, env) = Env::read(|k| std::env::var(k).ok())?;
+    if command == Command::Version {
+        let version = serde_json::from_slice::<serde_json::Value>(stdin)
+            .ok()
+            .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "1.1.0".to_owned());
+        return Ok(Some(version_result(&version)));
+    }
+    let (conf, raw) = netconf::NetConf::parse(stdin)?;
+    let version = check_version(&conf.cni_version)?;
+    conf.require_network()?;
+    init_logging(&conf);
+    if matches!(command, Command::Status | Command::Gc) && !version.starts_with("1.1") {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("{command:?} needs cniVersion 1.1.0 (got {version})"),
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            CniError::new(code::GENERIC, "cannot start a runtime").with_details(e.to_string())
+        })?;
+    runtime.block_on(async {
+        match plugin {
+            Plugin::Calico => calico_plugin::run(command, &env, &conf, &raw, stdin, &version).await,
+            Plugin::CalicoIpam => ipam_plugin::run(command, &env, &conf, &raw, &version).await,
+        }
+    })
+}
+
+fn init_logging(conf: &netconf::NetConf) {
+    let level = conf
+        .log_level
+        .clone()
+        .unwrap_or_else(|| "warn".into())
+        .to_ascii_lowercase();
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let file = conf.log_file_path.as_deref().and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let _ = match file {
+        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// Datastore errors map to "try again later" when they are transient.
+pub(crate) fn datastore_error(e: calico_datastore::DatastoreError) -> CniError {
+    let c = if e.is_transient() {
+        code::TRY_AGAIN_LATER
+    } else {
+        code::GENERIC
+    };
+    CniError::new(c, "datastore error").with_details(e.to_string())
+}
+
+pub(crate) async fn connect(
+    conf: &netconf::NetConf,
+) -> Result<calico_datastore::Datastore, CniError> {
+    let cfg = conf.etcd(|k| std::env::var(k).ok())?;
+    calico_datastore::Datastore::connect(&cfg)
+        .await
+        .map_err(|e| {
+            CniError::new(code::TRY_AGAIN_LATER, "cannot reach the datastore")
+                .with_details(e.to_string())
+        })
+}
