@@ -13,17 +13,18 @@ use crate::{cmd::Cmd, step};
 
 /// Debian packages the build, the tests and the demo use.
 const APT_PACKAGES: &[&str] = &[
-    "etcd-server",       // the datastore (tests and demo run a real one)
-    "etcd-client",       // etcdctl, for inspecting the datastore by hand
-    "bird2",             // BGP daemon driven by the agent
-    "iproute2",          // ip netns / ip link in tests
-    "iputils-ping",      // reachability checks
-    "protobuf-compiler", // etcd-client's build script
-    "libprotobuf-dev",   // well-known .proto files for etcd-client
-    "bpftool",           // inspecting loaded programs
-    "iperf3",            // throughput benchmarks
-    "file",              // checking build outputs
-    "openssl",           // certificates for the TLS etcd tests
+    "etcd-server",                 // the datastore (tests and demo run a real one)
+    "etcd-client",                 // etcdctl, for inspecting the datastore by hand
+    "bird2",                       // BGP daemon driven by the agent
+    "iproute2",                    // ip netns / ip link in tests
+    "iputils-ping",                // reachability checks
+    "protobuf-compiler",           // etcd-client's build script
+    "libprotobuf-dev",             // well-known .proto files for etcd-client
+    "bpftool",                     // inspecting loaded programs
+    "iperf3",                      // throughput benchmarks
+    "file",                        // checking build outputs
+    "openssl",                     // certificates for the TLS etcd tests
+    "containernetworking-plugins", // reference CNI plugins (ptp, portmap) to compare with
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

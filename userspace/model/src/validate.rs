@@ -108,7 +108,7 @@ impl Validator {
             if let Err(why) = dns_label(&meta.name) {
                 self.err("metadata.name", format!("`{}` {why}", meta.name));
             }
-        } else if let Err(why) = dns_subdomain(&meta.name) {
+        } else if let Err(why) = resource_name(&meta.name) {
             self.err("metadata.name", format!("`{}` {why}", meta.name));
         }
         match (&meta.namespace, kind.is_namespaced()) {
@@ -909,6 +909,27 @@ fn dns_subdomain(s: &str) -> Result<(), &'static str> {
         if dns_label(part).is_err() {
             return Err("must be lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit");
         }
+    }
+    Ok(())
+}
+
+/// Upstream's resource name rule: lower-case letters, digits, '-' and '.', starting and ending
+/// with a letter or digit, at most 253 characters. Unlike a DNS subdomain, a dot-separated part
+/// may be longer than 63 characters (endpoint and handle names carry 64-character container
+/// IDs).
+fn resource_name(s: &str) -> Result<(), &'static str> {
+    if s.len() > 253 {
+        return Err("is longer than 253 characters");
+    }
+    let b = s.as_bytes();
+    let ok_char = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.';
+    if b.is_empty()
+        || !b.iter().all(ok_char)
+        || !b[0].is_ascii_alphanumeric()
+        || !b[b.len() - 1].is_ascii_alphanumeric()
+        || s.contains("..")
+    {
+        return Err("must be lower-case letters, digits, '-' and '.', starting and ending with a letter or digit");
     }
     Ok(())
 }
