@@ -29,6 +29,13 @@ enum Task {
     /// Set-up, build, and run the demo: etcd, the eBPF filter on workloads in network
     /// namespaces, reachability before and after.
     Demo,
+    /// Benchmarks (release builds), each printing a table against a baseline measured in the
+    /// same run: `cni` (ADD latency vs the reference ptp plugin).
+    Bench {
+        /// Which benchmark: cni.
+        #[arg(default_value = "cni")]
+        which: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -40,6 +47,7 @@ fn main() -> Result<()> {
         }),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
+        Task::Bench { which } => bench(&root, &which),
     }
 }
 
@@ -96,6 +104,17 @@ fn demo(root: &Path) -> Result<()> {
             "calico-demo",
         ])
         .run()
+}
+
+fn bench(root: &Path, which: &str) -> Result<()> {
+    setup::run()?;
+    build_ebpf::run(root)?;
+    match which {
+        "cni" => cargo(root)
+            .args(["bench", "-p", "calico-cni", "--bench", "add_latency"])
+            .run(),
+        other => anyhow::bail!("unknown benchmark `{other}` (known: cni)"),
+    }
 }
 
 /// Prints a banner for a task step.

@@ -63,6 +63,30 @@ fn result_for(ips: &[IpAddr]) -> CniResult {
     }
 }
 
+/// Where calico-ipam serialises the IPAM work of one host, as upstream does: concurrent
+/// plugins on a node would otherwise all race for the same block and mostly lose.
+pub const DEFAULT_LOCK_FILE: &str = "/var/run/calico/ipam.lock";
+
+/// Takes the host-wide IPAM lock (released when the returned value drops).
+fn host_lock() -> Result<nix::fcntl::Flock<std::fs::File>, CniError> {
+    let path =
+        std::env::var("CALICO_IPAM_LOCK_FILE").unwrap_or_else(|_| DEFAULT_LOCK_FILE.to_owned());
+    let fail = |what: &str, e: String| {
+        CniError::new(code::GENERIC, format!("cannot {what} the IPAM lock {path}")).with_details(e)
+    };
+    if let Some(dir) = std::path::Path::new(&path).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail("create the directory of", e.to_string()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail("open", e.to_string()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| fail("take", errno.to_string()))
+}
+
 pub async fn run(
     command: Command,
     env: &Env,
@@ -70,6 +94,10 @@ pub async fn run(
     raw: &Value,
     version: &str,
 ) -> Result<Option<String>, CniError> {
+    let _lock = match command {
+        Command::Add | Command::Del | Command::Gc => Some(host_lock()?),
+        _ => None,
+    };
     let store = connect(conf).await;
     if command == Command::Status {
         return store.map(|_| None).map_err(|e| {

@@ -101,13 +101,20 @@ impl Ipam {
     }
 
     async fn context(&self) -> Result<Context, IpamError> {
-        let (pools, _) = self.store.list(Kind::IPPool, None).await?;
-        let node_labels = match self.store.get(Kind::Node, None, &self.node).await {
+        // Independent reads, issued together.
+        let (pools, node, reservations, config) = tokio::join!(
+            self.store.list(Kind::IPPool, None),
+            self.store.get(Kind::Node, None, &self.node),
+            self.store.list(Kind::IPReservation, None),
+            self.store.get(Kind::IPAMConfig, None, "default"),
+        );
+        let (pools, _) = pools?;
+        let node_labels = match node {
             Ok(node) => node.metadata().labels.clone(),
             Err(DatastoreError::NotFound { .. }) => BTreeMap::new(),
             Err(e) => return Err(e.into()),
         };
-        let (reservations, _) = self.store.list(Kind::IPReservation, None).await?;
+        let (reservations, _) = reservations?;
         let reserved = reservations
             .iter()
             .filter_map(|r| match r {
@@ -121,14 +128,11 @@ impl Ipam {
                     .or_else(|| c.parse::<IpAddr>().ok().map(IpNet::from))
             })
             .collect();
-        let (strict_affinity, auto_allocate) =
-            match self.store.get(Kind::IPAMConfig, None, "default").await {
-                Ok(Resource::IPAMConfig(c)) => {
-                    (c.spec.strict_affinity, c.spec.auto_allocate_blocks)
-                }
-                Ok(_) | Err(DatastoreError::NotFound { .. }) => (false, true),
-                Err(e) => return Err(e.into()),
-            };
+        let (strict_affinity, auto_allocate) = match config {
+            Ok(Resource::IPAMConfig(c)) => (c.spec.strict_affinity, c.spec.auto_allocate_blocks),
+            Ok(_) | Err(DatastoreError::NotFound { .. }) => (false, true),
+            Err(e) => return Err(e.into()),
+        };
         Ok(Context {
             pools,
             node_labels,
@@ -287,7 +291,7 @@ impl Ipam {
             }
             match self.store.update(resource).await {
                 Ok(_) => return Ok(ips),
-                Err(DatastoreError::Conflict { .. }) => continue,
+                Err(DatastoreError::Conflict { .. }) => contended().await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -421,7 +425,7 @@ impl Ipam {
             }
             match self.store.update(resource).await {
                 Ok(_) => return self.record(handle, &cidr, 1).await,
-                Err(DatastoreError::Conflict { .. }) => continue,
+                Err(DatastoreError::Conflict { .. }) => contended().await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -484,7 +488,7 @@ impl Ipam {
                         .await
                     {
                         Ok(_) | Err(DatastoreError::NotFound { .. }) => break,
-                        Err(DatastoreError::Conflict { .. }) => continue,
+                        Err(DatastoreError::Conflict { .. }) => contended().await,
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -561,7 +565,7 @@ impl Ipam {
             }
             match self.store.update(resource).await {
                 Ok(_) => return Ok(released),
-                Err(DatastoreError::Conflict { .. }) => continue,
+                Err(DatastoreError::Conflict { .. }) => contended().await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -569,6 +573,16 @@ impl Ipam {
             what: format!("block {cidr}"),
         })
     }
+}
+
+/// After losing a compare-and-swap: wait a few random milliseconds so that writers racing for
+/// the same object spread out instead of colliding again in lock step.
+async fn contended() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let jitter = u64::from(nanos ^ std::process::id().rotate_left(16)) % 4000;
+    tokio::time::sleep(std::time::Duration::from_micros(500 + jitter)).await;
 }
 
 fn block_resource(cidr: &IpNet, spec: IpamBlockSpec) -> Resource {
