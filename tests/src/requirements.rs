@@ -14,6 +14,9 @@ pub enum Requirement {
     Bpf,
     /// The `etcd` server binary (Debian `etcd-server`).
     Etcd,
+    /// podman with runc and a static busybox to build a local image from (Debian `podman`,
+    /// `runc`, `busybox-static`).
+    Podman,
 }
 
 impl Requirement {
@@ -39,6 +42,17 @@ impl Requirement {
             }
             Requirement::Etcd => (!command_works("etcd", &["--version"]))
                 .then(|| "`etcd` is not installed (Debian package etcd-server)".to_owned()),
+            Requirement::Podman => {
+                if !command_works("podman", &["--version"]) {
+                    Some("`podman` is not installed".to_owned())
+                } else if !command_works("runc", &["--version"]) {
+                    Some("`runc` is not installed".to_owned())
+                } else if !Path::new("/bin/busybox").exists() {
+                    Some("/bin/busybox is missing (Debian package busybox-static)".to_owned())
+                } else {
+                    None
+                }
+            }
         }
     }
 }

@@ -25,6 +25,10 @@ const APT_PACKAGES: &[&str] = &[
     "file",                        // checking build outputs
     "openssl",                     // certificates for the TLS etcd tests
     "containernetworking-plugins", // reference CNI plugins (ptp, portmap) to compare with
+    "podman",                      // a real container runtime calling the CNI plugins
+    "runc",                        // podman's OCI runtime here
+    "busybox-static",              // the root filesystem of the local test image
+    "iptables",                    // used by the chained portmap plugin
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
