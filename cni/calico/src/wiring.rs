@@ -178,14 +178,8 @@ fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
     let mtu = plan.mtu;
     let host_index = with_netlink(None, move |h| {
         Box::pin(async move {
-            if let Some((index, _)) = link_index(h, &host_veth).await? {
-                // A leftover from an earlier attempt.
-                h.link()
-                    .del(index)
-                    .execute()
-                    .await
-                    .map_err(fail(format!("deleting stale {host_veth}")))?;
-            }
+            // A leftover from an earlier attempt goes first.
+            delete_link(h, &host_veth).await?;
             let peer = LinkMessageBuilder::<LinkUnspec>::default()
                 .name(ifname.clone())
                 .mtu(mtu)
@@ -261,52 +255,23 @@ fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
                     .output_interface(index)
                     .scope(RouteScope::Link)
                     .build();
-                h.route()
-                    .add(gw)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(fail("adding the route to 169.254.1.1"))?;
+                add_route(h, gw, "the route to 169.254.1.1").await?;
                 let default = RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
                     .gateway(GATEWAY_V4)
                     .output_interface(index)
                     .build();
-                h.route()
-                    .add(default)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(fail("adding the IPv4 default route"))?;
-                h.neighbours()
-                    .add(index, IpAddr::V4(GATEWAY_V4))
-                    .link_layer_address(&HOST_MAC)
-                    .state(NeighbourState::Permanent)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(fail("adding the 169.254.1.1 neighbour"))?;
+                add_route(h, default, "the IPv4 default route").await?;
+                permanent_neighbour(h, index, IpAddr::V4(GATEWAY_V4)).await?;
             }
             if has_v6 {
-                h.neighbours()
-                    .add(index, IpAddr::V6(GATEWAY_V6))
-                    .link_layer_address(&HOST_MAC)
-                    .state(NeighbourState::Permanent)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(fail("adding the fe80::ecee:eeff:feee:eeee neighbour"))?;
+                permanent_neighbour(h, index, IpAddr::V6(GATEWAY_V6)).await?;
                 let default = RouteMessageBuilder::<Ipv6Addr>::new()
                     .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
                     .gateway(GATEWAY_V6)
                     .output_interface(index)
                     .build();
-                h.route()
-                    .add(default)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(fail("adding the IPv6 default route"))?;
+                add_route(h, default, "the IPv6 default route").await?;
             }
             Ok(mac)
         })
@@ -352,24 +317,52 @@ fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
     })
 }
 
+async fn add_route(
+    h: &Handle,
+    route: rtnetlink::packet_route::route::RouteMessage,
+    what: &str,
+) -> Result<(), WiringError> {
+    h.route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(fail(format!("adding {what}")))
+}
+
+/// The gateway's neighbour entry: the host end's MAC, permanent, so no ARP/ND is needed.
+async fn permanent_neighbour(h: &Handle, index: u32, ip: IpAddr) -> Result<(), WiringError> {
+    h.neighbours()
+        .add(index, ip)
+        .link_layer_address(&HOST_MAC)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(fail(format!("adding the {ip} neighbour")))
+}
+
+/// Deletes link `name` if it exists; says whether it did.
+async fn delete_link(h: &Handle, name: &str) -> Result<bool, WiringError> {
+    match link_index(h, name).await? {
+        Some((index, _)) => {
+            h.link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(fail(format!("deleting {name}")))?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
 /// Deletes the veth (from the host end, or from inside the workload when the host end is
 /// gone). Deleting what is already gone succeeds.
 pub fn unwire(host_veth: &str, netns: Option<&Path>, ifname: &str) -> Result<(), WiringError> {
     let host = host_veth.to_owned();
     let deleted = with_netlink(None, move |h| {
-        Box::pin(async move {
-            match link_index(h, &host).await? {
-                Some((index, _)) => {
-                    h.link()
-                        .del(index)
-                        .execute()
-                        .await
-                        .map_err(fail(format!("deleting {host}")))?;
-                    Ok(true)
-                }
-                None => Ok(false),
-            }
-        })
+        Box::pin(async move { delete_link(h, &host).await })
     })?;
     if deleted {
         return Ok(());
@@ -379,16 +372,7 @@ pub fn unwire(host_veth: &str, netns: Option<&Path>, ifname: &str) -> Result<(),
     };
     let ifname = ifname.to_owned();
     with_netlink(Some(netns), move |h| {
-        Box::pin(async move {
-            if let Some((index, _)) = link_index(h, &ifname).await? {
-                h.link()
-                    .del(index)
-                    .execute()
-                    .await
-                    .map_err(fail(format!("deleting {ifname}")))?;
-            }
-            Ok(())
-        })
+        Box::pin(async move { delete_link(h, &ifname).await.map(drop) })
     })
 }
 

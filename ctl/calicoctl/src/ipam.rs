@@ -8,7 +8,8 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Result};
-use calico_datastore::{Datastore, DatastoreError};
+use calico_datastore::Datastore;
+use calico_ipam::{block, Ipam};
 use calico_model::{spec::IpamBlockSpec, Kind, Resource};
 use clap::Subcommand;
 use ipnet::IpNet;
@@ -59,8 +60,7 @@ fn blocks(resources: &[Resource]) -> Vec<(IpNet, &IpamBlockSpec, &Resource)> {
 }
 
 fn size(net: &IpNet) -> u128 {
-    let bits = if net.addr().is_ipv4() { 32 } else { 128 };
-    1u128 << (bits - u32::from(net.prefix_len())).min(127)
+    block::size(net) as u128
 }
 
 fn in_use(spec: &IpamBlockSpec) -> u128 {
@@ -82,8 +82,9 @@ async fn show(store: &Datastore, show_blocks: bool, ip: Option<IpAddr>) -> Resul
             println!("IP {ip} is not in any IPAM block (not assigned)");
             return Ok(ExitCode::SUCCESS);
         };
-        let ordinal = ordinal(cidr, ip);
-        match spec.allocations.get(ordinal).copied().flatten() {
+        let slot =
+            block::ordinal(cidr, ip).and_then(|o| spec.allocations.get(o).copied().flatten());
+        match slot {
             Some(attr) => {
                 println!("IP {ip} is in use");
                 if let Some(a) = spec.attributes.get(attr) {
@@ -142,23 +143,6 @@ async fn show(store: &Datastore, show_blocks: bool, ip: Option<IpAddr>) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
-fn ordinal(block: &IpNet, ip: IpAddr) -> usize {
-    let offset = match (block.network(), ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => u128::from(u32::from(a) - u32::from(n)),
-        (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a) - u128::from(n),
-        _ => u128::MAX,
-    };
-    usize::try_from(offset).unwrap_or(usize::MAX)
-}
-
-/// The address at `ordinal` in `block`.
-fn address(block: &IpNet, ordinal: usize) -> IpAddr {
-    match block.network() {
-        IpAddr::V4(n) => IpAddr::V4((u32::from(n) + ordinal as u32).into()),
-        IpAddr::V6(n) => IpAddr::V6((u128::from(n) + ordinal as u128).into()),
-    }
-}
-
 async fn check(store: &Datastore) -> Result<ExitCode> {
     let (block_objects, _) = store.list(Kind::IPAMBlock, None).await?;
     let (handles, _) = store.list(Kind::IPAMHandle, None).await?;
@@ -188,7 +172,7 @@ async fn check(store: &Datastore) -> Result<ExitCode> {
         for (ordinal, slot) in spec.allocations.iter().enumerate() {
             let Some(attr_index) = slot else { continue };
             allocations += 1;
-            let ip = address(cidr, ordinal);
+            let ip = block::address(cidr, ordinal);
             let Some(attr) = spec.attributes.get(*attr_index) else {
                 problems.push(format!(
                     "{ip}: allocation points at missing attribute {attr_index} in block {cidr}"
@@ -247,82 +231,15 @@ async fn check(store: &Datastore) -> Result<ExitCode> {
 }
 
 async fn release(store: &Datastore, ip: IpAddr) -> Result<ExitCode> {
-    // The block write is a compare-and-swap; retry when another writer got in first.
-    for _ in 0..8 {
-        let (block_objects, _) = store.list(Kind::IPAMBlock, None).await?;
-        let Some((cidr, _, resource)) = blocks(&block_objects)
-            .into_iter()
-            .find(|(c, _, _)| c.contains(&ip))
-        else {
-            bail!("IP {ip} is not in any IPAM block");
-        };
-        let mut resource = resource.clone();
-        let Resource::IPAMBlock(block) = &mut resource else {
-            unreachable!("blocks() only yields IPAM blocks")
-        };
-        let ordinal = ordinal(&cidr, ip);
-        let Some(attr_index) = block.spec.allocations.get(ordinal).copied().flatten() else {
-            bail!("IP {ip} is not assigned");
-        };
-        let handle = block
-            .spec
-            .attributes
-            .get(attr_index)
-            .and_then(|a| a.handle_id.clone());
-        block.spec.allocations[ordinal] = None;
-        block.spec.unallocated.push(ordinal);
-        // Drop the attribute when nothing refers to it any more, renumbering the rest.
-        if !block.spec.allocations.contains(&Some(attr_index)) {
-            block.spec.attributes.remove(attr_index);
-            for slot in block.spec.allocations.iter_mut().flatten() {
-                if *slot > attr_index {
-                    *slot -= 1;
-                }
-            }
-        }
-        match store.update(resource).await {
-            Err(DatastoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(_) => {}
-        }
-        if let Some(handle) = handle {
-            release_from_handle(store, &handle, &cidr.to_string()).await?;
-        }
-        println!("Successfully released IP {ip}");
-        return Ok(ExitCode::SUCCESS);
+    // The node name only matters for assigning; releasing works on any node's blocks.
+    let ipam = Ipam::new(store.clone(), "calicoctl");
+    let not_allocated = ipam
+        .release_ips(&[ip])
+        .await
+        .map_err(|e| anyhow!("cannot release {ip}: {e}"))?;
+    if not_allocated.contains(&ip) {
+        bail!("IP {ip} is not assigned");
     }
-    Err(anyhow!("IP {ip}: the block kept changing; try again"))
-}
-
-async fn release_from_handle(store: &Datastore, handle: &str, block: &str) -> Result<()> {
-    for _ in 0..8 {
-        let mut resource = match store.get(Kind::IPAMHandle, None, handle).await {
-            Ok(r) => r,
-            Err(DatastoreError::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let Resource::IPAMHandle(h) = &mut resource else {
-            unreachable!("asked for a handle")
-        };
-        if let Some(n) = h.spec.block.get_mut(block) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                h.spec.block.remove(block);
-            }
-        }
-        let result = if h.spec.block.is_empty() {
-            let rv = resource.metadata().resource_version.clone();
-            store
-                .delete(Kind::IPAMHandle, None, handle, rv.as_deref())
-                .await
-                .map(drop)
-        } else {
-            store.update(resource).await.map(drop)
-        };
-        match result {
-            Err(DatastoreError::Conflict { .. }) => continue,
-            other => return other.map_err(Into::into),
-        }
-    }
-    bail!("handle `{handle}` kept changing; try again")
+    println!("Successfully released IP {ip}");
+    Ok(ExitCode::SUCCESS)
 }

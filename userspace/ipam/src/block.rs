@@ -150,16 +150,7 @@ pub fn release(
 
 /// Releases every address `handle` holds here; returns them.
 pub fn release_handle(spec: &mut IpamBlockSpec, cidr: &IpNet, handle: &str) -> Vec<IpAddr> {
-    let held: Vec<IpAddr> = spec
-        .allocations
-        .iter()
-        .enumerate()
-        .filter_map(|(o, a)| {
-            let attr = (*a)?;
-            (spec.attributes.get(attr)?.handle_id.as_deref() == Some(handle))
-                .then(|| address(cidr, o))
-        })
-        .collect();
+    let held = held_by(spec, cidr, handle);
     release(spec, cidr, &held);
     held
 }

@@ -84,6 +84,18 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
     }
 }
 
+/// The fields both policy kinds have, borrowed for [`Validator::policy_common`].
+struct PolicyFields<'a> {
+    tier: &'a Option<String>,
+    order: Option<Order>,
+    selector: &'a Option<String>,
+    service_account_selector: &'a Option<String>,
+    types: &'a [PolicyType],
+    hints: &'a [String],
+    ingress: &'a [Rule],
+    egress: &'a [Rule],
+}
+
 #[derive(Default)]
 struct Validator {
     errors: Vec<ValidationError>,
@@ -300,33 +312,53 @@ impl Validator {
         }
     }
 
-    fn network_policy(&mut self, name: &str, spec: &NetworkPolicySpec) {
-        self.tier_prefix(name, &spec.tier);
-        self.order("spec.order", spec.order);
-        self.selector("spec.selector", &spec.selector, false);
+    /// What NetworkPolicy and GlobalNetworkPolicy share.
+    fn policy_common(&mut self, name: &str, p: PolicyFields<'_>) {
+        self.tier_prefix(name, p.tier);
+        self.order("spec.order", p.order);
+        self.selector("spec.selector", p.selector, false);
         self.selector(
             "spec.serviceAccountSelector",
-            &spec.service_account_selector,
+            p.service_account_selector,
             false,
         );
-        self.types(&spec.types);
-        self.hints(&spec.performance_hints);
-        self.rules("spec.ingress", &spec.ingress);
-        self.rules("spec.egress", &spec.egress);
+        self.types(p.types);
+        self.hints(p.hints);
+        self.rules("spec.ingress", p.ingress);
+        self.rules("spec.egress", p.egress);
+    }
+
+    fn network_policy(&mut self, name: &str, spec: &NetworkPolicySpec) {
+        self.policy_common(
+            name,
+            PolicyFields {
+                tier: &spec.tier,
+                order: spec.order,
+                selector: &spec.selector,
+                service_account_selector: &spec.service_account_selector,
+                types: &spec.types,
+                hints: &spec.performance_hints,
+                ingress: &spec.ingress,
+                egress: &spec.egress,
+            },
+        );
     }
 
     fn global_network_policy(&mut self, name: &str, spec: &GlobalNetworkPolicySpec) {
-        self.tier_prefix(name, &spec.tier);
-        self.order("spec.order", spec.order);
-        self.selector("spec.selector", &spec.selector, false);
-        self.selector(
-            "spec.serviceAccountSelector",
-            &spec.service_account_selector,
-            false,
+        self.policy_common(
+            name,
+            PolicyFields {
+                tier: &spec.tier,
+                order: spec.order,
+                selector: &spec.selector,
+                service_account_selector: &spec.service_account_selector,
+                types: &spec.types,
+                hints: &spec.performance_hints,
+                ingress: &spec.ingress,
+                egress: &spec.egress,
+            },
         );
         self.selector("spec.namespaceSelector", &spec.namespace_selector, false);
-        self.types(&spec.types);
-        self.hints(&spec.performance_hints);
         let (pre_dnat, untracked) = (spec.pre_dnat == Some(true), spec.do_not_track == Some(true));
         if pre_dnat && untracked {
             self.err("spec.preDNAT", "preDNAT and doNotTrack cannot both be true");
@@ -343,8 +375,6 @@ impl Validator {
                 "must be true when preDNAT or doNotTrack is true",
             );
         }
-        self.rules("spec.ingress", &spec.ingress);
-        self.rules("spec.egress", &spec.egress);
     }
 
     fn tier(&mut self, name: &str, spec: &TierSpec) {

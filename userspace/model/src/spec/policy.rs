@@ -45,6 +45,24 @@ pub struct Rule {
     pub metadata: Option<RuleMetadata>,
 }
 
+impl Rule {
+    /// A rule that matches everything and takes `action`.
+    pub fn new(action: Action) -> Self {
+        Self {
+            action,
+            ip_version: None,
+            protocol: None,
+            icmp: None,
+            not_protocol: None,
+            not_icmp: None,
+            source: EntityRule::default(),
+            destination: EntityRule::default(),
+            http: None,
+            metadata: None,
+        }
+    }
+}
+
 /// ICMP type and code to match.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
