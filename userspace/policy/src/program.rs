@@ -1,0 +1,122 @@
+//! Which policies apply to an endpoint, in what order (the "policy program").
+
+use std::cmp::Ordering;
+
+use calico_model::{
+    spec::{PolicyType, Rule, TierDefaultAction},
+    Order,
+};
+
+use crate::{Direction, EndpointId, World};
+
+/// One policy's rules for one direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgramPolicy {
+    /// `namespace/name` for a NetworkPolicy, `name` for a GlobalNetworkPolicy.
+    pub name: String,
+    pub namespace: Option<String>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgramTier {
+    pub name: String,
+    pub default_action: TierDefaultAction,
+    pub policies: Vec<ProgramPolicy>,
+}
+
+/// The ordered policy for one endpoint and direction: tiers (only those with at least one
+/// policy selecting the endpoint), then profiles.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicyProgram {
+    pub tiers: Vec<ProgramTier>,
+    pub profiles: Vec<(String, Vec<Rule>)>,
+}
+
+/// `None` orders last, as upstream treats a missing order as infinite.
+fn by_order(a: Option<Order>, b: Option<Order>) -> Ordering {
+    match (a, b) {
+        (Some(a), Some(b)) => a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+}
+
+impl World {
+    /// The policy program of `endpoint` for `direction`.
+    pub fn program(&self, endpoint: &EndpointId, direction: Direction) -> PolicyProgram {
+        let Some(info) = self.endpoints.get(endpoint) else {
+            return PolicyProgram::default();
+        };
+        let labels = self.effective_labels(endpoint);
+        let wanted = match direction {
+            Direction::Ingress => PolicyType::Ingress,
+            Direction::Egress => PolicyType::Egress,
+        };
+        let mut applicable: Vec<_> = self
+            .policies
+            .iter()
+            .filter(|p| p.effective_types().contains(&wanted))
+            .filter(|p| match &p.namespace {
+                Some(ns) => {
+                    endpoint.namespace.as_deref() == Some(ns) && p.selector.matches(&labels)
+                }
+                None => {
+                    p.selector.matches(&labels)
+                        && p.namespace_selector.as_ref().is_none_or(|sel| {
+                            endpoint
+                                .namespace
+                                .as_deref()
+                                .is_some_and(|ns| sel.matches(&self.namespace_labels(ns)))
+                        })
+                }
+            })
+            .collect();
+        let display = |p: &crate::PolicyInfo| match &p.namespace {
+            Some(ns) => format!("{ns}/{}", p.name),
+            None => p.name.clone(),
+        };
+        applicable.sort_by(|a, b| {
+            let (ta, tb) = (self.tier(&a.tier), self.tier(&b.tier));
+            by_order(ta.0, tb.0)
+                .then_with(|| a.tier.cmp(&b.tier))
+                .then_with(|| by_order(a.order, b.order))
+                .then_with(|| display(a).cmp(&display(b)))
+        });
+        let mut tiers: Vec<ProgramTier> = Vec::new();
+        for p in applicable {
+            let rules = match direction {
+                Direction::Ingress => p.ingress.clone(),
+                Direction::Egress => p.egress.clone(),
+            };
+            let policy = ProgramPolicy {
+                name: display(p),
+                namespace: p.namespace.clone(),
+                rules,
+            };
+            match tiers.last_mut() {
+                Some(t) if t.name == p.tier => t.policies.push(policy),
+                _ => tiers.push(ProgramTier {
+                    name: p.tier.clone(),
+                    default_action: self.tier(&p.tier).1,
+                    policies: vec![policy],
+                }),
+            }
+        }
+        let profiles = info
+            .profiles
+            .iter()
+            .filter_map(|name| {
+                self.profiles.get(name).map(|spec| {
+                    let rules = match direction {
+                        Direction::Ingress => spec.ingress.clone(),
+                        Direction::Egress => spec.egress.clone(),
+                    };
+                    (name.clone(), rules)
+                })
+            })
+            .collect();
+        PolicyProgram { tiers, profiles }
+    }
+}

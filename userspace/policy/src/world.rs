@@ -1,0 +1,296 @@
+//! The inputs of the calculation, already read from the datastore.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use calico_model::{
+    spec::{PolicyType, ProfileSpec, Rule, TierDefaultAction, DEFAULT_TIER},
+    Order,
+};
+use calico_selector::{InheritedLabels, Selector};
+use ipnet::IpNet;
+
+/// A workload or host endpoint: namespace (None for host endpoints) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointId {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EndpointInfo {
+    pub labels: BTreeMap<String, String>,
+    pub profiles: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NetworkSetInfo {
+    /// None for a GlobalNetworkSet.
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub nets: Vec<IpNet>,
+}
+
+/// A NetworkPolicy (namespaced) or GlobalNetworkPolicy, reduced to what evaluation needs.
+#[derive(Debug, Clone)]
+pub struct PolicyInfo {
+    pub name: String,
+    /// Some for a NetworkPolicy.
+    pub namespace: Option<String>,
+    pub tier: String,
+    pub order: Option<Order>,
+    pub selector: Selector,
+    /// GlobalNetworkPolicy only: restricts by the endpoint's namespace labels.
+    pub namespace_selector: Option<Selector>,
+    pub types: Vec<PolicyType>,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl PolicyInfo {
+    /// Upstream's default when `types` is empty: Ingress, plus Egress when there are egress
+    /// rules (Egress alone when there are egress rules and no ingress rules).
+    pub fn effective_types(&self) -> Vec<PolicyType> {
+        if !self.types.is_empty() {
+            return self.types.clone();
+        }
+        match (self.ingress.is_empty(), self.egress.is_empty()) {
+            (_, true) => vec![PolicyType::Ingress],
+            (true, false) => vec![PolicyType::Egress],
+            (false, false) => vec![PolicyType::Ingress, PolicyType::Egress],
+        }
+    }
+}
+
+/// Everything the calculation looks at.
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    pub endpoints: BTreeMap<EndpointId, EndpointInfo>,
+    /// Namespace labels.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub network_sets: Vec<NetworkSetInfo>,
+    /// Tier name → (order, default action). The default tier exists implicitly.
+    pub tiers: BTreeMap<String, (Option<Order>, TierDefaultAction)>,
+    pub policies: Vec<PolicyInfo>,
+    pub profiles: BTreeMap<String, ProfileSpec>,
+}
+
+impl World {
+    /// An endpoint's labels with those it inherits from its profiles, plus the implicit
+    /// `projectcalico.org/namespace` label, as selectors see them.
+    pub fn effective_labels(&self, id: &EndpointId) -> BTreeMap<String, String> {
+        let Some(ep) = self.endpoints.get(id) else {
+            return BTreeMap::new();
+        };
+        let inherited: Vec<&BTreeMap<String, String>> = ep
+            .profiles
+            .iter()
+            .filter_map(|p| self.profiles.get(p).map(|p| &p.labels_to_apply))
+            .collect();
+        let view = InheritedLabels {
+            own: &ep.labels,
+            inherited: &inherited,
+        };
+        let mut keys: BTreeSet<&String> = ep.labels.keys().collect();
+        for p in &inherited {
+            keys.extend(p.keys());
+        }
+        let mut out: BTreeMap<String, String> = keys
+            .into_iter()
+            .filter_map(|k| {
+                calico_selector::Labels::get(&view, k).map(|v| (k.clone(), v.to_owned()))
+            })
+            .collect();
+        if let Some(ns) = &id.namespace {
+            out.entry("projectcalico.org/namespace".into())
+                .or_insert_with(|| ns.clone());
+        }
+        out
+    }
+
+    /// Tier order and default action; the default tier sorts last unless given an order.
+    pub(crate) fn tier(&self, name: &str) -> (Option<Order>, TierDefaultAction) {
+        self.tiers
+            .get(name)
+            .copied()
+            .unwrap_or(if name == DEFAULT_TIER {
+                (Some(Order(1_000_000.0)), TierDefaultAction::Deny)
+            } else {
+                (None, TierDefaultAction::Deny)
+            })
+    }
+
+    /// Whether a rule's `selector`/`namespaceSelector` pair (from a policy in
+    /// `policy_namespace`, None for global policies and profiles) selects address `ip`:
+    /// through an endpoint holding it or a network set containing it.
+    pub fn selects_address(
+        &self,
+        selector: Option<&Selector>,
+        namespace_selector: Option<&Selector>,
+        policy_namespace: Option<&str>,
+        ip: IpAddr,
+    ) -> bool {
+        let in_scope = |namespace: Option<&str>| -> bool {
+            match namespace_selector {
+                // global(): only non-namespaced objects.
+                Some(ns_sel) if matches!(ns_sel.expr(), calico_selector::Expr::Global) => {
+                    namespace.is_none()
+                }
+                Some(ns_sel) => namespace.is_some_and(|ns| {
+                    let labels = self.namespace_labels(ns);
+                    ns_sel.matches(&labels)
+                }),
+                None => match policy_namespace {
+                    Some(own) => namespace == Some(own),
+                    None => true,
+                },
+            }
+        };
+        let all = Selector::all();
+        let selector = selector.unwrap_or(&all);
+        let by_endpoint = self.endpoints.iter().any(|(id, ep)| {
+            ep.addresses.contains(&ip)
+                && in_scope(id.namespace.as_deref())
+                && selector.matches(&self.effective_labels(id))
+        });
+        by_endpoint
+            || self.network_sets.iter().any(|set| {
+                set.nets.iter().any(|n| n.contains(&ip))
+                    && in_scope(set.namespace.as_deref())
+                    && selector.matches(&set.labels)
+            })
+    }
+
+    /// A namespace's labels with the implicit `projectcalico.org/name`.
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
+        labels.insert("projectcalico.org/name".into(), ns.to_owned());
+        labels
+    }
+}
+
+impl World {
+    /// Builds the calculation's inputs from resources as stored (endpoints, network sets,
+    /// tiers, policies, profiles; other kinds are ignored). Policies without a selector
+    /// select everything; without a tier they belong to `default`.
+    pub fn from_resources(resources: &[calico_model::Resource]) -> Result<World, String> {
+        use calico_model::Resource;
+        let mut world = World::default();
+        let parse = |what: &str, s: &Option<String>| -> Result<Option<Selector>, String> {
+            s.as_deref()
+                .map(|t| Selector::parse(t).map_err(|e| format!("{what}: {e}")))
+                .transpose()
+        };
+        let addresses = |nets: &[String]| -> Vec<IpAddr> {
+            nets.iter()
+                .filter_map(|n| {
+                    n.parse::<IpNet>()
+                        .ok()
+                        .map(|n| n.addr())
+                        .or_else(|| n.parse().ok())
+                })
+                .collect()
+        };
+        for r in resources {
+            match r {
+                Resource::WorkloadEndpoint(w) => {
+                    world.endpoints.insert(
+                        EndpointId {
+                            namespace: w.metadata.namespace.clone(),
+                            name: w.metadata.name.clone(),
+                        },
+                        EndpointInfo {
+                            labels: w.metadata.labels.clone(),
+                            profiles: w.spec.profiles.clone(),
+                            addresses: addresses(&w.spec.ip_networks),
+                        },
+                    );
+                }
+                Resource::HostEndpoint(h) => {
+                    world.endpoints.insert(
+                        EndpointId {
+                            namespace: None,
+                            name: h.metadata.name.clone(),
+                        },
+                        EndpointInfo {
+                            labels: h.metadata.labels.clone(),
+                            profiles: h.spec.profiles.clone(),
+                            addresses: addresses(&h.spec.expected_ips),
+                        },
+                    );
+                }
+                Resource::NetworkSet(s) | Resource::GlobalNetworkSet(s) => {
+                    world.network_sets.push(NetworkSetInfo {
+                        namespace: s.metadata.namespace.clone(),
+                        labels: s.metadata.labels.clone(),
+                        nets: s
+                            .spec
+                            .nets
+                            .iter()
+                            .filter_map(|n| {
+                                n.parse::<IpNet>()
+                                    .ok()
+                                    .or_else(|| n.parse::<IpAddr>().ok().map(IpNet::from))
+                            })
+                            .collect(),
+                    });
+                }
+                Resource::Tier(t) => {
+                    world.tiers.insert(
+                        t.metadata.name.clone(),
+                        (
+                            t.spec.order,
+                            t.spec.default_action.unwrap_or(TierDefaultAction::Deny),
+                        ),
+                    );
+                }
+                Resource::Profile(p) => {
+                    world
+                        .profiles
+                        .insert(p.metadata.name.clone(), p.spec.clone());
+                }
+                Resource::NetworkPolicy(p) => {
+                    let what = format!("NetworkPolicy {}", p.metadata.name);
+                    world.policies.push(PolicyInfo {
+                        name: p.metadata.name.clone(),
+                        namespace: p.metadata.namespace.clone(),
+                        tier: p
+                            .spec
+                            .tier
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_TIER.to_owned()),
+                        order: p.spec.order,
+                        selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
+                        namespace_selector: None,
+                        types: p.spec.types.clone(),
+                        ingress: p.spec.ingress.clone(),
+                        egress: p.spec.egress.clone(),
+                    });
+                }
+                Resource::GlobalNetworkPolicy(p) => {
+                    let what = format!("GlobalNetworkPolicy {}", p.metadata.name);
+                    world.policies.push(PolicyInfo {
+                        name: p.metadata.name.clone(),
+                        namespace: None,
+                        tier: p
+                            .spec
+                            .tier
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_TIER.to_owned()),
+                        order: p.spec.order,
+                        selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
+                        namespace_selector: parse(&what, &p.spec.namespace_selector)?,
+                        types: p.spec.types.clone(),
+                        ingress: p.spec.ingress.clone(),
+                        egress: p.spec.egress.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(world)
+    }
+}

@@ -1,0 +1,313 @@
+//! Calico's policy semantics, case by case: (resources, endpoint, direction, packet) → verdict.
+
+use std::net::IpAddr;
+
+use calico_model::parse_documents;
+use calico_policy::{evaluate, Direction, EndpointId, Packet, RuleRef, Verdict, World};
+
+const ENDPOINTS: &str = "
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {node: n1, ipNetworks: [10.0.0.1/32], profiles: [net1]}
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {node: n1, ipNetworks: [10.0.0.2/32, 'fd00::2/128'], profiles: [net1]}
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: web-2, namespace: blog, labels: {app: web}}
+spec: {node: n1, ipNetworks: [10.0.1.1/32]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata: {name: office, labels: {zone: office}}
+spec: {nets: [192.0.2.0/24]}
+---
+apiVersion: projectcalico.org/v3
+kind: Profile
+metadata: {name: net1}
+spec:
+  labelsToApply: {net1: ''}
+  ingress: [{action: Allow, source: {selector: has(net1)}}]
+  egress: [{action: Allow}]
+";
+
+fn world(extra: &str) -> World {
+    let mut all = parse_documents(ENDPOINTS).unwrap();
+    all.extend(parse_documents(extra).unwrap());
+    let mut w = World::from_resources(&all).unwrap();
+    w.namespaces
+        .insert("shop".into(), [("team".to_owned(), "a".to_owned())].into());
+    w.namespaces
+        .insert("blog".into(), [("team".to_owned(), "b".to_owned())].into());
+    w
+}
+
+fn ep(ns: &str, name: &str) -> EndpointId {
+    EndpointId {
+        namespace: Some(ns.into()),
+        name: name.into(),
+    }
+}
+
+fn tcp(src: &str, dst: &str, dport: u16) -> Packet {
+    Packet {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        protocol: 6,
+        src_port: 40000,
+        dst_port: dport,
+        icmp: None,
+    }
+}
+
+fn icmp(src: &str, dst: &str, t: u8, c: u8) -> Packet {
+    let proto = if src.contains(':') { 58 } else { 1 };
+    Packet {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        protocol: proto,
+        src_port: 0,
+        dst_port: 0,
+        icmp: Some((t, c)),
+    }
+}
+
+fn verdict(w: &World, e: &EndpointId, d: Direction, p: Packet) -> Verdict {
+    evaluate(w, &w.program(e, d), &p)
+}
+
+fn rule(tier: Option<&str>, policy: &str, index: usize) -> RuleRef {
+    RuleRef::Rule {
+        tier: tier.map(String::from),
+        policy: policy.into(),
+        index,
+    }
+}
+
+#[test]
+fn profiles_apply_when_no_policy_does() {
+    let w = world("");
+    let db = ep("shop", "db-1");
+    // web-1 carries the net1 profile's label: allowed by the profile.
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.0.1", "10.0.0.2", 5432)
+        ),
+        Verdict::Allow(rule(None, "net1", 0))
+    );
+    // web-2 has no profile, so no net1 label: no profile rule matches → drop.
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.1.1", "10.0.0.2", 5432)
+        ),
+        Verdict::Deny(RuleRef::NoMatch)
+    );
+    // An endpoint with nothing applied at all drops.
+    assert_eq!(
+        verdict(
+            &w,
+            &ep("blog", "web-2"),
+            Direction::Egress,
+            tcp("10.0.1.1", "10.0.0.2", 80)
+        ),
+        Verdict::Deny(RuleRef::NoMatch)
+    );
+}
+
+#[test]
+fn a_tier_that_selects_but_does_not_decide_drops() {
+    let w = world("
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: app == 'db'
+  ingress: [{action: Allow, protocol: TCP, source: {selector: app == 'web'}, destination: {ports: [5432]}}]
+");
+    let db = ep("shop", "db-1");
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.0.1", "10.0.0.2", 5432)
+        ),
+        Verdict::Allow(rule(Some("default"), "shop/db-from-web", 0))
+    );
+    // Same source, other port: end of tier, even though the profile would allow.
+    assert_eq!(
+        verdict(&w, &db, Direction::Ingress, tcp("10.0.0.1", "10.0.0.2", 22)),
+        Verdict::Deny(RuleRef::EndOfTier("default".into()))
+    );
+    // The policy has only ingress rules, so it does not apply to egress: the profile decides.
+    assert!(verdict(&w, &db, Direction::Egress, tcp("10.0.0.2", "10.0.0.1", 80)).allowed());
+    // A NetworkPolicy's selectors stay in its namespace: web-2 (blog) is not `app == 'web'` here.
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.1.1", "10.0.0.2", 5432)
+        ),
+        Verdict::Deny(RuleRef::EndOfTier("default".into()))
+    );
+}
+
+#[test]
+fn tiers_run_in_order_and_pass_moves_on() {
+    let w = world(
+        "
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100}
+---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: platform}
+spec: {order: 200, defaultAction: Pass}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.quarantine}
+spec:
+  tier: security
+  selector: all()
+  types: [Ingress]
+  ingress:
+    - {action: Deny, source: {nets: [10.0.1.0/24]}}
+    - {action: Log}
+    - {action: Pass}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: platform.ssh}
+spec:
+  tier: platform
+  selector: all()
+  types: [Ingress]
+  ingress: [{action: Allow, protocol: TCP, destination: {ports: [22]}}]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: default-web}
+spec:
+  selector: all()
+  types: [Ingress]
+  ingress: [{action: Allow, protocol: TCP, destination: {ports: ['80:90']}}]
+",
+    );
+    let db = ep("shop", "db-1");
+    assert_eq!(
+        verdict(&w, &db, Direction::Ingress, tcp("10.0.1.1", "10.0.0.2", 22)),
+        Verdict::Deny(rule(Some("security"), "security.quarantine", 0))
+    );
+    assert_eq!(
+        verdict(&w, &db, Direction::Ingress, tcp("10.0.0.1", "10.0.0.2", 22)),
+        Verdict::Allow(rule(Some("platform"), "platform.ssh", 0))
+    );
+    // platform decides nothing for port 85 and passes by default; the default tier allows.
+    assert_eq!(
+        verdict(&w, &db, Direction::Ingress, tcp("10.0.0.1", "10.0.0.2", 85)),
+        Verdict::Allow(rule(Some("default"), "default-web", 0))
+    );
+    assert_eq!(
+        verdict(&w, &db, Direction::Ingress, tcp("10.0.0.1", "10.0.0.2", 91)),
+        Verdict::Deny(RuleRef::EndOfTier("default".into()))
+    );
+}
+
+#[test]
+fn policies_run_by_order_then_name() {
+    let w = world(
+        "
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: b-allow}
+spec: {order: 10, selector: all(), ingress: [{action: Allow}]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: a-deny}
+spec: {order: 10, selector: all(), ingress: [{action: Deny}]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: z-first}
+spec: {order: 1, selector: app == 'web', ingress: [{action: Allow, protocol: UDP}]}
+",
+    );
+    let db = ep("shop", "db-1");
+    assert_eq!(
+        verdict(&w, &db, Direction::Ingress, tcp("10.0.0.1", "10.0.0.2", 1)),
+        Verdict::Deny(rule(Some("default"), "a-deny", 0))
+    );
+    let web = ep("shop", "web-1");
+    let mut udp = tcp("10.0.0.2", "10.0.0.1", 53);
+    udp.protocol = 17;
+    assert_eq!(
+        verdict(&w, &web, Direction::Ingress, udp),
+        Verdict::Allow(rule(Some("default"), "z-first", 0))
+    );
+}
+
+#[test]
+fn matchers() {
+    let w = world("
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: m}
+spec:
+  selector: app == 'db'
+  ingress:
+    - {action: Allow, ipVersion: 6, protocol: ICMPv6, icmp: {type: 128}}
+    - {action: Deny, protocol: ICMP, notICMP: {type: 8}}
+    - {action: Allow, protocol: ICMP}
+    - {action: Allow, protocol: TCP, source: {selector: zone == 'office'}, destination: {notPorts: [22]}}
+    - {action: Allow, notProtocol: TCP, source: {namespaceSelector: team == 'b'}}
+    - {action: Allow, protocol: TCP, source: {nets: [10.0.0.0/16], notNets: [10.0.1.0/24], notSelector: app == 'cache'}}
+");
+    let db = ep("shop", "db-1");
+    let allowed = |p| verdict(&w, &db, Direction::Ingress, p).allowed();
+    assert!(allowed(icmp("fd00::9", "fd00::2", 128, 0)));
+    assert!(!allowed(icmp("fd00::9", "fd00::2", 129, 0)));
+    assert!(
+        allowed(icmp("10.9.9.9", "10.0.0.2", 8, 0)),
+        "echo request passes the notICMP deny"
+    );
+    assert!(
+        !allowed(icmp("10.9.9.9", "10.0.0.2", 0, 0)),
+        "other ICMP is denied"
+    );
+    assert!(
+        allowed(tcp("192.0.2.7", "10.0.0.2", 443)),
+        "office network set, not port 22"
+    );
+    assert!(!allowed(tcp("192.0.2.7", "10.0.0.2", 22)));
+    let mut udp = tcp("10.0.1.1", "10.0.0.2", 53);
+    udp.protocol = 17;
+    assert!(
+        allowed(udp),
+        "namespaceSelector team == 'b' selects blog's web-2"
+    );
+    assert!(
+        allowed(tcp("10.0.0.1", "10.0.0.2", 5432)),
+        "inside 10.0.0.0/16"
+    );
+    assert!(
+        !allowed(tcp("10.0.1.1", "10.0.0.2", 5432)),
+        "excluded by notNets"
+    );
+    let unrelated: IpAddr = "10.0.5.5".parse().unwrap();
+    assert!(allowed(tcp(&unrelated.to_string(), "10.0.0.2", 5432)));
+}
