@@ -237,7 +237,8 @@ fn entity_matches(
             return false;
         }
     }
-    if !e.ports.is_empty() && !(has_ports(protocol) && port_in(&e.ports, port)) {
+    let in_ports = has_ports(protocol) && port_in(&e.ports, port);
+    if !e.ports.is_empty() && !in_ports {
         return false;
     }
     if !e.not_ports.is_empty() && has_ports(protocol) && port_in(&e.not_ports, port) {
