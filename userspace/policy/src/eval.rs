@@ -32,7 +32,7 @@ pub struct Packet {
 }
 
 /// What decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RuleRef {
     /// Rule `index` of `policy` in `tier` (tier None: a profile).
     Rule {
@@ -46,7 +46,7 @@ pub enum RuleRef {
     NoMatch,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
     Allow(RuleRef),
     Deny(RuleRef),
@@ -106,11 +106,11 @@ pub fn evaluate(world: &World, program: &PolicyProgram, packet: &Packet) -> Verd
     Verdict::Deny(RuleRef::NoMatch)
 }
 
-fn is_icmp(protocol: u8) -> bool {
+pub(crate) fn is_icmp(protocol: u8) -> bool {
     protocol == 1 || protocol == 58
 }
 
-fn has_ports(protocol: u8) -> bool {
+pub(crate) fn has_ports(protocol: u8) -> bool {
     matches!(protocol, 6 | 17 | 132 | 136)
 }
 
@@ -184,7 +184,7 @@ fn port_in(ports: &[Port], port: u16) -> bool {
     })
 }
 
-fn parse_nets(nets: &[String]) -> Vec<IpNet> {
+pub(crate) fn parse_nets(nets: &[String]) -> Vec<IpNet> {
     nets.iter()
         .filter_map(|n| {
             n.parse::<IpNet>()
@@ -202,6 +202,17 @@ fn entity_matches(
     port: u16,
     protocol: u8,
 ) -> bool {
+    entity_address_matches(world, e, policy_namespace, ip) && entity_ports_match(e, port, protocol)
+}
+
+/// The address half of an entity match: nets, notNets, selector, notSelector,
+/// namespaceSelector (and never for the matchers the dataplane cannot enforce).
+pub(crate) fn entity_address_matches(
+    world: &World,
+    e: &EntityRule,
+    policy_namespace: Option<&str>,
+    ip: IpAddr,
+) -> bool {
     if e.services.is_some() || e.service_accounts.is_some() {
         return false;
     }
@@ -211,12 +222,7 @@ fn entity_matches(
     if parse_nets(&e.not_nets).iter().any(|n| n.contains(&ip)) {
         return false;
     }
-    let parse = |s: &Option<String>| {
-        s.as_deref()
-            .map(|t| Selector::parse(t).unwrap_or_else(|_| Selector::all()))
-    };
-    let namespace_selector = parse(&e.namespace_selector);
-    let selector = parse(&e.selector);
+    let (selector, namespace_selector, not_selector) = entity_selectors(e);
     if (selector.is_some() || namespace_selector.is_some())
         && !world.selects_address(
             selector.as_ref(),
@@ -227,7 +233,7 @@ fn entity_matches(
     {
         return false;
     }
-    if let Some(not) = parse(&e.not_selector) {
+    if let Some(not) = not_selector {
         if world.selects_address(
             Some(&not),
             namespace_selector.as_ref(),
@@ -237,6 +243,27 @@ fn entity_matches(
             return false;
         }
     }
+    true
+}
+
+/// (selector, namespaceSelector, notSelector) of an entity, parsed (validation has checked
+/// them; an unparsable one would match everything, never nothing).
+pub(crate) fn entity_selectors(
+    e: &EntityRule,
+) -> (Option<Selector>, Option<Selector>, Option<Selector>) {
+    let parse = |s: &Option<String>| {
+        s.as_deref()
+            .map(|t| Selector::parse(t).unwrap_or_else(|_| Selector::all()))
+    };
+    (
+        parse(&e.selector),
+        parse(&e.namespace_selector),
+        parse(&e.not_selector),
+    )
+}
+
+/// The port half of an entity match.
+pub(crate) fn entity_ports_match(e: &EntityRule, port: u16, protocol: u8) -> bool {
     let in_ports = has_ports(protocol) && port_in(&e.ports, port);
     if !e.ports.is_empty() && !in_ports {
         return false;

@@ -11,10 +11,12 @@
 //!   action is Pass; profiles come after all tiers; nothing applied at all means drop). The
 //!   eBPF dataplane's compiled tables are checked against it packet by packet.
 
+mod compile;
 mod eval;
 mod program;
 mod world;
 
+pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram};
 pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
 pub use world::{EndpointId, EndpointInfo, NetworkSetInfo, PolicyInfo, World};

@@ -133,21 +133,8 @@ impl World {
         policy_namespace: Option<&str>,
         ip: IpAddr,
     ) -> bool {
-        let in_scope = |namespace: Option<&str>| -> bool {
-            match namespace_selector {
-                // global(): only non-namespaced objects.
-                Some(ns_sel) if matches!(ns_sel.expr(), calico_selector::Expr::Global) => {
-                    namespace.is_none()
-                }
-                Some(ns_sel) => namespace.is_some_and(|ns| {
-                    let labels = self.namespace_labels(ns);
-                    ns_sel.matches(&labels)
-                }),
-                None => match policy_namespace {
-                    Some(own) => namespace == Some(own),
-                    None => true,
-                },
-            }
+        let in_scope = |namespace: Option<&str>| {
+            self.in_scope(namespace, namespace_selector, policy_namespace)
         };
         let all = Selector::all();
         let selector = selector.unwrap_or(&all);
@@ -162,6 +149,67 @@ impl World {
                     && in_scope(set.namespace.as_deref())
                     && selector.matches(&set.labels)
             })
+    }
+
+    /// Every prefix a selector pair selects: the addresses of selected endpoints (as host
+    /// prefixes) and the nets of selected network sets. An address is selected (see
+    /// [`World::selects_address`]) exactly when one of these prefixes contains it.
+    pub fn selected_prefixes(
+        &self,
+        selector: Option<&Selector>,
+        namespace_selector: Option<&Selector>,
+        policy_namespace: Option<&str>,
+    ) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = Vec::new();
+        for ep in self.endpoints.values() {
+            for ip in &ep.addresses {
+                if self.selects_address(selector, namespace_selector, policy_namespace, *ip) {
+                    out.push(IpNet::from(*ip));
+                }
+            }
+        }
+        for set in &self.network_sets {
+            if self.network_set_selected(set, selector, namespace_selector, policy_namespace) {
+                out.extend(set.nets.iter().map(IpNet::trunc));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn network_set_selected(
+        &self,
+        set: &NetworkSetInfo,
+        selector: Option<&Selector>,
+        namespace_selector: Option<&Selector>,
+        policy_namespace: Option<&str>,
+    ) -> bool {
+        let all = Selector::all();
+        let selector = selector.unwrap_or(&all);
+        self.in_scope(
+            set.namespace.as_deref(),
+            namespace_selector,
+            policy_namespace,
+        ) && selector.matches(&set.labels)
+    }
+
+    fn in_scope(
+        &self,
+        namespace: Option<&str>,
+        namespace_selector: Option<&Selector>,
+        policy_namespace: Option<&str>,
+    ) -> bool {
+        match namespace_selector {
+            Some(ns_sel) if matches!(ns_sel.expr(), calico_selector::Expr::Global) => {
+                namespace.is_none()
+            }
+            Some(ns_sel) => namespace.is_some_and(|ns| ns_sel.matches(&self.namespace_labels(ns))),
+            None => match policy_namespace {
+                Some(own) => namespace == Some(own),
+                None => true,
+            },
+        }
     }
 
     /// A namespace's labels with the implicit `projectcalico.org/name`.
