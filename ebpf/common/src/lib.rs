@@ -61,3 +61,153 @@ mod tests {
         assert_eq!(core::mem::align_of::<SourceDenyEntry>(), 4);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Policy: the tables calico-policy's compiler produces, in map form. A packet's verdict is a
+// handful of lookups whatever the number of rules: endpoint → program; peer address, local
+// address, protocol and source port → classes; classes + destination port (or ICMP type/code)
+// → verdict. Programs are identified by a number so that a new version can be written beside
+// the old one and switched to with a single map update.
+
+/// `EndpointKey` → `ProgramRef`: which compiled program guards an interface and direction.
+pub const POLICY_ENDPOINTS_MAP: &str = "POLICY_EPS";
+/// LPM trie, `PeerKeyData` → peer class.
+pub const POLICY_PEERS_MAP: &str = "POLICY_PEERS";
+/// Hash, `LocalKey` → local class.
+pub const POLICY_LOCALS_MAP: &str = "POLICY_LOCALS";
+/// Hash, `ProtoKey` → protocol class (absent: `ProgramRef::other_protocol`).
+pub const POLICY_PROTOS_MAP: &str = "POLICY_PROTOS";
+/// LPM trie, `PortKeyData` → source-port class.
+pub const POLICY_SPORTS_MAP: &str = "POLICY_SPORTS";
+/// LPM trie, `VerdictKeyData` → `VerdictValue`.
+pub const POLICY_VERDICTS_MAP: &str = "POLICY_VERDICTS";
+/// The policy classifier for tc ingress (traffic from a workload: its egress policy).
+pub const POLICY_INGRESS_PROG: &str = "policy_ingress";
+/// The policy classifier for tc egress (traffic to a workload: its ingress policy).
+pub const POLICY_EGRESS_PROG: &str = "policy_egress";
+
+/// TC hook direction of an attachment (on the host side of a workload's veth, ingress sees
+/// what the workload sends: its egress policy).
+pub const TC_INGRESS: u32 = 0;
+pub const TC_EGRESS: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub ifindex: u32,
+    /// `TC_INGRESS` or `TC_EGRESS`.
+    pub hook: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRef {
+    pub program: u32,
+    /// Class of protocols no rule names.
+    pub other_protocol: u32,
+}
+
+/// LPM data: program id (big-endian, always fully matched) then the address as IPv6
+/// (IPv4 mapped to ::ffff:a.b.c.d).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKeyData {
+    pub program: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalKey {
+    pub program: u32,
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProtoKey {
+    pub program: u32,
+    pub protocol: u32,
+}
+
+/// LPM data: program id (big-endian) then a port (big-endian).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKeyData {
+    pub program: [u8; 4],
+    pub port: [u8; 2],
+}
+
+/// LPM data: program (4), peer class (4), local class (2), protocol class (2), source-port
+/// class (2), all big-endian and always fully matched, then the destination port or ICMP
+/// `type << 8 | code` (2), matched by prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictKeyData {
+    pub bytes: [u8; 16],
+}
+
+/// Bits of `VerdictKeyData` before the port.
+pub const VERDICT_FIXED_BITS: u32 = 112;
+
+pub const ACTION_DENY: u32 = 0;
+pub const ACTION_ALLOW: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictValue {
+    /// `ACTION_ALLOW` or `ACTION_DENY`.
+    pub action: u32,
+    /// Which rule decided (an index userspace keeps), for counters and logs.
+    pub rule: u32,
+}
+
+/// Maximum entries of the policy maps.
+pub const POLICY_MAX_ENDPOINTS: u32 = 16_384;
+pub const POLICY_MAX_CLASSES: u32 = 262_144;
+pub const POLICY_MAX_VERDICTS: u32 = 1_048_576;
+
+/// Counters of the policy program (per-CPU array `POLICY_STATS`).
+pub const POLICY_STATS_MAP: &str = "POLICY_STATS";
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStat {
+    Allowed = 0,
+    Denied = 1,
+    /// Packets of interfaces without a program (passed untouched).
+    Unmanaged = 2,
+    /// Packets that could not be parsed (dropped).
+    Malformed = 3,
+}
+pub const POLICY_STAT_COUNT: u32 = 4;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): `#[repr(C)]` structs of integers and byte arrays without padding.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::ProgramRef {}
+    unsafe impl aya::Pod for super::PeerKeyData {}
+    unsafe impl aya::Pod for super::LocalKey {}
+    unsafe impl aya::Pod for super::ProtoKey {}
+    unsafe impl aya::Pod for super::PortKeyData {}
+    unsafe impl aya::Pod for super::VerdictKeyData {}
+    unsafe impl aya::Pod for super::VerdictValue {}
+}
+
+#[cfg(test)]
+mod policy_layout {
+    use super::*;
+
+    #[test]
+    fn policy_map_types_have_no_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<EndpointKey>(), 8);
+        assert_eq!(size_of::<ProgramRef>(), 8);
+        assert_eq!(size_of::<PeerKeyData>(), 20);
+        assert_eq!(size_of::<LocalKey>(), 20);
+        assert_eq!(size_of::<ProtoKey>(), 8);
+        assert_eq!(size_of::<PortKeyData>(), 6);
+        assert_eq!(size_of::<VerdictKeyData>(), 16);
+        assert_eq!(size_of::<VerdictValue>(), 8);
+    }
+}

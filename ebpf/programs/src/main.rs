@@ -6,6 +6,8 @@
 #![no_std]
 #![no_main]
 
+mod policy;
+
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
     macros::{classifier, map},

@@ -34,6 +34,8 @@ pub enum DataplaneError {
     },
     #[error("eBPF logger could not be set up: {0}")]
     Logger(#[source] aya_log::Error),
+    #[error("{what} {value} does not fit the map's 16-bit field")]
+    TooLarge { what: &'static str, value: u32 },
     #[error("{what} is not attached to `{interface}`")]
     NotAttached {
         what: &'static str,

@@ -8,11 +8,13 @@
 mod error;
 mod log_pump;
 mod object;
+mod policy;
 mod source_filter;
 
 pub use error::DataplaneError;
 pub use log_pump::{spawn_log_pump, ProgramLogger};
 pub use object::TC_OBJECT;
+pub use policy::{Hook, PolicyCounters, PolicyDataplane};
 pub use source_filter::{
     tcx_programs, AttachMode, Direction, FilterCounters, LoadOptions, SourceFilter,
 };

@@ -1,0 +1,384 @@
+//! The policy dataplane: compiled policy programs written into the policy maps, and the
+//! policy classifiers attached to endpoint interfaces.
+//!
+//! A program is written under a fresh id beside the one in use; the endpoint's entry is then
+//! switched to it with one map update, and the old program's entries are deleted. A packet
+//! therefore sees either the old tables or the new ones, never a mix.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        HashMap, MapData, PerCpuArray,
+    },
+    programs::{tc, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use calico_bpf_common::{
+    EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef, ProtoKey,
+    VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, POLICY_EGRESS_PROG,
+    POLICY_ENDPOINTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP, POLICY_PEERS_MAP,
+    POLICY_PROTOS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS,
+    TC_INGRESS, VERDICT_FIXED_BITS,
+};
+use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
+use ipnet::IpNet;
+
+use crate::{AttachMode, DataplaneError, LoadOptions, ProgramLogger, TC_OBJECT};
+
+/// Which tc hook of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Traffic the interface receives: on a workload's host-side veth, what the workload sends.
+    Ingress,
+    /// Traffic the interface sends: on a workload's host-side veth, what the workload receives.
+    Egress,
+}
+
+impl Hook {
+    fn code(self) -> u32 {
+        match self {
+            Hook::Ingress => TC_INGRESS,
+            Hook::Egress => TC_EGRESS,
+        }
+    }
+}
+
+/// Everything written for one installed program, so it can be deleted again.
+#[derive(Default)]
+struct Written {
+    peers: Vec<Key<PeerKeyData>>,
+    locals: Vec<LocalKey>,
+    protos: Vec<ProtoKey>,
+    sports: Vec<Key<PortKeyData>>,
+    verdicts: Vec<Key<VerdictKeyData>>,
+}
+
+/// Policy counters summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub unmanaged: u64,
+    pub malformed: u64,
+}
+
+pub struct PolicyDataplane {
+    ebpf: Ebpf,
+    endpoints: HashMap<MapData, EndpointKey, ProgramRef>,
+    peers: LpmTrie<MapData, PeerKeyData, u32>,
+    locals: HashMap<MapData, LocalKey, u32>,
+    protos: HashMap<MapData, ProtoKey, u32>,
+    sports: LpmTrie<MapData, PortKeyData, u32>,
+    verdicts: LpmTrie<MapData, VerdictKeyData, VerdictValue>,
+    stats: PerCpuArray<MapData, u64>,
+    next_program: u32,
+    installed: BTreeMap<(u32, u32), (u32, Written)>,
+}
+
+fn map_err(
+    map: &'static str,
+    action: &'static str,
+) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map {
+        map,
+        action,
+        source,
+    }
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
+    u16::try_from(class).map_err(|_| DataplaneError::TooLarge { what, value: class })
+}
+
+impl PolicyDataplane {
+    /// Loads the policy classifiers and their maps.
+    pub fn load(options: &LoadOptions) -> Result<(Self, Option<ProgramLogger>), DataplaneError> {
+        let level: u8 = options.log_level.map_or(0, |l| l as u8);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(TC_OBJECT)
+            .map_err(DataplaneError::Load)?;
+        let logger = match options.log_level {
+            Some(_) => Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(DataplaneError::Logger)?),
+            None => None,
+        };
+        for name in [POLICY_INGRESS_PROG, POLICY_EGRESS_PROG] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    action: "load",
+                    source,
+                })?;
+        }
+        let dataplane = Self {
+            endpoints: take(&mut ebpf, POLICY_ENDPOINTS_MAP)?,
+            peers: take(&mut ebpf, POLICY_PEERS_MAP)?,
+            locals: take(&mut ebpf, POLICY_LOCALS_MAP)?,
+            protos: take(&mut ebpf, POLICY_PROTOS_MAP)?,
+            sports: take(&mut ebpf, POLICY_SPORTS_MAP)?,
+            verdicts: take(&mut ebpf, POLICY_VERDICTS_MAP)?,
+            stats: take(&mut ebpf, POLICY_STATS_MAP)?,
+            ebpf,
+            next_program: 1,
+            installed: BTreeMap::new(),
+        };
+        Ok((dataplane, logger))
+    }
+
+    /// Attaches both classifiers to `interface` (in the calling thread's network namespace).
+    pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
+            match tc::qdisc_add_clsact(interface) {
+                Ok(()) => {}
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(17) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Interface {
+                        interface: interface.to_owned(),
+                        action: "adding the clsact qdisc",
+                        source,
+                    })
+                }
+            }
+        }
+        for (name, hook) in [
+            (POLICY_INGRESS_PROG, TcAttachType::Ingress),
+            (POLICY_EGRESS_PROG, TcAttachType::Egress),
+        ] {
+            let options = if tcx {
+                TcAttachOptions::TcxOrder(LinkOrder::default())
+            } else {
+                TcAttachOptions::Netlink(Default::default())
+            };
+            classifier(&mut self.ebpf, name)?
+                .attach_with_options(interface, hook, options)
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    action: "attach",
+                    source,
+                })?;
+        }
+        Ok(if tcx {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Clsact
+        })
+    }
+
+    /// Installs `compiled` as the policy of interface `ifindex` at `hook`, replacing what was
+    /// there in one step.
+    pub fn install(
+        &mut self,
+        ifindex: u32,
+        hook: Hook,
+        compiled: &CompiledProgram,
+    ) -> Result<u32, DataplaneError> {
+        let program = self.next_program;
+        self.next_program = self.next_program.wrapping_add(1).max(1);
+        let written = match self.write(program, compiled) {
+            Ok(w) => w,
+            Err(e) => return Err(e),
+        };
+        let key = EndpointKey {
+            ifindex,
+            hook: hook.code(),
+        };
+        self.endpoints
+            .insert(
+                key,
+                ProgramRef {
+                    program,
+                    other_protocol: compiled.other_protocol,
+                },
+                0,
+            )
+            .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))?;
+        if let Some((_, old)) = self
+            .installed
+            .insert((key.ifindex, key.hook), (program, written))
+        {
+            self.delete(old);
+        }
+        Ok(program)
+    }
+
+    /// Removes the policy of `ifindex` at `hook` (its traffic then passes unjudged).
+    pub fn remove(&mut self, ifindex: u32, hook: Hook) -> Result<(), DataplaneError> {
+        let key = EndpointKey {
+            ifindex,
+            hook: hook.code(),
+        };
+        match self.endpoints.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
+        }
+        if let Some((_, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
+            self.delete(old);
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, program: u32, c: &CompiledProgram) -> Result<Written, DataplaneError> {
+        let mut w = Written::default();
+        let id = program.to_be_bytes();
+        for (net, class) in &c.peer_prefixes {
+            let len = match net {
+                IpNet::V4(n) => 32 + 96 + u32::from(n.prefix_len()),
+                IpNet::V6(n) => 32 + u32::from(n.prefix_len()),
+            };
+            let key = Key::new(
+                len,
+                PeerKeyData {
+                    program: id,
+                    addr: mapped(net.network()),
+                },
+            );
+            self.peers
+                .insert(&key, class, 0)
+                .map_err(map_err(POLICY_PEERS_MAP, "insert"))?;
+            w.peers.push(key);
+        }
+        for (addr, class) in &c.local_addresses {
+            let key = LocalKey {
+                program,
+                addr: mapped(*addr),
+            };
+            self.locals
+                .insert(key, class, 0)
+                .map_err(map_err(POLICY_LOCALS_MAP, "insert"))?;
+            w.locals.push(key);
+        }
+        for (protocol, class) in &c.protocols {
+            let key = ProtoKey {
+                program,
+                protocol: u32::from(*protocol),
+            };
+            self.protos
+                .insert(key, class, 0)
+                .map_err(map_err(POLICY_PROTOS_MAP, "insert"))?;
+            w.protos.push(key);
+        }
+        for (lo, hi, class) in &c.source_ports {
+            for (value, len) in range_to_prefixes(*lo, *hi) {
+                let key = Key::new(
+                    32 + u32::from(len),
+                    PortKeyData {
+                        program: id,
+                        port: value.to_be_bytes(),
+                    },
+                );
+                self.sports
+                    .insert(&key, class, 0)
+                    .map_err(map_err(POLICY_SPORTS_MAP, "insert"))?;
+                w.sports.push(key);
+            }
+        }
+        for (cell, ranges) in &c.cells {
+            let mut bytes = [0u8; 16];
+            bytes[0..4].copy_from_slice(&id);
+            bytes[4..8].copy_from_slice(&cell.peer.to_be_bytes());
+            bytes[8..10].copy_from_slice(&class16("local class", cell.local)?.to_be_bytes());
+            bytes[10..12].copy_from_slice(&class16("protocol class", cell.protocol)?.to_be_bytes());
+            bytes[12..14]
+                .copy_from_slice(&class16("source port class", cell.source_port)?.to_be_bytes());
+            for (lo, hi, verdict) in ranges {
+                let value = VerdictValue {
+                    action: match &c.verdicts[*verdict as usize] {
+                        Verdict::Allow(_) => ACTION_ALLOW,
+                        Verdict::Deny(_) => ACTION_DENY,
+                    },
+                    rule: *verdict,
+                };
+                for (port, len) in range_to_prefixes(*lo, *hi) {
+                    bytes[14..16].copy_from_slice(&port.to_be_bytes());
+                    let key = Key::new(
+                        VERDICT_FIXED_BITS + u32::from(len),
+                        VerdictKeyData { bytes },
+                    );
+                    self.verdicts
+                        .insert(&key, value, 0)
+                        .map_err(map_err(POLICY_VERDICTS_MAP, "insert"))?;
+                    w.verdicts.push(key);
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    /// Deletes a program's entries (best effort: they are unreachable once switched away).
+    fn delete(&mut self, w: Written) {
+        for k in &w.peers {
+            let _ = self.peers.remove(k);
+        }
+        for k in &w.locals {
+            let _ = self.locals.remove(k);
+        }
+        for k in &w.protos {
+            let _ = self.protos.remove(k);
+        }
+        for k in &w.sports {
+            let _ = self.sports.remove(k);
+        }
+        for k in &w.verdicts {
+            let _ = self.verdicts.remove(k);
+        }
+    }
+
+    pub fn counters(&self) -> Result<PolicyCounters, DataplaneError> {
+        let sum = |stat: PolicyStat| -> Result<u64, DataplaneError> {
+            let v = self
+                .stats
+                .get(&(stat as u32), 0)
+                .map_err(map_err(POLICY_STATS_MAP, "read"))?;
+            Ok(v.iter().sum())
+        };
+        Ok(PolicyCounters {
+            allowed: sum(PolicyStat::Allowed)?,
+            denied: sum(PolicyStat::Denied)?,
+            unmanaged: sum(PolicyStat::Unmanaged)?,
+            malformed: sum(PolicyStat::Malformed)?,
+        })
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        program: name,
+        action: "lookup in object",
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            action: "type check",
+            source,
+        })
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DataplaneError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MapType {
+        map: name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    M::try_from(map).map_err(|source| DataplaneError::MapType { map: name, source })
+}
