@@ -180,13 +180,13 @@ fn decide(
     ))?;
     // SAFETY: the value is copied out at once.
     let local = unsafe {
-        *POLICY_LOCALS.get(&LocalKey {
+        *POLICY_LOCALS.get(LocalKey {
             program: id,
             addr: local_addr,
         })?
     };
     let protocol = unsafe {
-        POLICY_PROTOS.get(&ProtoKey {
+        POLICY_PROTOS.get(ProtoKey {
             program: id,
             protocol: u32::from(flow.protocol),
         })
@@ -216,7 +216,7 @@ fn decide(
 fn judge(ctx: &TcContext, hook: u32) -> i32 {
     // SAFETY: the kernel passes a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(program) = (unsafe { POLICY_EPS.get(&EndpointKey { ifindex, hook }) }).copied() else {
+    let Some(program) = (unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) }).copied() else {
         count(PolicyStat::Unmanaged);
         return TC_ACT_PIPE;
     };

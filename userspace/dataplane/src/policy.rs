@@ -186,10 +186,12 @@ impl PolicyDataplane {
     ) -> Result<u32, DataplaneError> {
         let program = self.next_program;
         self.next_program = self.next_program.wrapping_add(1).max(1);
-        let written = match self.write(program, compiled) {
-            Ok(w) => w,
-            Err(e) => return Err(e),
-        };
+        let mut written = Written::default();
+        if let Err(e) = self.write(program, compiled, &mut written) {
+            // Nothing points at a half-written program; take back what was written.
+            self.delete(written);
+            return Err(e);
+        }
         let key = EndpointKey {
             ifindex,
             hook: hook.code(),
@@ -229,8 +231,12 @@ impl PolicyDataplane {
         Ok(())
     }
 
-    fn write(&mut self, program: u32, c: &CompiledProgram) -> Result<Written, DataplaneError> {
-        let mut w = Written::default();
+    fn write(
+        &mut self,
+        program: u32,
+        c: &CompiledProgram,
+        w: &mut Written,
+    ) -> Result<(), DataplaneError> {
         let id = program.to_be_bytes();
         for (net, class) in &c.peer_prefixes {
             let len = match net {
@@ -313,7 +319,7 @@ impl PolicyDataplane {
                 }
             }
         }
-        Ok(w)
+        Ok(())
     }
 
     /// Deletes a program's entries (best effort: they are unreachable once switched away).
