@@ -178,8 +178,10 @@ pub enum PolicyStat {
     Unmanaged = 2,
     /// Packets that could not be parsed (dropped).
     Malformed = 3,
+    /// Packets of tracked flows (passed without a verdict).
+    Tracked = 4,
 }
-pub const POLICY_STAT_COUNT: u32 = 4;
+pub const POLICY_STAT_COUNT: u32 = 5;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -209,5 +211,58 @@ mod policy_layout {
         assert_eq!(size_of::<PortKeyData>(), 6);
         assert_eq!(size_of::<VerdictKeyData>(), 16);
         assert_eq!(size_of::<VerdictValue>(), 8);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection tracking: a flow policy allowed at an endpoint's hook is remembered per interface,
+// so its later packets, its replies and ICMP errors about it pass without another verdict.
+
+/// LRU hash, `CtKey` → `CtValue`.
+pub const CONNTRACK_MAP: &str = "CONNTRACK";
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// A flow seen at one interface: its addresses and ports ordered low-then-high, so both
+/// directions of a flow share one key. ICMP echo flows use the echo id as both ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub ifindex: u32,
+    pub protocol: u32,
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+    pub port_lo: u16,
+    pub port_hi: u16,
+}
+
+/// TCP saw a FIN from the low side / the high side.
+pub const CT_FIN_LO: u32 = 1;
+pub const CT_FIN_HI: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and the latest packet.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// `CT_FIN_*` bits.
+    pub flags: u32,
+    /// Index of the rule (verdict) that allowed the flow.
+    pub rule: u32,
+}
+
+#[cfg(feature = "user")]
+mod ct_pod {
+    // SAFETY: `#[repr(C)]` integers and byte arrays, no padding.
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+}
+
+#[cfg(test)]
+mod ct_layout {
+    #[test]
+    fn conntrack_types_have_no_padding() {
+        assert_eq!(core::mem::size_of::<super::CtKey>(), 44);
+        assert_eq!(core::mem::size_of::<super::CtValue>(), 24);
     }
 }

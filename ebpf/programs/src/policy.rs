@@ -13,18 +13,20 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, PerCpuArray,
+        HashMap, LruHashMap, PerCpuArray,
     },
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use calico_bpf_common::{
-    EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef, ProtoKey,
-    VerdictKeyData, VerdictValue, ACTION_ALLOW, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS,
-    POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
+    CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef,
+    ProtoKey, VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_FIN_HI,
+    CT_FIN_LO, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT,
+    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
 };
 
 #[map(name = "POLICY_EPS")]
@@ -49,6 +51,10 @@ static POLICY_SPORTS: LpmTrie<PortKeyData, u32> =
 static POLICY_VERDICTS: LpmTrie<VerdictKeyData, VerdictValue> =
     LpmTrie::with_max_entries(POLICY_MAX_VERDICTS, BPF_F_NO_PREALLOC);
 
+#[map(name = "CONNTRACK")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(CONNTRACK_MAX_ENTRIES, 0);
+
 #[map(name = "POLICY_STATS")]
 static POLICY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(POLICY_STAT_COUNT, 0);
 
@@ -64,6 +70,32 @@ struct Flow {
     src_port: u16,
     /// Destination port, or `type << 8 | code` for ICMP.
     dim: u16,
+    /// Ports for the conntrack key (the echo id for ICMP echo, else 0).
+    ct_src_port: u16,
+    ct_dst_port: u16,
+    tcp_flags: u8,
+}
+
+/// Per-packet working state, kept in a per-CPU map: it does not fit the 512-byte BPF stack
+/// beside the lookup keys.
+struct Scratch {
+    flow: Flow,
+    /// For an ICMP error: the flow of the packet it is about.
+    inner: Tuple,
+    has_inner: bool,
+    key: CtKey,
+}
+
+#[map(name = "POLICY_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+struct Tuple {
+    src: [u8; 16],
+    dst: [u8; 16],
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
 }
 
 fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
@@ -72,85 +104,170 @@ fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// Parses the packet; `Ok(None)` for frames policy does not judge.
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// An IP header at `offset`: (src, dst, protocol, transport offset, first fragment).
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
-    let ether: [u8; 2] = ctx.load(12).map_err(|_| ())?;
-    let (src, dst, mut protocol, mut offset, first_fragment) = match u16::from_be_bytes(ether) {
-        ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
-            let ihl = usize::from(vihl & 0x0f) * 4;
-            if ihl < 20 {
-                return Err(());
+fn parse_ip(
+    ctx: &TcContext,
+    offset: usize,
+    v6: bool,
+) -> Result<([u8; 16], [u8; 16], u8, usize, bool), ()> {
+    if !v6 {
+        let vihl: u8 = ctx.load(offset).map_err(|_| ())?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(());
+        }
+        let frags: [u8; 2] = ctx.load(offset + 6).map_err(|_| ())?;
+        let protocol: u8 = ctx.load(offset + 9).map_err(|_| ())?;
+        let src: [u8; 4] = ctx.load(offset + 12).map_err(|_| ())?;
+        let dst: [u8; 4] = ctx.load(offset + 16).map_err(|_| ())?;
+        let first = u16::from_be_bytes(frags) & 0x1fff == 0;
+        return Ok((
+            mapped_v4(src),
+            mapped_v4(dst),
+            protocol,
+            offset + ihl,
+            first,
+        ));
+    }
+    let mut protocol: u8 = ctx.load(offset + 6).map_err(|_| ())?;
+    let src: [u8; 16] = ctx.load(offset + 8).map_err(|_| ())?;
+    let dst: [u8; 16] = ctx.load(offset + 24).map_err(|_| ())?;
+    let mut l4 = offset + 40;
+    let mut first = true;
+    // Extension headers, bounded.
+    for _ in 0..4 {
+        match protocol {
+            0 | 43 | 60 => {
+                let h: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
+                protocol = h[0];
+                l4 += (usize::from(h[1]) + 1) * 8;
             }
-            let frags: [u8; 2] = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
-            let protocol: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
-            let src: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
-            let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
-            let fragment_offset = u16::from_be_bytes(frags) & 0x1fff;
-            (
-                mapped_v4(src),
-                mapped_v4(dst),
-                protocol,
-                ETH_HLEN + ihl,
-                fragment_offset == 0,
-            )
+            44 => {
+                let h: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
+                protocol = h[0];
+                if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
+                    first = false;
+                }
+                l4 += 8;
+            }
+            _ => break,
         }
-        ETH_P_IPV6 => {
-            let next: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
-            let src: [u8; 16] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
-            let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
-            (src, dst, next, ETH_HLEN + 40, true)
-        }
-        _ => return Ok(None),
+    }
+    Ok((src, dst, protocol, l4, first))
+}
+
+fn is_ports(protocol: u8) -> bool {
+    matches!(protocol, 6 | 17 | 132 | 136)
+}
+
+/// Parses the packet into `scratch`; `Ok(false)` for frames policy does not judge.
+#[inline(always)]
+fn parse(ctx: &TcContext, scratch: &mut Scratch) -> Result<bool, ()> {
+    let ether: [u8; 2] = ctx.load(12).map_err(|_| ())?;
+    let v6 = match u16::from_be_bytes(ether) {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        _ => return Ok(false),
     };
-    let mut first = first_fragment;
-    if u16::from_be_bytes(ether) == ETH_P_IPV6 {
-        // Extension headers, bounded.
-        for _ in 0..4 {
-            match protocol {
-                0 | 43 | 60 => {
-                    let h: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
-                    protocol = h[0];
-                    offset += (usize::from(h[1]) + 1) * 8;
-                }
-                44 => {
-                    let h: [u8; 4] = ctx.load(offset).map_err(|_| ())?;
-                    protocol = h[0];
-                    if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
-                        first = false;
+    let (src, dst, protocol, l4, first) = parse_ip(ctx, ETH_HLEN, v6)?;
+    scratch.has_inner = false;
+    let flow = &mut scratch.flow;
+    flow.src = src;
+    flow.dst = dst;
+    flow.protocol = protocol;
+    flow.src_port = 0;
+    flow.dim = 0;
+    flow.ct_src_port = 0;
+    flow.ct_dst_port = 0;
+    flow.tcp_flags = 0;
+    if !first {
+        // No transport header in this fragment: judged with ports 0 (fail closed).
+        return Ok(true);
+    }
+    if is_ports(protocol) {
+        let ports: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
+        flow.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        flow.dim = u16::from_be_bytes([ports[2], ports[3]]);
+        flow.ct_src_port = flow.src_port;
+        flow.ct_dst_port = flow.dim;
+        if protocol == 6 {
+            flow.tcp_flags = ctx.load(l4 + 13).map_err(|_| ())?;
+        }
+    } else if protocol == 1 || protocol == 58 {
+        let head: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
+        flow.dim = u16::from_be_bytes(head);
+        let (echo, error) = if protocol == 1 {
+            (
+                head[0] == 0 || head[0] == 8,
+                head[0] == 3 || head[0] == 11 || head[0] == 12,
+            )
+        } else {
+            (head[0] == 128 || head[0] == 129, (1..=4).contains(&head[0]))
+        };
+        if echo {
+            let id: [u8; 2] = ctx.load(l4 + 4).map_err(|_| ())?;
+            flow.ct_src_port = u16::from_be_bytes(id);
+            flow.ct_dst_port = flow.ct_src_port;
+        } else if error {
+            // The packet the error is about starts 8 bytes in.
+            if let Ok((isrc, idst, iproto, il4, ifirst)) = parse_ip(ctx, l4 + 8, v6) {
+                let mut inner = Tuple {
+                    src: isrc,
+                    dst: idst,
+                    protocol: iproto,
+                    src_port: 0,
+                    dst_port: 0,
+                };
+                if ifirst && is_ports(iproto) {
+                    if let Ok(p) = ctx.load::<[u8; 4]>(il4) {
+                        inner.src_port = u16::from_be_bytes([p[0], p[1]]);
+                        inner.dst_port = u16::from_be_bytes([p[2], p[3]]);
                     }
-                    offset += 8;
+                } else if ifirst && (iproto == 1 || iproto == 58) {
+                    if let Ok(id) = ctx.load::<[u8; 2]>(il4 + 4) {
+                        inner.src_port = u16::from_be_bytes(id);
+                        inner.dst_port = inner.src_port;
+                    }
                 }
-                _ => break,
+                scratch.inner = inner;
+                scratch.has_inner = true;
             }
         }
     }
-    let (src_port, dim) = if !first {
-        (0, 0)
-    } else {
-        match protocol {
-            6 | 17 | 132 | 136 => {
-                let ports: [u8; 4] = ctx.load(offset).map_err(|_| ())?;
-                (
-                    u16::from_be_bytes([ports[0], ports[1]]),
-                    u16::from_be_bytes([ports[2], ports[3]]),
-                )
-            }
-            1 | 58 => {
-                let tc: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
-                (0, u16::from_be_bytes(tc))
-            }
-            _ => (0, 0),
+    Ok(true)
+}
+
+/// The conntrack key of a tuple at `ifindex`: low (address, port) first.
+#[inline(always)]
+fn ct_key(ifindex: u32, t: &Tuple, out: &mut CtKey) {
+    let mut src_first = true;
+    let mut decided = false;
+    for i in 0..16 {
+        if !decided && t.src[i] != t.dst[i] {
+            src_first = t.src[i] < t.dst[i];
+            decided = true;
         }
-    };
-    Ok(Some(Flow {
-        src,
-        dst,
-        protocol,
-        src_port,
-        dim,
-    }))
+    }
+    if !decided {
+        src_first = t.src_port <= t.dst_port;
+    }
+    out.ifindex = ifindex;
+    out.protocol = u32::from(t.protocol);
+    if src_first {
+        out.addr_lo = t.src;
+        out.addr_hi = t.dst;
+        out.port_lo = t.src_port;
+        out.port_hi = t.dst_port;
+    } else {
+        out.addr_lo = t.dst;
+        out.addr_hi = t.src;
+        out.port_lo = t.dst_port;
+        out.port_hi = t.src_port;
+    }
 }
 
 #[inline(always)]
@@ -220,15 +337,60 @@ fn judge(ctx: &TcContext, hook: u32) -> i32 {
         count(PolicyStat::Unmanaged);
         return TC_ACT_PIPE;
     };
-    let flow = match parse(ctx) {
-        Ok(Some(flow)) => flow,
-        Ok(None) => return TC_ACT_PIPE,
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let scratch = unsafe { &mut *scratch };
+    match parse(ctx, scratch) {
+        Ok(true) => {}
+        Ok(false) => return TC_ACT_PIPE,
         Err(()) => {
             count(PolicyStat::Malformed);
             return TC_ACT_SHOT;
         }
+    }
+    if scratch.flow.protocol == 58 && (133..=137).contains(&(scratch.flow.dim >> 8)) {
+        return TC_ACT_PIPE;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // An ICMP error about a tracked flow belongs to that flow.
+    if scratch.has_inner {
+        let inner = scratch.inner;
+        ct_key(ifindex, &inner, &mut scratch.key);
+        if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.key) {
+            // SAFETY: the entry is this map's value; a racing update only loses a timestamp.
+            unsafe { (*entry).last_seen_ns = now };
+            count(PolicyStat::Tracked);
+            return TC_ACT_PIPE;
+        }
+    }
+    let tuple = Tuple {
+        src: scratch.flow.src,
+        dst: scratch.flow.dst,
+        protocol: scratch.flow.protocol,
+        src_port: scratch.flow.ct_src_port,
+        dst_port: scratch.flow.ct_dst_port,
     };
-    if flow.protocol == 58 && (133..=137).contains(&(flow.dim >> 8)) {
+    ct_key(ifindex, &tuple, &mut scratch.key);
+    let flow = &scratch.flow;
+    let key = &scratch.key;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        if flow.tcp_flags & TCP_RST != 0 {
+            // A reset ends the flow; the next packet is judged afresh.
+            let _ = CONNTRACK.remove(key);
+        } else {
+            let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
+            // SAFETY: as above.
+            unsafe {
+                (*entry).last_seen_ns = now;
+                if flow.tcp_flags & TCP_FIN != 0 {
+                    (*entry).flags |= if from_lo { CT_FIN_LO } else { CT_FIN_HI };
+                }
+            }
+        }
+        count(PolicyStat::Tracked);
         return TC_ACT_PIPE;
     }
     // From the workload (tc ingress) the workload is the source; to it, the destination.
@@ -237,8 +399,17 @@ fn judge(ctx: &TcContext, hook: u32) -> i32 {
     } else {
         (flow.src, flow.dst)
     };
-    match decide(&program, &flow, peer, local) {
+    match decide(&program, flow, peer, local) {
         Some(v) if v.action == ACTION_ALLOW => {
+            if flow.tcp_flags & TCP_RST == 0 {
+                let value = CtValue {
+                    created_ns: now,
+                    last_seen_ns: now,
+                    flags: 0,
+                    rule: v.rule,
+                };
+                let _ = CONNTRACK.insert(key, &value, 0);
+            }
             count(PolicyStat::Allowed);
             TC_ACT_PIPE
         }

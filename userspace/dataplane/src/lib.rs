@@ -14,7 +14,7 @@ mod source_filter;
 pub use error::DataplaneError;
 pub use log_pump::{spawn_log_pump, ProgramLogger};
 pub use object::TC_OBJECT;
-pub use policy::{Hook, PolicyCounters, PolicyDataplane};
+pub use policy::{ConntrackTimeouts, Hook, PolicyCounters, PolicyDataplane, TrackedFlow};
 pub use source_filter::{
     tcx_programs, AttachMode, Direction, FilterCounters, LoadOptions, SourceFilter,
 };

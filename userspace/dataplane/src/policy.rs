@@ -17,11 +17,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use calico_bpf_common::{
-    EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef, ProtoKey,
-    VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, POLICY_EGRESS_PROG,
-    POLICY_ENDPOINTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP, POLICY_PEERS_MAP,
-    POLICY_PROTOS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS,
-    TC_INGRESS, VERDICT_FIXED_BITS,
+    CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef,
+    ProtoKey, VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, CONNTRACK_MAP, CT_FIN_HI,
+    CT_FIN_LO, POLICY_EGRESS_PROG, POLICY_ENDPOINTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP,
+    POLICY_PEERS_MAP, POLICY_PROTOS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP,
+    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
 };
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
@@ -56,6 +56,55 @@ struct Written {
     verdicts: Vec<Key<VerdictKeyData>>,
 }
 
+/// How long an idle tracked flow is kept, by kind (upstream Felix's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_established: std::time::Duration,
+    /// TCP after a FIN from both sides.
+    pub tcp_closed: std::time::Duration,
+    pub udp: std::time::Duration,
+    pub icmp: std::time::Duration,
+    pub other: std::time::Duration,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            tcp_established: Duration::from_secs(3600),
+            tcp_closed: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+            icmp: Duration::from_secs(5),
+            other: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One tracked flow, as userspace sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackedFlow {
+    pub ifindex: u32,
+    pub protocol: u8,
+    pub addresses: (IpAddr, IpAddr),
+    pub ports: (u16, u16),
+    pub idle: std::time::Duration,
+    pub closed: bool,
+}
+
+fn unmapped(a: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 /// Policy counters summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyCounters {
@@ -63,6 +112,8 @@ pub struct PolicyCounters {
     pub denied: u64,
     pub unmanaged: u64,
     pub malformed: u64,
+    /// Packets of tracked flows, passed without a verdict.
+    pub tracked: u64,
 }
 
 pub struct PolicyDataplane {
@@ -74,6 +125,7 @@ pub struct PolicyDataplane {
     sports: LpmTrie<MapData, PortKeyData, u32>,
     verdicts: LpmTrie<MapData, VerdictKeyData, VerdictValue>,
     stats: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     next_program: u32,
     installed: BTreeMap<(u32, u32), (u32, Written)>,
 }
@@ -129,6 +181,7 @@ impl PolicyDataplane {
             sports: take(&mut ebpf, POLICY_SPORTS_MAP)?,
             verdicts: take(&mut ebpf, POLICY_VERDICTS_MAP)?,
             stats: take(&mut ebpf, POLICY_STATS_MAP)?,
+            conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
             ebpf,
             next_program: 1,
             installed: BTreeMap::new(),
@@ -341,6 +394,54 @@ impl PolicyDataplane {
         }
     }
 
+    /// Every tracked flow.
+    pub fn tracked_flows(&self) -> Result<Vec<TrackedFlow>, DataplaneError> {
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+            out.push(TrackedFlow {
+                ifindex: k.ifindex,
+                protocol: k.protocol as u8,
+                addresses: (unmapped(k.addr_lo), unmapped(k.addr_hi)),
+                ports: (k.port_lo, k.port_hi),
+                idle: std::time::Duration::from_nanos(now.saturating_sub(v.last_seen_ns)),
+                closed: v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes flows idle longer than their timeout; returns how many.
+    pub fn expire_conntrack(
+        &mut self,
+        timeouts: &ConntrackTimeouts,
+    ) -> Result<usize, DataplaneError> {
+        let now = monotonic_ns();
+        let mut stale = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+            let closed = v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI);
+            let limit = match (k.protocol, closed) {
+                (6, true) => timeouts.tcp_closed,
+                (6, false) => timeouts.tcp_established,
+                (17, _) => timeouts.udp,
+                (1 | 58, _) => timeouts.icmp,
+                _ => timeouts.other,
+            };
+            if now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            match self.conntrack.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(CONNTRACK_MAP, "remove")(source)),
+            }
+        }
+        Ok(stale.len())
+    }
+
     pub fn counters(&self) -> Result<PolicyCounters, DataplaneError> {
         let sum = |stat: PolicyStat| -> Result<u64, DataplaneError> {
             let v = self
@@ -354,6 +455,7 @@ impl PolicyDataplane {
             denied: sum(PolicyStat::Denied)?,
             unmanaged: sum(PolicyStat::Unmanaged)?,
             malformed: sum(PolicyStat::Malformed)?,
+            tracked: sum(PolicyStat::Tracked)?,
         })
     }
 }
