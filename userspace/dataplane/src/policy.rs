@@ -394,6 +394,42 @@ impl PolicyDataplane {
         }
     }
 
+    /// Forgets every tracked flow.
+    pub fn clear_conntrack(&mut self) -> Result<(), DataplaneError> {
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+        for k in &keys {
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Runs the classifier of `hook` once on `frame` (an Ethernet frame) with
+    /// BPF_PROG_TEST_RUN, as if it arrived on the loopback interface (ifindex 1); returns the
+    /// program's return code (`TC_ACT_PIPE` 3 passes, `TC_ACT_SHOT` 2 drops).
+    pub fn test_run(&mut self, hook: Hook, frame: &[u8]) -> Result<i32, DataplaneError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = match hook {
+            Hook::Ingress => POLICY_INGRESS_PROG,
+            Hook::Egress => POLICY_EGRESS_PROG,
+        };
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        let result = classifier(&mut self.ebpf, name)?
+            .test_run(options)
+            .map_err(|source| DataplaneError::Program {
+                program: name,
+                action: "test run",
+                source,
+            })?;
+        Ok(result.return_value as i32)
+    }
+
     /// Every tracked flow.
     pub fn tracked_flows(&self) -> Result<Vec<TrackedFlow>, DataplaneError> {
         let now = monotonic_ns();

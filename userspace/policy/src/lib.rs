@@ -14,6 +14,8 @@
 mod compile;
 mod eval;
 mod program;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod world;
 
 pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram};
