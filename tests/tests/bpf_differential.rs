@@ -143,3 +143,110 @@ fn loaded_program_agrees_with_the_reference() -> anyhow::Result<()> {
     println!("eBPF differential: {n} cases through BPF_PROG_TEST_RUN ({a} allowed, {} denied), 0 disagreements", n - a);
     Ok(())
 }
+
+/// A program with `n` deny rules (one source /32 and one port each), then an allow.
+fn many_rules(n: usize) -> calico_policy::World {
+    use calico_model::{
+        spec::{Action, EntityRule, Rule},
+        Port, Protocol,
+    };
+    let mut w = calico_policy::World::default();
+    w.endpoints.insert(
+        calico_policy::EndpointId {
+            namespace: Some("default".into()),
+            name: "server".into(),
+        },
+        calico_policy::EndpointInfo {
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            ..Default::default()
+        },
+    );
+    let mut ingress: Vec<Rule> = (0..n)
+        .map(|i| Rule {
+            protocol: Some(Protocol::Name("TCP".into())),
+            source: EntityRule {
+                nets: vec![format!(
+                    "10.{}.{}.{}/32",
+                    100 + i / 65536,
+                    (i / 256) % 256,
+                    i % 256
+                )],
+                ..Default::default()
+            },
+            destination: EntityRule {
+                ports: vec![Port::Number(10_000 + (i % 50_000) as i64)],
+                ..Default::default()
+            },
+            ..Rule::new(Action::Deny)
+        })
+        .collect();
+    ingress.push(Rule::new(Action::Allow));
+    w.policies.push(calico_policy::PolicyInfo {
+        name: "many".into(),
+        namespace: None,
+        tier: "default".into(),
+        order: None,
+        selector: calico_selector::Selector::all(),
+        namespace_selector: None,
+        types: vec![],
+        ingress,
+        egress: vec![],
+    });
+    w
+}
+
+#[test]
+fn fifty_thousand_rules_load_and_decide_correctly() -> anyhow::Result<()> {
+    if !require(
+        "fifty_thousand_rules_load_and_decide_correctly",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let w = many_rules(50_000);
+    let id = calico_policy::EndpointId {
+        namespace: Some("default".into()),
+        name: "server".into(),
+    };
+    let program = w.program(&id, Direction::Ingress);
+    let start = std::time::Instant::now();
+    let compiled =
+        CompiledProgram::compile(&w, &program, &["10.0.0.1".parse()?], Direction::Ingress)?;
+    let compiled_in = start.elapsed();
+    let start = std::time::Instant::now();
+    dp.install(LOOPBACK, Hook::Egress, &compiled)?;
+    let installed_in = start.elapsed();
+    let tcp = |src: &str, port: u16| Packet {
+        src: src.parse().unwrap(),
+        dst: "10.0.0.1".parse().unwrap(),
+        protocol: 6,
+        src_port: 40_000,
+        dst_port: port,
+        icmp: None,
+    };
+    for (p, allowed) in [
+        (tcp("192.0.2.1", 80), true),
+        (tcp("10.100.0.5", 10_005), false),
+        (tcp("10.100.0.5", 10_006), true),
+        (tcp("10.100.195.79", 59_999), false),
+    ] {
+        assert_eq!(
+            evaluate(&w, &program, &p).allowed(),
+            allowed,
+            "reference for {p:?}"
+        );
+        dp.clear_conntrack()?;
+        let code = dp.test_run(Hook::Egress, &frame(&p))?;
+        assert_eq!(
+            code,
+            if allowed { TC_ACT_PIPE } else { TC_ACT_SHOT },
+            "{p:?}"
+        );
+    }
+    println!(
+        "50,000 rules: compiled in {compiled_in:?} to {} ranges, written to the maps in {installed_in:?}",
+        compiled.entry_count()
+    );
+    Ok(())
+}

@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use calico_model::{
@@ -20,9 +20,11 @@ use calico_model::{
 };
 use ipnet::IpNet;
 
+use calico_model::spec::{Action, TierDefaultAction};
+
 use crate::{
-    eval::{entity_address_matches, entity_selectors, has_ports, is_icmp, parse_nets},
-    evaluate, Direction, Packet, PolicyProgram, Verdict, World,
+    eval::{entity_address_matches, has_ports, is_icmp, parse_nets},
+    Direction, Packet, PolicyProgram, RuleRef, Verdict, World,
 };
 
 /// A rule the dataplane cannot enforce.
@@ -102,37 +104,6 @@ fn check_supported(policy: &str, index: usize, rule: &Rule) -> Result<(), Compil
     Ok(())
 }
 
-/// Every rule of the program with the namespace its selectors are scoped to.
-fn all_rules(program: &PolicyProgram) -> Vec<(&str, Option<&str>, usize, &Rule)> {
-    let mut out = Vec::new();
-    for tier in &program.tiers {
-        for p in &tier.policies {
-            for (i, r) in p.rules.iter().enumerate() {
-                out.push((p.name.as_str(), p.namespace.as_deref(), i, r));
-            }
-        }
-    }
-    for (name, rules) in &program.profiles {
-        for (i, r) in rules.iter().enumerate() {
-            out.push((name.as_str(), None, i, r));
-        }
-    }
-    out
-}
-
-/// Prefixes an entity's address matchers mention (nets, notNets, and what selectors select).
-fn entity_prefixes(world: &World, e: &EntityRule, ns: Option<&str>, out: &mut BTreeSet<IpNet>) {
-    out.extend(parse_nets(&e.nets).iter().map(IpNet::trunc));
-    out.extend(parse_nets(&e.not_nets).iter().map(IpNet::trunc));
-    let (selector, namespace_selector, not_selector) = entity_selectors(e);
-    if selector.is_some() || namespace_selector.is_some() {
-        out.extend(world.selected_prefixes(selector.as_ref(), namespace_selector.as_ref(), ns));
-    }
-    if let Some(not) = not_selector {
-        out.extend(world.selected_prefixes(Some(&not), namespace_selector.as_ref(), ns));
-    }
-}
-
 fn last_address(net: &IpNet) -> u128 {
     match net.broadcast() {
         IpAddr::V4(a) => u128::from(u32::from(a)),
@@ -144,41 +115,6 @@ fn as_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn from_u128(v: u128, like: &IpNet) -> IpAddr {
-    match like {
-        IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(v as u32)),
-        IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(v)),
-    }
-}
-
-/// The lowest address of `net` that no more specific prefix of `all` covers, if any: an
-/// address whose longest match is `net`.
-fn representative(net: &IpNet, all: &BTreeSet<IpNet>) -> Option<IpAddr> {
-    let children: Vec<&IpNet> = all
-        .iter()
-        .filter(|c| {
-            c.prefix_len() > net.prefix_len()
-                && net.contains(*c)
-                && c.addr().is_ipv4() == net.addr().is_ipv4()
-        })
-        .collect();
-    let end = last_address(net);
-    let mut candidate = as_u128(net.network());
-    loop {
-        let ip = from_u128(candidate, net);
-        let covering = children
-            .iter()
-            .filter(|c| c.contains(&ip))
-            .map(|c| last_address(c))
-            .max();
-        match covering {
-            None => return Some(ip),
-            Some(last) if last >= end => return None,
-            Some(last) => candidate = last + 1,
-        }
     }
 }
 
@@ -211,20 +147,115 @@ fn port_cuts(ports: &[Port], cuts: &mut BTreeSet<u32>) {
     }
 }
 
-/// A signature → class numbering.
-struct Classes<S: Ord> {
-    ids: BTreeMap<S, u32>,
+/// One rule of the program, with where it sits.
+struct FlatRule<'a> {
+    rule: &'a Rule,
+    namespace: Option<&'a str>,
+    /// Index of its tier (or profile) in evaluation order.
+    group: usize,
+    at: RuleRef,
 }
 
-impl<S: Ord> Classes<S> {
-    fn new() -> Self {
-        Self {
-            ids: BTreeMap::new(),
-        }
+/// A tier or a profile, in evaluation order.
+struct Group {
+    /// Some for a tier: what happens when its policies decide nothing.
+    tier_default: Option<(TierDefaultAction, String)>,
+}
+
+/// The peer-address part of a rule: what an address must be inside (each list: any of its
+/// prefixes) and must not be inside.
+struct PeerPredicate {
+    nets: Option<Vec<IpNet>>,
+    selected: Option<Vec<IpNet>>,
+    excluded: Vec<IpNet>,
+}
+
+impl PeerPredicate {
+    fn is_wildcard(&self) -> bool {
+        self.nets.is_none() && self.selected.is_none()
     }
-    fn id(&mut self, signature: S) -> u32 {
-        let next = self.ids.len() as u32;
-        *self.ids.entry(signature).or_insert(next)
+}
+
+/// Listed prefixes sorted by family, network address, then length, for range queries.
+struct PrefixIndex {
+    sorted: Vec<IpNet>,
+}
+
+fn family_key(n: &IpNet) -> (bool, u128, u8) {
+    (n.addr().is_ipv6(), as_u128(n.network()), n.prefix_len())
+}
+
+impl PrefixIndex {
+    fn new(prefixes: BTreeSet<IpNet>) -> Self {
+        let mut sorted: Vec<IpNet> = prefixes.into_iter().collect();
+        sorted.sort_by_key(family_key);
+        Self { sorted }
+    }
+
+    /// Indices of the listed prefixes inside `q` (including `q` itself when listed).
+    fn inside(&self, q: &IpNet) -> std::ops::Range<usize> {
+        let v6 = q.addr().is_ipv6();
+        let (lo, hi) = (as_u128(q.network()), last_address(q));
+        let start = self
+            .sorted
+            .partition_point(|n| (n.addr().is_ipv6(), as_u128(n.network())) < (v6, lo));
+        let end = self
+            .sorted
+            .partition_point(|n| (n.addr().is_ipv6(), as_u128(n.network())) <= (v6, hi));
+        start..end
+    }
+
+    /// Whether `p`'s own region (p minus the listed prefixes inside it) is empty.
+    fn region_empty(&self, i: usize) -> bool {
+        let p = &self.sorted[i];
+        let mut next = as_u128(p.network());
+        let end = last_address(p);
+        for c in &self.sorted[self.inside(p)] {
+            if c.prefix_len() <= p.prefix_len() {
+                continue;
+            }
+            if as_u128(c.network()) > next {
+                return false;
+            }
+            next = next.max(last_address(c).saturating_add(1));
+            if next > end {
+                return true;
+            }
+        }
+        next > end
+    }
+}
+
+/// "Next still-open slot" with path compression: each slot is closed at most once.
+struct Open {
+    next: Vec<usize>,
+}
+
+impl Open {
+    fn new(n: usize, open: impl Fn(usize) -> bool) -> Self {
+        let mut next: Vec<usize> = (0..=n).collect();
+        for i in (0..n).rev() {
+            if !open(i) {
+                next[i] = next[i + 1];
+            }
+        }
+        Self { next }
+    }
+    fn find(&mut self, i: usize) -> usize {
+        let mut r = i;
+        while self.next[r] != r {
+            r = self.next[r];
+        }
+        let mut j = i;
+        while self.next[j] != r {
+            let n = self.next[j];
+            self.next[j] = r;
+            j = n;
+        }
+        r
+    }
+    fn close(&mut self, i: usize) {
+        self.next[i] = i + 1;
     }
 }
 
@@ -236,61 +267,208 @@ impl CompiledProgram {
         addresses: &[IpAddr],
         direction: Direction,
     ) -> Result<Self, CompileError> {
-        let rules = all_rules(program);
-        for (policy, _, index, rule) in &rules {
-            check_supported(policy, *index, rule)?;
+        // Rules in evaluation order, with their groups.
+        let mut groups = Vec::new();
+        let mut rules: Vec<FlatRule<'_>> = Vec::new();
+        for tier in &program.tiers {
+            let g = groups.len();
+            groups.push(Group {
+                tier_default: Some((tier.default_action, tier.name.clone())),
+            });
+            for p in &tier.policies {
+                for (i, r) in p.rules.iter().enumerate() {
+                    check_supported(&p.name, i, r)?;
+                    rules.push(FlatRule {
+                        rule: r,
+                        namespace: p.namespace.as_deref(),
+                        group: g,
+                        at: RuleRef::Rule {
+                            tier: Some(tier.name.clone()),
+                            policy: p.name.clone(),
+                            index: i,
+                        },
+                    });
+                }
+            }
         }
-        let peer_side = |r: &Rule| -> EntityRule { peer_entity(r, direction).clone() };
-        let local_side = |r: &Rule| -> EntityRule { local_entity(r, direction).clone() };
+        for (name, profile_rules) in &program.profiles {
+            let g = groups.len();
+            groups.push(Group { tier_default: None });
+            for (i, r) in profile_rules.iter().enumerate() {
+                check_supported(name, i, r)?;
+                rules.push(FlatRule {
+                    rule: r,
+                    namespace: None,
+                    group: g,
+                    at: RuleRef::Rule {
+                        tier: None,
+                        policy: name.clone(),
+                        index: i,
+                    },
+                });
+            }
+        }
 
-        // Peer addresses: regions of the prefix partition, grouped by how every rule's peer
-        // matchers see them.
-        let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
-        prefixes.insert("0.0.0.0/0".parse().expect("constant"));
-        prefixes.insert("::/0".parse().expect("constant"));
-        for (_, ns, _, r) in &rules {
-            entity_prefixes(world, &peer_side(r), *ns, &mut prefixes);
-        }
-        let mut peer_classes = Classes::new();
-        let mut peer_reps: BTreeMap<u32, IpAddr> = BTreeMap::new();
-        let mut peer_prefixes = Vec::new();
-        for net in &prefixes {
-            let Some(rep) = representative(net, &prefixes) else {
-                continue;
+        // What each rule asks of the peer's address, with selector results cached.
+        let mut cache: BTreeMap<(Option<String>, Option<String>, Option<String>), Vec<IpNet>> =
+            BTreeMap::new();
+        let mut selected =
+            |sel: Option<&str>, ns_sel: Option<&str>, ns: Option<&str>| -> Vec<IpNet> {
+                let key = (
+                    sel.map(String::from),
+                    ns_sel.map(String::from),
+                    ns.map(String::from),
+                );
+                cache
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let parse = |t: Option<&str>| {
+                            t.map(|t| {
+                                calico_selector::Selector::parse(t)
+                                    .unwrap_or_else(|_| calico_selector::Selector::all())
+                            })
+                        };
+                        let (s, n) = (parse(sel), parse(ns_sel));
+                        world.selected_prefixes(s.as_ref(), n.as_ref(), ns)
+                    })
+                    .clone()
             };
-            let signature: (bool, Vec<bool>) = (
-                rep.is_ipv4(),
-                rules
-                    .iter()
-                    .map(|(_, ns, _, r)| entity_address_matches(world, &peer_side(r), *ns, rep))
-                    .collect(),
-            );
-            let class = peer_classes.id(signature);
-            peer_reps.entry(class).or_insert(rep);
+        let peers: Vec<PeerPredicate> = rules
+            .iter()
+            .map(|f| {
+                let e = peer_entity(f.rule, direction);
+                let nets = (!e.nets.is_empty())
+                    .then(|| parse_nets(&e.nets).iter().map(IpNet::trunc).collect());
+                let has_sel = e.selector.is_some() || e.namespace_selector.is_some();
+                let sel = has_sel.then(|| {
+                    selected(
+                        e.selector.as_deref(),
+                        e.namespace_selector.as_deref(),
+                        f.namespace,
+                    )
+                });
+                let mut excluded: Vec<IpNet> =
+                    parse_nets(&e.not_nets).iter().map(IpNet::trunc).collect();
+                if let Some(not) = &e.not_selector {
+                    excluded.extend(selected(
+                        Some(not),
+                        e.namespace_selector.as_deref(),
+                        f.namespace,
+                    ));
+                }
+                PeerPredicate {
+                    nets,
+                    selected: sel,
+                    excluded,
+                }
+            })
+            .collect();
+
+        // The prefix partition of peer addresses.
+        let mut listed: BTreeSet<IpNet> = BTreeSet::new();
+        listed.insert("0.0.0.0/0".parse().expect("constant"));
+        listed.insert("::/0".parse().expect("constant"));
+        for p in &peers {
+            listed.extend(p.nets.iter().flatten());
+            listed.extend(p.selected.iter().flatten());
+            listed.extend(p.excluded.iter());
+        }
+        let index = PrefixIndex::new(listed);
+        let n_regions = index.sorted.len();
+        // marks[region] = (rule, bits): 1 inside nets, 2 inside selected, 4 excluded.
+        let mut marks: Vec<Vec<(u32, u8)>> = vec![Vec::new(); n_regions];
+        let mut mark = |q: &IpNet, rule: u32, bit: u8| {
+            for i in index.inside(q) {
+                if index.sorted[i].prefix_len() >= q.prefix_len() {
+                    marks[i].push((rule, bit));
+                }
+            }
+        };
+        let mut wildcards = Vec::new();
+        for (r, p) in peers.iter().enumerate() {
+            let r32 = r as u32;
+            if p.is_wildcard() {
+                wildcards.push(r32);
+            }
+            for q in p.nets.iter().flatten() {
+                mark(q, r32, 1);
+            }
+            for q in p.selected.iter().flatten() {
+                mark(q, r32, 2);
+            }
+            for q in &p.excluded {
+                mark(q, r32, 4);
+            }
+        }
+        let mut peer_classes: BTreeMap<(bool, Vec<u32>, Vec<u32>), u32> = BTreeMap::new();
+        let mut peer_sets: Vec<(bool, Vec<u32>)> = Vec::new();
+        let mut peer_prefixes = Vec::new();
+        for (i, net) in index.sorted.iter().enumerate() {
+            if index.region_empty(i) {
+                continue;
+            }
+            let mut bits: BTreeMap<u32, u8> = BTreeMap::new();
+            for (r, b) in &marks[i] {
+                *bits.entry(*r).or_default() |= b;
+            }
+            let mut specific = Vec::new();
+            let mut excluded_wild = Vec::new();
+            for (r, b) in &bits {
+                let p = &peers[*r as usize];
+                if b & 4 != 0 {
+                    if p.is_wildcard() {
+                        excluded_wild.push(*r);
+                    }
+                    continue;
+                }
+                if p.is_wildcard() {
+                    continue;
+                }
+                let nets_ok = p.nets.is_none() || b & 1 != 0;
+                let sel_ok = p.selected.is_none() || b & 2 != 0;
+                if nets_ok && sel_ok {
+                    specific.push(*r);
+                }
+            }
+            let v4 = net.addr().is_ipv4();
+            let key = (v4, specific, excluded_wild);
+            let next = peer_classes.len() as u32;
+            let class = *peer_classes.entry(key.clone()).or_insert_with(|| {
+                // The rules satisfied in this class: its specific ones and the wildcards it
+                // does not exclude, in program order.
+                let mut all: Vec<u32> = key.1.clone();
+                all.extend(wildcards.iter().filter(|w| key.2.binary_search(w).is_err()));
+                all.sort_unstable();
+                peer_sets.push((v4, all));
+                next
+            });
             peer_prefixes.push((*net, class));
         }
 
         // Local addresses: the endpoint's own.
-        let mut local_classes = Classes::new();
-        let mut local_reps: BTreeMap<u32, IpAddr> = BTreeMap::new();
+        let mut local_classes: BTreeMap<(bool, Vec<bool>), u32> = BTreeMap::new();
+        let mut local_sets: Vec<(bool, Vec<bool>)> = Vec::new();
         let mut local_addresses = Vec::new();
         for ip in addresses {
-            let signature: (bool, Vec<bool>) = (
-                ip.is_ipv4(),
-                rules
-                    .iter()
-                    .map(|(_, ns, _, r)| entity_address_matches(world, &local_side(r), *ns, *ip))
-                    .collect(),
-            );
-            let class = local_classes.id(signature);
-            local_reps.entry(class).or_insert(*ip);
+            let sig: Vec<bool> = rules
+                .iter()
+                .map(|f| {
+                    entity_address_matches(world, local_entity(f.rule, direction), f.namespace, *ip)
+                })
+                .collect();
+            let key = (ip.is_ipv4(), sig);
+            let next = local_classes.len() as u32;
+            let class = *local_classes.entry(key.clone()).or_insert_with(|| {
+                local_sets.push(key);
+                next
+            });
             local_addresses.push((*ip, class));
         }
 
         // Protocols some rule names, and one class for all the others.
         let named: BTreeSet<u8> = rules
             .iter()
-            .flat_map(|(_, _, _, r)| [r.protocol.as_ref(), r.not_protocol.as_ref()])
+            .flat_map(|f| [f.rule.protocol.as_ref(), f.rule.not_protocol.as_ref()])
             .flatten()
             .filter_map(|p| p.number())
             .collect();
@@ -298,27 +476,29 @@ impl CompiledProgram {
             .rev()
             .find(|p| !named.contains(p) && !has_ports(*p) && !is_icmp(*p))
             .unwrap_or(253);
-        let mut protocol_classes = Classes::new();
-        let mut protocol_reps: BTreeMap<u32, u8> = BTreeMap::new();
+        let mut protocol_classes: BTreeMap<(bool, bool, Vec<(Option<bool>, Option<bool>)>), u32> =
+            BTreeMap::new();
+        let mut protocol_reps: Vec<u8> = Vec::new();
         let mut protocols = Vec::new();
         let mut protocol_class_of = |p: u8| {
-            // Protocols differ by what rules say of them and by which port dimension they use.
-            let signature = (
+            let sig = (
                 has_ports(p),
                 is_icmp(p),
                 rules
                     .iter()
-                    .map(|(_, _, _, r)| {
+                    .map(|f| {
                         (
-                            r.protocol.as_ref().map(|x| x.number() == Some(p)),
-                            r.not_protocol.as_ref().map(|x| x.number() == Some(p)),
+                            f.rule.protocol.as_ref().map(|x| x.number() == Some(p)),
+                            f.rule.not_protocol.as_ref().map(|x| x.number() == Some(p)),
                         )
                     })
                     .collect::<Vec<_>>(),
             );
-            let c = protocol_classes.id(signature);
-            protocol_reps.entry(c).or_insert(p);
-            c
+            let next = protocol_classes.len() as u32;
+            *protocol_classes.entry(sig).or_insert_with(|| {
+                protocol_reps.push(p);
+                next
+            })
         };
         for p in &named {
             protocols.push((*p, protocol_class_of(*p)));
@@ -327,107 +507,76 @@ impl CompiledProgram {
 
         // Source ports.
         let mut sport_cuts = BTreeSet::new();
-        for (_, _, _, r) in &rules {
-            port_cuts(&r.source.ports, &mut sport_cuts);
-            port_cuts(&r.source.not_ports, &mut sport_cuts);
+        for f in &rules {
+            port_cuts(&f.rule.source.ports, &mut sport_cuts);
+            port_cuts(&f.rule.source.not_ports, &mut sport_cuts);
         }
-        let mut sport_classes = Classes::new();
-        let mut sport_reps: BTreeMap<u32, u16> = BTreeMap::new();
+        let mut sport_classes: BTreeMap<Vec<(bool, bool)>, u32> = BTreeMap::new();
+        let mut sport_reps: Vec<u16> = Vec::new();
         let mut source_ports = Vec::new();
         for (lo, hi) in ranges(&sport_cuts) {
-            let signature: Vec<(bool, bool)> = rules
+            let sig: Vec<(bool, bool)> = rules
                 .iter()
-                .map(|(_, _, _, r)| {
+                .filter(|f| !f.rule.source.ports.is_empty() || !f.rule.source.not_ports.is_empty())
+                .map(|f| {
                     (
-                        port_listed(&r.source.ports, lo),
-                        port_listed(&r.source.not_ports, lo),
+                        port_listed(&f.rule.source.ports, lo),
+                        port_listed(&f.rule.source.not_ports, lo),
                     )
                 })
                 .collect();
-            let c = sport_classes.id(signature);
-            sport_reps.entry(c).or_insert(lo);
+            let next = sport_classes.len() as u32;
+            let c = *sport_classes.entry(sig).or_insert_with(|| {
+                sport_reps.push(lo);
+                next
+            });
             source_ports.push((lo, hi, c));
         }
 
-        // Destination ports and ICMP type/code.
-        let mut dport_cuts = BTreeSet::new();
-        let mut icmp_cuts = BTreeSet::new();
-        for (_, _, _, r) in &rules {
-            port_cuts(&r.destination.ports, &mut dport_cuts);
-            port_cuts(&r.destination.not_ports, &mut dport_cuts);
-            for icmp in [&r.icmp, &r.not_icmp].into_iter().flatten() {
-                if let Some(t) = icmp.icmp_type {
-                    let t = t.clamp(0, 255) as u32;
-                    match icmp.code {
-                        Some(c) => {
-                            icmp_cuts.insert((t << 8) | c.clamp(0, 255) as u32);
-                            icmp_cuts.insert(((t << 8) | c.clamp(0, 255) as u32) + 1);
-                        }
-                        None => {
-                            icmp_cuts.insert(t << 8);
-                            icmp_cuts.insert((t + 1) << 8);
-                        }
-                    }
-                }
-            }
-        }
-        let dport_ranges = ranges(&dport_cuts);
-        let icmp_ranges = ranges(&icmp_cuts);
-
-        // Every cell, evaluated on a representative packet per range.
+        // Every cell: the rules that apply in it, then their verdicts along the port dimension.
         let mut verdict_ids: BTreeMap<Verdict, u32> = BTreeMap::new();
         let mut verdicts = Vec::new();
         let mut cells = BTreeMap::new();
-        for (&peer, &peer_ip) in &peer_reps {
-            for (&local, &local_ip) in &local_reps {
-                if peer_ip.is_ipv4() != local_ip.is_ipv4() {
+        for (peer, (peer_v4, peer_rules)) in peer_sets.iter().enumerate() {
+            for (local, (local_v4, local_sig)) in local_sets.iter().enumerate() {
+                if peer_v4 != local_v4 {
                     continue;
                 }
-                for (&protocol, &proto) in &protocol_reps {
-                    for (&source_port, &sport) in &sport_reps {
-                        let dims: &[(u16, u16)] = if is_icmp(proto) {
-                            &icmp_ranges
-                        } else if has_ports(proto) {
-                            &dport_ranges
-                        } else {
-                            &[(0, 65535)]
-                        };
-                        let mut entries: Vec<(u16, u16, u32)> = Vec::new();
-                        for &(lo, hi) in dims {
-                            let (src, dst) = match direction {
-                                Direction::Ingress => (peer_ip, local_ip),
-                                Direction::Egress => (local_ip, peer_ip),
-                            };
-                            let packet = Packet {
-                                src,
-                                dst,
-                                protocol: proto,
-                                src_port: if has_ports(proto) { sport } else { 0 },
-                                dst_port: if has_ports(proto) { lo } else { 0 },
-                                icmp: is_icmp(proto)
-                                    .then_some(((lo >> 8) as u8, (lo & 0xff) as u8)),
-                            };
-                            let verdict = evaluate(world, program, &packet);
-                            let next = verdicts.len() as u32;
-                            let id = *verdict_ids.entry(verdict.clone()).or_insert_with(|| {
-                                verdicts.push(verdict);
-                                next
+                for (protocol, &proto) in protocol_reps.iter().enumerate() {
+                    for (source_port, &sport) in sport_reps.iter().enumerate() {
+                        let applicable: Vec<usize> = peer_rules
+                            .iter()
+                            .map(|r| *r as usize)
+                            .filter(|&r| {
+                                let rule = rules[r].rule;
+                                local_sig[r]
+                                    && rule.ip_version.is_none_or(|v| (v == 4) == *peer_v4)
+                                    && rule
+                                        .protocol
+                                        .as_ref()
+                                        .is_none_or(|p| p.number() == Some(proto))
+                                    && rule
+                                        .not_protocol
+                                        .as_ref()
+                                        .is_none_or(|p| p.number() != Some(proto))
+                                    && source_port_matches(&rule.source, sport, proto)
+                                    && (rule.icmp.is_none() || is_icmp(proto))
+                            })
+                            .collect();
+                        let entries =
+                            paint(&rules, &groups, &applicable, proto, &mut |v: Verdict| {
+                                let next = verdicts.len() as u32;
+                                *verdict_ids.entry(v.clone()).or_insert_with(|| {
+                                    verdicts.push(v);
+                                    next
+                                })
                             });
-                            match entries.last_mut() {
-                                Some(last)
-                                    if last.2 == id && u32::from(last.1) + 1 == u32::from(lo) =>
-                                {
-                                    last.1 = hi
-                                }
-                                _ => entries.push((lo, hi, id)),
-                            }
-                        }
                         cells.insert(
                             Cell {
-                                peer,
-                                local,
-                                protocol,
-                                source_port,
+                                peer: peer as u32,
+                                local: local as u32,
+                                protocol: protocol as u32,
+                                source_port: source_port as u32,
                             },
                             entries,
                         );
@@ -501,6 +650,176 @@ impl CompiledProgram {
     pub fn entry_count(&self) -> usize {
         self.cells.values().map(Vec::len).sum()
     }
+}
+
+/// The source-port half of a rule's source match (ports only count for protocols with ports).
+fn source_port_matches(e: &EntityRule, port: u16, protocol: u8) -> bool {
+    let listed = has_ports(protocol) && port_listed(&e.ports, port);
+    if !e.ports.is_empty() && !listed {
+        return false;
+    }
+    !(has_ports(protocol) && port_listed(&e.not_ports, port))
+}
+
+/// The destination-port (or ICMP type/code) values a rule matches, as inclusive ranges, for a
+/// packet of `protocol`; None when it matches every value.
+fn dim_ranges(rule: &Rule, protocol: u8) -> Option<Vec<(u32, u32)>> {
+    let mut allowed: Option<Vec<(u32, u32)>> = None;
+    let mut denied: Vec<(u32, u32)> = Vec::new();
+    let to_ranges = |ports: &[Port]| -> Vec<(u32, u32)> {
+        ports
+            .iter()
+            .filter_map(|p| match p {
+                Port::Number(n) => Some((*n as u32, *n as u32)),
+                Port::Range(a, b) => Some((*a as u32, *b as u32)),
+                Port::Named(_) => None,
+            })
+            .collect()
+    };
+    let icmp_range = |f: &calico_model::spec::IcmpFields| -> (u32, u32) {
+        match (f.icmp_type, f.code) {
+            (Some(t), Some(c)) => ((t as u32) << 8 | c as u32, (t as u32) << 8 | c as u32),
+            (Some(t), None) => ((t as u32) << 8, (t as u32) << 8 | 255),
+            _ => (0, 65535),
+        }
+    };
+    if has_ports(protocol) {
+        if !rule.destination.ports.is_empty() {
+            allowed = Some(to_ranges(&rule.destination.ports));
+        }
+        denied.extend(to_ranges(&rule.destination.not_ports));
+    } else if !rule.destination.ports.is_empty() {
+        return Some(Vec::new());
+    }
+    if is_icmp(protocol) {
+        if let Some(f) = &rule.icmp {
+            let r = icmp_range(f);
+            allowed = Some(match allowed {
+                Some(a) => a
+                    .into_iter()
+                    .filter_map(|(lo, hi)| {
+                        let (l, h) = (lo.max(r.0), hi.min(r.1));
+                        (l <= h).then_some((l, h))
+                    })
+                    .collect(),
+                None => vec![r],
+            });
+        }
+        if let Some(f) = &rule.not_icmp {
+            denied.push(icmp_range(f));
+        }
+    } else if rule.icmp.is_some() {
+        return Some(Vec::new());
+    }
+    if denied.is_empty() {
+        return allowed;
+    }
+    // allowed minus denied.
+    let mut out = allowed.unwrap_or_else(|| vec![(0, 65535)]);
+    for (dlo, dhi) in denied {
+        out = out
+            .into_iter()
+            .flat_map(|(lo, hi)| {
+                let mut parts = Vec::new();
+                if dhi < lo || dlo > hi {
+                    parts.push((lo, hi));
+                } else {
+                    if lo < dlo {
+                        parts.push((lo, dlo - 1));
+                    }
+                    if hi > dhi {
+                        parts.push((dhi + 1, hi));
+                    }
+                }
+                parts
+            })
+            .collect();
+    }
+    Some(out)
+}
+
+/// Verdicts along the port dimension of one cell: walks the applicable rules in program order
+/// and decides each still-open stretch of ports once (tier semantics included).
+fn paint(
+    rules: &[FlatRule<'_>],
+    groups: &[Group],
+    applicable: &[usize],
+    protocol: u8,
+    intern: &mut dyn FnMut(Verdict) -> u32,
+) -> Vec<(u16, u16, u32)> {
+    let dims: Vec<Option<Vec<(u32, u32)>>> = applicable
+        .iter()
+        .map(|&r| dim_ranges(rules[r].rule, protocol))
+        .collect();
+    // Interval boundaries from the applicable rules only.
+    let mut cuts: BTreeSet<u32> = BTreeSet::new();
+    if has_ports(protocol) || is_icmp(protocol) {
+        for ranges in dims.iter().flatten() {
+            for (lo, hi) in ranges {
+                cuts.insert(*lo);
+                cuts.insert(hi + 1);
+            }
+        }
+    }
+    let intervals = ranges(&cuts);
+    let n = intervals.len();
+    let mut decided: Vec<Option<u32>> = vec![None; n];
+    let mut next_rule = 0;
+    for (g, group) in groups.iter().enumerate() {
+        let mut open = Open::new(n, |i| decided[i].is_none());
+        while next_rule < applicable.len() && rules[applicable[next_rule]].group == g {
+            let k = next_rule;
+            next_rule += 1;
+            let f = &rules[applicable[k]];
+            let spans: Vec<(usize, usize)> = match &dims[k] {
+                None => vec![(0, n - 1)],
+                Some(rs) => rs
+                    .iter()
+                    .filter_map(|(lo, hi)| {
+                        let a = intervals.partition_point(|(_, ihi)| u32::from(*ihi) < *lo);
+                        let b = intervals.partition_point(|(ilo, _)| u32::from(*ilo) <= *hi);
+                        (a < b).then(|| (a, b - 1))
+                    })
+                    .collect(),
+            };
+            for (a, b) in spans {
+                let mut i = open.find(a);
+                while i <= b && i < n {
+                    match f.rule.action {
+                        Action::Allow => decided[i] = Some(intern(Verdict::Allow(f.at.clone()))),
+                        Action::Deny => decided[i] = Some(intern(Verdict::Deny(f.at.clone()))),
+                        // Passed: out of this tier (or profile) for these ports.
+                        Action::Pass => {}
+                        Action::Log => {
+                            i = open.find(i + 1);
+                            continue;
+                        }
+                    }
+                    open.close(i);
+                    i = open.find(i + 1);
+                }
+            }
+        }
+        if let Some((default, name)) = &group.tier_default {
+            if *default == TierDefaultAction::Deny {
+                // Still open here: nothing in the tier decided and nothing passed.
+                for i in 0..n {
+                    if open.find(i) == i && decided[i].is_none() {
+                        decided[i] = Some(intern(Verdict::Deny(RuleRef::EndOfTier(name.clone()))));
+                    }
+                }
+            }
+        }
+    }
+    let mut out: Vec<(u16, u16, u32)> = Vec::new();
+    for (i, (lo, hi)) in intervals.iter().enumerate() {
+        let id = decided[i].unwrap_or_else(|| intern(Verdict::Deny(RuleRef::NoMatch)));
+        match out.last_mut() {
+            Some(last) if last.2 == id => last.1 = *hi,
+            _ => out.push((*lo, *hi, id)),
+        }
+    }
+    out
 }
 
 fn port_listed(ports: &[Port], port: u16) -> bool {
@@ -584,19 +903,23 @@ mod tests {
     }
 
     #[test]
-    fn representatives_avoid_more_specific_prefixes() {
-        let all: BTreeSet<IpNet> = ["10.0.0.0/8", "10.0.0.0/24", "10.0.1.0/24", "10.0.2.5/32"]
+    fn regions_covered_by_more_specific_prefixes_are_empty() {
+        let index =
+            |list: &[&str]| PrefixIndex::new(list.iter().map(|s| s.parse().unwrap()).collect());
+        let full = index(&["10.0.0.0/31", "10.0.0.0/32", "10.0.0.1/32"]);
+        assert!(
+            full.region_empty(0),
+            "10.0.0.0/31 is covered by its two /32s"
+        );
+        assert!(!full.region_empty(1));
+        let partial = index(&["10.0.0.0/8", "10.0.0.0/24", "10.0.1.0/24", "10.0.2.5/32"]);
+        assert!((0..partial.sorted.len()).all(|i| !partial.region_empty(i)));
+        let nested = index(&["10.0.0.0/30", "10.0.0.0/31", "10.0.0.0/32", "10.0.0.2/31"]);
+        let slash30 = nested
+            .sorted
             .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let rep = |s: &str| representative(&s.parse().unwrap(), &all).map(|a| a.to_string());
-        assert_eq!(rep("10.0.0.0/8").as_deref(), Some("10.0.2.0"));
-        assert_eq!(rep("10.0.0.0/24").as_deref(), Some("10.0.0.0"));
-        assert_eq!(rep("10.0.2.5/32").as_deref(), Some("10.0.2.5"));
-        let full: BTreeSet<IpNet> = ["10.0.0.0/31", "10.0.0.0/32", "10.0.0.1/32"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(representative(&"10.0.0.0/31".parse().unwrap(), &full), None);
+            .position(|n| n.prefix_len() == 30)
+            .unwrap();
+        assert!(nested.region_empty(slash30));
     }
 }

@@ -160,12 +160,17 @@ impl World {
         namespace_selector: Option<&Selector>,
         policy_namespace: Option<&str>,
     ) -> Vec<IpNet> {
+        let all = Selector::all();
+        let sel = selector.unwrap_or(&all);
         let mut out: Vec<IpNet> = Vec::new();
-        for ep in self.endpoints.values() {
-            for ip in &ep.addresses {
-                if self.selects_address(selector, namespace_selector, policy_namespace, *ip) {
-                    out.push(IpNet::from(*ip));
-                }
+        for (id, ep) in &self.endpoints {
+            if self.in_scope(
+                id.namespace.as_deref(),
+                namespace_selector,
+                policy_namespace,
+            ) && sel.matches(&self.effective_labels(id))
+            {
+                out.extend(ep.addresses.iter().map(|a| IpNet::from(*a)));
             }
         }
         for set in &self.network_sets {
