@@ -147,6 +147,12 @@ fn port_cuts(ports: &[Port], cuts: &mut BTreeSet<u32>) {
     }
 }
 
+/// A selector pair and the namespace it is scoped to (the selector cache's key).
+type SelectorScope = (Option<String>, Option<String>, Option<String>);
+/// What rules say of one protocol: (has ports, is ICMP, per rule (protocol matches,
+/// notProtocol matches)).
+type ProtocolSignature = (bool, bool, Vec<(Option<bool>, Option<bool>)>);
+
 /// One rule of the program, with where it sits.
 struct FlatRule<'a> {
     rule: &'a Rule,
@@ -310,8 +316,7 @@ impl CompiledProgram {
         }
 
         // What each rule asks of the peer's address, with selector results cached.
-        let mut cache: BTreeMap<(Option<String>, Option<String>, Option<String>), Vec<IpNet>> =
-            BTreeMap::new();
+        let mut cache: BTreeMap<SelectorScope, Vec<IpNet>> = BTreeMap::new();
         let mut selected =
             |sel: Option<&str>, ns_sel: Option<&str>, ns: Option<&str>| -> Vec<IpNet> {
                 let key = (
@@ -476,8 +481,7 @@ impl CompiledProgram {
             .rev()
             .find(|p| !named.contains(p) && !has_ports(*p) && !is_icmp(*p))
             .unwrap_or(253);
-        let mut protocol_classes: BTreeMap<(bool, bool, Vec<(Option<bool>, Option<bool>)>), u32> =
-            BTreeMap::new();
+        let mut protocol_classes: BTreeMap<ProtocolSignature, u32> = BTreeMap::new();
         let mut protocol_reps: Vec<u8> = Vec::new();
         let mut protocols = Vec::new();
         let mut protocol_class_of = |p: u8| {
@@ -803,9 +807,9 @@ fn paint(
         if let Some((default, name)) = &group.tier_default {
             if *default == TierDefaultAction::Deny {
                 // Still open here: nothing in the tier decided and nothing passed.
-                for i in 0..n {
-                    if open.find(i) == i && decided[i].is_none() {
-                        decided[i] = Some(intern(Verdict::Deny(RuleRef::EndOfTier(name.clone()))));
+                for (i, slot) in decided.iter_mut().enumerate() {
+                    if slot.is_none() && open.find(i) == i {
+                        *slot = Some(intern(Verdict::Deny(RuleRef::EndOfTier(name.clone()))));
                     }
                 }
             }
