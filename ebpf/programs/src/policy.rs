@@ -107,13 +107,13 @@ fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
-/// An IP header at `offset`: (src, dst, protocol, transport offset, first fragment).
+/// What an IP header says: (source, destination, protocol, transport offset, first
+/// fragment).
+type IpHeader = ([u8; 16], [u8; 16], u8, usize, bool);
+
+/// An IP header at `offset`.
 #[inline(always)]
-fn parse_ip(
-    ctx: &TcContext,
-    offset: usize,
-    v6: bool,
-) -> Result<([u8; 16], [u8; 16], u8, usize, bool), ()> {
+fn parse_ip(ctx: &TcContext, offset: usize, v6: bool) -> Result<IpHeader, ()> {
     if !v6 {
         let vihl: u8 = ctx.load(offset).map_err(|_| ())?;
         let ihl = usize::from(vihl & 0x0f) * 4;
@@ -359,7 +359,7 @@ fn judge(ctx: &TcContext, hook: u32) -> i32 {
     if scratch.has_inner {
         let inner = scratch.inner;
         ct_key(ifindex, &inner, &mut scratch.key);
-        if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.key) {
+        if let Some(entry) = CONNTRACK.get_ptr_mut(scratch.key) {
             // SAFETY: the entry is this map's value; a racing update only loses a timestamp.
             unsafe { (*entry).last_seen_ns = now };
             count(PolicyStat::Tracked);
@@ -408,7 +408,7 @@ fn judge(ctx: &TcContext, hook: u32) -> i32 {
                     flags: 0,
                     rule: v.rule,
                 };
-                let _ = CONNTRACK.insert(key, &value, 0);
+                let _ = CONNTRACK.insert(key, value, 0);
             }
             count(PolicyStat::Allowed);
             TC_ACT_PIPE
