@@ -30,9 +30,10 @@ enum Task {
     /// namespaces, reachability before and after.
     Demo,
     /// Benchmarks (release builds), each printing a table against a baseline measured in the
-    /// same run: `cni` (ADD latency vs the reference ptp plugin).
+    /// same run: `cni` (ADD latency vs the reference ptp plugin), `dataplane` (throughput,
+    /// packet rate and connection rate vs the plain path and iptables).
     Bench {
-        /// Which benchmark: cni.
+        /// Which benchmark: cni or dataplane.
         #[arg(default_value = "cni")]
         which: String,
     },
@@ -113,7 +114,10 @@ fn bench(root: &Path, which: &str) -> Result<()> {
         "cni" => cargo(root)
             .args(["bench", "-p", "calico-cni", "--bench", "add_latency"])
             .run(),
-        other => anyhow::bail!("unknown benchmark `{other}` (known: cni)"),
+        "dataplane" => cargo(root)
+            .args(["bench", "-p", "calico-tests", "--bench", "dataplane"])
+            .run(),
+        other => anyhow::bail!("unknown benchmark `{other}` (known: cni, dataplane)"),
     }
 }
 

@@ -1,0 +1,404 @@
+//! Dataplane benchmark: the routed veth path with no program, this dataplane with 0 to 50,000
+//! rules on the endpoint (none matching the test traffic, then a final allow), and the same
+//! rules as iptables-nft and iptables-legacy in FORWARD, measured in one run:
+//! TCP throughput (iperf3), UDP 64-byte packets/s received (iperf3), new TCP connections/s.
+//! `cargo xtask bench dataplane`; writes docs/bench-dataplane.md and docs/bench-dataplane.svg.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use calico_dataplane::{Hook, LoadOptions, PolicyDataplane};
+use calico_model::{
+    spec::{Action, EntityRule, Rule},
+    Port, Protocol,
+};
+use calico_policy::{CompiledProgram, Direction, EndpointId, EndpointInfo, PolicyInfo, World};
+use harness::{require, NetNs, Requirement, Veth};
+
+const SECONDS: u64 = 3;
+
+#[derive(Debug, Clone, Copy)]
+enum Setup {
+    Plain,
+    Ebpf(usize),
+    Nft(usize),
+    Legacy(usize),
+}
+
+impl Setup {
+    fn label(&self) -> String {
+        match self {
+            Setup::Plain => "routed veth, no program".into(),
+            Setup::Ebpf(n) => format!("eBPF dataplane, {n} rules"),
+            Setup::Nft(n) => format!("iptables-nft, {n} rules"),
+            Setup::Legacy(n) => format!("iptables-legacy, {n} rules"),
+        }
+    }
+}
+
+struct Figures {
+    tcp_gbps: f64,
+    udp_kpps: f64,
+    conns_per_s: f64,
+}
+
+struct Topology {
+    client: NetNs,
+    router: NetNs,
+    server: NetNs,
+    server_ip: IpAddr,
+    router_server_if: String,
+    _veths: (Veth, Veth),
+}
+
+fn topology() -> anyhow::Result<Topology> {
+    let router = NetNs::new("br")?;
+    let client = NetNs::new("bc")?;
+    let server = NetNs::new("bs")?;
+    router.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    let to_client = Veth::between(&router, &client)?;
+    let to_server = Veth::between(&router, &server)?;
+    router.add_address(&to_client.a_name, "198.18.70.1/30")?;
+    client.add_address(&to_client.b_name, "198.18.70.2/30")?;
+    router.add_address(&to_server.a_name, "198.18.70.5/30")?;
+    server.add_address(&to_server.b_name, "198.18.70.6/30")?;
+    client.exec_ok("ip", &["route", "add", "default", "via", "198.18.70.1"])?;
+    server.exec_ok("ip", &["route", "add", "default", "via", "198.18.70.5"])?;
+    Ok(Topology {
+        server_ip: "198.18.70.6".parse()?,
+        router_server_if: to_server.a_name.clone(),
+        client,
+        router,
+        server,
+        _veths: (to_client, to_server),
+    })
+}
+
+/// Deny rules (one source /32 and one port each, none matching the test traffic), then allow.
+fn rule_net(i: usize) -> String {
+    format!("10.{}.{}.{}/32", 100 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+fn rule_port(i: usize) -> u16 {
+    (10_000 + i % 50_000) as u16
+}
+
+fn world(n: usize, server: IpAddr) -> World {
+    let mut w = World::default();
+    w.endpoints.insert(
+        EndpointId {
+            namespace: Some("default".into()),
+            name: "server".into(),
+        },
+        EndpointInfo {
+            addresses: vec![server],
+            ..Default::default()
+        },
+    );
+    let mut ingress: Vec<Rule> = (0..n)
+        .map(|i| Rule {
+            protocol: Some(Protocol::Name("TCP".into())),
+            source: EntityRule {
+                nets: vec![rule_net(i)],
+                ..Default::default()
+            },
+            destination: EntityRule {
+                ports: vec![Port::Number(i64::from(rule_port(i)))],
+                ..Default::default()
+            },
+            ..Rule::new(Action::Deny)
+        })
+        .collect();
+    ingress.push(Rule::new(Action::Allow));
+    w.policies.push(PolicyInfo {
+        name: "bench".into(),
+        namespace: None,
+        tier: "default".into(),
+        order: None,
+        selector: calico_selector::Selector::all(),
+        namespace_selector: None,
+        types: vec![
+            calico_model::spec::PolicyType::Ingress,
+            calico_model::spec::PolicyType::Egress,
+        ],
+        ingress,
+        egress: vec![Rule::new(Action::Allow)],
+    });
+    w
+}
+
+fn iptables(topo: &Topology, binary: &str, n: usize) -> anyhow::Result<()> {
+    let mut rules =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..n {
+        writeln!(
+            rules,
+            "-A FORWARD -s {} -p tcp --dport {} -j DROP",
+            rule_net(i),
+            rule_port(i)
+        )?;
+    }
+    rules.push_str("-A FORWARD -j ACCEPT\nCOMMIT\n");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", topo.router.name(), binary])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(rules.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "{binary} failed");
+    Ok(())
+}
+
+fn iperf(topo: &Topology, udp: bool) -> anyhow::Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", topo.server.name(), "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let target = topo.server_ip.to_string();
+    let secs = SECONDS.to_string();
+    let mut args = vec!["-c", &target, "-t", &secs, "-J"];
+    if udp {
+        args.extend(["-u", "-b", "0", "-l", "64"]);
+    }
+    let out = topo.client.exec("iperf3", &args)?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if udp {
+        let sum = &json["end"]["sum"];
+        let received =
+            sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
+        Ok(received / sum["seconds"].as_f64().unwrap_or(1.0) / 1000.0)
+    } else {
+        Ok(json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9)
+    }
+}
+
+/// New TCP connections per second: connect, then close with RST (no TIME_WAIT pile-up).
+fn connections(topo: &Topology) -> anyhow::Result<f64> {
+    let addr = SocketAddr::new(topo.server_ip, 7070);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let listener = topo.server.run(|| TcpListener::bind(("0.0.0.0", 7070)))??;
+    listener.set_nonblocking(true)?;
+    let count = std::thread::scope(|s| -> anyhow::Result<usize> {
+        let acceptor = s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((c, _)) => drop(c),
+                    Err(_) => std::thread::sleep(Duration::from_micros(50)),
+                }
+            }
+        });
+        let count = topo.client.run(|| {
+            let deadline = Instant::now() + Duration::from_secs(SECONDS);
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    let _ = nix::sys::socket::setsockopt(
+                        &c,
+                        nix::sys::socket::sockopt::Linger,
+                        &nix::libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        },
+                    );
+                    n += 1;
+                }
+            }
+            n
+        })?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = acceptor.join();
+        Ok(count)
+    })?;
+    Ok(count as f64 / SECONDS as f64)
+}
+
+fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
+    let topo = topology()?;
+    let mut note = String::new();
+    let _dp = match setup {
+        Setup::Plain => None,
+        Setup::Nft(n) => {
+            iptables(&topo, "iptables-nft-restore", n)?;
+            None
+        }
+        Setup::Legacy(n) => {
+            iptables(&topo, "iptables-legacy-restore", n)?;
+            None
+        }
+        Setup::Ebpf(n) => {
+            let (mut dp, _) = PolicyDataplane::load(&LoadOptions::default())?;
+            let ifname = topo.router_server_if.clone();
+            topo.router.run(|| dp.attach(&ifname))??;
+            let ifindex: u32 = topo
+                .router
+                .exec_ok("cat", &[&format!("/sys/class/net/{ifname}/ifindex")])?
+                .trim()
+                .parse()?;
+            let w = world(n, topo.server_ip);
+            let id = EndpointId {
+                namespace: Some("default".into()),
+                name: "server".into(),
+            };
+            let start = Instant::now();
+            for (direction, hook) in [
+                (Direction::Ingress, Hook::Egress),
+                (Direction::Egress, Hook::Ingress),
+            ] {
+                let compiled = CompiledProgram::compile(
+                    &w,
+                    &w.program(&id, direction),
+                    &[topo.server_ip],
+                    direction,
+                )?;
+                dp.install(ifindex, hook, &compiled)?;
+            }
+            note = format!(
+                "compiled and loaded in {:.2} s",
+                start.elapsed().as_secs_f64()
+            );
+            Some(dp)
+        }
+    };
+    let figures = Figures {
+        tcp_gbps: iperf(&topo, false)?,
+        udp_kpps: iperf(&topo, true)?,
+        conns_per_s: connections(&topo)?,
+    };
+    Ok((figures, note))
+}
+
+fn svg(rows: &[(String, Figures)]) -> String {
+    let metrics: [(&str, fn(&Figures) -> f64); 3] = [
+        ("TCP Gbit/s", |f| f.tcp_gbps),
+        ("UDP 64-byte kpps", |f| f.udp_kpps),
+        ("new TCP connections/s", |f| f.conns_per_s),
+    ];
+    let (bar_h, gap, label_w, chart_w) = (14.0, 4.0, 240.0, 360.0);
+    let block = rows.len() as f64 * (bar_h + gap) + 30.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        label_w + chart_w + 80.0,
+        block * 3.0 + 10.0
+    );
+    for (m, (title, value)) in metrics.iter().enumerate() {
+        let top = m as f64 * block + 15.0;
+        let max = rows
+            .iter()
+            .map(|(_, f)| value(f))
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
+        writeln!(
+            out,
+            "<text x=\"4\" y=\"{top}\" font-weight=\"bold\">{title}</text>"
+        )
+        .ok();
+        for (i, (label, f)) in rows.iter().enumerate() {
+            let y = top + 8.0 + i as f64 * (bar_h + gap);
+            let w = value(f) / max * chart_w;
+            writeln!(
+                out,
+                "<text x=\"4\" y=\"{}\">{label}</text>",
+                y + bar_h - 3.0
+            )
+            .ok();
+            writeln!(out, "<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{bar_h}\" fill=\"#3b7dd8\"/>").ok();
+            writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{}\">{:.1}</text>",
+                label_w + w + 4.0,
+                y + bar_h - 3.0,
+                value(f)
+            )
+            .ok();
+        }
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn main() -> anyhow::Result<()> {
+    if !require(
+        "dataplane benchmark",
+        &[Requirement::Root, Requirement::NetNs, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let setups = [
+        Setup::Plain,
+        Setup::Ebpf(0),
+        Setup::Ebpf(100),
+        Setup::Ebpf(1_000),
+        Setup::Ebpf(10_000),
+        Setup::Ebpf(50_000),
+        Setup::Nft(1_000),
+        Setup::Nft(10_000),
+        Setup::Legacy(1_000),
+        Setup::Legacy(10_000),
+    ];
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for setup in setups {
+        eprintln!("measuring: {}", setup.label());
+        let (f, note) = run(setup)?;
+        if !note.is_empty() {
+            notes.push(format!("{}: {note}", setup.label()));
+        }
+        rows.push((setup, f));
+    }
+    let mut table = String::from("| path | TCP Gbit/s | UDP 64-byte kpps received | new TCP connections/s |\n|---|---|---|---|\n");
+    for (s, f) in &rows {
+        writeln!(
+            table,
+            "| {} | {:.2} | {:.0} | {:.0} |",
+            s.label(),
+            f.tcp_gbps,
+            f.udp_kpps,
+            f.conns_per_s
+        )?;
+    }
+    let get = |want: &str| rows.iter().find(|(s, _)| s.label() == want).map(|(_, f)| f);
+    let mut verdicts = String::new();
+    if let (Some(plain), Some(e0), Some(e10k), Some(nft10k)) = (
+        get("routed veth, no program"),
+        get("eBPF dataplane, 0 rules"),
+        get("eBPF dataplane, 10000 rules"),
+        get("iptables-nft, 10000 rules"),
+    ) {
+        let within = |a: f64, b: f64| (a / b - 1.0).abs() * 100.0;
+        writeln!(verdicts, "- 10,000 rules vs 0 rules: TCP {:.0} %, UDP {:.0} %, connections {:.0} % apart (target: within 10 %)",
+            within(e10k.tcp_gbps, e0.tcp_gbps), within(e10k.udp_kpps, e0.udp_kpps), within(e10k.conns_per_s, e0.conns_per_s))?;
+        writeln!(verdicts, "- 10,000 rules vs iptables-nft with the same rules: TCP {:.1}x, UDP {:.1}x, connections {:.1}x (target: at least 10x)",
+            e10k.tcp_gbps / nft10k.tcp_gbps.max(1e-9), e10k.udp_kpps / nft10k.udp_kpps.max(1e-9), e10k.conns_per_s / nft10k.conns_per_s.max(1e-9))?;
+        writeln!(verdicts, "- 0 rules vs the plain routed path: TCP {:.2}x, UDP {:.2}x, connections {:.2}x (target: not below 1)",
+            e0.tcp_gbps / plain.tcp_gbps.max(1e-9), e0.udp_kpps / plain.udp_kpps.max(1e-9), e0.conns_per_s / plain.conns_per_s.max(1e-9))?;
+    }
+    let labelled: Vec<(String, Figures)> = rows.into_iter().map(|(s, f)| (s.label(), f)).collect();
+    println!("\n{table}\n{verdicts}");
+    for n in &notes {
+        println!("{n}");
+    }
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    std::fs::create_dir_all(&docs)?;
+    std::fs::write(
+        docs.join("bench-dataplane.md"),
+        format!(
+            "# Dataplane benchmark\n\n`cargo xtask bench dataplane`: client and server namespaces routed through a third; the \
+             policy is the server's, on the router's veth toward it (eBPF) or in the router's FORWARD chain (iptables). \
+             {SECONDS} s per figure, 2 vCPUs.\n\n{table}\n{verdicts}\n{}\n\n![chart](bench-dataplane.svg)\n",
+            notes.join("\n\n")
+        ),
+    )?;
+    std::fs::write(docs.join("bench-dataplane.svg"), svg(&labelled))?;
+    Ok(())
+}
