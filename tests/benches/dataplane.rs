@@ -278,8 +278,11 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
     Ok((figures, note))
 }
 
+/// A chart title and how to read its value from the figures.
+type Metric = (&'static str, fn(&Figures) -> f64);
+
 fn svg(rows: &[(String, Figures)]) -> String {
-    let metrics: [(&str, fn(&Figures) -> f64); 3] = [
+    let metrics: [Metric; 3] = [
         ("TCP Gbit/s", |f| f.tcp_gbps),
         ("UDP 64-byte kpps", |f| f.udp_kpps),
         ("new TCP connections/s", |f| f.conns_per_s),
