@@ -1,2 +1,37 @@
+use aya::{programs::SchedClassifier, Ebpf};
+
+use crate::DataplaneError;
+
 /// The TC programs' eBPF object, embedded at build time (see build.rs for where it comes from).
 pub static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calico_tc.o"));
+
+pub(crate) fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        program: name,
+        action: "lookup in object",
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            action: "type check",
+            source,
+        })
+}
+
+pub(crate) fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DataplaneError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MapType {
+        map: name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    M::try_from(map).map_err(|source| DataplaneError::MapType { map: name, source })
+}

@@ -12,7 +12,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         HashMap, MapData, PerCpuArray,
     },
-    programs::{tc, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
+    programs::{tc, tc::TcAttachOptions, LinkOrder, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -26,7 +26,10 @@ use calico_bpf_common::{
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
 
-use crate::{AttachMode, DataplaneError, LoadOptions, ProgramLogger, TC_OBJECT};
+use crate::{
+    object::{classifier, take},
+    AttachMode, DataplaneError, LoadOptions, ProgramLogger, TC_OBJECT,
+};
 
 /// Which tc hook of an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -494,35 +497,4 @@ impl PolicyDataplane {
             tracked: sum(PolicyStat::Tracked)?,
         })
     }
-}
-
-fn classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
-        program: name,
-        action: "lookup in object",
-        source: aya::programs::ProgramError::NotLoaded,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            program: name,
-            action: "type check",
-            source,
-        })
-}
-
-fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DataplaneError>
-where
-    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(DataplaneError::MapType {
-        map: name,
-        source: aya::maps::MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    })?;
-    M::try_from(map).map_err(|source| DataplaneError::MapType { map: name, source })
 }

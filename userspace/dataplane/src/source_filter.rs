@@ -24,7 +24,10 @@ use calico_bpf_common::{
 };
 use ipnet::IpNet;
 
-use crate::{DataplaneError, TC_OBJECT};
+use crate::{
+    object::{classifier, take},
+    DataplaneError, TC_OBJECT,
+};
 
 /// Which way through an interface the program sees packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,9 +109,9 @@ impl SourceFilter {
             source,
         })?;
 
-        let deny_v4 = take_map(&mut ebpf, SRC_DENY_V4_MAP)?;
-        let deny_v6 = take_map(&mut ebpf, SRC_DENY_V6_MAP)?;
-        let stats = take_map(&mut ebpf, FILTER_STATS_MAP)?;
+        let deny_v4 = take(&mut ebpf, SRC_DENY_V4_MAP)?;
+        let deny_v6 = take(&mut ebpf, SRC_DENY_V6_MAP)?;
+        let stats = take(&mut ebpf, FILTER_STATS_MAP)?;
         Ok((
             Self {
                 ebpf,
@@ -298,33 +301,7 @@ impl SourceFilter {
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
-    let program = ebpf
-        .program_mut(SOURCE_FILTER_PROG)
-        .ok_or(DataplaneError::Program {
-            program: SOURCE_FILTER_PROG,
-            action: "lookup in object",
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-    program
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            program: SOURCE_FILTER_PROG,
-            action: "type check",
-            source,
-        })
-}
-
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DataplaneError>
-where
-    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(DataplaneError::MapType {
-        map: name,
-        source: aya::maps::MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    })?;
-    M::try_from(map).map_err(|source| DataplaneError::MapType { map: name, source })
+    classifier(ebpf, SOURCE_FILTER_PROG)
 }
 
 fn map_err(
