@@ -23,8 +23,8 @@ use ipnet::IpNet;
 use calico_model::spec::{Action, TierDefaultAction};
 
 use crate::{
-    eval::{entity_address_matches, has_ports, is_icmp, parse_nets},
-    Direction, Packet, PolicyProgram, RuleRef, Verdict, World,
+    eval::{has_ports, is_icmp, parse_nets},
+    Direction, IpSetSource, Packet, PolicyProgram, RuleRef, SelectorScope, Verdict, World,
 };
 
 /// A rule the dataplane cannot enforce.
@@ -147,8 +147,6 @@ fn port_cuts(ports: &[Port], cuts: &mut BTreeSet<u32>) {
     }
 }
 
-/// A selector pair and the namespace it is scoped to (the selector cache's key).
-type SelectorScope = (Option<String>, Option<String>, Option<String>);
 /// What rules say of one protocol: (has ports, is ICMP, per rule (protocol matches,
 /// notProtocol matches)).
 type ProtocolSignature = (bool, bool, Vec<(Option<bool>, Option<bool>)>);
@@ -266,9 +264,21 @@ impl Open {
 }
 
 impl CompiledProgram {
-    /// Compiles `program` for an endpoint with `addresses`, in `direction`.
+    /// Compiles `program` for an endpoint with `addresses`, in `direction`, resolving rule
+    /// selectors against `world`.
     pub fn compile(
         world: &World,
+        program: &PolicyProgram,
+        addresses: &[IpAddr],
+        direction: Direction,
+    ) -> Result<Self, CompileError> {
+        Self::compile_with(world, program, addresses, direction)
+    }
+
+    /// As [`CompiledProgram::compile`], with rule selectors resolved by `ipsets` (the agent's
+    /// incrementally maintained IP sets).
+    pub fn compile_with(
+        ipsets: &dyn IpSetSource,
         program: &PolicyProgram,
         addresses: &[IpAddr],
         direction: Direction,
@@ -319,24 +329,13 @@ impl CompiledProgram {
         let mut cache: BTreeMap<SelectorScope, Vec<IpNet>> = BTreeMap::new();
         let mut selected =
             |sel: Option<&str>, ns_sel: Option<&str>, ns: Option<&str>| -> Vec<IpNet> {
-                let key = (
-                    sel.map(String::from),
-                    ns_sel.map(String::from),
-                    ns.map(String::from),
-                );
-                cache
-                    .entry(key)
-                    .or_insert_with(|| {
-                        let parse = |t: Option<&str>| {
-                            t.map(|t| {
-                                calico_selector::Selector::parse(t)
-                                    .unwrap_or_else(|_| calico_selector::Selector::all())
-                            })
-                        };
-                        let (s, n) = (parse(sel), parse(ns_sel));
-                        world.selected_prefixes(s.as_ref(), n.as_ref(), ns)
-                    })
-                    .clone()
+                let scope = SelectorScope::new(sel, ns_sel, ns);
+                if let Some(hit) = cache.get(&scope) {
+                    return hit.clone();
+                }
+                let prefixes = ipsets.prefixes(&scope);
+                cache.insert(scope, prefixes.clone());
+                prefixes
             };
         let peers: Vec<PeerPredicate> = rules
             .iter()
@@ -458,7 +457,12 @@ impl CompiledProgram {
             let sig: Vec<bool> = rules
                 .iter()
                 .map(|f| {
-                    entity_address_matches(world, local_entity(f.rule, direction), f.namespace, *ip)
+                    local_matches(
+                        local_entity(f.rule, direction),
+                        f.namespace,
+                        *ip,
+                        &mut selected,
+                    )
                 })
                 .collect();
             let key = (ip.is_ipv4(), sig);
@@ -860,6 +864,39 @@ fn peer_entity(r: &Rule, direction: Direction) -> &EntityRule {
         Direction::Ingress => &r.source,
         Direction::Egress => &r.destination,
     }
+}
+
+/// Whether the endpoint's own address `ip` satisfies the address half of entity `e` (the
+/// local side of a rule): the same test as the reference evaluator's, over resolved sets.
+fn local_matches(
+    e: &EntityRule,
+    policy_namespace: Option<&str>,
+    ip: IpAddr,
+    selected: &mut dyn FnMut(Option<&str>, Option<&str>, Option<&str>) -> Vec<IpNet>,
+) -> bool {
+    if !e.nets.is_empty() && !parse_nets(&e.nets).iter().any(|n| n.contains(&ip)) {
+        return false;
+    }
+    if parse_nets(&e.not_nets).iter().any(|n| n.contains(&ip)) {
+        return false;
+    }
+    let ns_sel = e.namespace_selector.as_deref();
+    if (e.selector.is_some() || ns_sel.is_some())
+        && !selected(e.selector.as_deref(), ns_sel, policy_namespace)
+            .iter()
+            .any(|n| n.contains(&ip))
+    {
+        return false;
+    }
+    if let Some(not) = e.not_selector.as_deref() {
+        if selected(Some(not), ns_sel, policy_namespace)
+            .iter()
+            .any(|n| n.contains(&ip))
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// The side of a rule that describes the endpoint itself.

@@ -21,4 +21,6 @@ mod world;
 pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram};
 pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
-pub use world::{EndpointId, EndpointInfo, NetworkSetInfo, PolicyInfo, World};
+pub use world::{
+    EndpointId, EndpointInfo, IpSetSource, Item, NetworkSetInfo, PolicyInfo, SelectorScope, World,
+};

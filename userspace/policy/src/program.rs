@@ -120,3 +120,37 @@ impl World {
         PolicyProgram { tiers, profiles }
     }
 }
+
+impl PolicyProgram {
+    /// Every selector scope compiling this program consults (both sides of every rule,
+    /// selector and notSelector): the IP sets it depends on.
+    pub fn scopes(&self) -> std::collections::BTreeSet<crate::SelectorScope> {
+        let mut out = std::collections::BTreeSet::new();
+        let rules = self
+            .tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .flat_map(|p| p.rules.iter().map(move |r| (r, p.namespace.as_deref())))
+            .chain(
+                self.profiles
+                    .iter()
+                    .flat_map(|(_, rules)| rules.iter().map(|r| (r, None))),
+            );
+        for (rule, namespace) in rules {
+            for e in [&rule.source, &rule.destination] {
+                let ns_sel = e.namespace_selector.as_deref();
+                if e.selector.is_some() || ns_sel.is_some() {
+                    out.insert(crate::SelectorScope::new(
+                        e.selector.as_deref(),
+                        ns_sel,
+                        namespace,
+                    ));
+                }
+                if let Some(not) = e.not_selector.as_deref() {
+                    out.insert(crate::SelectorScope::new(Some(not), ns_sel, namespace));
+                }
+            }
+        }
+        out
+    }
+}

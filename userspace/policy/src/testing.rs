@@ -241,8 +241,9 @@ pub fn world() -> impl Strategy<Value = World> {
                     },
                 );
             }
-            for (global, nets) in sets {
+            for (i, (global, nets)) in sets.into_iter().enumerate() {
                 w.network_sets.push(NetworkSetInfo {
+                    name: format!("set{i}"),
                     namespace: if global { None } else { Some("shop".into()) },
                     labels: [("app".to_owned(), "cache".to_owned())].into(),
                     nets: nets.iter().map(|n| n.parse().unwrap()).collect(),

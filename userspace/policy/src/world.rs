@@ -28,6 +28,7 @@ pub struct EndpointInfo {
 
 #[derive(Debug, Clone, Default)]
 pub struct NetworkSetInfo {
+    pub name: String,
     /// None for a GlobalNetworkSet.
     pub namespace: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -199,7 +200,9 @@ impl World {
         ) && selector.matches(&set.labels)
     }
 
-    fn in_scope(
+    /// Whether something in `namespace` (None: global) is visible to a selector with
+    /// `namespace_selector` in a policy of `policy_namespace`.
+    pub fn in_scope(
         &self,
         namespace: Option<&str>,
         namespace_selector: Option<&Selector>,
@@ -225,13 +228,67 @@ impl World {
     }
 }
 
-impl World {
-    /// Builds the calculation's inputs from resources as stored (endpoints, network sets,
-    /// tiers, policies, profiles; other kinds are ignored). Policies without a selector
-    /// select everything; without a tier they belong to `default`.
-    pub fn from_resources(resources: &[calico_model::Resource]) -> Result<World, String> {
+/// A rule's selector pair with the namespace it is evaluated in (the policy's, None for
+/// global policies and profiles): the key of an IP set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SelectorScope {
+    pub selector: Option<String>,
+    pub namespace_selector: Option<String>,
+    pub namespace: Option<String>,
+}
+
+impl SelectorScope {
+    pub fn new(
+        selector: Option<&str>,
+        namespace_selector: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Self {
+        Self {
+            selector: selector.map(str::to_owned),
+            namespace_selector: namespace_selector.map(str::to_owned),
+            namespace: namespace.map(str::to_owned),
+        }
+    }
+}
+
+/// Where compiled programs get the prefixes a rule selector stands for.
+pub trait IpSetSource {
+    fn prefixes(&self, scope: &SelectorScope) -> Vec<IpNet>;
+}
+
+impl IpSetSource for World {
+    /// Computed from scratch over every endpoint and network set.
+    fn prefixes(&self, scope: &SelectorScope) -> Vec<IpNet> {
+        // Selectors were validated on the way in; one that is not still parses as all() so
+        // that a bad value can never widen into "nothing matches" silently in one place only.
+        let parse = |t: &Option<String>| {
+            t.as_deref()
+                .map(|t| Selector::parse(t).unwrap_or_else(|_| Selector::all()))
+        };
+        self.selected_prefixes(
+            parse(&scope.selector).as_ref(),
+            parse(&scope.namespace_selector).as_ref(),
+            scope.namespace.as_deref(),
+        )
+    }
+}
+
+/// One resource as the calculation sees it.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Endpoint(EndpointId, EndpointInfo),
+    NetworkSet(NetworkSetInfo),
+    Tier(String, (Option<Order>, TierDefaultAction)),
+    Profile(String, ProfileSpec),
+    Policy(PolicyInfo),
+}
+
+impl Item {
+    /// What the calculation needs of `resource`; `None` for kinds it does not look at.
+    /// Policies without a selector select everything; without a tier they belong to
+    /// `default`.
+    pub fn from_resource(resource: &calico_model::Resource) -> Result<Option<Item>, String> {
         use calico_model::Resource;
-        let mut world = World::default();
         let parse = |what: &str, s: &Option<String>| -> Result<Option<Selector>, String> {
             s.as_deref()
                 .map(|t| Selector::parse(t).map_err(|e| format!("{what}: {e}")))
@@ -247,101 +304,121 @@ impl World {
                 })
                 .collect()
         };
+        let tier = |t: &Option<String>| t.clone().unwrap_or_else(|| DEFAULT_TIER.to_owned());
+        Ok(Some(match resource {
+            Resource::WorkloadEndpoint(w) => Item::Endpoint(
+                EndpointId {
+                    namespace: w.metadata.namespace.clone(),
+                    name: w.metadata.name.clone(),
+                },
+                EndpointInfo {
+                    labels: w.metadata.labels.clone(),
+                    profiles: w.spec.profiles.clone(),
+                    addresses: addresses(&w.spec.ip_networks),
+                },
+            ),
+            Resource::HostEndpoint(h) => Item::Endpoint(
+                EndpointId {
+                    namespace: None,
+                    name: h.metadata.name.clone(),
+                },
+                EndpointInfo {
+                    labels: h.metadata.labels.clone(),
+                    profiles: h.spec.profiles.clone(),
+                    addresses: addresses(&h.spec.expected_ips),
+                },
+            ),
+            Resource::NetworkSet(s) | Resource::GlobalNetworkSet(s) => {
+                Item::NetworkSet(NetworkSetInfo {
+                    name: s.metadata.name.clone(),
+                    namespace: s.metadata.namespace.clone(),
+                    labels: s.metadata.labels.clone(),
+                    nets: s
+                        .spec
+                        .nets
+                        .iter()
+                        .filter_map(|n| {
+                            n.parse::<IpNet>()
+                                .ok()
+                                .or_else(|| n.parse::<IpAddr>().ok().map(IpNet::from))
+                        })
+                        .collect(),
+                })
+            }
+            Resource::Tier(t) => Item::Tier(
+                t.metadata.name.clone(),
+                (
+                    t.spec.order,
+                    t.spec.default_action.unwrap_or(TierDefaultAction::Deny),
+                ),
+            ),
+            Resource::Profile(p) => Item::Profile(p.metadata.name.clone(), p.spec.clone()),
+            Resource::NetworkPolicy(p) => {
+                let what = format!("NetworkPolicy {}", p.metadata.name);
+                Item::Policy(PolicyInfo {
+                    name: p.metadata.name.clone(),
+                    namespace: p.metadata.namespace.clone(),
+                    tier: tier(&p.spec.tier),
+                    order: p.spec.order,
+                    selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
+                    namespace_selector: None,
+                    types: p.spec.types.clone(),
+                    ingress: p.spec.ingress.clone(),
+                    egress: p.spec.egress.clone(),
+                })
+            }
+            Resource::GlobalNetworkPolicy(p) => {
+                let what = format!("GlobalNetworkPolicy {}", p.metadata.name);
+                Item::Policy(PolicyInfo {
+                    name: p.metadata.name.clone(),
+                    namespace: None,
+                    tier: tier(&p.spec.tier),
+                    order: p.spec.order,
+                    selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
+                    namespace_selector: parse(&what, &p.spec.namespace_selector)?,
+                    types: p.spec.types.clone(),
+                    ingress: p.spec.ingress.clone(),
+                    egress: p.spec.egress.clone(),
+                })
+            }
+            _ => return Ok(None),
+        }))
+    }
+}
+
+impl World {
+    /// Adds `item`, replacing what had its identity.
+    pub fn insert(&mut self, item: Item) {
+        match item {
+            Item::Endpoint(id, info) => {
+                self.endpoints.insert(id, info);
+            }
+            Item::NetworkSet(set) => {
+                self.network_sets
+                    .retain(|s| (&s.namespace, &s.name) != (&set.namespace, &set.name));
+                self.network_sets.push(set);
+            }
+            Item::Tier(name, tier) => {
+                self.tiers.insert(name, tier);
+            }
+            Item::Profile(name, spec) => {
+                self.profiles.insert(name, spec);
+            }
+            Item::Policy(policy) => {
+                self.policies
+                    .retain(|p| (&p.namespace, &p.name) != (&policy.namespace, &policy.name));
+                self.policies.push(policy);
+            }
+        }
+    }
+
+    /// Builds the calculation's inputs from resources as stored (see [`Item::from_resource`];
+    /// other kinds are ignored).
+    pub fn from_resources(resources: &[calico_model::Resource]) -> Result<World, String> {
+        let mut world = World::default();
         for r in resources {
-            match r {
-                Resource::WorkloadEndpoint(w) => {
-                    world.endpoints.insert(
-                        EndpointId {
-                            namespace: w.metadata.namespace.clone(),
-                            name: w.metadata.name.clone(),
-                        },
-                        EndpointInfo {
-                            labels: w.metadata.labels.clone(),
-                            profiles: w.spec.profiles.clone(),
-                            addresses: addresses(&w.spec.ip_networks),
-                        },
-                    );
-                }
-                Resource::HostEndpoint(h) => {
-                    world.endpoints.insert(
-                        EndpointId {
-                            namespace: None,
-                            name: h.metadata.name.clone(),
-                        },
-                        EndpointInfo {
-                            labels: h.metadata.labels.clone(),
-                            profiles: h.spec.profiles.clone(),
-                            addresses: addresses(&h.spec.expected_ips),
-                        },
-                    );
-                }
-                Resource::NetworkSet(s) | Resource::GlobalNetworkSet(s) => {
-                    world.network_sets.push(NetworkSetInfo {
-                        namespace: s.metadata.namespace.clone(),
-                        labels: s.metadata.labels.clone(),
-                        nets: s
-                            .spec
-                            .nets
-                            .iter()
-                            .filter_map(|n| {
-                                n.parse::<IpNet>()
-                                    .ok()
-                                    .or_else(|| n.parse::<IpAddr>().ok().map(IpNet::from))
-                            })
-                            .collect(),
-                    });
-                }
-                Resource::Tier(t) => {
-                    world.tiers.insert(
-                        t.metadata.name.clone(),
-                        (
-                            t.spec.order,
-                            t.spec.default_action.unwrap_or(TierDefaultAction::Deny),
-                        ),
-                    );
-                }
-                Resource::Profile(p) => {
-                    world
-                        .profiles
-                        .insert(p.metadata.name.clone(), p.spec.clone());
-                }
-                Resource::NetworkPolicy(p) => {
-                    let what = format!("NetworkPolicy {}", p.metadata.name);
-                    world.policies.push(PolicyInfo {
-                        name: p.metadata.name.clone(),
-                        namespace: p.metadata.namespace.clone(),
-                        tier: p
-                            .spec
-                            .tier
-                            .clone()
-                            .unwrap_or_else(|| DEFAULT_TIER.to_owned()),
-                        order: p.spec.order,
-                        selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
-                        namespace_selector: None,
-                        types: p.spec.types.clone(),
-                        ingress: p.spec.ingress.clone(),
-                        egress: p.spec.egress.clone(),
-                    });
-                }
-                Resource::GlobalNetworkPolicy(p) => {
-                    let what = format!("GlobalNetworkPolicy {}", p.metadata.name);
-                    world.policies.push(PolicyInfo {
-                        name: p.metadata.name.clone(),
-                        namespace: None,
-                        tier: p
-                            .spec
-                            .tier
-                            .clone()
-                            .unwrap_or_else(|| DEFAULT_TIER.to_owned()),
-                        order: p.spec.order,
-                        selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
-                        namespace_selector: parse(&what, &p.spec.namespace_selector)?,
-                        types: p.spec.types.clone(),
-                        ingress: p.spec.ingress.clone(),
-                        egress: p.spec.egress.clone(),
-                    });
-                }
-                _ => {}
+            if let Some(item) = Item::from_resource(r)? {
+                world.insert(item);
             }
         }
         Ok(world)
