@@ -866,13 +866,16 @@ fn peer_entity(r: &Rule, direction: Direction) -> &EntityRule {
     }
 }
 
+/// Resolves (selector, namespaceSelector, policy namespace) to prefixes.
+type SelectorLookup<'a> = dyn FnMut(Option<&str>, Option<&str>, Option<&str>) -> Vec<IpNet> + 'a;
+
 /// Whether the endpoint's own address `ip` satisfies the address half of entity `e` (the
 /// local side of a rule): the same test as the reference evaluator's, over resolved sets.
 fn local_matches(
     e: &EntityRule,
     policy_namespace: Option<&str>,
     ip: IpAddr,
-    selected: &mut dyn FnMut(Option<&str>, Option<&str>, Option<&str>) -> Vec<IpNet>,
+    selected: &mut SelectorLookup<'_>,
 ) -> bool {
     if !e.nets.is_empty() && !parse_nets(&e.nets).iter().any(|n| n.contains(&ip)) {
         return false;
