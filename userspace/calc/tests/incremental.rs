@@ -37,7 +37,7 @@ fn endpoint_id(i: usize) -> EndpointId {
 #[derive(Debug, Clone)]
 enum Op {
     Endpoint(usize, Option<(Vec<&'static str>, Vec<usize>, bool)>),
-    Policy(usize, Option<PolicyInfo>),
+    Policy(usize, Option<Box<PolicyInfo>>),
     ProfileLabels(Vec<&'static str>),
     ProfileRules(Vec<calico_model::spec::Rule>),
     NetworkSet(usize, Option<(bool, Vec<&'static str>, &'static str)>),
@@ -54,7 +54,7 @@ fn op() -> impl Strategy<Value = Op> {
             prop::bool::weighted(0.7),
         ))).prop_map(|(i, e)| Op::Endpoint(i, e)),
         3 => (0usize..5).prop_flat_map(|i| (Just(i), prop::option::weighted(0.75, testing::policy(i))))
-            .prop_map(|(i, p)| Op::Policy(i, p)),
+            .prop_map(|(i, p)| Op::Policy(i, p.map(Box::new))),
         1 => prop::collection::vec(pick(LABELS), 0..2).prop_map(Op::ProfileLabels),
         1 => prop::collection::vec(testing::rule(), 0..3).prop_map(Op::ProfileRules),
         2 => (0usize..3, prop::option::weighted(0.7, (
@@ -112,12 +112,12 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
                 .policies
                 .retain(|q| !(q.name == name && q.namespace == namespace));
             if let Some(p) = p {
-                world.policies.push(p.clone());
+                world.policies.push((**p).clone());
             }
             Update::Policy {
                 namespace,
                 name,
-                policy: p.clone(),
+                policy: p.as_deref().cloned(),
             }
         }
         Op::ProfileLabels(l) => {
@@ -138,7 +138,6 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
                     .get("prof")
                     .map(|p| p.labels_to_apply.clone())
                     .unwrap_or_default(),
-                ..Default::default()
             };
             world.profiles.insert("prof".into(), spec.clone());
             Update::Profile {
