@@ -111,6 +111,11 @@ impl Etcd {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
+    /// The client port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.client_port
+    }
+
     /// Where etcd writes its log.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("etcd.log")

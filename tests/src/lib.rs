@@ -2,10 +2,14 @@
 //! etcd on a free loopback port. Everything a harness object creates is removed when it drops,
 //! including when the test that owns it panics.
 
+mod agent;
 mod etcd;
+mod forward;
 mod netns;
 mod requirements;
 
+pub use agent::{AgentProcess, Workload, HEALTH_PORT};
 pub use etcd::{Etcd, TlsFiles};
+pub use forward::Forward;
 pub use netns::{unique_name, NetNs, Veth};
 pub use requirements::{require, Requirement};

@@ -54,6 +54,7 @@ async fn drop_is_logged_through_tracing() -> anyhow::Result<()> {
 
     let (mut filter, logger) = SourceFilter::load(&LoadOptions {
         log_level: Some(aya_log::Level::Debug),
+        ..Default::default()
     })?;
     let pump = spawn_log_pump(logger.expect("logging was enabled"))?;
     let server_if = veth.b_name.clone();

@@ -99,6 +99,7 @@ async fn main() -> Result<()> {
     let (mut filter, logger) = SourceFilter::load(&LoadOptions {
         // Program log lines show with `RUST_LOG=debug cargo xtask demo`.
         log_level: Some(aya_log::Level::Debug),
+        ..Default::default()
     })?;
     let _pump = logger.map(spawn_log_pump).transpose()?;
     // Toward the workload = egress of its host-side veth, as Calico attaches ingress policy.

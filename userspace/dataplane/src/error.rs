@@ -36,6 +36,13 @@ pub enum DataplaneError {
     Logger(#[source] aya_log::Error),
     #[error("{what} {value} does not fit the map's 16-bit field")]
     TooLarge { what: &'static str, value: u32 },
+    #[error("pinning at {}: {action} failed: {source}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} is not attached to `{interface}`")]
     NotAttached {
         what: &'static str,

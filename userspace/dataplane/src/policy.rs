@@ -5,14 +5,23 @@
 //! switched to it with one map update, and the old program's entries are deleted. A packet
 //! therefore sees either the old tables or the new ones, never a mix.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
         HashMap, MapData, PerCpuArray,
     },
-    programs::{tc, tc::TcAttachOptions, LinkOrder, TcAttachType},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, TcAttachType,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -131,6 +140,36 @@ pub struct PolicyDataplane {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     next_program: u32,
     installed: BTreeMap<(u32, u32), (u32, Written)>,
+    /// Where maps and links are pinned, if anywhere.
+    pin_path: Option<PathBuf>,
+    /// Attachments this process made, by (ifindex, hook).
+    links: BTreeMap<(u32, Hook), Attachment>,
+}
+
+/// One classifier attachment: owned (detached when dropped) or pinned (kept until unpinned).
+enum Attachment {
+    Owned(#[allow(dead_code)] SchedClassifierLink),
+    Pinned(PinnedLink),
+}
+
+/// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
+/// need to).
+const PINNED_MAPS: [&str; 8] = [
+    POLICY_ENDPOINTS_MAP,
+    POLICY_PEERS_MAP,
+    POLICY_LOCALS_MAP,
+    POLICY_PROTOS_MAP,
+    POLICY_SPORTS_MAP,
+    POLICY_VERDICTS_MAP,
+    POLICY_STATS_MAP,
+    CONNTRACK_MAP,
+];
+
+fn hook_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
+    }
 }
 
 fn map_err(
@@ -151,6 +190,21 @@ fn mapped(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// Where the attachment of `hook` on interface `ifindex` is pinned.
+fn link_pin(dir: &Path, ifindex: u32, hook: Hook) -> PathBuf {
+    dir.join("links")
+        .join(format!("{ifindex}-{}", hook_name(hook)))
+}
+
+/// Releases the attachment pinned at `path`, if any (detaching it).
+fn release_pin(path: &Path) {
+    if let Ok(old) = PinnedLink::from_pin(path) {
+        let _ = old.unpin();
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
     u16::try_from(class).map_err(|_| DataplaneError::TooLarge { what, value: class })
 }
@@ -159,10 +213,22 @@ impl PolicyDataplane {
     /// Loads the policy classifiers and their maps.
     pub fn load(options: &LoadOptions) -> Result<(Self, Option<ProgramLogger>), DataplaneError> {
         let level: u8 = options.log_level.map_or(0, |l| l as u8);
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(TC_OBJECT)
-            .map_err(DataplaneError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, false);
+        if let Some(dir) = &options.pin_path {
+            for sub in [dir.clone(), dir.join("links")] {
+                std::fs::create_dir_all(&sub).map_err(|source| DataplaneError::Pin {
+                    path: sub.clone(),
+                    action: "create directory",
+                    source,
+                })?;
+            }
+            for name in PINNED_MAPS {
+                // Reuses the map pinned there, or creates and pins it.
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(TC_OBJECT).map_err(DataplaneError::Load)?;
         let logger = match options.log_level {
             Some(_) => Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(DataplaneError::Logger)?),
             None => None,
@@ -176,7 +242,7 @@ impl PolicyDataplane {
                     source,
                 })?;
         }
-        let dataplane = Self {
+        let mut dataplane = Self {
             endpoints: take(&mut ebpf, POLICY_ENDPOINTS_MAP)?,
             peers: take(&mut ebpf, POLICY_PEERS_MAP)?,
             locals: take(&mut ebpf, POLICY_LOCALS_MAP)?,
@@ -188,11 +254,22 @@ impl PolicyDataplane {
             ebpf,
             next_program: 1,
             installed: BTreeMap::new(),
+            pin_path: options.pin_path.clone(),
+            links: BTreeMap::new(),
         };
+        // Programs already in pinned maps (a previous run's) keep their ids; new ones start
+        // above them.
+        let adopted = dataplane.endpoint_programs()?;
+        if let Some(max) = adopted.values().map(|r| r.program).max() {
+            dataplane.next_program = max.wrapping_add(1).max(1);
+        }
         Ok((dataplane, logger))
     }
 
     /// Attaches both classifiers to `interface` (in the calling thread's network namespace).
+    /// With a pin path, the TCX attachments are pinned under `<pin path>/links/` and replace
+    /// a previous run's there without a gap: the new program is attached first, then the old
+    /// attachment is released (both judge with the same pinned maps meanwhile).
     pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         if !tcx {
@@ -208,28 +285,193 @@ impl PolicyDataplane {
                 }
             }
         }
-        for (name, hook) in [
-            (POLICY_INGRESS_PROG, TcAttachType::Ingress),
-            (POLICY_EGRESS_PROG, TcAttachType::Egress),
+        let ifindex =
+            nix::net::if_::if_nametoindex(interface).map_err(|e| DataplaneError::Interface {
+                interface: interface.to_owned(),
+                action: "looking up its index",
+                source: tc::TcError::IoError(e.into()),
+            })?;
+        for (name, attach_type, hook) in [
+            (POLICY_INGRESS_PROG, TcAttachType::Ingress, Hook::Ingress),
+            (POLICY_EGRESS_PROG, TcAttachType::Egress, Hook::Egress),
         ] {
             let options = if tcx {
                 TcAttachOptions::TcxOrder(LinkOrder::default())
             } else {
                 TcAttachOptions::Netlink(Default::default())
             };
-            classifier(&mut self.ebpf, name)?
-                .attach_with_options(interface, hook, options)
+            let program = classifier(&mut self.ebpf, name)?;
+            let id = program
+                .attach_with_options(interface, attach_type, options)
                 .map_err(|source| DataplaneError::Program {
                     program: name,
                     action: "attach",
                     source,
                 })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    action: "take link",
+                    source,
+                })?;
+            let attachment = match (&self.pin_path, tcx) {
+                (Some(dir), true) => {
+                    let path = link_pin(dir, ifindex, hook);
+                    let fd: FdLink = link.try_into().map_err(|_| DataplaneError::Pin {
+                        path: path.clone(),
+                        action: "convert to an fd link",
+                        source: std::io::Error::other("not a TCX link"),
+                    })?;
+                    // The previous attachment goes only once the new one is in place.
+                    release_pin(&path);
+                    self.links.remove(&(ifindex, hook));
+                    Attachment::Pinned(fd.pin(&path).map_err(|e| DataplaneError::Pin {
+                        path: path.clone(),
+                        action: "pin link",
+                        source: std::io::Error::other(e.to_string()),
+                    })?)
+                }
+                _ => Attachment::Owned(link),
+            };
+            // Replacing an owned attachment detaches the old one after the new one is in.
+            self.links.insert((ifindex, hook), attachment);
         }
         Ok(if tcx {
             AttachMode::Tcx
         } else {
             AttachMode::Clsact
         })
+    }
+
+    /// Detaches both classifiers from interface `ifindex` and removes its policy (for an
+    /// interface that is going away or no longer managed). Unknown indexes are fine.
+    pub fn forget_interface(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        for hook in [Hook::Ingress, Hook::Egress] {
+            match self.links.remove(&(ifindex, hook)) {
+                Some(Attachment::Pinned(link)) => {
+                    // Unpinning and dropping the last fd detaches.
+                    let _ = link.unpin();
+                }
+                Some(Attachment::Owned(_)) => {}
+                None => {
+                    if let Some(dir) = &self.pin_path {
+                        release_pin(&link_pin(dir, ifindex, hook));
+                    }
+                }
+            }
+            self.remove(ifindex, hook)?;
+        }
+        Ok(())
+    }
+
+    /// Interfaces with pinned attachments (this run's or a previous one's), by index.
+    pub fn pinned_interfaces(&self) -> BTreeSet<u32> {
+        let Some(dir) = &self.pin_path else {
+            return BTreeSet::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir.join("links")) else {
+            return BTreeSet::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.split_once('-')?.0.parse().ok()
+            })
+            .collect()
+    }
+
+    /// Interfaces with a policy in the endpoint map, by index (this run's or a previous
+    /// one's, when the maps are pinned).
+    pub fn programmed_interfaces(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        Ok(self
+            .endpoint_programs()?
+            .keys()
+            .map(|(ifindex, _)| *ifindex)
+            .collect())
+    }
+
+    fn endpoint_programs(&self) -> Result<BTreeMap<(u32, u32), ProgramRef>, DataplaneError> {
+        self.endpoints
+            .iter()
+            .map(|e| e.map(|(k, v)| ((k.ifindex, k.hook), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(POLICY_ENDPOINTS_MAP, "iterate"))
+    }
+
+    /// Deletes table entries of programs no endpoint refers to: what a previous run left
+    /// behind once this run has installed its own. Returns how many entries went.
+    pub fn sweep(&mut self) -> Result<usize, DataplaneError> {
+        let live: BTreeSet<u32> = self
+            .endpoint_programs()?
+            .values()
+            .map(|r| r.program)
+            .collect();
+        let dead = |program: u32| !live.contains(&program);
+        let mut removed = 0;
+        let peers: Vec<Key<PeerKeyData>> = self
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead(u32::from_be_bytes(k.data().program)))
+            .collect();
+        for k in &peers {
+            removed += usize::from(self.peers.remove(k).is_ok());
+        }
+        let locals: Vec<LocalKey> = self
+            .locals
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead(k.program))
+            .collect();
+        for k in &locals {
+            removed += usize::from(self.locals.remove(k).is_ok());
+        }
+        let protos: Vec<ProtoKey> = self
+            .protos
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead(k.program))
+            .collect();
+        for k in &protos {
+            removed += usize::from(self.protos.remove(k).is_ok());
+        }
+        let sports: Vec<Key<PortKeyData>> = self
+            .sports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead(u32::from_be_bytes(k.data().program)))
+            .collect();
+        for k in &sports {
+            removed += usize::from(self.sports.remove(k).is_ok());
+        }
+        let verdicts: Vec<Key<VerdictKeyData>> = self
+            .verdicts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let b = k.data().bytes;
+                dead(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            })
+            .collect();
+        for k in &verdicts {
+            removed += usize::from(self.verdicts.remove(k).is_ok());
+        }
+        Ok(removed)
+    }
+
+    /// Entries in each policy table, for occupancy metrics.
+    pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (POLICY_ENDPOINTS_MAP, self.endpoints.keys().count()),
+            (POLICY_PEERS_MAP, self.peers.keys().count()),
+            (POLICY_LOCALS_MAP, self.locals.keys().count()),
+            (POLICY_PROTOS_MAP, self.protos.keys().count()),
+            (POLICY_SPORTS_MAP, self.sports.keys().count()),
+            (POLICY_VERDICTS_MAP, self.verdicts.keys().count()),
+            (CONNTRACK_MAP, self.conntrack.keys().count()),
+        ]
     }
 
     /// Installs `compiled` as the policy of interface `ifindex` at `hook`, replacing what was

@@ -62,6 +62,10 @@ pub struct LoadOptions {
     /// Most verbose aya-log level the programs emit; `None` compiles logging out at load time
     /// (the program checks a read-only global, so disabled logging costs one branch).
     pub log_level: Option<aya_log::Level>,
+    /// Policy dataplane only: a bpffs directory (e.g. `/sys/fs/bpf/calico`) where the maps and
+    /// the TCX attachments are pinned, so that they outlive the process: a restarted agent
+    /// adopts them and traffic keeps its verdicts (and its tracked flows) meanwhile.
+    pub pin_path: Option<std::path::PathBuf>,
 }
 
 /// Packet counters summed over all CPUs.

@@ -1,0 +1,258 @@
+//! A calico-node agent process running in a test "host" namespace, and workloads wired to that
+//! host the way the CNI plugin wires them (a `cali*` veth, the workload's address as a /32,
+//! the 169.254.1.1 gateway).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{netns::run_ok, unique_name, NetNs};
+
+/// The MAC of every workload veth's host end (upstream's choice).
+const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+/// Port of the agent's health/metrics endpoint inside its namespace.
+pub const HEALTH_PORT: u16 = 9099;
+
+/// A running agent; killed (and its pins removed) when dropped.
+pub struct AgentProcess {
+    binary: PathBuf,
+    netns: String,
+    etcd: String,
+    pub node: String,
+    pub pin_path: PathBuf,
+    log: tempfile::NamedTempFile,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// Starts `binary` (calico-node) in `host` for node `node`, talking to etcd at `etcd`.
+    pub fn start(binary: &Path, host: &NetNs, etcd: &str, node: &str) -> Result<Self> {
+        let mut agent = Self {
+            binary: binary.to_owned(),
+            netns: host.name().to_owned(),
+            etcd: etcd.to_owned(),
+            node: node.to_owned(),
+            pin_path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("tcn"))),
+            log: tempfile::NamedTempFile::new()?,
+            child: None,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = self.log.reopen()?;
+        // nsenter switches only the network namespace; `ip netns exec` would also remount
+        // /sys and hide the bpffs the pins live on.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(&self.binary)
+            .args([
+                "--nodename",
+                &self.node,
+                "--health-port",
+                &HEALTH_PORT.to_string(),
+            ])
+            .args([
+                "--metrics-port",
+                "0",
+                "--refresh-interval",
+                "2",
+                "--log-level",
+                "debug",
+            ])
+            .arg("--bpf-pin-path")
+            .arg(&self.pin_path)
+            .env("ETCD_ENDPOINTS", &self.etcd)
+            .env("RUST_LOG", "info,calico_node=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, like a crash: nothing is cleaned up by the agent.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().context("killing calico-node")?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again with the same settings (after [`AgentProcess::kill9`]).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9()?;
+        self.spawn()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// GET `path` on the agent's health port: (status code, body).
+    pub fn get(&self, host: &NetNs, path: &str) -> Result<(u16, String)> {
+        let path = path.to_owned();
+        host.run(move || -> Result<(u16, String)> {
+            let mut s = TcpStream::connect(("127.0.0.1", HEALTH_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let code = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("no status line")?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((code, body))
+        })?
+    }
+
+    /// Waits until /readiness answers `ready` (true: 200, false: 503).
+    pub fn wait_ready(&mut self, host: &NetNs, ready: bool, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("calico-node exited ({status}); log:\n{}", self.log());
+                }
+            }
+            let code = self.get(host, "/readiness").map(|(c, _)| c).unwrap_or(0);
+            if (code == 200) == ready && code != 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("calico-node readiness did not become {ready} in {timeout:?} (last {code}); log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A counter or gauge from /metrics.
+    pub fn metric(&self, host: &NetNs, name: &str) -> Result<f64> {
+        let (_, body) = self.get(host, "/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("metric {name} not in:\n{body}"))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+        // Unpinning releases the attachments and maps.
+        let _ = std::fs::remove_dir_all(&self.pin_path);
+    }
+}
+
+/// A workload namespace wired to a host namespace through a `cali*` veth.
+pub struct Workload {
+    pub ns: NetNs,
+    /// The host end's name (in the host namespace).
+    pub interface: String,
+    pub address: Ipv4Addr,
+    host_ns: String,
+}
+
+impl Workload {
+    pub fn new(host: &NetNs, address: Ipv4Addr) -> Result<Self> {
+        let ns = NetNs::new("wl")?;
+        let interface = unique_name("cali");
+        run_ok(Command::new("ip").args([
+            "link",
+            "add",
+            &interface,
+            "netns",
+            host.name(),
+            "address",
+            HOST_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]))?;
+        let w = Self {
+            ns,
+            interface,
+            address,
+            host_ns: host.name().to_owned(),
+        };
+        w.ns.exec_ok(
+            "ip",
+            &["addr", "add", &format!("{address}/32"), "dev", "eth0"],
+        )?;
+        w.ns.exec_ok("ip", &["link", "set", "eth0", "up"])?;
+        w.ns.exec_ok(
+            "ip",
+            &[
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+        )?;
+        w.ns.exec_ok(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
+        )?;
+        // As the CNI plugin does: the gateway is the host end, known without ARP.
+        w.ns.exec_ok(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                "169.254.1.1",
+                "lladdr",
+                HOST_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        host.exec_ok("ip", &["link", "set", &w.interface, "up"])?;
+        Ok(w)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.host_ns, "link", "del", &self.interface])
+            .output();
+    }
+}

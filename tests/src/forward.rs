@@ -1,0 +1,88 @@
+//! A loopback port forward into a network namespace: a listener on 127.0.0.1:<port> inside the
+//! namespace whose connections are relayed to 127.0.0.1:<port> in the caller's namespace. This
+//! is how an agent running in a test "host" namespace reaches the test's etcd, without an
+//! interface in the caller's namespace.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::NetNs;
+
+/// Relays until dropped.
+pub struct Forward {
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Forward {
+    /// Listens on 127.0.0.1:`port` inside `ns`, relaying to 127.0.0.1:`port` here.
+    pub fn loopback(ns: &NetNs, port: u16) -> Result<Self> {
+        // The socket belongs to the namespace it was created in, whichever thread uses it.
+        let listener = ns
+            .run(|| TcpListener::bind(("127.0.0.1", port)))?
+            .with_context(|| format!("listening on 127.0.0.1:{port} in netns {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let acceptor = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        let _ = inside.set_nonblocking(false);
+                        if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
+                            relay(inside, outside);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+}
+
+fn relay(a: TcpStream, b: TcpStream) {
+    let pipe = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = from.shutdown(Shutdown::Read);
+        });
+    };
+    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
+        pipe(a, b2);
+        pipe(b, a2);
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The agent's configuration: flags and environment (upstream's variable names) first, then
+//! the FelixConfiguration resources (`default`, then `node.<name>`) for what they set.
+
+use std::path::PathBuf;
+
+use calico_model::spec::{FelixConfigurationSpec, ProtoPort};
+
+/// Flags and environment.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "calico-node",
+    version,
+    about = "The calico node agent: watches the datastore and programs this host's eBPF dataplane and routes.",
+    after_help = "The datastore is configured as for calicoctl: ETCD_ENDPOINTS, ETCD_CA_CERT_FILE, \
+ETCD_CERT_FILE, ETCD_KEY_FILE, ETCD_USERNAME, ETCD_PASSWORD.\n\nExample:\n  \
+ETCD_ENDPOINTS=http://127.0.0.1:2379 NODENAME=node1 calico-node --ip 192.0.2.10/24"
+)]
+pub struct Flags {
+    /// This node's name (upstream: NODENAME, or FELIX_FELIXHOSTNAME; default: the hostname).
+    #[arg(long, env = "NODENAME")]
+    pub nodename: Option<String>,
+    /// The node's IPv4 address (and subnet) registered in its Node resource for BGP.
+    #[arg(long, env = "IP")]
+    pub ip: Option<String>,
+    /// The node's AS number registered in its Node resource.
+    #[arg(long, env = "AS")]
+    pub as_number: Option<u32>,
+    /// Log level: trace, debug, info, warning, error.
+    #[arg(long, env = "FELIX_LOGSEVERITYSCREEN", default_value = "info")]
+    pub log_level: String,
+    /// bpffs directory for pinned maps and attachments.
+    #[arg(long, env = "FELIX_BPFPINPATH", default_value = "/sys/fs/bpf/calico")]
+    pub bpf_pin_path: PathBuf,
+    /// eBPF program logging: off or debug (program log lines reach this agent's log).
+    #[arg(long, env = "FELIX_BPFLOGLEVEL", default_value = "off")]
+    pub bpf_log_level: String,
+    /// Address the health and metrics endpoints listen on.
+    #[arg(long, env = "FELIX_HEALTHHOST", default_value = "127.0.0.1")]
+    pub health_host: String,
+    /// Port of /liveness, /readiness (and /metrics).
+    #[arg(long, env = "FELIX_HEALTHPORT", default_value_t = 9099)]
+    pub health_port: u16,
+    /// Port of Prometheus /metrics (0: only on the health port).
+    #[arg(long, env = "FELIX_PROMETHEUSMETRICSPORT", default_value_t = 9091)]
+    pub metrics_port: u16,
+    /// Interface name prefix of workload veths.
+    #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = "cali")]
+    pub interface_prefix: String,
+    /// How often routes, blackholes and conntrack are reconciled in full, in seconds.
+    #[arg(long, env = "FELIX_ROUTEREFRESHINTERVAL", default_value_t = 10)]
+    pub refresh_interval: u64,
+}
+
+/// A protocol and port the host must always accept (inbound) or reach (outbound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Failsafe {
+    pub protocol: u8,
+    pub port: u16,
+}
+
+/// Upstream Felix's defaults.
+pub fn default_failsafe_inbound() -> Vec<Failsafe> {
+    [
+        (6, 22),
+        (17, 68),
+        (6, 179),
+        (6, 2379),
+        (6, 2380),
+        (6, 5473),
+        (6, 6443),
+        (6, 6666),
+        (6, 6667),
+    ]
+    .into_iter()
+    .map(|(protocol, port)| Failsafe { protocol, port })
+    .collect()
+}
+
+pub fn default_failsafe_outbound() -> Vec<Failsafe> {
+    [
+        (17, 53),
+        (17, 67),
+        (6, 179),
+        (6, 2379),
+        (6, 2380),
+        (6, 5473),
+        (6, 6443),
+        (6, 6666),
+        (6, 6667),
+    ]
+    .into_iter()
+    .map(|(protocol, port)| Failsafe { protocol, port })
+    .collect()
+}
+
+/// What the FelixConfiguration resources decide at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FelixSettings {
+    pub failsafe_inbound: Vec<Failsafe>,
+    pub failsafe_outbound: Vec<Failsafe>,
+}
+
+impl Default for FelixSettings {
+    fn default() -> Self {
+        Self {
+            failsafe_inbound: default_failsafe_inbound(),
+            failsafe_outbound: default_failsafe_outbound(),
+        }
+    }
+}
+
+fn failsafe(list: &[ProtoPort], field: &str) -> Result<Vec<Failsafe>, String> {
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+                "tcp" => 6,
+                "udp" => 17,
+                "sctp" => 132,
+                other => {
+                    return Err(format!(
+                        "{field}[{i}].protocol: `{other}` is not tcp, udp or sctp"
+                    ))
+                }
+            };
+            let port = u16::try_from(p.port)
+                .map_err(|_| format!("{field}[{i}].port: {} is not a port", p.port))?;
+            Ok(Failsafe { protocol, port })
+        })
+        .collect()
+}
+
+impl FelixSettings {
+    /// Settings from the cluster-wide (`default`) and this node's (`node.<name>`)
+    /// FelixConfiguration; the node's fields win where set.
+    pub fn resolve(
+        global: Option<&FelixConfigurationSpec>,
+        node: Option<&FelixConfigurationSpec>,
+    ) -> Result<Self, String> {
+        let mut out = Self::default();
+        for spec in [global, node].into_iter().flatten() {
+            if let Some(l) = &spec.failsafe_inbound_host_ports {
+                out.failsafe_inbound = failsafe(l, "spec.failsafeInboundHostPorts")?;
+            }
+            if let Some(l) = &spec.failsafe_outbound_host_ports {
+                out.failsafe_outbound = failsafe(l, "spec.failsafeOutboundHostPorts")?;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,354 @@
+//! The dataplane driver: turns the calculation's per-endpoint policy into attached classifiers
+//! and map contents, follows interfaces as they come and go, and keeps routes in step.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{atomic::Ordering, Arc},
+};
+
+use calico_calc::{Change, EndpointPolicy};
+use calico_dataplane::{ConntrackTimeouts, Hook, PolicyDataplane};
+use calico_policy::{CompiledProgram, Direction, EndpointId, PolicyProgram};
+use ipnet::IpNet;
+
+use crate::{
+    config::FelixSettings,
+    failsafe::with_failsafe,
+    metrics::Metrics,
+    netlink::{configure_workload_interface, LinkEvent, Netlink, OwnedRoute},
+};
+
+/// Where a local endpoint lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPlace {
+    pub interface: String,
+    /// A HostEndpoint (policy for the host itself, with failsafe ports) rather than a
+    /// workload's veth.
+    pub host: bool,
+}
+
+pub struct Driver {
+    dataplane: PolicyDataplane,
+    netlink: Netlink,
+    metrics: Arc<Metrics>,
+    settings: FelixSettings,
+    interface_prefix: String,
+    /// Every interface: name → index.
+    interfaces: BTreeMap<String, u32>,
+    places: BTreeMap<EndpointId, EndpointPlace>,
+    policies: BTreeMap<EndpointId, EndpointPolicy>,
+    /// Interfaces this run attached to and programmed, with their endpoint.
+    programmed: BTreeMap<u32, EndpointId>,
+    /// This node's IPAM blocks (blackholed).
+    blocks: BTreeSet<IpNet>,
+}
+
+/// The hook each direction of policy goes to: a workload's ingress policy judges what its
+/// veth's host end sends to it (tc egress); a host endpoint's ingress judges what arrives.
+fn hook(direction: Direction, host: bool) -> Hook {
+    match (direction, host) {
+        (Direction::Ingress, false) | (Direction::Egress, true) => Hook::Egress,
+        (Direction::Egress, false) | (Direction::Ingress, true) => Hook::Ingress,
+    }
+}
+
+impl Driver {
+    pub fn new(
+        dataplane: PolicyDataplane,
+        netlink: Netlink,
+        metrics: Arc<Metrics>,
+        interface_prefix: String,
+    ) -> Self {
+        Self {
+            dataplane,
+            netlink,
+            metrics,
+            settings: FelixSettings::default(),
+            interface_prefix,
+            interfaces: BTreeMap::new(),
+            places: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            blocks: BTreeSet::new(),
+        }
+    }
+
+    pub fn dataplane(&self) -> &PolicyDataplane {
+        &self.dataplane
+    }
+
+    /// Records (or forgets) where a local endpoint lives.
+    pub fn set_place(&mut self, id: &EndpointId, place: Option<EndpointPlace>) {
+        match place {
+            Some(p) => {
+                self.places.insert(id.clone(), p);
+            }
+            None => {
+                self.places.remove(id);
+            }
+        }
+    }
+
+    pub fn clear_places(&mut self) {
+        self.places.clear();
+    }
+
+    /// New failsafe settings reprogram every host endpoint.
+    pub async fn set_settings(&mut self, settings: FelixSettings) {
+        if settings == self.settings {
+            return;
+        }
+        self.settings = settings;
+        let hosts: Vec<EndpointId> = self
+            .places
+            .iter()
+            .filter(|(_, p)| p.host)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in hosts {
+            self.program(&id).await;
+        }
+    }
+
+    pub fn set_interfaces(&mut self, interfaces: BTreeMap<String, u32>) {
+        self.interfaces = interfaces;
+    }
+
+    /// Applies the calculation's changes.
+    pub async fn apply(&mut self, changes: Vec<Change>) {
+        for change in changes {
+            match change {
+                Change::Set(id, policy) => {
+                    self.policies.insert(id.clone(), *policy);
+                    self.program(&id).await;
+                }
+                Change::Removed(id) => {
+                    self.policies.remove(&id);
+                    self.unprogram(&id).await;
+                }
+            }
+        }
+        self.metrics
+            .endpoints
+            .store(self.programmed.len() as u64, Ordering::Relaxed);
+    }
+
+    pub async fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Present { name, index } => {
+                let known = self.interfaces.get(&name) == Some(&index);
+                self.interfaces.insert(name.clone(), index);
+                if known && self.programmed.contains_key(&index) {
+                    return;
+                }
+                let owner: Vec<EndpointId> = self
+                    .places
+                    .iter()
+                    .filter(|(_, p)| p.interface == name)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in owner {
+                    self.program(&id).await;
+                }
+            }
+            LinkEvent::Gone { name, index } => {
+                if self.interfaces.get(&name) == Some(&index) {
+                    self.interfaces.remove(&name);
+                }
+                if self.programmed.remove(&index).is_some() {
+                    tracing::info!(interface = %name, index, "interface gone; its programs and policy go with it");
+                }
+                if let Err(e) = self.dataplane.forget_interface(index) {
+                    tracing::warn!(interface = %name, error = %e, "cleaning up after a removed interface");
+                }
+            }
+        }
+    }
+
+    /// Attaches to and programs `id`'s interface, if both the policy and the interface exist.
+    async fn program(&mut self, id: &EndpointId) {
+        let (Some(place), Some(policy)) = (self.places.get(id), self.policies.get(id)) else {
+            return;
+        };
+        let Some(&ifindex) = self.interfaces.get(&place.interface) else {
+            tracing::debug!(endpoint = ?id, interface = %place.interface, "interface not there yet");
+            return;
+        };
+        let place = place.clone();
+        if self.programmed.get(&ifindex) != Some(id) {
+            if let Err(e) = self.dataplane.attach(&place.interface) {
+                tracing::error!(endpoint = ?id, interface = %place.interface, error = %e, "attaching the policy programs failed");
+                return;
+            }
+            if !place.host {
+                if let Err(e) = configure_workload_interface(&place.interface) {
+                    tracing::warn!(interface = %place.interface, error = %e, "interface sysctls");
+                }
+            }
+        }
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let program: PolicyProgram = if place.host {
+                with_failsafe(policy.program(direction), direction, &self.settings)
+            } else {
+                policy.program(direction).clone()
+            };
+            let compiled = match CompiledProgram::compile_with(
+                policy,
+                &program,
+                &policy.addresses,
+                direction,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Never silently allowed: the endpoint drops in this direction until the
+                    // policy is fixed.
+                    self.metrics.compile_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(endpoint = ?id, ?direction, error = %e, "policy cannot be enforced; the endpoint drops this direction's traffic");
+                    CompiledProgram::compile_with(
+                        policy,
+                        &PolicyProgram::default(),
+                        &policy.addresses,
+                        direction,
+                    )
+                    .expect("an empty program compiles")
+                }
+            };
+            if let Err(e) = self
+                .dataplane
+                .install(ifindex, hook(direction, place.host), &compiled)
+            {
+                tracing::error!(endpoint = ?id, ?direction, error = %e, "writing the policy maps failed");
+                return;
+            }
+        }
+        self.programmed.insert(ifindex, id.clone());
+        if !place.host {
+            for a in &policy.addresses {
+                let route = OwnedRoute::Workload {
+                    dest: IpNet::from(*a),
+                    ifindex,
+                };
+                if let Err(e) = self.netlink.replace(&route).await {
+                    tracing::warn!(endpoint = ?id, error = %e, "workload route");
+                }
+            }
+        }
+        tracing::debug!(endpoint = ?id, interface = %place.interface, "programmed");
+    }
+
+    async fn unprogram(&mut self, id: &EndpointId) {
+        let Some((&ifindex, _)) = self.programmed.iter().find(|(_, e)| *e == id) else {
+            return;
+        };
+        self.programmed.remove(&ifindex);
+        if let Err(e) = self.dataplane.forget_interface(ifindex) {
+            tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
+        }
+        self.reconcile_routes().await;
+    }
+
+    /// Sets this node's blocks (from its block affinities).
+    pub async fn set_blocks(&mut self, blocks: BTreeSet<IpNet>) {
+        if blocks != self.blocks {
+            self.blocks = blocks;
+            self.reconcile_routes().await;
+        }
+    }
+
+    /// Brings owned routes to exactly the desired set.
+    pub async fn reconcile_routes(&mut self) {
+        let mut desired: BTreeSet<OwnedRoute> = self
+            .blocks
+            .iter()
+            .map(|b| OwnedRoute::Blackhole { dest: *b })
+            .collect();
+        for (ifindex, id) in &self.programmed {
+            let host = self.places.get(id).is_none_or(|p| p.host);
+            if let (false, Some(policy)) = (host, self.policies.get(id)) {
+                desired.extend(policy.addresses.iter().map(|a| OwnedRoute::Workload {
+                    dest: IpNet::from(*a),
+                    ifindex: *ifindex,
+                }));
+            }
+        }
+        let prefix = self.interface_prefix.clone();
+        let workload_ifaces: BTreeSet<u32> = self
+            .interfaces
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .map(|(_, i)| *i)
+            .collect();
+        let actual: BTreeSet<OwnedRoute> = match self
+            .netlink
+            .owned_routes(|i| workload_ifaces.contains(&i))
+            .await
+        {
+            Ok(r) => r.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing routes");
+                return;
+            }
+        };
+        for r in actual.difference(&desired) {
+            tracing::info!(route = ?r, "removing a route nothing needs");
+            if let Err(e) = self.netlink.delete(r).await {
+                tracing::warn!(error = %e, "route removal");
+            }
+        }
+        for r in desired.difference(&actual) {
+            if let Err(e) = self.netlink.replace(r).await {
+                tracing::warn!(error = %e, "route");
+            }
+        }
+    }
+
+    /// After the first complete sync: what a previous run left for interfaces or endpoints
+    /// that no longer exist goes.
+    pub fn sweep_leftovers(&mut self) {
+        let mut stale: BTreeSet<u32> = self.dataplane.pinned_interfaces();
+        match self.dataplane.programmed_interfaces() {
+            Ok(p) => stale.extend(p),
+            Err(e) => tracing::warn!(error = %e, "reading the endpoint map"),
+        }
+        for ifindex in stale {
+            if !self.programmed.contains_key(&ifindex) {
+                tracing::info!(
+                    ifindex,
+                    "releasing a previous run's attachment with no endpoint now"
+                );
+                if let Err(e) = self.dataplane.forget_interface(ifindex) {
+                    tracing::warn!(ifindex, error = %e, "releasing");
+                }
+            }
+        }
+        match self.dataplane.sweep() {
+            Ok(n) => tracing::info!(
+                entries = n,
+                "removed map entries of programs no endpoint uses"
+            ),
+            Err(e) => tracing::warn!(error = %e, "sweeping the policy maps"),
+        }
+    }
+
+    /// Periodic housekeeping: conntrack expiry and the numbers /metrics shows.
+    pub fn housekeeping(&mut self) {
+        match self
+            .dataplane
+            .expire_conntrack(&ConntrackTimeouts::default())
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(flows = n, "expired idle tracked flows"),
+            Err(e) => tracing::warn!(error = %e, "conntrack expiry"),
+        }
+        self.refresh_counters();
+    }
+
+    pub fn refresh_counters(&mut self) {
+        if let Ok(c) = self.dataplane.counters() {
+            self.metrics.allowed.store(c.allowed, Ordering::Relaxed);
+            self.metrics.denied.store(c.denied, Ordering::Relaxed);
+            self.metrics.tracked.store(c.tracked, Ordering::Relaxed);
+        }
+        self.metrics.set_occupancy(self.dataplane.occupancy());
+    }
+}

@@ -1,0 +1,350 @@
+//! The calico-node agent in the felix role. Data flows one way:
+//!
+//! ```text
+//! etcd ──syncer──▶ calculation (calico-calc) ──changes──▶ driver ──▶ eBPF maps, attachments,
+//!  (list+watch)      which policies, IP sets              routes, sysctls
+//!                                       netlink link events ──▶ driver
+//! ```
+//!
+//! One task owns the calculation and the driver, so there are no locks on the way; the syncer,
+//! the link watcher and the HTTP endpoints run beside it and talk to it over channels or the
+//! shared [`metrics::Metrics`].
+
+pub mod config;
+pub mod driver;
+pub mod failsafe;
+pub mod health;
+pub mod metrics;
+pub mod netlink;
+pub mod syncer;
+
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use calico_calc::{Calculator, Update};
+use calico_dataplane::{LoadOptions, PolicyDataplane};
+use calico_datastore::{EtcdConfig, WatchEvent};
+use calico_model::{spec::FelixConfigurationSpec, Kind, Resource};
+use calico_policy::{EndpointId, Item};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::{FelixSettings, Flags},
+    driver::{Driver, EndpointPlace},
+    metrics::Metrics,
+    netlink::Netlink,
+    syncer::{NodeRegistration, SyncEvent},
+};
+
+/// What the main loop knows beyond the calculation.
+struct Agent {
+    node: String,
+    calc: Calculator,
+    driver: Driver,
+    metrics: Arc<Metrics>,
+    felix_global: Option<FelixConfigurationSpec>,
+    felix_node: Option<FelixConfigurationSpec>,
+    synced: bool,
+}
+
+pub async fn run(flags: Flags) -> anyhow::Result<()> {
+    let node = match &flags.nodename {
+        Some(n) if !n.is_empty() => n.clone(),
+        _ => nix::unistd::gethostname()
+            .context("reading the hostname for the node name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let etcd = EtcdConfig::from_env().context("datastore configuration")?;
+    let metrics = Arc::new(Metrics::default());
+    metrics.turned();
+
+    for port in [flags.health_port, flags.metrics_port] {
+        if port == 0 {
+            continue;
+        }
+        let addr = format!("{}:{port}", flags.health_host);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening for health/metrics on {addr}"))?;
+        tokio::spawn(health::serve(listener, metrics.clone()));
+    }
+
+    netlink::enable_forwarding().context("enabling forwarding")?;
+    let log_level = match flags.bpf_log_level.to_ascii_lowercase().as_str() {
+        "off" | "" => None,
+        "debug" => Some(aya_log::Level::Debug),
+        "info" => Some(aya_log::Level::Info),
+        other => anyhow::bail!(
+            "--bpf-log-level / FELIX_BPFLOGLEVEL: `{other}` is not off, info or debug"
+        ),
+    };
+    let (dataplane, logger) = PolicyDataplane::load(&LoadOptions {
+        log_level,
+        pin_path: Some(flags.bpf_pin_path.clone()),
+    })
+    .with_context(|| {
+        format!(
+            "loading the eBPF dataplane (pinned under {})",
+            flags.bpf_pin_path.display()
+        )
+    })?;
+    let _pump = match logger {
+        Some(l) => Some(calico_dataplane::spawn_log_pump(l).context("eBPF log pump")?),
+        None => None,
+    };
+
+    // Subscribe to link changes before the dump, so nothing falls between them.
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    Netlink::watch_links(link_tx)?;
+    let netlink = Netlink::connect()?;
+    let interfaces = netlink.links().await?;
+    let mut driver = Driver::new(
+        dataplane,
+        netlink,
+        metrics.clone(),
+        flags.interface_prefix.clone(),
+    );
+    driver.set_interfaces(interfaces);
+
+    let (sync_tx, mut sync_rx) = mpsc::channel(4096);
+    syncer::spawn(
+        etcd,
+        NodeRegistration {
+            name: node.clone(),
+            ipv4_address: flags.ip.clone(),
+            as_number: flags.as_number,
+        },
+        sync_tx,
+        metrics.clone(),
+    );
+    tracing::info!(%node, pin_path = %flags.bpf_pin_path.display(), "calico-node started");
+
+    let mut agent = Agent {
+        node,
+        calc: Calculator::new(),
+        driver,
+        metrics: metrics.clone(),
+        felix_global: None,
+        felix_node: None,
+        synced: false,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let refresh = Duration::from_secs(flags.refresh_interval.max(1));
+    let mut last_refresh = Instant::now();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            event = sync_rx.recv() => {
+                let Some(event) = event else { anyhow::bail!("the datastore syncer stopped") };
+                // Take everything already queued as one batch: one flush, one programming pass.
+                let mut batch = vec![event];
+                while let Ok(e) = sync_rx.try_recv() {
+                    batch.push(e);
+                    if batch.len() >= 4096 { break; }
+                }
+                agent.handle(batch).await;
+            }
+            Some(event) = link_rx.recv() => agent.driver.on_link(event).await,
+            _ = tick.tick() => {
+                if agent.synced && last_refresh.elapsed() >= refresh {
+                    last_refresh = Instant::now();
+                    agent.driver.reconcile_routes().await;
+                    agent.driver.housekeeping();
+                } else {
+                    agent.driver.refresh_counters();
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+        metrics.turned();
+    }
+    // Pinned programs and maps stay: the dataplane keeps enforcing until the next run.
+    tracing::info!("calico-node stopping; the dataplane stays programmed");
+    Ok(())
+}
+
+impl Agent {
+    async fn handle(&mut self, batch: Vec<SyncEvent>) {
+        let started = batch
+            .iter()
+            .filter_map(|e| match e {
+                SyncEvent::Watch(_, at) => Some(*at),
+                SyncEvent::Blocks(_) => None,
+            })
+            .min();
+        let mut snapshot_seen = false;
+        for event in batch {
+            match event {
+                SyncEvent::Blocks(blocks) => self.driver.set_blocks(blocks).await,
+                SyncEvent::Watch(
+                    WatchEvent::Snapshot {
+                        resources,
+                        revision,
+                    },
+                    _,
+                ) => {
+                    tracing::info!(resources = resources.len(), revision, "datastore snapshot");
+                    if self.synced {
+                        self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.calc.reset();
+                    self.driver.clear_places();
+                    self.felix_global = None;
+                    self.felix_node = None;
+                    for r in &resources {
+                        self.put(r);
+                    }
+                    snapshot_seen = true;
+                }
+                SyncEvent::Watch(WatchEvent::Put { resource, .. }, _) => self.put(&resource),
+                SyncEvent::Watch(
+                    WatchEvent::Deleted {
+                        kind,
+                        namespace,
+                        name,
+                        ..
+                    },
+                    _,
+                ) => self.delete(kind, namespace, name),
+                SyncEvent::Watch(WatchEvent::Unreadable { error, revision }, _) => {
+                    tracing::error!(revision, %error, "a datastore value cannot be read; it is left out until fixed");
+                }
+            }
+        }
+        match FelixSettings::resolve(self.felix_global.as_ref(), self.felix_node.as_ref()) {
+            Ok(s) => self.driver.set_settings(s).await,
+            Err(e) => {
+                tracing::error!(error = %e, "FelixConfiguration refused; previous settings stay")
+            }
+        }
+        let changes = self.calc.flush();
+        let n = changes.len();
+        self.driver.apply(changes).await;
+        if let Some(at) = started {
+            if n > 0 {
+                self.metrics.observe_update(at.elapsed());
+            }
+        }
+        if snapshot_seen {
+            self.driver.reconcile_routes().await;
+            if !self.synced {
+                self.synced = true;
+                self.driver.sweep_leftovers();
+                tracing::info!(
+                    endpoints = self.calc.endpoints().count(),
+                    "in sync: dataplane programmed from a complete snapshot"
+                );
+            }
+            self.metrics.in_sync.store(true, Ordering::Relaxed);
+        }
+        self.driver.refresh_counters();
+    }
+
+    fn put(&mut self, resource: &Resource) {
+        match resource {
+            Resource::FelixConfiguration(f) => {
+                let name = f.metadata.name.as_str();
+                if name == "default" {
+                    self.felix_global = Some(f.spec.clone());
+                } else if name == format!("node.{}", self.node) {
+                    self.felix_node = Some(f.spec.clone());
+                }
+                return;
+            }
+            Resource::WorkloadEndpoint(w) => {
+                let id = EndpointId {
+                    namespace: w.metadata.namespace.clone(),
+                    name: w.metadata.name.clone(),
+                };
+                let local = w.spec.node == self.node;
+                self.driver.set_place(
+                    &id,
+                    local.then(|| EndpointPlace {
+                        interface: w.spec.interface_name.clone(),
+                        host: false,
+                    }),
+                );
+            }
+            Resource::HostEndpoint(h) => {
+                let id = EndpointId {
+                    namespace: None,
+                    name: h.metadata.name.clone(),
+                };
+                let local = h.spec.node == self.node && !h.spec.interface_name.is_empty();
+                if h.spec.node == self.node && h.spec.interface_name.is_empty() {
+                    tracing::error!(hostendpoint = %h.metadata.name, "HostEndpoints without interfaceName (all interfaces) are not supported by this dataplane yet; it is not enforced");
+                }
+                self.driver.set_place(
+                    &id,
+                    local.then(|| EndpointPlace {
+                        interface: h.spec.interface_name.clone(),
+                        host: true,
+                    }),
+                );
+            }
+            _ => {}
+        }
+        let local = match resource {
+            Resource::WorkloadEndpoint(w) => w.spec.node == self.node,
+            Resource::HostEndpoint(h) => {
+                h.spec.node == self.node && !h.spec.interface_name.is_empty()
+            }
+            _ => false,
+        };
+        match Item::from_resource(resource) {
+            Ok(Some(item)) => self.calc.apply(Update::upsert(item, local)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(kind = %resource.kind().as_str(), name = %resource.metadata().name, error = %e, "resource refused; it is left out until fixed")
+            }
+        }
+    }
+
+    fn delete(&mut self, kind: Kind, namespace: Option<String>, name: String) {
+        let update = match kind {
+            Kind::WorkloadEndpoint | Kind::HostEndpoint => {
+                let id = EndpointId { namespace, name };
+                self.driver.set_place(&id, None);
+                Update::Endpoint {
+                    id,
+                    endpoint: None,
+                    local: false,
+                }
+            }
+            Kind::NetworkPolicy | Kind::GlobalNetworkPolicy => Update::Policy {
+                namespace,
+                name,
+                policy: None,
+            },
+            Kind::Profile => Update::Profile {
+                name,
+                profile: None,
+            },
+            Kind::NetworkSet | Kind::GlobalNetworkSet => Update::NetworkSet {
+                namespace,
+                name,
+                set: None,
+            },
+            Kind::Tier => Update::Tier { name, tier: None },
+            Kind::FelixConfiguration => {
+                if name == "default" {
+                    self.felix_global = None;
+                } else if name == format!("node.{}", self.node) {
+                    self.felix_node = None;
+                }
+                return;
+            }
+            _ => return,
+        };
+        self.calc.apply(update);
+    }
+}
+
+/// Interfaces by name, for tests and tools.
+pub type Interfaces = BTreeMap<String, u32>;

@@ -1,0 +1,261 @@
+//! The kernel side the agent manages besides BPF: interfaces (watched over netlink), routes to
+//! local workloads and blackholes for this node's blocks (rtnetlink), and the sysctls that
+//! forwarding and proxy ARP need.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use rtnetlink::{
+    packet_core::NetlinkPayload,
+    packet_route::{
+        link::LinkAttribute,
+        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+        RouteNetlinkMessage,
+    },
+    Handle, IpVersion, MulticastGroup, RouteMessageBuilder,
+};
+use tokio::sync::mpsc;
+
+/// The protocol marking the blackhole routes the agent owns (upstream's felix uses 80 too).
+pub const BLACKHOLE_PROTOCOL: u8 = 80;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    Present { name: String, index: u32 },
+    Gone { name: String, index: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("netlink: {action}: {source}")]
+pub struct NetlinkError {
+    action: String,
+    #[source]
+    source: std::io::Error,
+}
+
+fn fail(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let action = action.into();
+    move |e| NetlinkError {
+        action,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// A route the agent owns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OwnedRoute {
+    /// A local workload's address through its veth.
+    Workload { dest: IpNet, ifindex: u32 },
+    /// One of this node's blocks, so traffic for unassigned addresses in it goes nowhere.
+    Blackhole { dest: IpNet },
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn link_name(attrs: &[LinkAttribute]) -> Option<String> {
+    attrs.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+impl Netlink {
+    /// Opens a netlink connection in the process's network namespace.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetlinkError {
+            action: "opening a connection".into(),
+            source,
+        })?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Sends interface appearances and disappearances to `tx` until it closes. Subscribes
+    /// before returning, so nothing that happens after the caller's next dump is missed.
+    pub fn watch_links(tx: mpsc::UnboundedSender<LinkEvent>) -> Result<(), NetlinkError> {
+        let (conn, _, mut messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+            .map_err(|source| NetlinkError {
+                action: "subscribing to link changes".into(),
+                source,
+            })?;
+        tokio::spawn(conn);
+        tokio::spawn(async move {
+            while let Some((message, _)) = messages.next().await {
+                let event = match message.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                        link_name(&l.attributes).map(|name| LinkEvent::Present {
+                            name,
+                            index: l.header.index,
+                        })
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                        link_name(&l.attributes).map(|name| LinkEvent::Gone {
+                            name,
+                            index: l.header.index,
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(e) = event {
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Every interface: name → index.
+    pub async fn links(&self) -> Result<BTreeMap<String, u32>, NetlinkError> {
+        let mut out = BTreeMap::new();
+        let mut stream = self.handle.link().get().execute();
+        while let Some(l) = stream.try_next().await.map_err(fail("listing links"))? {
+            if let Some(name) = link_name(&l.attributes) {
+                out.insert(name, l.header.index);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds (or takes over) the route `route`.
+    pub async fn replace(&self, route: &OwnedRoute) -> Result<(), NetlinkError> {
+        let message = build(route);
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(fail(format!("adding route {route:?}")))
+    }
+
+    pub async fn delete(&self, route: &OwnedRoute) -> Result<(), NetlinkError> {
+        match self.handle.route().del(build(route)).execute().await {
+            Ok(()) => Ok(()),
+            // Already gone (the kernel removes routes of deleted interfaces itself).
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc_esrch() => Ok(()),
+            Err(e) => Err(fail(format!("deleting route {route:?}"))(e)),
+        }
+    }
+
+    /// The routes the agent owns in the main table: host routes through the interfaces for
+    /// which `owned_interface` says yes, and blackholes with the agent's protocol.
+    pub async fn owned_routes(
+        &self,
+        owned_interface: impl Fn(u32) -> bool,
+    ) -> Result<Vec<OwnedRoute>, NetlinkError> {
+        let mut out = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let request = match version {
+                IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+                IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+            };
+            let mut stream = self.handle.route().get(request).execute();
+            while let Some(r) = stream.try_next().await.map_err(fail("listing routes"))? {
+                if r.header.table != 254 {
+                    continue;
+                }
+                let Some(dest) = destination(&r) else {
+                    continue;
+                };
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                if r.header.kind == RouteType::BlackHole
+                    && r.header.protocol == RouteProtocol::Other(BLACKHOLE_PROTOCOL)
+                {
+                    out.push(OwnedRoute::Blackhole { dest });
+                } else if let Some(ifindex) = oif.filter(|i| owned_interface(*i)) {
+                    let host = dest.prefix_len() == dest.max_prefix_len();
+                    if host && r.header.kind == RouteType::Unicast {
+                        out.push(OwnedRoute::Workload { dest, ifindex });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn libc_esrch() -> i32 {
+    nix::errno::Errno::ESRCH as i32
+}
+
+fn destination(r: &RouteMessage) -> Option<IpNet> {
+    let len = r.header.destination_prefix_length;
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(a)) => {
+            IpNet::new(IpAddr::V4(*a), len).ok()
+        }
+        RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet6(a)) => {
+            IpNet::new(IpAddr::V6(*a), len).ok()
+        }
+        _ => None,
+    })
+}
+
+fn build(route: &OwnedRoute) -> RouteMessage {
+    let (dest, builder) = match route {
+        OwnedRoute::Workload { dest, ifindex } => (
+            dest,
+            RouteMessageBuilder::<IpAddr>::new()
+                .output_interface(*ifindex)
+                .protocol(RouteProtocol::Boot)
+                .scope(RouteScope::Link),
+        ),
+        OwnedRoute::Blackhole { dest } => (
+            dest,
+            RouteMessageBuilder::<IpAddr>::new()
+                .kind(RouteType::BlackHole)
+                .protocol(RouteProtocol::Other(BLACKHOLE_PROTOCOL)),
+        ),
+    };
+    let builder = builder
+        .destination_prefix(dest.network(), dest.prefix_len())
+        .expect("an IpNet's address and prefix length agree");
+    let mut m = builder.build();
+    if matches!(
+        route,
+        OwnedRoute::Workload {
+            dest: IpNet::V6(_),
+            ..
+        }
+    ) {
+        // IPv6 has no link scope for these; universe as `ip -6 route` uses.
+        m.header.scope = RouteScope::Universe;
+    }
+    m
+}
+
+/// Writes `value` to a sysctl file, saying which one failed.
+pub fn sysctl(path: &str, value: &str) -> Result<(), std::io::Error> {
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == value => Ok(()),
+        _ => std::fs::write(path, value)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("writing {value} to {path}: {e}"))),
+    }
+}
+
+/// Forwarding on the host: the workloads' traffic is routed.
+pub fn enable_forwarding() -> Result<(), std::io::Error> {
+    sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+    // IPv6 may be disabled on the host; that is not an error for IPv4-only clusters.
+    let _ = sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1");
+    Ok(())
+}
+
+/// What a workload veth's host end needs: proxy ARP answering for the gateway 169.254.1.1
+/// without delay, and IPv6 forwarding on it.
+pub fn configure_workload_interface(name: &str) -> Result<(), std::io::Error> {
+    sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
+    sysctl(&format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0")?;
+    sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1")?;
+    let _ = sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/forwarding"), "1");
+    let _ = sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1");
+    Ok(())
+}

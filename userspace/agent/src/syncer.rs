@@ -1,0 +1,167 @@
+//! The agent's link to the datastore: connects (retrying with backoff), registers this node,
+//! then lists and watches every v3 resource from a revision and probes the datastore's health
+//! and this node's block affinities. etcd outages are ridden out by the watch (which resumes
+//! where it left off, or resyncs with a snapshot after a compaction); the dataplane keeps its
+//! last state meanwhile.
+
+use std::{
+    collections::BTreeSet,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use calico_datastore::{keys::RESOURCES_PREFIX, Datastore, DatastoreError, EtcdConfig, WatchEvent};
+use calico_model::{Kind, Resource};
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+pub enum SyncEvent {
+    /// A datastore change, with when it was received.
+    Watch(WatchEvent, Instant),
+    /// This node's blocks, when they change.
+    Blocks(BTreeSet<IpNet>),
+}
+
+/// What the agent registers about its node.
+#[derive(Debug, Clone)]
+pub struct NodeRegistration {
+    pub name: String,
+    pub ipv4_address: Option<String>,
+    pub as_number: Option<u32>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub fn spawn(
+    config: EtcdConfig,
+    node: NodeRegistration,
+    tx: mpsc::Sender<SyncEvent>,
+    metrics: Arc<Metrics>,
+) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        let store = loop {
+            match Datastore::connect(&config).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(endpoints = %config.endpoints_display(), error = %e, ?backoff, "datastore unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        metrics.datastore_connected.store(true, Ordering::Relaxed);
+        loop {
+            match register(&store, &node).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "registering the node failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        tokio::spawn(probe(store.clone(), node.name.clone(), tx.clone(), metrics));
+        let mut watch = store.watch(RESOURCES_PREFIX, None);
+        while let Some(event) = watch.next().await {
+            if tx
+                .send(SyncEvent::Watch(event, Instant::now()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
+/// Creates this node's Node resource, or fills in the BGP fields given on an existing one.
+async fn register(store: &Datastore, node: &NodeRegistration) -> Result<(), DatastoreError> {
+    let existing = match store.get(Kind::Node, None, &node.name).await {
+        Ok(r) => Some(r),
+        Err(DatastoreError::NotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let mut resource = match existing.clone() {
+        Some(r) => r,
+        None => Resource::Node(calico_model::Object {
+            api_version: calico_model::API_VERSION.into(),
+            kind: Kind::Node.as_str().into(),
+            metadata: calico_model::ObjectMeta {
+                name: node.name.clone(),
+                ..Default::default()
+            },
+            spec: Default::default(),
+            status: None,
+        }),
+    };
+    if let Resource::Node(n) = &mut resource {
+        let bgp = n.spec.bgp.get_or_insert_with(Default::default);
+        if node.ipv4_address.is_some() {
+            bgp.ipv4_address = node.ipv4_address.clone();
+        }
+        if let Some(asn) = node.as_number {
+            bgp.as_number = Some(calico_model::AsNumber(asn));
+        }
+        if n.spec
+            .bgp
+            .as_ref()
+            .is_some_and(|b| *b == Default::default())
+        {
+            n.spec.bgp = None;
+        }
+    }
+    match existing {
+        Some(old) if old == resource => Ok(()),
+        Some(_) => store.update(resource).await.map(|_| ()),
+        None => match store.create(resource).await {
+            Ok(_) | Err(DatastoreError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
+    .inspect(|()| tracing::info!(node = %node.name, "node registered"))
+}
+
+/// Every two seconds: is the datastore answering, and which blocks is this node affine to.
+async fn probe(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>, metrics: Arc<Metrics>) {
+    let mut last: Option<BTreeSet<IpNet>> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let listed = tokio::time::timeout(
+            Duration::from_secs(2),
+            store.list(Kind::BlockAffinity, None),
+        )
+        .await;
+        let up = matches!(listed, Ok(Ok(_)));
+        if metrics.datastore_connected.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("datastore reachable again");
+            } else {
+                tracing::warn!("datastore unreachable; the dataplane keeps its last state");
+            }
+        }
+        let Ok(Ok((affinities, _))) = listed else {
+            continue;
+        };
+        let blocks: BTreeSet<IpNet> = affinities
+            .iter()
+            .filter_map(|r| match r {
+                Resource::BlockAffinity(a)
+                    if a.spec.node == node && a.spec.state == "confirmed" =>
+                {
+                    a.spec.cidr.parse().ok()
+                }
+                _ => None,
+            })
+            .collect();
+        if last.as_ref() != Some(&blocks) {
+            last = Some(blocks.clone());
+            if tx.send(SyncEvent::Blocks(blocks)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

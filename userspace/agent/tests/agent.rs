@@ -1,0 +1,385 @@
+//! The agent end to end: a real etcd, the calico-node binary in a host namespace, workloads in
+//! their own namespaces behind `cali*` veths, policy written to the datastore, real traffic.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use calico_datastore::{Datastore, EtcdConfig};
+use calico_model::{parse_documents, Kind};
+use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Workload};
+
+const NEEDS: &[Requirement] = &[
+    Requirement::Root,
+    Requirement::NetNs,
+    Requirement::Bpf,
+    Requirement::Etcd,
+];
+
+/// The datastore as the test writes to it.
+struct Store {
+    rt: tokio::runtime::Runtime,
+    ds: Datastore,
+}
+
+impl Store {
+    fn connect(etcd: &Etcd) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let ds = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
+            etcd.endpoint()
+        ])))?;
+        Ok(Self { rt, ds })
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        for r in parse_documents(yaml)? {
+            self.rt.block_on(self.ds.apply(r))?;
+        }
+        Ok(())
+    }
+
+    fn delete(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Result<()> {
+        self.rt
+            .block_on(self.ds.delete(kind, namespace, name, None))?;
+        Ok(())
+    }
+}
+
+/// etcd, a host namespace reaching it, an agent, and two workloads: a client and a server
+/// whose network profile allows everything.
+struct Setup {
+    workloads: Vec<Workload>,
+    agent: AgentProcess,
+    store: Store,
+    _forward: Forward,
+    host: NetNs,
+    etcd: Etcd,
+}
+
+fn workload_yaml(node: &str, name: &str, w: &Workload, role: &str) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata:\n  name: {node}-cni-{name}-eth0\n  namespace: default\n  labels:\n    role: {role}\nspec:\n  orchestrator: cni\n  workload: {name}\n  node: {node}\n  endpoint: eth0\n  interfaceName: {}\n  ipNetworks: ['{}/32']\n  profiles: [net1]\n",
+        w.interface, w.address
+    )
+}
+
+impl Setup {
+    fn new() -> Result<Self> {
+        let etcd = Etcd::start()?;
+        let host = NetNs::new("ah")?;
+        let forward = Forward::loopback(&host, etcd.port())?;
+        let store = Store::connect(&etcd)?;
+        let node = unique_name("node");
+        store.apply(
+            "apiVersion: projectcalico.org/v3\nkind: Profile\nmetadata:\n  name: net1\nspec:\n  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n",
+        )?;
+        let client = Workload::new(&host, Ipv4Addr::new(10, 65, 0, 1))?;
+        let server = Workload::new(&host, Ipv4Addr::new(10, 65, 0, 2))?;
+        store.apply(&workload_yaml(&node, "client", &client, "client"))?;
+        store.apply(&workload_yaml(&node, "server", &server, "server"))?;
+        let agent = AgentProcess::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_calico-node")),
+            &host,
+            &etcd.endpoint(),
+            &node,
+        )?;
+        let mut s = Self {
+            workloads: vec![client, server],
+            agent,
+            store,
+            _forward: forward,
+            host,
+            etcd,
+        };
+        s.agent.wait_ready(&s.host, true, Duration::from_secs(30))?;
+        Ok(s)
+    }
+
+    fn client(&self) -> &Workload {
+        &self.workloads[0]
+    }
+
+    fn server(&self) -> &Workload {
+        &self.workloads[1]
+    }
+
+    /// Polls until ping from client to server gives `expected`.
+    fn wait_ping(&self, expected: bool, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self.client().ns.ping(self.server().address.into())?;
+            if ok == expected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ping client→server stayed {ok}, expected {expected}; agent log:\n{}",
+                    self.agent.log()
+                );
+            }
+        }
+    }
+}
+
+const DENY_CLIENT: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-client\nspec:\n  selector: role == 'server'\n  ingress:\n  - action: Deny\n    source:\n      selector: role == 'client'\n  - action: Allow\n";
+
+#[test]
+fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
+    if !require(
+        "agent_programs_policy_routes_and_metrics_from_the_datastore",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let s = Setup::new()?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+
+    // Routes to both workloads through their veths, and the proxy ARP the gateway needs.
+    let routes = s.host.exec_ok("ip", &["route", "show"])?;
+    for w in &s.workloads {
+        assert!(
+            routes
+                .lines()
+                .any(|l| l.starts_with(&format!("{} dev {}", w.address, w.interface))),
+            "no route to {} via {}:\n{routes}",
+            w.address,
+            w.interface
+        );
+        let proxy = s.host.exec_ok(
+            "cat",
+            &[&format!(
+                "/proc/sys/net/ipv4/conf/{}/proxy_arp",
+                w.interface
+            )],
+        )?;
+        assert_eq!(proxy.trim(), "1");
+    }
+    assert_eq!(
+        s.agent.metric(&s.host, "felix_active_local_endpoints")?,
+        2.0
+    );
+
+    // A policy in the datastore denies, deleting it allows again.
+    s.store.apply(DENY_CLIENT)?;
+    s.wait_ping(false, Duration::from_secs(5))?;
+    assert!(s.agent.metric(&s.host, "felix_bpf_packets_denied_total")? > 0.0);
+    s.store
+        .delete(Kind::GlobalNetworkPolicy, None, "deny-client")?;
+    s.wait_ping(true, Duration::from_secs(5))?;
+
+    // A label change moves the client out of the policy's source set.
+    s.store.apply(DENY_CLIENT)?;
+    s.wait_ping(false, Duration::from_secs(5))?;
+    s.store
+        .apply(&workload_yaml(&s.agent.node, "client", s.client(), "other"))?;
+    s.wait_ping(true, Duration::from_secs(5))?;
+
+    let (code, body) = s.agent.get(&s.host, "/liveness")?;
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = s.agent.get(&s.host, "/metrics")?;
+    assert!(
+        metrics.contains("felix_policy_update_latency_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("felix_bpf_map_entries{map=\"POLICY_VERDICTS\"}"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// A TCP stream between the workloads, counted at both ends.
+struct Stream {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    writer: std::thread::JoinHandle<Result<()>>,
+    reader: std::thread::JoinHandle<Result<()>>,
+}
+
+fn in_netns<R: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns path");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+fn listen(ns: &NetNs, addr: SocketAddr) -> Result<TcpListener> {
+    Ok(ns.run(move || TcpListener::bind(addr))??)
+}
+
+impl Stream {
+    fn start(client: &Workload, server: &Workload, port: u16) -> Result<Self> {
+        let addr = SocketAddr::from((server.address, port));
+        let listener = listen(&server.ns, addr)?;
+        let (stop, sent, received) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let r = received.clone();
+        let reader = std::thread::spawn(move || -> Result<()> {
+            let (mut conn, _) = listener.accept()?;
+            let mut buf = [0u8; 65536];
+            loop {
+                match conn.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => r.fetch_add(n as u64, Ordering::Relaxed),
+                };
+            }
+        });
+        let (st, se) = (stop.clone(), sent.clone());
+        let writer = in_netns(&client.ns, move || -> Result<()> {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .context("connecting the stream")?;
+            conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+            let chunk = [7u8; 16384];
+            while !st.load(Ordering::Relaxed) {
+                conn.write_all(&chunk)
+                    .context("stream write (a drop or stall)")?;
+                se.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            conn.shutdown(std::net::Shutdown::Write)?;
+            Ok(())
+        });
+        Ok(Self {
+            stop,
+            sent,
+            received,
+            writer,
+            reader,
+        })
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        self.reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        Ok((
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        ))
+    }
+}
+
+/// Whether a new TCP connection from client to server:`port` gets through (a listener is
+/// there, so a failure is the policy's drop: the attempt times out, it is not refused).
+fn connects(client: &Workload, server: &Workload, port: u16) -> Result<bool> {
+    let addr = SocketAddr::from((server.address, port));
+    let listener = listen(&server.ns, addr)?;
+    listener.set_nonblocking(true)?;
+    let outcome = client
+        .ns
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(700)))?;
+    match outcome {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(false),
+        Err(e) => bail!("connect to {addr} failed otherwise than by a drop: {e}"),
+    }
+}
+
+#[test]
+fn restart_keeps_streams_and_outage_keeps_the_dataplane() -> Result<()> {
+    if !require(
+        "restart_keeps_streams_and_outage_keeps_the_dataplane",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let mut s = Setup::new()?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+    assert!(
+        connects(s.client(), s.server(), 5001)?,
+        "port 5001 is open before the policy"
+    );
+
+    // kill -9 mid-stream: the pinned programs keep judging, the stream keeps flowing.
+    let stream = Stream::start(s.client(), s.server(), 5000)?;
+    std::thread::sleep(Duration::from_millis(800));
+    s.agent.kill9()?;
+    let at_kill = stream.received();
+    std::thread::sleep(Duration::from_millis(1500));
+    let while_down = stream.received() - at_kill;
+    assert!(
+        while_down > 0,
+        "the stream stalled while the agent was down"
+    );
+    assert!(
+        s.client().ns.ping(s.server().address.into())?,
+        "ping while the agent is down"
+    );
+
+    // A policy change made while the agent is down applies once it is back.
+    s.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: close-5001\nspec:\n  selector: role == 'server'\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination:\n      ports: [5001]\n  - action: Allow\n",
+    )?;
+    s.agent.restart()?;
+    s.agent.wait_ready(&s.host, true, Duration::from_secs(30))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connects(s.client(), s.server(), 5001)? {
+        assert!(
+            Instant::now() < deadline,
+            "the policy made while down never applied; log:\n{}",
+            s.agent.log()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, received) = stream.finish()?;
+    assert_eq!(sent, received, "bytes lost across the restart");
+    eprintln!(
+        "stream: {sent} bytes across kill -9 and restart, {while_down} while the agent was down"
+    );
+    // The restarted agent adopted what was pinned and left nothing of the old run behind.
+    assert!(
+        s.agent
+            .log()
+            .contains("removed map entries of programs no endpoint uses"),
+        "{}",
+        s.agent.log()
+    );
+
+    // etcd goes away: not ready, but the dataplane keeps its state.
+    s.etcd.kill()?;
+    s.agent
+        .wait_ready(&s.host, false, Duration::from_secs(10))?;
+    assert!(
+        s.client().ns.ping(s.server().address.into())?,
+        "ping during the etcd outage"
+    );
+    assert!(
+        !connects(s.client(), s.server(), 5001)?,
+        "policy kept during the outage"
+    );
+    s.etcd.resume()?;
+    s.agent.wait_ready(&s.host, true, Duration::from_secs(20))?;
+    // The watch resumed: a change after the outage applies.
+    s.store = Store::connect(&s.etcd)?;
+    // (close-5001 ends in Allow and sorts first, so it would decide before deny-client.)
+    s.store.delete(Kind::GlobalNetworkPolicy, None, "close-5001")?;
+    s.store.apply(DENY_CLIENT)?;
+    s.wait_ping(false, Duration::from_secs(15))?;
+    Ok(())
+}
