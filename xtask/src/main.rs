@@ -97,6 +97,18 @@ fn demo(root: &Path) -> Result<()> {
     step("building and running the demo");
     cargo(root)
         .args([
+            "build",
+            "--quiet",
+            "-p",
+            "calico-node",
+            "-p",
+            "calico-cni",
+            "-p",
+            "calicoctl",
+        ])
+        .run()?;
+    cargo(root)
+        .args([
             "run",
             "--quiet",
             "-p",

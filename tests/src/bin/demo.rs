@@ -1,43 +1,43 @@
-//! The main job, as far as the project has grown: a real etcd, workloads in network namespaces
-//! behind a host namespace that routes between them, and the eBPF source filter on the server
-//! workload's host-side interface. A GlobalNetworkSet in etcd names the sources to deny; the demo
-//! reads it back from etcd, programs the filter's maps from it, and prints reachability before
-//! and after. It exits non-zero if what it observes is not what the filter should do.
+//! The main job: a real etcd on loopback, the calico-node agent in a host network namespace,
+//! three workloads wired by the `calico` CNI plugin (addresses from `calico-ipam`), and a
+//! policy applied with `calicoctl`. It prints the reachability matrix before and after the
+//! policy and exits non-zero if what it observes is not what the policy says.
 
-use std::net::IpAddr;
+use std::{
+    io::Write,
+    net::IpAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
-use calico_dataplane::{
-    spawn_log_pump, tcx_programs, AttachMode, Direction, LoadOptions, SourceFilter,
-};
-use etcd_client::Client;
-use harness::{require, Etcd, NetNs, Requirement, Veth};
-use ipnet::IpNet;
+use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement};
 
-/// Where upstream Calico keeps a GlobalNetworkSet named `demo-denied-clients` in etcd.
-const NETWORK_SET_KEY: &str =
-    "/calico/resources/v3/projectcalico.org/globalnetworksets/demo-denied-clients";
+const ROLES: [&str; 3] = ["frontend", "backend", "db"];
 
-/// A workload namespace joined to the host namespace by a veth.
+const POLICY: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: db-from-backend-only
+spec:
+  selector: role == 'db'
+  types: [Ingress]
+  ingress:
+  - action: Allow
+    source:
+      selector: role == 'backend'
+";
+
 struct Workload {
-    name: &'static str,
+    role: &'static str,
     ns: NetNs,
-    v4: IpAddr,
-    v6: IpAddr,
-    /// The veth end in the host namespace (where Calico attaches its programs).
-    host_if: String,
-    _veth: Veth,
+    container_id: String,
+    address: IpAddr,
+    endpoint: String,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+fn main() -> Result<()> {
     if !require(
         "calico-demo",
         &[
@@ -49,203 +49,279 @@ async fn main() -> Result<()> {
     ) {
         bail!("the demo needs root, network namespaces, BPF and etcd (see above)");
     }
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("the demo's directory")?
+        .to_owned();
+    for b in ["calico-node", "calico", "calico-ipam", "calicoctl"] {
+        if !bin.join(b).exists() {
+            bail!(
+                "{} is missing: run `cargo xtask demo`, which builds it",
+                bin.join(b).display()
+            );
+        }
+    }
 
     banner("etcd");
     let etcd = Etcd::start()?;
     println!("etcd is healthy at {}", etcd.endpoint());
-    let mut client = Client::connect([etcd.endpoint()], None)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", etcd.endpoint()))?;
-
-    banner("workloads");
-    let host = NetNs::new("host")?;
-    for sysctl in [
-        "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.all.forwarding=1",
-        "net.ipv6.conf.default.forwarding=1",
-    ] {
-        host.exec_ok("sysctl", &["-qw", sysctl])?;
-    }
-    let workloads = [
-        workload(&host, "client-a", 1)?,
-        workload(&host, "client-b", 2)?,
-        workload(&host, "server", 3)?,
-    ];
-    for w in &workloads {
-        println!(
-            "{:<9} netns {:<16} {} {}  host side {}",
-            w.name,
-            w.ns.name(),
-            w.v4,
-            w.v6,
-            w.host_if
-        );
-    }
-    let [client_a, client_b, server] = &workloads;
-    let clients = [client_a, client_b];
-
-    banner("reachability before any policy");
-    let before = matrix(&clients, server)?;
-
-    banner("deny client-b: a GlobalNetworkSet in etcd, compiled into the filter's LPM tries");
-    let network_set = network_set_json(&[client_b.v4, client_b.v6]);
-    client
-        .put(NETWORK_SET_KEY, network_set.clone(), None)
-        .await
-        .context("writing the GlobalNetworkSet")?;
-    println!("put {NETWORK_SET_KEY}\n    {network_set}");
-    let nets = read_denied_nets(&mut client).await?;
-
-    let (mut filter, logger) = SourceFilter::load(&LoadOptions {
-        // Program log lines show with `RUST_LOG=debug cargo xtask demo`.
-        log_level: Some(aya_log::Level::Debug),
-        ..Default::default()
-    })?;
-    let _pump = logger.map(spawn_log_pump).transpose()?;
-    // Toward the workload = egress of its host-side veth, as Calico attaches ingress policy.
-    let server_if = server.host_if.clone();
-    let mode = host.run(|| filter.attach(&server_if, Direction::Egress))??;
-    for (rule_id, net) in (1..).zip(&nets) {
-        filter.deny(*net, rule_id)?;
-        println!("deny source {net} (rule {rule_id})");
-    }
-
-    banner("the kernel's view while attached");
-    println!(
-        "program id {} attached to {server_if} egress as {mode:?}",
-        filter.program_id()?
-    );
-    match mode {
-        AttachMode::Tcx => {
-            let names = host.run(|| tcx_programs(&server_if, Direction::Egress))??;
-            println!("TCX programs on {server_if} egress: {names:?}");
-        }
-        AttachMode::Clsact => print!(
-            "{}",
-            host.exec_ok("bpftool", &["net", "show", "dev", &server_if])?
-        ),
-    }
+    let ctl = |args: &[&str], stdin: Option<&str>| calicoctl(&bin, &etcd.endpoint(), args, stdin);
+    println!("$ calicoctl apply -f - (IPPool demo-pool 10.65.0.0/24)");
     print!(
         "{}",
-        harness_cmd("bpftool", &["prog", "show", "name", "source_filter"])?
+        ctl(
+            &["apply", "-f", "-"],
+            Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: demo-pool\nspec:\n  cidr: 10.65.0.0/24\n  blockSize: 26\n"),
+        )?
     );
 
-    banner("reachability with client-b denied");
-    let after = matrix(&clients, server)?;
-    let counters = filter.counters()?;
+    banner("calico-node");
+    let host = NetNs::new("demo")?;
+    let _forward = Forward::loopback(&host, etcd.port())?;
+    let node = unique_name("node");
+    let mut agent = AgentProcess::start(&bin.join("calico-node"), &host, &etcd.endpoint(), &node)?;
+    agent.wait_ready(&host, true, Duration::from_secs(30))?;
     println!(
-        "filter counters: {} passed, {} dropped",
-        counters.passed, counters.dropped
+        "calico-node for node {node} is ready (host namespace {}, pins under {})",
+        host.name(),
+        agent.pin_path.display()
     );
 
-    // The filter must have changed exactly client-b's row.
-    let expected_after = [before[0], [false, false]];
-    if before != [[true, true], [true, true]] || after != expected_after {
-        bail!("unexpected reachability: before {before:?}, after {after:?}");
+    banner("workloads through the CNI plugin");
+    let mut workloads = Vec::new();
+    for role in ROLES {
+        let w = cni_add(&bin, &host, &etcd.endpoint(), &node, role)?;
+        ctl(
+            &[
+                "label",
+                "workloadendpoint",
+                &w.endpoint,
+                &format!("role={role}"),
+                "-n",
+                "default",
+            ],
+            None,
+        )?;
+        println!(
+            "{:<9} {:<15} endpoint {}",
+            w.role,
+            w.address.to_string(),
+            w.endpoint
+        );
+        workloads.push(w);
     }
-    println!("\nresult: client-a still reaches server; client-b is dropped by the eBPF filter");
+    println!("\n$ calicoctl get workloadendpoints -o wide");
+    print!(
+        "{}",
+        ctl(&["get", "workloadendpoints", "-o", "wide"], None)?
+    );
+
+    banner("reachability before any policy (ping, row → column)");
+    let before = wait_matrix(&workloads, |_, _| true)?;
+    print_matrix(&workloads, &before);
+
+    banner("policy: only the backend may reach the db");
+    println!("$ calicoctl apply -f db-from-backend-only.yaml\n{POLICY}");
+    print!("{}", ctl(&["apply", "-f", "-"], Some(POLICY))?);
+    let expected = |from: &Workload, to: &Workload| to.role != "db" || from.role == "backend";
+    let started = Instant::now();
+    let after = wait_matrix(&workloads, expected)?;
+    println!(
+        "(matrix as expected {:.1} s after the apply)",
+        started.elapsed().as_secs_f64()
+    );
+    print_matrix(&workloads, &after);
+
+    banner("the agent's view");
+    let m = |name: &str| agent.metric(&host, name).unwrap_or(f64::NAN);
+    println!(
+        "endpoints {}  packets allowed {}  denied {}  policy updates observed {}",
+        m("felix_active_local_endpoints"),
+        m("felix_bpf_packets_allowed_total"),
+        m("felix_bpf_packets_denied_total"),
+        m("felix_policy_update_latency_seconds_count"),
+    );
+    println!(
+        "host routes to workloads:\n{}",
+        host.exec_ok("ip", &["route", "show", "proto", "boot"])?
+    );
+
+    banner("clean up through the CNI plugin");
+    for w in &workloads {
+        cni(
+            &bin,
+            &host,
+            &etcd.endpoint(),
+            &node,
+            "DEL",
+            &w.container_id,
+            &w.ns,
+        )?;
+    }
+    println!("$ calicoctl ipam check");
+    print!("{}", ctl(&["ipam", "check"], None)?);
+    drop(agent);
+    println!("\ndemo passed");
     Ok(())
 }
 
-/// Creates workload `index` with a /30 (and /64) link to the host namespace, routed by it.
-fn workload(host: &NetNs, name: &'static str, index: u8) -> Result<Workload> {
-    let ns = NetNs::new("wl")?;
-    let veth = Veth::between(host, &ns)?;
-    let base = 4 * index;
-    host.add_address(&veth.a_name, &format!("198.18.100.{}/30", base + 1))?;
-    host.add_address(&veth.a_name, &format!("fd00:de:{index}::1/64"))?;
-    ns.add_address(&veth.b_name, &format!("198.18.100.{}/30", base + 2))?;
-    ns.add_address(&veth.b_name, &format!("fd00:de:{index}::2/64"))?;
-    ns.exec_ok(
-        "ip",
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("198.18.100.{}", base + 1),
-        ],
-    )?;
-    ns.exec_ok(
-        "ip",
-        &[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:de:{index}::1"),
-        ],
-    )?;
-    Ok(Workload {
-        name,
-        v4: format!("198.18.100.{}", base + 2).parse()?,
-        v6: format!("fd00:de:{index}::2").parse()?,
-        host_if: veth.a_name.clone(),
-        ns,
-        _veth: veth,
-    })
-}
-
-/// Pings the server from each client over IPv4 and IPv6 and prints the table.
-fn matrix(clients: &[&Workload; 2], server: &Workload) -> Result<[[bool; 2]; 2]> {
-    println!("{:<10} {:>22} {:>22}", "from \\ to", server.v4, server.v6);
-    let mut rows = [[false; 2]; 2];
-    for (row, client) in rows.iter_mut().zip(clients) {
-        *row = [client.ns.ping(server.v4)?, client.ns.ping(server.v6)?];
-        let cell = |ok: bool| if ok { "reachable" } else { "DROPPED" };
-        println!(
-            "{:<10} {:>22} {:>22}",
-            client.name,
-            cell(row[0]),
-            cell(row[1])
+fn calicoctl(bin: &Path, etcd: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut child = Command::new(bin.join("calicoctl"))
+        .args(args)
+        .env("ETCD_ENDPOINTS", etcd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.unwrap_or("").as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "calicoctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(rows)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A GlobalNetworkSet in upstream's JSON form, holding one host prefix per address.
-fn network_set_json(addrs: &[IpAddr]) -> String {
-    let nets: Vec<String> = addrs.iter().map(|a| IpNet::from(*a).to_string()).collect();
-    serde_json::json!({
-        "kind": "GlobalNetworkSet",
-        "apiVersion": "projectcalico.org/v3",
-        "metadata": { "name": "demo-denied-clients", "labels": { "role": "denied" } },
-        "spec": { "nets": nets },
+/// Runs the calico CNI plugin the way a runtime does, inside the host's network namespace.
+fn cni(
+    bin: &Path,
+    host: &NetNs,
+    etcd: &str,
+    node: &str,
+    command: &str,
+    container: &str,
+    ns: &NetNs,
+) -> Result<serde_json::Value> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "demo-net",
+        "type": "calico",
+        "nodename": node,
+        "etcd_endpoints": etcd,
+        "ipam": { "type": "calico-ipam" },
+    });
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", host.name()))
+        .arg(bin.join("calico"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", format!("/run/netns/{}", ns.name()))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin.display().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "calico CNI {command}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+}
+
+fn cni_add(
+    bin: &Path,
+    host: &NetNs,
+    etcd: &str,
+    node: &str,
+    role: &'static str,
+) -> Result<Workload> {
+    let ns = NetNs::new("wl")?;
+    let container_id = format!("{role}{}", "0".repeat(24));
+    let result = cni(bin, host, etcd, node, "ADD", &container_id, &ns)?;
+    let address: IpAddr = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address in the CNI result {result}"))?;
+    Ok(Workload {
+        role,
+        ns,
+        endpoint: format!("{node}-cni-{container_id}-eth0"),
+        container_id,
+        address,
     })
-    .to_string()
 }
 
-/// Reads the network set back from etcd and parses `spec.nets`.
-async fn read_denied_nets(client: &mut Client) -> Result<Vec<IpNet>> {
-    let response = client.get(NETWORK_SET_KEY, None).await?;
-    let kv = response
-        .kvs()
-        .first()
-        .with_context(|| format!("{NETWORK_SET_KEY} missing right after it was written"))?;
-    let value: serde_json::Value = serde_json::from_slice(kv.value())
-        .with_context(|| format!("{NETWORK_SET_KEY}: not JSON"))?;
-    let nets = value["spec"]["nets"]
-        .as_array()
-        .with_context(|| format!("{NETWORK_SET_KEY}: spec.nets is not a list"))?;
-    nets.iter()
-        .enumerate()
-        .map(|(i, n)| {
-            n.as_str()
-                .and_then(|s| s.parse::<IpNet>().ok())
-                .with_context(|| format!("{NETWORK_SET_KEY}: spec.nets[{i}]: {n} is not a CIDR"))
+fn matrix(ws: &[Workload]) -> Result<Vec<Vec<bool>>> {
+    ws.iter()
+        .map(|from| {
+            ws.iter()
+                .map(|to| {
+                    if std::ptr::eq(from, to) {
+                        Ok(true)
+                    } else {
+                        from.ns.ping(to.address)
+                    }
+                })
+                .collect()
         })
         .collect()
 }
 
-fn harness_cmd(program: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Measures until the matrix is what `expected` says (programming takes a moment).
+fn wait_matrix(
+    ws: &[Workload],
+    expected: impl Fn(&Workload, &Workload) -> bool,
+) -> Result<Vec<Vec<bool>>> {
+    let want: Vec<Vec<bool>> = ws
+        .iter()
+        .map(|f| {
+            ws.iter()
+                .map(|t| std::ptr::eq(f, t) || expected(f, t))
+                .collect()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = matrix(ws)?;
+        if got == want {
+            return Ok(got);
+        }
+        if Instant::now() > deadline {
+            print_matrix(ws, &got);
+            bail!("reachability is not what the policy says (expected {want:?})");
+        }
+    }
+}
+
+fn print_matrix(ws: &[Workload], m: &[Vec<bool>]) {
+    print!("{:>10}", "");
+    for w in ws {
+        print!("{:>10}", w.role);
+    }
+    println!();
+    for (i, w) in ws.iter().enumerate() {
+        print!("{:>10}", w.role);
+        for (j, ok) in m[i].iter().enumerate() {
+            let cell = if i == j {
+                "-"
+            } else if *ok {
+                "allowed"
+            } else {
+                "DENIED"
+            };
+            print!("{cell:>10}");
+        }
+        println!();
+    }
 }
 
 fn banner(what: &str) {
-    println!("\n--- {what}");
+    println!("\n== {what} ==");
 }

@@ -378,7 +378,8 @@ fn restart_keeps_streams_and_outage_keeps_the_dataplane() -> Result<()> {
     // The watch resumed: a change after the outage applies.
     s.store = Store::connect(&s.etcd)?;
     // (close-5001 ends in Allow and sorts first, so it would decide before deny-client.)
-    s.store.delete(Kind::GlobalNetworkPolicy, None, "close-5001")?;
+    s.store
+        .delete(Kind::GlobalNetworkPolicy, None, "close-5001")?;
     s.store.apply(DENY_CLIENT)?;
     s.wait_ping(false, Duration::from_secs(15))?;
     Ok(())
