@@ -109,11 +109,14 @@ impl AgentProcess {
     pub fn get(&self, host: &NetNs, path: &str) -> Result<(u16, String)> {
         let path = path.to_owned();
         host.run(move || -> Result<(u16, String)> {
-            let mut s = TcpStream::connect(("127.0.0.1", HEALTH_PORT))?;
+            let mut s = TcpStream::connect(("127.0.0.1", HEALTH_PORT)).context("connecting")?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            // One write: the request arrives whole.
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+                .with_context(|| format!("sending GET {path}"))?;
             let mut text = String::new();
-            s.read_to_string(&mut text)?;
+            s.read_to_string(&mut text)
+                .with_context(|| format!("reading the answer to GET {path}"))?;
             let code = text
                 .split_whitespace()
                 .nth(1)

@@ -33,7 +33,7 @@ enum Task {
     /// same run: `cni` (ADD latency vs the reference ptp plugin), `dataplane` (throughput,
     /// packet rate and connection rate vs the plain path and iptables).
     Bench {
-        /// Which benchmark: cni or dataplane.
+        /// Which benchmark: cni, dataplane or agent.
         #[arg(default_value = "cni")]
         which: String,
     },
@@ -126,10 +126,18 @@ fn bench(root: &Path, which: &str) -> Result<()> {
         "cni" => cargo(root)
             .args(["bench", "-p", "calico-cni", "--bench", "add_latency"])
             .run(),
+        "agent" => {
+            cargo(root)
+                .args(["build", "--release", "-p", "calico-node"])
+                .run()?;
+            cargo(root)
+                .args(["bench", "-p", "calico-node", "--bench", "agent"])
+                .run()
+        }
         "dataplane" => cargo(root)
             .args(["bench", "-p", "calico-tests", "--bench", "dataplane"])
             .run(),
-        other => anyhow::bail!("unknown benchmark `{other}` (known: cni, dataplane)"),
+        other => anyhow::bail!("unknown benchmark `{other}` (known: cni, dataplane, agent)"),
     }
 }
 

@@ -74,6 +74,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         tokio::spawn(health::serve(listener, metrics.clone()));
     }
 
+    raise_fd_limit();
     netlink::enable_forwarding().context("enabling forwarding")?;
     let log_level = match flags.bpf_log_level.to_ascii_lowercase().as_str() {
         "off" | "" => None,
@@ -154,7 +155,9 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
                 if agent.synced && last_refresh.elapsed() >= refresh {
                     last_refresh = Instant::now();
                     agent.driver.reconcile_routes().await;
+                    let routes = last_refresh.elapsed();
                     agent.driver.housekeeping();
+                    tracing::debug!(routes_us = routes.as_micros() as u64, total_us = last_refresh.elapsed().as_micros() as u64, "periodic refresh");
                 } else {
                     agent.driver.refresh_counters();
                 }
@@ -167,6 +170,19 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     // Pinned programs and maps stay: the dataplane keeps enforcing until the next run.
     tracing::info!("calico-node stopping; the dataplane stays programmed");
     Ok(())
+}
+
+/// Many endpoints mean many map and link operations; lift the soft open-file limit to the hard
+/// one, as daemons do.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, "raising the open-file limit");
+            }
+        }
+    }
 }
 
 impl Agent {
@@ -223,9 +239,18 @@ impl Agent {
                 tracing::error!(error = %e, "FelixConfiguration refused; previous settings stay")
             }
         }
+        let calc_started = Instant::now();
         let changes = self.calc.flush();
         let n = changes.len();
+        let calculated = calc_started.elapsed();
         self.driver.apply(changes).await;
+        tracing::debug!(
+            changes = n,
+            queued_us = started.map_or(0, |t| (calc_started - t).as_micros() as u64),
+            calc_us = calculated.as_micros() as u64,
+            dataplane_us = (calc_started.elapsed() - calculated).as_micros() as u64,
+            "batch applied"
+        );
         if let Some(at) = started {
             if n > 0 {
                 self.metrics.observe_update(at.elapsed());
@@ -236,6 +261,7 @@ impl Agent {
             if !self.synced {
                 self.synced = true;
                 self.driver.sweep_leftovers();
+                self.driver.housekeeping();
                 tracing::info!(
                     endpoints = self.calc.endpoints().count(),
                     "in sync: dataplane programmed from a complete snapshot"

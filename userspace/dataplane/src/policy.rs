@@ -144,12 +144,15 @@ pub struct PolicyDataplane {
     pin_path: Option<PathBuf>,
     /// Attachments this process made, by (ifindex, hook).
     links: BTreeMap<(u32, Hook), Attachment>,
+    /// Tracked flows counted by the last conntrack expiry pass.
+    tracked_flows_seen: usize,
 }
 
-/// One classifier attachment: owned (detached when dropped) or pinned (kept until unpinned).
+/// One classifier attachment: owned (detached when dropped) or pinned (kept by its pin until
+/// unpinned; no file descriptor is held, so thousands of endpoints cost no fds).
 enum Attachment {
     Owned(#[allow(dead_code)] SchedClassifierLink),
-    Pinned(PinnedLink),
+    Pinned(PathBuf),
 }
 
 /// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
@@ -256,6 +259,7 @@ impl PolicyDataplane {
             installed: BTreeMap::new(),
             pin_path: options.pin_path.clone(),
             links: BTreeMap::new(),
+            tracked_flows_seen: 0,
         };
         // Programs already in pinned maps (a previous run's) keep their ids; new ones start
         // above them.
@@ -300,6 +304,30 @@ impl PolicyDataplane {
             } else {
                 TcAttachOptions::Netlink(Default::default())
             };
+            // A previous run's pinned link on this interface: swap this run's program into it
+            // in place (BPF_LINK_UPDATE: atomic, no gap, and no RCU grace period as a new
+            // attachment costs). The pin keeps the link; our fd is closed at once.
+            if let (Some(dir), true) = (&self.pin_path, tcx) {
+                let path = link_pin(dir, ifindex, hook);
+                if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                    let adopted = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .ok()
+                        .and_then(|link| {
+                            let program = classifier(&mut self.ebpf, name).ok()?;
+                            let id = program.attach_to_link(link).ok()?;
+                            program.take_link(id).ok()
+                        });
+                    if adopted.is_some() {
+                        self.links.insert((ifindex, hook), Attachment::Pinned(path));
+                        continue;
+                    }
+                    tracing::debug!(
+                        interface,
+                        ?hook,
+                        "pinned link not adoptable; attaching anew"
+                    );
+                }
+            }
             let program = classifier(&mut self.ebpf, name)?;
             let id = program
                 .attach_with_options(interface, attach_type, options)
@@ -326,11 +354,13 @@ impl PolicyDataplane {
                     // The previous attachment goes only once the new one is in place.
                     release_pin(&path);
                     self.links.remove(&(ifindex, hook));
-                    Attachment::Pinned(fd.pin(&path).map_err(|e| DataplaneError::Pin {
+                    // Dropping the pinned handle closes our fd; the pin keeps the link.
+                    drop(fd.pin(&path).map_err(|e| DataplaneError::Pin {
                         path: path.clone(),
                         action: "pin link",
                         source: std::io::Error::other(e.to_string()),
-                    })?)
+                    })?);
+                    Attachment::Pinned(path)
                 }
                 _ => Attachment::Owned(link),
             };
@@ -349,10 +379,7 @@ impl PolicyDataplane {
     pub fn forget_interface(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         for hook in [Hook::Ingress, Hook::Egress] {
             match self.links.remove(&(ifindex, hook)) {
-                Some(Attachment::Pinned(link)) => {
-                    // Unpinning and dropping the last fd detaches.
-                    let _ = link.unpin();
-                }
+                Some(Attachment::Pinned(path)) => release_pin(&path),
                 Some(Attachment::Owned(_)) => {}
                 None => {
                     if let Some(dir) = &self.pin_path {
@@ -461,16 +488,19 @@ impl PolicyDataplane {
         Ok(removed)
     }
 
-    /// Entries in each policy table, for occupancy metrics.
+    /// Entries in each policy table, from this run's bookkeeping (walking large LPM tries
+    /// on every scrape would stall the caller); conntrack as counted by the last
+    /// [`PolicyDataplane::expire_conntrack`].
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        let sum = |f: fn(&Written) -> usize| self.installed.values().map(|(_, w)| f(w)).sum();
         vec![
-            (POLICY_ENDPOINTS_MAP, self.endpoints.keys().count()),
-            (POLICY_PEERS_MAP, self.peers.keys().count()),
-            (POLICY_LOCALS_MAP, self.locals.keys().count()),
-            (POLICY_PROTOS_MAP, self.protos.keys().count()),
-            (POLICY_SPORTS_MAP, self.sports.keys().count()),
-            (POLICY_VERDICTS_MAP, self.verdicts.keys().count()),
-            (CONNTRACK_MAP, self.conntrack.keys().count()),
+            (POLICY_ENDPOINTS_MAP, self.installed.len()),
+            (POLICY_PEERS_MAP, sum(|w| w.peers.len())),
+            (POLICY_LOCALS_MAP, sum(|w| w.locals.len())),
+            (POLICY_PROTOS_MAP, sum(|w| w.protos.len())),
+            (POLICY_SPORTS_MAP, sum(|w| w.sports.len())),
+            (POLICY_VERDICTS_MAP, sum(|w| w.verdicts.len())),
+            (CONNTRACK_MAP, self.tracked_flows_seen),
         ]
     }
 
@@ -700,8 +730,10 @@ impl PolicyDataplane {
     ) -> Result<usize, DataplaneError> {
         let now = monotonic_ns();
         let mut stale = Vec::new();
+        let mut seen = 0;
         for entry in self.conntrack.iter() {
             let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+            seen += 1;
             let closed = v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI);
             let limit = match (k.protocol, closed) {
                 (6, true) => timeouts.tcp_closed,
@@ -720,6 +752,7 @@ impl PolicyDataplane {
                 Err(source) => return Err(map_err(CONNTRACK_MAP, "remove")(source)),
             }
         }
+        self.tracked_flows_seen = seen - stale.len().min(seen);
         Ok(stale.len())
     }
 
