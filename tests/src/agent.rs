@@ -27,6 +27,7 @@ pub struct AgentProcess {
     etcd: String,
     pub node: String,
     pub pin_path: PathBuf,
+    extra: Vec<String>,
     log: tempfile::NamedTempFile,
     child: Option<Child>,
 }
@@ -34,7 +35,19 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `binary` (calico-node) in `host` for node `node`, talking to etcd at `etcd`.
     pub fn start(binary: &Path, host: &NetNs, etcd: &str, node: &str) -> Result<Self> {
+        Self::start_with(binary, host, etcd, node, &[])
+    }
+
+    /// As [`AgentProcess::start`], with extra command-line arguments.
+    pub fn start_with(
+        binary: &Path,
+        host: &NetNs,
+        etcd: &str,
+        node: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut agent = Self {
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             binary: binary.to_owned(),
             netns: host.name().to_owned(),
             etcd: etcd.to_owned(),
@@ -70,8 +83,9 @@ impl AgentProcess {
             ])
             .arg("--bpf-pin-path")
             .arg(&self.pin_path)
+            .args(&self.extra)
             .env("ETCD_ENDPOINTS", &self.etcd)
-            .env("RUST_LOG", "info,calico_node=debug")
+            .env("RUST_LOG", "info,calico_node=debug,calico_libnetwork=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -40,6 +40,10 @@ impl Forward {
                     Ok((inside, _)) => {
                         let _ = inside.set_nonblocking(false);
                         if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
+                            // gRPC sends small frames: Nagle plus delayed ACKs on a relay
+                            // would add tens of milliseconds to every watch event.
+                            let _ = inside.set_nodelay(true);
+                            let _ = outside.set_nodelay(true);
                             relay(inside, outside);
                         }
                     }

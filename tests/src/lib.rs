@@ -5,11 +5,13 @@
 mod agent;
 mod etcd;
 mod forward;
+mod image;
 mod netns;
 mod requirements;
 
 pub use agent::{AgentProcess, Workload, HEALTH_PORT};
 pub use etcd::{Etcd, TlsFiles};
 pub use forward::Forward;
+pub use image::busybox_rootfs_tar;
 pub use netns::{unique_name, NetNs, Veth};
 pub use requirements::{require, Requirement};

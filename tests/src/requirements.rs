@@ -17,6 +17,8 @@ pub enum Requirement {
     /// podman with runc and a static busybox to build a local image from (Debian `podman`,
     /// `runc`, `busybox-static`).
     Podman,
+    /// dockerd (Debian `docker.io`) and a static busybox for the local image.
+    Docker,
 }
 
 impl Requirement {
@@ -42,6 +44,15 @@ impl Requirement {
             }
             Requirement::Etcd => (!command_works("etcd", &["--version"]))
                 .then(|| "`etcd` is not installed (Debian package etcd-server)".to_owned()),
+            Requirement::Docker => {
+                if !command_works("dockerd", &["--version"]) {
+                    Some("`dockerd` is not installed (Debian package docker.io)".to_owned())
+                } else if !Path::new("/bin/busybox").exists() {
+                    Some("/bin/busybox is missing (Debian package busybox-static)".to_owned())
+                } else {
+                    None
+                }
+            }
             Requirement::Podman => {
                 if !command_works("podman", &["--version"]) {
                     Some("`podman` is not installed".to_owned())

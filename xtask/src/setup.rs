@@ -29,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "runc",                        // podman's OCI runtime here
     "busybox-static",              // the root filesystem of the local test image
     "iptables",                    // used by the chained portmap plugin
+    "docker.io",                   // a real dockerd calling the libnetwork driver
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use calico_datastore::{Datastore, DatastoreError};
 use calico_model::{
-    spec::{Action, EntityRule, ProfileSpec, Rule, WorkloadEndpointSpec},
+    spec::{ProfileSpec, WorkloadEndpointSpec},
     Kind, Object, ObjectMeta, Resource, API_VERSION,
 };
 use ipnet::IpNet;
@@ -280,17 +280,7 @@ async fn ensure_network_profile(store: &Datastore, network: &str) -> Result<(), 
             name: network.to_owned(),
             ..Default::default()
         },
-        spec: ProfileSpec {
-            ingress: vec![Rule {
-                source: EntityRule {
-                    selector: Some(format!("has({network})")),
-                    ..Default::default()
-                },
-                ..Rule::new(Action::Allow)
-            }],
-            egress: vec![Rule::new(Action::Allow)],
-            labels_to_apply: BTreeMap::from([(network.to_owned(), String::new())]),
-        },
+        spec: ProfileSpec::network(network),
         status: None,
     });
     match store.create(profile).await {

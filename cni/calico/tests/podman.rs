@@ -91,21 +91,7 @@ async fn podman_containers_on_a_calico_network() -> anyhow::Result<()> {
     )?;
 
     // A local image: a busybox-static root filesystem, imported.
-    let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin"))?;
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
-    for tool in ["sh", "ping", "ip", "sleep"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(tool))?;
-    }
-    let tar = dir.join("rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()?;
-    assert!(status.success());
+    let tar = harness::busybox_rootfs_tar(&dir)?;
     podman.ok(&["import", tar.to_str().unwrap(), "localhost/calico-busybox"]);
     assert!(podman.ok(&["network", "ls"]).contains(&network));
 

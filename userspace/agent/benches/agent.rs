@@ -274,6 +274,7 @@ fn run(log: &std::path::Path) -> Result<()> {
                         break t;
                     }
                 }
+
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "no packet within 10 s of the allow"

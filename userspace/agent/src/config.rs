@@ -46,6 +46,16 @@ pub struct Flags {
     /// Interface name prefix of workload veths.
     #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = "cali")]
     pub interface_prefix: String,
+    /// Also serve Docker's remote network and IPAM driver (as `calico-libnetwork` does).
+    #[arg(long, env = "CALICO_LIBNETWORK_ENABLED")]
+    pub libnetwork: bool,
+    /// Docker's plugin directory, for --libnetwork.
+    #[arg(
+        long,
+        env = "CALICO_LIBNETWORK_PLUGIN_DIR",
+        default_value = "/run/docker/plugins"
+    )]
+    pub libnetwork_plugin_dir: PathBuf,
     /// How often routes, blackholes and conntrack are reconciled in full, in seconds.
     #[arg(long, env = "FELIX_ROUTEREFRESHINTERVAL", default_value_t = 10)]
     pub refresh_interval: u64,

@@ -60,6 +60,19 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             .into_owned(),
     };
     let etcd = EtcdConfig::from_env().context("datastore configuration")?;
+    if flags.libnetwork {
+        let config = calico_libnetwork::DriverConfig {
+            plugin_dir: flags.libnetwork_plugin_dir.clone(),
+            node: node.clone(),
+            etcd: etcd.clone(),
+            interface_prefix: flags.interface_prefix.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = calico_libnetwork::serve(config).await {
+                tracing::error!("docker driver stopped: {e:#}");
+            }
+        });
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.turned();
 

@@ -150,6 +150,25 @@ pub struct RuleMetadata {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl ProfileSpec {
+    /// The profile of a network (CNI network, Docker network): members carry the label
+    /// `member_label` (applied by the profile itself), reach each other by default and may
+    /// send anywhere; policy refines it.
+    pub fn network(member_label: &str) -> Self {
+        ProfileSpec {
+            ingress: vec![Rule {
+                source: EntityRule {
+                    selector: Some(format!("has({member_label})")),
+                    ..Default::default()
+                },
+                ..Rule::new(Action::Allow)
+            }],
+            egress: vec![Rule::new(Action::Allow)],
+            labels_to_apply: BTreeMap::from([(member_label.to_owned(), String::new())]),
+        }
+    }
+}
+
 /// The default tier's name; policies without `tier` belong to it.
 pub const DEFAULT_TIER: &str = "default";
 

@@ -1,0 +1,312 @@
+//! The Docker driver end to end: a real dockerd (in its own network namespace) creating a
+//! calico network and running two containers through `calico-node --libnetwork`, which also
+//! programs their policy. Then a calicoctl-style deny, and clean-up that leaves no IPAM
+//! allocation and no veth.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use calico_datastore::{Datastore, EtcdConfig};
+use calico_model::{parse_documents, Kind, Resource};
+use harness::{
+    busybox_rootfs_tar, require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement,
+};
+
+const PLUGIN_DIR: &str = "/run/docker/plugins";
+
+/// dockerd in `host`, with everything under a temporary directory; killed on drop.
+struct Dockerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start(host: &NetNs) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = std::fs::File::create(dir.path().join("dockerd.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", host.name()))
+            .arg("dockerd")
+            .arg("--data-root")
+            .arg(dir.path().join("data"))
+            .arg("--exec-root")
+            .arg(dir.path().join("exec"))
+            .arg("--pidfile")
+            .arg(dir.path().join("docker.pid"))
+            .arg("-H")
+            .arg(format!(
+                "unix://{}",
+                dir.path().join("docker.sock").display()
+            ))
+            .args([
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--storage-driver=vfs",
+            ])
+            .args([
+                "--default-ulimit",
+                "nofile=1024:1024",
+                "--default-ulimit",
+                "nproc=1024:1024",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd")?;
+        let mut d = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while d.docker(&["version"]).is_err() {
+            if let Some(status) = d.child.try_wait()? {
+                bail!("dockerd exited ({status}):\n{}", d.log());
+            }
+            if Instant::now() > deadline {
+                bail!("dockerd did not answer within 60 s:\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(d)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Runs the docker client against this daemon; its stdout, or its stderr as the error.
+    fn docker(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(format!(
+                "unix://{}",
+                self.dir.path().join("docker.sock").display()
+            ))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "docker {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Leftover container processes of this daemon's shim.
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(self.dir.path().display().to_string())
+            .status();
+    }
+}
+
+/// Removes the driver's sockets when the test ends.
+struct PluginSockets;
+impl Drop for PluginSockets {
+    fn drop(&mut self) {
+        for s in ["calico.sock", "calico-ipam.sock"] {
+            let _ = std::fs::remove_file(Path::new(PLUGIN_DIR).join(s));
+        }
+    }
+}
+
+fn docker_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_calico-node"))
+}
+
+#[test]
+fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
+    if !require(
+        "dockerd_runs_containers_on_a_calico_network",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Bpf,
+            Requirement::Etcd,
+            Requirement::Docker,
+        ],
+    ) {
+        return Ok(());
+    }
+    let etcd = Etcd::start()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
+        etcd.endpoint()
+    ])))?;
+    for r in parse_documents("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: docker-pool\nspec:\n  cidr: 10.70.0.0/24\n  blockSize: 26\n")? {
+        rt.block_on(store.apply(r))?;
+    }
+    let host = NetNs::new("dk")?;
+    // A default route, as every real host has: proxy ARP answers for 169.254.1.1 only when
+    // the host has a route to it.
+    host.exec_ok(
+        "ip",
+        &[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+        ],
+    )?;
+    host.exec_ok("ip", &["link", "set", "uplink1", "up"])?;
+    host.exec_ok("ip", &["link", "set", "uplink0", "up"])?;
+    host.exec_ok("ip", &["route", "add", "default", "dev", "uplink0"])?;
+    let _forward = Forward::loopback(&host, etcd.port())?;
+    let _sockets = PluginSockets;
+    let node = unique_name("dnod");
+    let mut agent = AgentProcess::start_with(
+        &docker_binary(),
+        &host,
+        &etcd.endpoint(),
+        &node,
+        &["--libnetwork"],
+    )?;
+    agent.wait_ready(&host, true, Duration::from_secs(30))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Path::new(PLUGIN_DIR).join("calico-ipam.sock").exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the driver's sockets never appeared:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let dockerd = Dockerd::start(&host)?;
+    let image_dir = tempfile::tempdir()?;
+    let tar = busybox_rootfs_tar(image_dir.path())?;
+    dockerd.docker(&["import", &tar.display().to_string(), "calico-busybox:local"])?;
+
+    // Bad requests answer with an error and the driver keeps serving.
+    let err = dockerd
+        .docker(&[
+            "network",
+            "create",
+            "--driver",
+            "calico",
+            "--ipam-driver",
+            "calico-ipam",
+            "--subnet",
+            "10.99.0.0/24",
+            "badnet",
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("must match the CIDR of a configured calico IPPool"),
+        "{err}\nagent log:\n{}\ndockerd log:\n{}",
+        agent.log(),
+        dockerd.log()
+    );
+
+    dockerd
+        .docker(&[
+            "network",
+            "create",
+            "--driver",
+            "calico",
+            "--ipam-driver",
+            "calico-ipam",
+            "--subnet",
+            "10.70.0.0/24",
+            "net1",
+        ])
+        .with_context(|| agent.log())?;
+    for (name, ip) in [("ctr-a", None), ("ctr-b", Some("10.70.0.77"))] {
+        let mut args = vec!["run", "-d", "--net", "net1", "--name", name];
+        if let Some(ip) = ip {
+            args.extend(["--ip", ip]);
+        }
+        args.extend(["calico-busybox:local", "sleep", "600"]);
+        dockerd.docker(&args).with_context(|| {
+            format!(
+                "docker run {name}; dockerd log:\n{}\nagent log:\n{}",
+                dockerd.log(),
+                agent.log()
+            )
+        })?;
+    }
+    let ip_of = |name: &str| -> Result<IpAddr> {
+        Ok(dockerd
+            .docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                name,
+            ])?
+            .parse()?)
+    };
+    let (a, b) = (ip_of("ctr-a")?, ip_of("ctr-b")?);
+    assert_eq!(b.to_string(), "10.70.0.77", "--ip honoured");
+    // (Calico IPAM hands out every address of a block, .0 included: routes are /32.)
+    assert!(a.to_string().starts_with("10.70.0."), "ctr-a got {a}");
+
+    let ping = |from: &str, to: IpAddr| {
+        dockerd
+            .docker(&["exec", from, "ping", "-c", "1", "-W", "1", &to.to_string()])
+            .is_ok()
+    };
+    let wait_ping = |from: &str, to: IpAddr, expected: bool| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while ping(from, to) != expected {
+            if Instant::now() > deadline {
+                bail!(
+                    "ping {from} → {to} never became {expected}; agent log:\n{}",
+                    agent.log()
+                );
+            }
+        }
+        Ok(())
+    };
+    wait_ping("ctr-a", b, true)?;
+    wait_ping("ctr-b", a, true)?;
+
+    // A policy (what `calicoctl apply` writes) denies traffic into b.
+    for r in parse_documents("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-into-b\nspec:\n  selector: projectcalico.org/orchestrator == 'libnetwork' && !has(nothing)\n  ingress:\n  - action: Deny\n    destination:\n      nets: ['10.70.0.77/32']\n  - action: Pass\n")? {
+        rt.block_on(store.apply(r))?;
+    }
+    wait_ping("ctr-a", b, false)?;
+
+    // Clean up through docker: nothing may be left behind.
+    dockerd.docker(&["rm", "-f", "ctr-a", "ctr-b"])?;
+    dockerd.docker(&["network", "rm", "net1"])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (blocks, _) = rt.block_on(store.list(Kind::IPAMBlock, None))?;
+        let allocated: usize = blocks
+            .iter()
+            .map(|r| match r {
+                Resource::IPAMBlock(b) => b.spec.allocations.iter().filter(|a| a.is_some()).count(),
+                _ => 0,
+            })
+            .sum();
+        let (weps, _) = rt.block_on(store.list(Kind::WorkloadEndpoint, None))?;
+        let veths = host.exec_ok("ip", &["-o", "link", "show"])?;
+        let leftover_veths = veths
+            .lines()
+            .filter(|l| l.contains(": cali") || l.contains(": temp"))
+            .count();
+        if allocated == 0 && weps.is_empty() && leftover_veths == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("left behind: {allocated} allocations, {} endpoints, {leftover_veths} veths\n{veths}", weps.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (profiles, _) = rt.block_on(store.list(Kind::Profile, None))?;
+    assert!(
+        profiles.is_empty(),
+        "the network's profile went with it: {profiles:?}"
+    );
+    Ok(())
+}

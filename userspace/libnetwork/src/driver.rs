@@ -1,0 +1,541 @@
+//! The calls of Docker's remote NetworkDriver and IpamDriver, answered from the calico
+//! datastore and IPAM. A Docker network is a calico profile (members reach each other by
+//! default; policy refines it); an endpoint is a WorkloadEndpoint (orchestrator `libnetwork`)
+//! behind a `cali*` veth that the agent programs.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use calico_datastore::{Datastore, DatastoreError};
+use calico_ipam::{AssignRequest, Ipam};
+use calico_model::{
+    spec::{ProfileSpec, WorkloadEndpointSpec},
+    Kind, Object, ObjectMeta, Resource, API_VERSION,
+};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::{
+    packet_route::link::{InfoData, InfoKind, InfoVeth},
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth,
+};
+use serde_json::{json, Value};
+
+pub const POOL_ID_V4: &str = "CalicoPoolIPv4";
+pub const POOL_ID_V6: &str = "CalicoPoolIPv6";
+/// The workloads' gateway: the host end of their veth answers for it (proxy ARP).
+pub const GATEWAY_V4: &str = "169.254.1.1";
+const HOST_MAC: [u8; 6] = [0xee; 6];
+pub const ORCHESTRATOR: &str = "libnetwork";
+pub const NAMESPACE: &str = "libnetwork";
+
+/// A request Docker sent that cannot be honoured; answered as `{"Err": ...}`.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("malformed request body for {call}: {reason}")]
+    Malformed { call: String, reason: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    #[error(transparent)]
+    Ipam(#[from] calico_ipam::IpamError),
+    #[error("netlink: {0}")]
+    Netlink(String),
+}
+
+pub struct Driver {
+    store: Datastore,
+    ipam: Ipam,
+    netlink: Handle,
+    node: String,
+    interface_prefix: String,
+}
+
+fn field<'a>(call: &str, body: &'a Value, name: &str) -> Result<&'a str, DriverError> {
+    body.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| DriverError::Malformed {
+            call: call.to_owned(),
+            reason: format!("field `{name}` is missing or not a string"),
+        })
+}
+
+/// Names of an endpoint's pieces, from Docker's endpoint ID (upstream's scheme).
+pub struct EndpointNames {
+    pub host_veth: String,
+    pub temp_veth: String,
+    pub workload_endpoint: String,
+}
+
+impl EndpointNames {
+    pub fn new(node: &str, prefix: &str, endpoint_id: &str) -> Self {
+        let short: String = endpoint_id.chars().take(11).collect();
+        Self {
+            host_veth: format!("{prefix}{short}"),
+            temp_veth: format!("temp{short}"),
+            workload_endpoint: format!(
+                "{}-{ORCHESTRATOR}-{ORCHESTRATOR}-{endpoint_id}",
+                node.replace('-', "--")
+            ),
+        }
+    }
+}
+
+/// The profile of a Docker network, and the label its members carry.
+pub fn network_profile(network_id: &str) -> (String, String) {
+    let short: String = network_id.chars().take(12).collect();
+    (network_id.to_owned(), format!("docker-network-{short}"))
+}
+
+/// Which pool a `RequestPool` gets: Docker's `--subnet` must be exactly a calico IPPool's
+/// CIDR; without one, addresses come from any pool of the family.
+pub fn choose_pool(requested: &str, v6: bool, pools: &[IpNet]) -> Result<(String, String), String> {
+    if requested.is_empty() {
+        return Ok(if v6 {
+            (POOL_ID_V6.into(), "::/0".into())
+        } else {
+            (POOL_ID_V4.into(), "0.0.0.0/0".into())
+        });
+    }
+    let net: IpNet = requested
+        .parse()
+        .map_err(|_| format!("the requested subnet `{requested}` is not a CIDR"))?;
+    if pools.iter().any(|p| p.trunc() == net.trunc()) {
+        Ok((net.to_string(), net.to_string()))
+    } else {
+        Err(format!(
+            "the requested subnet {net} must match the CIDR of a configured calico IPPool (have: {})",
+            pools.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ))
+    }
+}
+
+fn handle_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "libnetwork.{nanos:x}.{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Driver {
+    pub fn new(store: Datastore, netlink: Handle, node: String, interface_prefix: String) -> Self {
+        Self {
+            ipam: Ipam::new(store.clone(), node.clone()),
+            store,
+            netlink,
+            node,
+            interface_prefix,
+        }
+    }
+
+    /// Answers one call; errors become `{"Err": "..."}` so Docker shows them.
+    pub async fn handle(&self, call: &str, body: &[u8]) -> Value {
+        let parsed: Result<Value, DriverError> = if body.is_empty() {
+            Ok(json!({}))
+        } else {
+            serde_json::from_slice(body).map_err(|e| DriverError::Malformed {
+                call: call.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        let result = match parsed {
+            Ok(b) => self.dispatch(call, &b).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(call, error = %e, "request refused");
+                json!({ "Err": e.to_string() })
+            }
+        }
+    }
+
+    async fn dispatch(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
+        match call {
+            "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
+            "NetworkDriver.GetCapabilities" => {
+                Ok(json!({ "Scope": "local", "ConnectivityScope": "global" }))
+            }
+            "IpamDriver.GetCapabilities" => {
+                Ok(json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false }))
+            }
+            "IpamDriver.GetDefaultAddressSpaces" => Ok(json!({
+                "LocalDefaultAddressSpace": "CalicoLocalAddressSpace",
+                "GlobalDefaultAddressSpace": "CalicoGlobalAddressSpace",
+            })),
+            "IpamDriver.RequestPool" => self.request_pool(call, b).await,
+            "IpamDriver.ReleasePool" => Ok(json!({})),
+            "IpamDriver.RequestAddress" => self.request_address(call, b).await,
+            "IpamDriver.ReleaseAddress" => {
+                let address = field(call, b, "Address")?;
+                let ip: IpAddr = address
+                    .split('/')
+                    .next()
+                    .unwrap_or("")
+                    .parse()
+                    .map_err(|_| DriverError::Malformed {
+                        call: call.into(),
+                        reason: format!("`{address}` is not an address"),
+                    })?;
+                self.ipam.release_ips(&[ip]).await?;
+                Ok(json!({}))
+            }
+            "NetworkDriver.CreateNetwork" => {
+                let id = field(call, b, "NetworkID")?;
+                let v6 = b
+                    .get("IPv6Data")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty());
+                if v6 {
+                    tracing::info!(
+                        network = id,
+                        "IPv6 data given; endpoints get IPv4 and IPv6 as docker requests them"
+                    );
+                }
+                let (name, label) = network_profile(id);
+                let profile = Resource::Profile(Object {
+                    api_version: API_VERSION.into(),
+                    kind: Kind::Profile.as_str().into(),
+                    metadata: ObjectMeta {
+                        name,
+                        ..Default::default()
+                    },
+                    spec: ProfileSpec::network(&label),
+                    status: None,
+                });
+                match self.store.create(profile).await {
+                    Ok(_) | Err(DatastoreError::AlreadyExists { .. }) => Ok(json!({})),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            "NetworkDriver.DeleteNetwork" => {
+                let id = field(call, b, "NetworkID")?;
+                match self
+                    .store
+                    .delete(Kind::Profile, None, &network_profile(id).0, None)
+                    .await
+                {
+                    Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(json!({})),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            "NetworkDriver.CreateEndpoint" => self.create_endpoint(call, b).await,
+            "NetworkDriver.DeleteEndpoint" => {
+                let endpoint = field(call, b, "EndpointID")?;
+                let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint);
+                self.delete_link(&names.host_veth).await?;
+                match self
+                    .store
+                    .delete(
+                        Kind::WorkloadEndpoint,
+                        Some(NAMESPACE),
+                        &names.workload_endpoint,
+                        None,
+                    )
+                    .await
+                {
+                    Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(json!({})),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            "NetworkDriver.EndpointOperInfo" => {
+                field(call, b, "EndpointID")?;
+                Ok(json!({ "Value": {} }))
+            }
+            "NetworkDriver.Join" => {
+                let endpoint = field(call, b, "EndpointID")?;
+                field(call, b, "SandboxKey")?;
+                let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint);
+                if self.link_index(&names.temp_veth).await?.is_none() {
+                    return Err(DriverError::Refused(format!(
+                        "endpoint {endpoint} has no interface {} (was it created by this driver?)",
+                        names.temp_veth
+                    )));
+                }
+                Ok(json!({
+                    "InterfaceName": { "SrcName": names.temp_veth, "DstPrefix": "eth" },
+                    "Gateway": GATEWAY_V4,
+                    "DisableGatewayService": true,
+                    "StaticRoutes": [{ "Destination": format!("{GATEWAY_V4}/32"), "RouteType": 1, "NextHop": "" }],
+                }))
+            }
+            "NetworkDriver.Leave"
+            | "NetworkDriver.DiscoverNew"
+            | "NetworkDriver.DiscoverDelete"
+            | "NetworkDriver.ProgramExternalConnectivity"
+            | "NetworkDriver.RevokeExternalConnectivity" => Ok(json!({})),
+            other => Err(DriverError::Refused(format!("unknown call `{other}`"))),
+        }
+    }
+
+    async fn pools(&self) -> Result<Vec<IpNet>, DriverError> {
+        let (pools, _) = self.store.list(Kind::IPPool, None).await?;
+        Ok(pools
+            .iter()
+            .filter_map(|p| match p {
+                Resource::IPPool(p) => p.spec.cidr.parse().ok(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn request_pool(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
+        if b.get("SubPool")
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+        {
+            return Err(DriverError::Refused(
+                "calico IPAM does not support --ip-range (a sub pool); configure calico IP pools instead".into(),
+            ));
+        }
+        let requested = b.get("Pool").and_then(Value::as_str).unwrap_or("");
+        let v6 = b.get("V6").and_then(Value::as_bool).unwrap_or(false);
+        let pools = if requested.is_empty() {
+            Vec::new()
+        } else {
+            self.pools().await?
+        };
+        let (id, pool) = choose_pool(requested, v6, &pools).map_err(DriverError::Refused)?;
+        let _ = call;
+        // The dummy gateway keeps libnetwork from asking for one: workloads route via
+        // 169.254.1.1, answered by the host.
+        let gateway = if v6 { "::/0" } else { "0.0.0.0/0" };
+        Ok(json!({ "PoolID": id, "Pool": pool, "Data": { "com.docker.network.gateway": gateway } }))
+    }
+
+    async fn request_address(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
+        let pool_id = field(call, b, "PoolID")?;
+        let options = b.get("Options");
+        if options
+            .and_then(|o| o.get("RequestAddressType"))
+            .and_then(Value::as_str)
+            == Some("com.docker.network.gateway")
+        {
+            return Err(DriverError::Refused(
+                "calico IPAM does not support choosing a gateway".into(),
+            ));
+        }
+        let requested = b.get("Address").and_then(Value::as_str).unwrap_or("");
+        let handle = handle_id();
+        let attrs = BTreeMap::from([("node".to_owned(), self.node.clone())]);
+        let ip: IpAddr = if !requested.is_empty() {
+            let ip: IpAddr = requested
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| DriverError::Malformed {
+                    call: call.into(),
+                    reason: format!("`{requested}` is not an address"),
+                })?;
+            self.ipam.assign_ip(ip, &handle, &attrs).await?;
+            ip
+        } else {
+            let (v6, pools) = match pool_id {
+                POOL_ID_V4 => (false, vec![]),
+                POOL_ID_V6 => (true, vec![]),
+                cidr => {
+                    let net: IpNet = cidr.parse().map_err(|_| {
+                        DriverError::Refused(format!(
+                            "pool `{cidr}` is not one this driver handed out"
+                        ))
+                    })?;
+                    if !self.pools().await?.iter().any(|p| p.trunc() == net.trunc()) {
+                        return Err(DriverError::Refused(format!(
+                            "the network's calico IPPool {cidr} no longer exists; re-create it before using the network"
+                        )));
+                    }
+                    (net.addr().is_ipv6(), vec![cidr.to_owned()])
+                }
+            };
+            let req = AssignRequest {
+                handle,
+                attrs,
+                num_v4: usize::from(!v6),
+                num_v6: usize::from(v6),
+                ipv4_pools: if v6 { vec![] } else { pools.clone() },
+                ipv6_pools: if v6 { pools } else { vec![] },
+            };
+            let assigned = self.ipam.auto_assign(&req).await?;
+            assigned
+                .first()
+                .map(|n| n.addr())
+                .ok_or_else(|| DriverError::Refused("IPAM assigned no address".into()))?
+        };
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        Ok(json!({ "Address": format!("{ip}/{len}"), "Data": {} }))
+    }
+
+    async fn create_endpoint(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
+        let network = field(call, b, "NetworkID")?;
+        let endpoint = field(call, b, "EndpointID")?;
+        let interface = b.get("Interface").cloned().unwrap_or(json!({}));
+        let mut networks = Vec::new();
+        for key in ["Address", "AddressIPv6"] {
+            if let Some(a) = interface
+                .get(key)
+                .and_then(Value::as_str)
+                .filter(|a| !a.is_empty())
+            {
+                let ip: IpAddr = a.split('/').next().unwrap_or("").parse().map_err(|_| {
+                    DriverError::Malformed {
+                        call: call.into(),
+                        reason: format!("Interface.{key} `{a}` is not an address"),
+                    }
+                })?;
+                networks.push(IpNet::from(ip).to_string());
+            }
+        }
+        if networks.is_empty() {
+            return Err(DriverError::Refused(
+                "the endpoint has no address (use --ipam-driver calico-ipam)".into(),
+            ));
+        }
+        let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint);
+        self.create_veth(&names).await?;
+        let (profile, _) = network_profile(network);
+        let wep = Resource::WorkloadEndpoint(Object {
+            api_version: API_VERSION.into(),
+            kind: Kind::WorkloadEndpoint.as_str().into(),
+            metadata: ObjectMeta {
+                name: names.workload_endpoint.clone(),
+                namespace: Some(NAMESPACE.into()),
+                labels: BTreeMap::from([(
+                    "projectcalico.org/orchestrator".to_owned(),
+                    ORCHESTRATOR.to_owned(),
+                )]),
+                ..Default::default()
+            },
+            spec: WorkloadEndpointSpec {
+                orchestrator: ORCHESTRATOR.into(),
+                workload: ORCHESTRATOR.into(),
+                node: self.node.clone(),
+                endpoint: endpoint.to_owned(),
+                ip_networks: networks,
+                profiles: vec![profile],
+                interface_name: names.host_veth.clone(),
+                mac: Some("ee:ee:ee:ee:ee:ee".into()),
+                ..Default::default()
+            },
+            status: None,
+        });
+        if let Err(e) = self.store.apply(wep).await {
+            // Nothing half-made stays behind.
+            let _ = self.delete_link(&names.host_veth).await;
+            return Err(e.into());
+        }
+        Ok(json!({ "Interface": {} }))
+    }
+
+    async fn link_index(&self, name: &str) -> Result<Option<u32>, DriverError> {
+        let mut links = self
+            .netlink
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(l)) => Ok(Some(l.header.index)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == nix::libc::ENODEV => {
+                Ok(None)
+            }
+            Err(e) => Err(DriverError::Netlink(format!("looking up {name}: {e}"))),
+        }
+    }
+
+    async fn create_veth(&self, names: &EndpointNames) -> Result<(), DriverError> {
+        self.delete_link(&names.host_veth).await?;
+        let peer = LinkMessageBuilder::<LinkUnspec>::default()
+            .name(names.temp_veth.clone())
+            .build();
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(names.host_veth.clone())
+            .address(HOST_MAC.to_vec())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.netlink.link().add(veth).execute().await.map_err(|e| {
+            DriverError::Netlink(format!(
+                "creating veth {} <-> {}: {e}",
+                names.host_veth, names.temp_veth
+            ))
+        })?;
+        let index = self.link_index(&names.host_veth).await?.ok_or_else(|| {
+            DriverError::Netlink(format!("{} vanished after creation", names.host_veth))
+        })?;
+        self.netlink
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| DriverError::Netlink(format!("bringing {} up: {e}", names.host_veth)))
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<(), DriverError> {
+        if let Some(index) = self.link_index(name).await? {
+            self.netlink
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(|e| DriverError::Netlink(format!("deleting {name}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_must_be_a_pool() {
+        let pools: Vec<IpNet> = vec!["10.60.0.0/24".parse().unwrap()];
+        assert_eq!(
+            choose_pool("", false, &pools).unwrap(),
+            (POOL_ID_V4.into(), "0.0.0.0/0".into())
+        );
+        assert_eq!(
+            choose_pool("", true, &pools).unwrap(),
+            (POOL_ID_V6.into(), "::/0".into())
+        );
+        assert_eq!(
+            choose_pool("10.60.0.0/24", false, &pools).unwrap().0,
+            "10.60.0.0/24"
+        );
+        let err = choose_pool("10.61.0.0/24", false, &pools).unwrap_err();
+        assert!(
+            err.contains("must match the CIDR of a configured calico IPPool"),
+            "{err}"
+        );
+        assert!(choose_pool("nonsense", false, &pools)
+            .unwrap_err()
+            .contains("not a CIDR"));
+    }
+
+    #[test]
+    fn names_fit_interfaces() {
+        let n = EndpointNames::new(
+            "my-node",
+            "cali",
+            "45f2152d0f9f7baaf2bfd54775cf39098d422373ad6a5dedc663f340f4ff4ce5",
+        );
+        assert_eq!(n.host_veth, "cali45f2152d0f9");
+        assert_eq!(n.temp_veth, "temp45f2152d0f9");
+        assert!(n.host_veth.len() <= 15);
+        assert_eq!(n.workload_endpoint, "my--node-libnetwork-libnetwork-45f2152d0f9f7baaf2bfd54775cf39098d422373ad6a5dedc663f340f4ff4ce5");
+        let (profile, label) =
+            network_profile("cec06969d3260b72ab90da13b20456da65edd50e2b19e9a07d7f0d6c616de18a");
+        assert_eq!(label, "docker-network-cec06969d326");
+        assert!(profile.starts_with("cec06969"));
+    }
+}
