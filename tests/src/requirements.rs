@@ -17,6 +17,8 @@ pub enum Requirement {
     /// podman with runc and a static busybox to build a local image from (Debian `podman`,
     /// `runc`, `busybox-static`).
     Podman,
+    /// BIRD 2 (Debian `bird2`).
+    Bird,
     /// dockerd (Debian `docker.io`) and a static busybox for the local image.
     Docker,
 }
@@ -44,6 +46,8 @@ impl Requirement {
             }
             Requirement::Etcd => (!command_works("etcd", &["--version"]))
                 .then(|| "`etcd` is not installed (Debian package etcd-server)".to_owned()),
+            Requirement::Bird => (!command_works("bird", &["--version"]))
+                .then(|| "`bird` is not installed (Debian package bird2)".to_owned()),
             Requirement::Docker => {
                 if !command_works("dockerd", &["--version"]) {
                     Some("`dockerd` is not installed (Debian package docker.io)".to_owned())
