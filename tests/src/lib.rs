@@ -3,6 +3,7 @@
 //! including when the test that owns it panics.
 
 mod agent;
+mod cni;
 mod etcd;
 mod forward;
 mod image;
@@ -10,6 +11,7 @@ mod netns;
 mod requirements;
 
 pub use agent::{AgentProcess, Workload, HEALTH_PORT};
+pub use cni::cni;
 pub use etcd::{Etcd, TlsFiles};
 pub use forward::Forward;
 pub use image::busybox_rootfs_tar;

@@ -115,6 +115,14 @@ fn status() -> ExitCode {
         }
     };
     println!("Calico process is running.\n");
+    // calico-node leaves the reason beside the socket when BIRD refused a new configuration.
+    let error_file = std::path::Path::new(&socket).with_file_name("bird.error");
+    if let Ok(reason) = std::fs::read_to_string(&error_file) {
+        println!(
+            "BIRD configuration error (BIRD runs its last good configuration):\n  {}\n",
+            reason.trim()
+        );
+    }
     let peers = parse_protocols(&text);
     for (family, v6) in [("IPv4", false), ("IPv6", true)] {
         println!("{family} BGP status");

@@ -148,7 +148,7 @@ fn main() -> Result<()> {
 
     banner("clean up through the CNI plugin");
     for w in &workloads {
-        cni(
+        harness::cni(
             &bin,
             &host,
             &etcd.endpoint(),
@@ -188,52 +188,6 @@ fn calicoctl(bin: &Path, etcd: &str, args: &[&str], stdin: Option<&str>) -> Resu
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs the calico CNI plugin the way a runtime does, inside the host's network namespace.
-fn cni(
-    bin: &Path,
-    host: &NetNs,
-    etcd: &str,
-    node: &str,
-    command: &str,
-    container: &str,
-    ns: &NetNs,
-) -> Result<serde_json::Value> {
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "demo-net",
-        "type": "calico",
-        "nodename": node,
-        "etcd_endpoints": etcd,
-        "ipam": { "type": "calico-ipam" },
-    });
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", host.name()))
-        .arg(bin.join("calico"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", format!("/run/netns/{}", ns.name()))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", bin.display().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(conf.to_string().as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "calico CNI {command}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
-}
-
 fn cni_add(
     bin: &Path,
     host: &NetNs,
@@ -243,7 +197,7 @@ fn cni_add(
 ) -> Result<Workload> {
     let ns = NetNs::new("wl")?;
     let container_id = format!("{role}{}", "0".repeat(24));
-    let result = cni(bin, host, etcd, node, "ADD", &container_id, &ns)?;
+    let result = harness::cni(bin, host, etcd, node, "ADD", &container_id, &ns)?;
     let address: IpAddr = result["ips"][0]["address"]
         .as_str()
         .and_then(|a| a.split('/').next())

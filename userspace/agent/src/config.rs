@@ -46,6 +46,12 @@ pub struct Flags {
     /// Interface name prefix of workload veths.
     #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = "cali")]
     pub interface_prefix: String,
+    /// Routing between hosts: `bird` (BIRD 2, driven from the datastore) or `none`.
+    #[arg(long, env = "CALICO_NETWORKING_BACKEND", default_value = "bird")]
+    pub networking_backend: String,
+    /// Where BIRD's configuration (bird.cfg), control socket (bird.ctl) and pid file live.
+    #[arg(long, env = "CALICO_BIRD_DIR", default_value = "/var/run/calico")]
+    pub bird_dir: PathBuf,
     /// Also serve Docker's remote network and IPAM driver (as `calico-libnetwork` does).
     #[arg(long, env = "CALICO_LIBNETWORK_ENABLED")]
     pub libnetwork: bool,

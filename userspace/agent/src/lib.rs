@@ -10,6 +10,7 @@
 //! the link watcher and the HTTP endpoints run beside it and talk to it over channels or the
 //! shared [`metrics::Metrics`].
 
+pub mod bird;
 pub mod config;
 pub mod driver;
 pub mod failsafe;
@@ -43,6 +44,7 @@ use crate::{
 /// What the main loop knows beyond the calculation.
 struct Agent {
     node: String,
+    bird: Option<bird::Bird>,
     calc: Calculator,
     driver: Driver,
     metrics: Arc<Metrics>,
@@ -138,7 +140,19 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     );
     tracing::info!(%node, pin_path = %flags.bpf_pin_path.display(), "calico-node started");
 
+    let bird = match flags.networking_backend.as_str() {
+        "bird" => Some(bird::Bird::new(
+            flags.bird_dir.clone(),
+            node.clone(),
+            metrics.clone(),
+        )),
+        "none" => None,
+        other => anyhow::bail!(
+            "--networking-backend / CALICO_NETWORKING_BACKEND: `{other}` is not bird or none"
+        ),
+    };
     let mut agent = Agent {
+        bird,
         node,
         calc: Calculator::new(),
         driver,
@@ -173,6 +187,9 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
                     tracing::debug!(routes_us = routes.as_micros() as u64, total_us = last_refresh.elapsed().as_micros() as u64, "periodic refresh");
                 } else {
                     agent.driver.refresh_counters();
+                }
+                if let Some(b) = agent.bird.as_mut() {
+                    b.supervise();
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -210,7 +227,12 @@ impl Agent {
         let mut snapshot_seen = false;
         for event in batch {
             match event {
-                SyncEvent::Blocks(blocks) => self.driver.set_blocks(blocks).await,
+                SyncEvent::Blocks(blocks) => {
+                    if let Some(b) = self.bird.as_mut() {
+                        b.set_blocks(blocks.iter().copied().collect());
+                    }
+                    self.driver.set_blocks(blocks).await
+                }
                 SyncEvent::Watch(
                     WatchEvent::Snapshot {
                         resources,
@@ -224,6 +246,9 @@ impl Agent {
                     }
                     self.calc.reset();
                     self.driver.clear_places();
+                    if let Some(b) = self.bird.as_mut() {
+                        b.clear();
+                    }
                     self.felix_global = None;
                     self.felix_node = None;
                     for r in &resources {
@@ -269,6 +294,9 @@ impl Agent {
                 self.metrics.observe_update(at.elapsed());
             }
         }
+        if let Some(b) = self.bird.as_mut() {
+            b.sync().await;
+        }
         if snapshot_seen {
             self.driver.reconcile_routes().await;
             if !self.synced {
@@ -286,6 +314,9 @@ impl Agent {
     }
 
     fn put(&mut self, resource: &Resource) {
+        if let Some(b) = self.bird.as_mut() {
+            b.put(resource);
+        }
         match resource {
             Resource::FelixConfiguration(f) => {
                 let name = f.metadata.name.as_str();
@@ -346,6 +377,9 @@ impl Agent {
     }
 
     fn delete(&mut self, kind: Kind, namespace: Option<String>, name: String) {
+        if let Some(b) = self.bird.as_mut() {
+            b.delete(kind, &name);
+        }
         let update = match kind {
             Kind::WorkloadEndpoint | Kind::HostEndpoint => {
                 let id = EndpointId { namespace, name };

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
     pub tracked: AtomicU64,
+    pub bird_config_errors: AtomicU64,
+    pub bird_restarts: AtomicU64,
     latency: Mutex<Histogram>,
     occupancy: Mutex<Vec<(&'static str, usize)>>,
 }
@@ -50,6 +52,8 @@ impl Default for Metrics {
             allowed: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             tracked: AtomicU64::new(0),
+            bird_config_errors: AtomicU64::new(0),
+            bird_restarts: AtomicU64::new(0),
             latency: Mutex::new(Histogram::default()),
             occupancy: Mutex::new(Vec::new()),
         }
@@ -155,6 +159,20 @@ impl Metrics {
             "Packets of tracked flows passed without a verdict.",
             "counter",
             load(&self.tracked),
+        );
+        gauge(
+            &mut out,
+            "felix_bird_config_errors_total",
+            "BIRD configurations refused (see bird.error beside the socket).",
+            "counter",
+            load(&self.bird_config_errors),
+        );
+        gauge(
+            &mut out,
+            "felix_bird_restarts_total",
+            "Times BIRD died and was restarted.",
+            "counter",
+            load(&self.bird_restarts),
         );
         {
             let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());

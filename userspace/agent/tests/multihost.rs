@@ -1,0 +1,335 @@
+//! Three hosts, each its own network namespace on a shared underlay, each running the agent
+//! with BIRD: the iBGP mesh comes up from the datastore, workloads made by the CNI plugin on
+//! every host reach each other across hosts, a deny policy blocks one pair only, and stopping
+//! one host's BIRD withdraws its routes from the others.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use calico_datastore::{Datastore, EtcdConfig};
+use calico_model::parse_documents;
+use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement};
+
+struct Host {
+    ns: NetNs,
+    agent: AgentProcess,
+    bird_dir: tempfile::TempDir,
+    underlay_ip: String,
+    workload: NetNs,
+    workload_ip: IpAddr,
+    _forward: Forward,
+}
+
+impl Host {
+    fn birdc(&self, args: &[&str]) -> String {
+        Command::new("birdc")
+            .arg("-s")
+            .arg(self.bird_dir.path().join("bird.ctl"))
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn bird_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.bird_dir.path().join("bird.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(pid) = self.bird_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    // target/<profile>/: the workspace build puts every package's binaries there.
+    Path::new(env!("CARGO_BIN_EXE_calico-node"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ok()? {
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn three_hosts_route_workloads_over_bgp() -> Result<()> {
+    if !require(
+        "three_hosts_route_workloads_over_bgp",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Bpf,
+            Requirement::Etcd,
+            Requirement::Bird,
+        ],
+    ) {
+        return Ok(());
+    }
+    let bin = bin_dir();
+    for b in ["calico", "calico-ipam", "calicoctl"] {
+        anyhow::ensure!(
+            bin.join(b).exists(),
+            "{} missing: build the workspace (cargo test --workspace)",
+            bin.join(b).display()
+        );
+    }
+    let etcd = Etcd::start()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
+        etcd.endpoint()
+    ])))?;
+    let apply = |yaml: &str| -> Result<()> {
+        for r in parse_documents(yaml)? {
+            rt.block_on(store.apply(r))?;
+        }
+        Ok(())
+    };
+    apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.65.0.0/16\n  blockSize: 26\n")?;
+
+    // The underlay: a bridge in its own namespace, one leg per host.
+    let underlay = NetNs::new("ul")?;
+    underlay.exec_ok("ip", &["link", "add", "br0", "type", "bridge"])?;
+    underlay.exec_ok("ip", &["link", "set", "br0", "up"])?;
+    let mut hosts = Vec::new();
+    for i in 1..=3u8 {
+        let ns = NetNs::new("mh")?;
+        let leg = unique_name("ul");
+        Command::new("ip")
+            .args([
+                "link",
+                "add",
+                "eth1",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &leg,
+                "netns",
+                underlay.name(),
+            ])
+            .status()?;
+        underlay.exec_ok("ip", &["link", "set", &leg, "master", "br0", "up"])?;
+        let underlay_ip = format!("10.99.0.{i}");
+        ns.add_address("eth1", &format!("{underlay_ip}/24"))?;
+        let forward = Forward::loopback(&ns, etcd.port())?;
+        let bird_dir = tempfile::tempdir()?;
+        let node = format!("{}-h{i}", unique_name("n"));
+        let agent = AgentProcess::start_with(
+            &bin.join("calico-node"),
+            &ns,
+            &etcd.endpoint(),
+            &node,
+            &[
+                "--ip",
+                &format!("{underlay_ip}/24"),
+                "--networking-backend",
+                "bird",
+                "--bird-dir",
+                &bird_dir.path().display().to_string(),
+            ],
+        )?;
+        // A workload through the CNI plugin (its address from this host's block).
+        let workload = NetNs::new("mw")?;
+        let container = format!("{}{}", unique_name("c"), "0".repeat(20));
+        let result = harness::cni(
+            &bin,
+            &ns,
+            &etcd.endpoint(),
+            &node,
+            "ADD",
+            &container,
+            &workload,
+        )?;
+        let workload_ip: IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("CNI result {result}"))?;
+        hosts.push(Host {
+            ns,
+            agent,
+            bird_dir,
+            underlay_ip,
+            workload,
+            workload_ip,
+            _forward: forward,
+        });
+    }
+    for h in &mut hosts {
+        h.agent.wait_ready(&h.ns, true, Duration::from_secs(30))?;
+    }
+
+    // The mesh comes up: two Established sessions on every host.
+    for h in &hosts {
+        wait_for(
+            &format!("mesh on {}", h.underlay_ip),
+            Duration::from_secs(60),
+            || {
+                Ok(h.birdc(&["show", "protocols"])
+                    .matches("Established")
+                    .count()
+                    == 2)
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{}\nagent log:\n{}",
+                h.birdc(&["show", "protocols"]),
+                h.agent.log()
+            )
+        })?;
+    }
+    let status = Command::new(bin.join("calicoctl"))
+        .args(["node", "status"])
+        .env(
+            "CALICO_BIRD_SOCKET",
+            hosts[0].bird_dir.path().join("bird.ctl"),
+        )
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("10.99.0.2")
+            && status.contains("node-to-node mesh")
+            && status.contains("Established"),
+        "{status}"
+    );
+    eprintln!("calicoctl node status on host 1:\n{status}");
+
+    let matrix = |hosts: &[Host]| -> Result<Vec<Vec<bool>>> {
+        hosts
+            .iter()
+            .map(|from| {
+                hosts
+                    .iter()
+                    .map(|to| {
+                        if std::ptr::eq(from, to) {
+                            Ok(true)
+                        } else {
+                            from.workload.ping(to.workload_ip)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let print = |m: &[Vec<bool>]| {
+        let mut out = String::from("from \\ to   host1 host2 host3\n");
+        for (i, row) in m.iter().enumerate() {
+            out.push_str(&format!("host{}       ", i + 1));
+            for (j, ok) in row.iter().enumerate() {
+                out.push_str(if i == j {
+                    "  -   "
+                } else if *ok {
+                    "  ok  "
+                } else {
+                    " DENY "
+                });
+            }
+            out.push('\n');
+        }
+        out
+    };
+    let expect = |hosts: &[Host], want: &dyn Fn(usize, usize) -> bool| -> Result<Vec<Vec<bool>>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = matrix(hosts)?;
+            if m.iter().enumerate().all(|(i, row)| {
+                row.iter()
+                    .enumerate()
+                    .all(|(j, ok)| i == j || *ok == want(i, j))
+            }) {
+                return Ok(m);
+            }
+            if Instant::now() > deadline {
+                let routes = hosts[0].ns.exec_ok("ip", &["route"])?;
+                bail!("matrix:\n{}routes on host1:\n{routes}", print(&m));
+            }
+        }
+    };
+    let m = expect(&hosts, &|_, _| true)?;
+    eprintln!("workloads across hosts, no policy:\n{}", print(&m));
+
+    // A deny for one pair only: host1's workload into host3's.
+    apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-1-to-3\nspec:\n  selector: all()\n  ingress:\n  - action: Deny\n    source:\n      nets: ['{}/32']\n    destination:\n      nets: ['{}/32']\n  - action: Pass\n",
+        hosts[0].workload_ip, hosts[2].workload_ip
+    ))?;
+    let m = expect(&hosts, &|i, j| !(i == 0 && j == 2))?;
+    eprintln!("with deny-1-to-3:\n{}", print(&m));
+
+    // BIRD dies while its agent runs: the agent starts it again and the mesh recovers.
+    let old = hosts[1].bird_pid().context("host2's BIRD pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    wait_for("BIRD restarted on host2", Duration::from_secs(20), || {
+        Ok(hosts[1].bird_pid().is_some_and(|p| p != old)
+            && hosts[1]
+                .birdc(&["show", "protocols"])
+                .matches("Established")
+                .count()
+                == 2)
+    })?;
+
+    // Host 3 goes away (agent and BIRD): its block's route is withdrawn from the others.
+    let host3_block = hosts[0]
+        .ns
+        .exec_ok("ip", &["route", "show", "proto", "bird"])?
+        .lines()
+        .find(|l| l.contains(&format!("via {}", hosts[2].underlay_ip)))
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .context("host1 has no BGP route via host3")?;
+    hosts[2].agent.kill9()?;
+    // Stopped as a service manager stops it (SIGTERM): BIRD tells its peers, which drop
+    // its routes at once. (A SIGKILL leaves them to graceful restart: stale routes are kept
+    // for the restart time, 120 s, so traffic survives a quick restart.)
+    let pid3 = hosts[2].bird_pid().context("host3's BIRD pid")?;
+    let stopped = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid3),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    for h in &hosts[..2] {
+        wait_for("host3's route withdrawn", Duration::from_secs(90), || {
+            Ok(!h
+                .ns
+                .exec_ok("ip", &["route", "show", "proto", "bird"])?
+                .contains(&host3_block))
+        })?;
+    }
+    eprintln!(
+        "host3's block {host3_block} withdrawn from hosts 1 and 2 {:.1} s after its BIRD stopped",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert!(!hosts[0].workload.ping(hosts[2].workload_ip)?);
+    Ok(())
+}
