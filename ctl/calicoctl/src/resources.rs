@@ -66,6 +66,9 @@ pub async fn write(
     let mut succeeded = 0;
     let mut failures = Vec::new();
     let kinds: BTreeSet<Kind> = docs.iter().map(|d| d.resource.kind()).collect();
+    if action != Action::Delete && kinds.contains(&Kind::IPPool) {
+        check_pool_overlaps(&store, &docs).await?;
+    }
     for doc in &docs {
         let r = doc.resource.clone();
         let (kind, what) = (r.kind(), describe(&r));
@@ -116,6 +119,38 @@ pub async fn write(
         eprintln!("Failed to {verb} any of {} {noun}", docs.len());
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// Pools may not overlap (each other, or the pools already stored under other names);
+/// nothing is written when they do.
+async fn check_pool_overlaps(store: &Datastore, docs: &[input::Sourced]) -> Result<()> {
+    let cidr = |r: &Resource| match r {
+        Resource::IPPool(p) => p
+            .spec
+            .cidr
+            .parse::<ipnet::IpNet>()
+            .ok()
+            .map(|c| (p.metadata.name.clone(), c)),
+        _ => None,
+    };
+    let incoming: Vec<(String, ipnet::IpNet)> =
+        docs.iter().filter_map(|d| cidr(&d.resource)).collect();
+    let (stored, _) = store
+        .list(Kind::IPPool, None)
+        .await
+        .map_err(|e| anyhow!("reading the existing IP pools: {e}"))?;
+    let mut all = incoming.clone();
+    all.extend(
+        stored
+            .iter()
+            .filter_map(cidr)
+            .filter(|(name, _)| !incoming.iter().any(|(n, _)| n == name)),
+    );
+    let problems = calico_model::pool_overlaps(&all);
+    if !problems.is_empty() {
+        bail!("nothing was written: {}", problems.join("; "));
+    }
+    Ok(())
 }
 
 fn namespace_for(kind: Kind, namespace: Option<&str>) -> Option<String> {

@@ -215,6 +215,25 @@ fn create_replace_delete_follow_upstream_semantics() {
     assert_eq!(stale.code, 1, "{stale:?}");
     assert!(stale.stderr.contains("is stale"), "{stale:?}");
 
+    // An overlapping pool is refused, naming both, and nothing is written.
+    let overlapping = ctl.file(
+        "overlap.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool2\nspec:\n  cidr: 10.11.128.0/24\n",
+    );
+    let refused = ctl.run(&["apply", "-f", &overlapping]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("IPPool pool2 (10.11.128.0/24) overlaps IPPool pool1 (10.11.0.0/16)"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        ctl.run(&["get", "ippool", "pool2"]).code,
+        1,
+        "nothing written"
+    );
+
     // get of a missing name exits 1 naming it.
     let missing = ctl.run(&["get", "ippool", "nope"]);
     assert_eq!(missing.code, 1);

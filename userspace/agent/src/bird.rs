@@ -127,6 +127,11 @@ impl Bird {
             Err(e) => return self.refuse(None, e.to_string()),
         };
         if self.installed.as_ref() == Some(&config) && self.child.is_some() {
+            // Back to what BIRD runs: whatever was refused in between no longer matters.
+            if self.refused.take().is_some() {
+                let _ = std::fs::remove_file(self.error_path());
+                tracing::info!("BIRD configuration acceptable again");
+            }
             return;
         }
         if let Err(e) = std::fs::create_dir_all(&self.dir) {

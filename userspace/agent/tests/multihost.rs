@@ -285,6 +285,50 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
     let m = expect(&hosts, &|i, j| !(i == 0 && j == 2))?;
     eprintln!("with deny-1-to-3:\n{}", print(&m));
 
+    // A configuration that cannot be used is refused loudly: agent log, metric, node status;
+    // BIRD keeps running the last good one.
+    let password = hosts[0].bird_dir.path().join("peer-password");
+    std::fs::write(&password, "has\"quote\n")?;
+    apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata:\n  name: tor\nspec:\n  peerIP: 10.99.0.254\n  asNumber: 64999\n  password:\n    file: {}\n",
+        password.display()
+    ))?;
+    let error_file = hosts[0].bird_dir.path().join("bird.error");
+    wait_for("bird.error on host1", Duration::from_secs(15), || {
+        Ok(error_file.exists())
+    })?;
+    let status = Command::new(bin.join("calicoctl"))
+        .args(["node", "status"])
+        .env(
+            "CALICO_BIRD_SOCKET",
+            hosts[0].bird_dir.path().join("bird.ctl"),
+        )
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("BIRD configuration error") && status.contains("Global_10_99_0_254"),
+        "{status}"
+    );
+    assert!(
+        hosts[0]
+            .agent
+            .metric(&hosts[0].ns, "felix_bird_config_errors_total")?
+            >= 1.0
+    );
+    assert!(hosts[0].agent.log().contains("BIRD configuration refused"));
+    assert_eq!(
+        hosts[0]
+            .birdc(&["show", "protocols"])
+            .matches("Established")
+            .count(),
+        2,
+        "the mesh stays up"
+    );
+    rt.block_on(store.delete(calico_model::Kind::BGPPeer, None, "tor", None))?;
+    wait_for("bird.error cleared", Duration::from_secs(15), || {
+        Ok(!error_file.exists())
+    })?;
+
     // BIRD dies while its agent runs: the agent starts it again and the mesh recovers.
     let old = hosts[1].bird_pid().context("host2's BIRD pid")?;
     nix::sys::signal::kill(

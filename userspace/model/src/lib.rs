@@ -21,4 +21,4 @@ pub use document::{parse_documents, to_json, to_yaml, DocumentError};
 pub use meta::ObjectMeta;
 pub use numorstring::{AsNumber, Order, Port, Protocol};
 pub use resource::{Kind, Object, Resource, API_VERSION};
-pub use validate::{validate, ValidationError, ValidationErrors};
+pub use validate::{pool_overlaps, validate, ValidationError, ValidationErrors};

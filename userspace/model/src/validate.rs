@@ -1039,3 +1039,33 @@ fn is_community(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
     (parts.len() == 2 || parts.len() == 3) && parts.iter().all(|p| p.parse::<u32>().is_ok())
 }
+
+/// IP pools may not overlap: for each pool in `pools` (name, CIDR) that overlaps another of a
+/// different name, a message naming both.
+pub fn pool_overlaps(pools: &[(String, ipnet::IpNet)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, (a, na)) in pools.iter().enumerate() {
+        for (b, nb) in &pools[i + 1..] {
+            if a != b && (na.contains(&nb.network()) || nb.contains(&na.network())) {
+                out.push(format!("IPPool {a} ({na}) overlaps IPPool {b} ({nb})"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pool_tests {
+    #[test]
+    fn overlapping_pools_are_named() {
+        let p = |n: &str, c: &str| (n.to_owned(), c.parse().unwrap());
+        assert!(super::pool_overlaps(&[p("a", "10.0.0.0/16"), p("b", "10.1.0.0/16")]).is_empty());
+        let found = super::pool_overlaps(&[p("a", "10.0.0.0/16"), p("b", "10.0.4.0/24")]);
+        assert_eq!(
+            found,
+            ["IPPool a (10.0.0.0/16) overlaps IPPool b (10.0.4.0/24)"]
+        );
+        // The same pool re-applied is not an overlap.
+        assert!(super::pool_overlaps(&[p("a", "10.0.0.0/16"), p("a", "10.0.0.0/16")]).is_empty());
+    }
+}
