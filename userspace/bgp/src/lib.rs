@@ -317,6 +317,29 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
     for b in &exported {
         let _ = writeln!(c, "  route {b} blackhole;");
     }
+    // Service ranges every node advertises (BGPConfiguration serviceClusterIPs and
+    // serviceExternalIPs), so traffic for services reaches some node.
+    for block in inputs
+        .config
+        .service_cluster_ips
+        .iter()
+        .chain(&inputs.config.service_external_ips)
+    {
+        match block.cidr.parse::<IpNet>() {
+            Ok(IpNet::V4(n)) => {
+                let _ = writeln!(c, "  route {} blackhole;", n.trunc());
+            }
+            Ok(IpNet::V6(_)) => {}
+            Err(_) => {
+                return Err(BgpError::Invalid {
+                    what: "BGPConfiguration default spec.serviceClusterIPs/serviceExternalIPs"
+                        .into(),
+                    value: block.cidr.clone(),
+                    expected: "a CIDR",
+                })
+            }
+        }
+    }
     let _ = writeln!(c, "}}");
     // What goes out: this node's blocks, and on route reflectors the pool routes learned.
     let _ = write!(

@@ -74,6 +74,17 @@ fn full_mesh_by_default() {
 }
 
 #[test]
+fn service_ranges_are_advertised() {
+    let i = inputs("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {serviceClusterIPs: [{cidr: 10.96.0.0/12}], serviceExternalIPs: [{cidr: 198.51.100.0/24}]}\n");
+    let config = render(&i, "node2").unwrap();
+    assert!(
+        config.contains("route 10.96.0.0/12 blackhole;")
+            && config.contains("route 198.51.100.0/24 blackhole;"),
+        "{config}"
+    );
+}
+
+#[test]
 fn peers_by_node_selector_peer_selector_and_address() {
     let i = inputs(
         "apiVersion: projectcalico.org/v3
