@@ -45,12 +45,13 @@ pub struct Driver {
     attached: BTreeSet<u32>,
 }
 
-/// The hook each direction of policy goes to: a workload's ingress policy judges what its
-/// veth's host end sends to it (tc egress); a host endpoint's ingress judges what arrives.
-fn hook(direction: Direction, host: bool) -> Hook {
-    match (direction, host) {
-        (Direction::Ingress, false) | (Direction::Egress, true) => Hook::Egress,
-        (Direction::Egress, false) | (Direction::Ingress, true) => Hook::Ingress,
+/// The policy key of each direction: an endpoint's ingress policy is read by the classifier
+/// that sees traffic going to the endpoint (`policy_egress`: tc egress of a workload's veth, tc
+/// ingress of a host interface, see [`PolicyDataplane::attach_host`]).
+fn hook(direction: Direction) -> Hook {
+    match direction {
+        Direction::Ingress => Hook::Egress,
+        Direction::Egress => Hook::Ingress,
     }
 }
 
@@ -182,7 +183,12 @@ impl Driver {
         let t0 = std::time::Instant::now();
         if self.programmed.get(&ifindex) != Some(id) {
             if !self.attached.contains(&ifindex) {
-                if let Err(e) = self.dataplane.attach(&place.interface) {
+                let attached = if place.host {
+                    self.dataplane.attach_host(&place.interface)
+                } else {
+                    self.dataplane.attach(&place.interface)
+                };
+                if let Err(e) = attached {
                     tracing::error!(endpoint = ?id, interface = %place.interface, error = %e, "attaching the policy programs failed");
                     return;
                 }
@@ -222,10 +228,7 @@ impl Driver {
                     .expect("an empty program compiles")
                 }
             };
-            if let Err(e) = self
-                .dataplane
-                .install(ifindex, hook(direction, place.host), &compiled)
-            {
+            if let Err(e) = self.dataplane.install(ifindex, hook(direction), &compiled) {
                 tracing::error!(endpoint = ?id, ?direction, error = %e, "writing the policy maps failed");
                 return;
             }

@@ -275,6 +275,19 @@ impl PolicyDataplane {
     /// a previous run's there without a gap: the new program is attached first, then the old
     /// attachment is released (both judge with the same pinned maps meanwhile).
     pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
+        self.attach_as(interface, false)
+    }
+
+    /// Attaches to a host interface (for a HostEndpoint). There the endpoint is on the other
+    /// side: what the interface receives goes *to* the endpoint (the host), so each classifier
+    /// sits on the opposite hook from a workload veth's. Policy keys are the same: the
+    /// endpoint's ingress policy under [`Hook::Egress`], its egress policy under
+    /// [`Hook::Ingress`].
+    pub fn attach_host(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
+        self.attach_as(interface, true)
+    }
+
+    fn attach_as(&mut self, interface: &str, host: bool) -> Result<AttachMode, DataplaneError> {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         if !tcx {
             match tc::qdisc_add_clsact(interface) {
@@ -295,9 +308,14 @@ impl PolicyDataplane {
                 action: "looking up its index",
                 source: tc::TcError::IoError(e.into()),
             })?;
+        let (at_ingress, at_egress) = if host {
+            (POLICY_EGRESS_PROG, POLICY_INGRESS_PROG)
+        } else {
+            (POLICY_INGRESS_PROG, POLICY_EGRESS_PROG)
+        };
         for (name, attach_type, hook) in [
-            (POLICY_INGRESS_PROG, TcAttachType::Ingress, Hook::Ingress),
-            (POLICY_EGRESS_PROG, TcAttachType::Egress, Hook::Egress),
+            (at_ingress, TcAttachType::Ingress, Hook::Ingress),
+            (at_egress, TcAttachType::Egress, Hook::Egress),
         ] {
             let options = if tcx {
                 TcAttachOptions::TcxOrder(LinkOrder::default())
