@@ -308,5 +308,104 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
         profiles.is_empty(),
         "the network's profile went with it: {profiles:?}"
     );
+    let (handles, _) = rt.block_on(store.list(Kind::IPAMHandle, None))?;
+    assert!(handles.is_empty(), "IPAM handles left: {handles:?}");
+    // And calicoctl agrees (built beside calico-node by the workspace build).
+    let calicoctl = docker_binary().with_file_name("calicoctl");
+    if calicoctl.exists() {
+        let check = Command::new(&calicoctl)
+            .args(["ipam", "check"])
+            .env("ETCD_ENDPOINTS", etcd.endpoint())
+            .output()?;
+        let text = String::from_utf8_lossy(&check.stdout).into_owned();
+        assert!(
+            check.status.success() && text.contains("IPAM is clean"),
+            "{text}{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        eprintln!("$ calicoctl ipam check\n{text}");
+    } else {
+        eprintln!("*** calicoctl not built beside calico-node; `ipam check` not run (cargo test --workspace builds it) ***");
+    }
+
+    // Bad requests straight to the socket: a clear `Err`, and the driver keeps serving.
+    let (code, body) = call("NetworkDriver.CreateEndpoint", "{not json")?;
+    assert_eq!(code, 500);
+    assert!(
+        body.contains("malformed request body for NetworkDriver.CreateEndpoint"),
+        "{body}"
+    );
+    let (code, body) = call(
+        "NetworkDriver.Join",
+        r#"{"NetworkID":"n","EndpointID":"nosuchendpoint","SandboxKey":"/x"}"#,
+    )?;
+    assert_eq!(code, 500);
+    assert!(
+        body.contains("endpoint nosuchendpoint has no interface"),
+        "{body}"
+    );
+    let (code, body) = call(
+        "NetworkDriver.CreateEndpoint",
+        r#"{"NetworkID":"nosuchnetwork","EndpointID":"e1","Interface":{"Address":"10.70.0.9/32"}}"#,
+    )?;
+    assert_eq!(code, 500);
+    assert!(
+        body.contains("network nosuchnetwork is unknown to calico"),
+        "{body}"
+    );
+    let (code, body) = call(
+        "IpamDriver.RequestAddress",
+        r#"{"PoolID":"10.98.0.0/24","Address":"","Options":{}}"#,
+    )?;
+    assert_eq!(code, 500);
+    assert!(
+        body.contains("IPPool 10.98.0.0/24 no longer exists"),
+        "{body}"
+    );
+    // An exhausted pool: a /30 pool of four addresses, asked for five.
+    for r in parse_documents("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  cidr: 10.71.0.0/30\n  blockSize: 30\n")? {
+        rt.block_on(store.apply(r))?;
+    }
+    let request = r#"{"PoolID":"10.71.0.0/30","Address":"","Options":{}}"#;
+    for _ in 0..4 {
+        let (code, body) = call("IpamDriver.RequestAddress", request)?;
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, body) = call("IpamDriver.RequestAddress", request)?;
+    assert_eq!(code, 500);
+    assert!(body.contains("no free address"), "{body}");
+    let (code, body) = call("Plugin.Activate", "")?;
+    assert_eq!(
+        (code, body.contains("NetworkDriver")),
+        (200, true),
+        "still serving: {body}"
+    );
     Ok(())
+}
+
+/// One request on the driver's socket, as Docker sends it: (status, body).
+fn call(method: &str, body: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(Path::new(PLUGIN_DIR).join("calico.sock"))?;
+    s.write_all(
+        format!(
+            "POST /{method} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("status line")?;
+    Ok((
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
 }

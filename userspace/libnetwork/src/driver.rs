@@ -400,9 +400,18 @@ impl Driver {
                 "the endpoint has no address (use --ipam-driver calico-ipam)".into(),
             ));
         }
+        let (profile, _) = network_profile(network);
+        match self.store.get(Kind::Profile, None, &profile).await {
+            Ok(_) => {}
+            Err(DatastoreError::NotFound { .. }) => {
+                return Err(DriverError::Refused(format!(
+                    "network {network} is unknown to calico (no profile {profile}); create it with `docker network create --driver calico`"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
         let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint);
         self.create_veth(&names).await?;
-        let (profile, _) = network_profile(network);
         let wep = Resource::WorkloadEndpoint(Object {
             api_version: API_VERSION.into(),
             kind: Kind::WorkloadEndpoint.as_str().into(),
