@@ -180,8 +180,11 @@ pub enum PolicyStat {
     Malformed = 3,
     /// Packets of tracked flows (passed without a verdict).
     Tracked = 4,
+    /// Packets sent straight to another local endpoint's interface (bpf_redirect_neigh after a
+    /// FIB lookup), past the host's routing and netfilter path.
+    Forwarded = 5,
 }
-pub const POLICY_STAT_COUNT: u32 = 5;
+pub const POLICY_STAT_COUNT: u32 = 6;
 
 #[cfg(feature = "user")]
 mod pod {

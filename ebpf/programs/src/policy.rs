@@ -12,8 +12,8 @@
 //! or no workload could resolve its gateway.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -84,7 +84,13 @@ struct Scratch {
     inner: Tuple,
     has_inner: bool,
     key: CtKey,
+    /// The packet was parsed and judged (not passed unparsed).
+    judged: bool,
 }
+
+/// The FIB lookup's argument and answer, per CPU (64 bytes the stack cannot spare).
+#[map(name = "POLICY_FIB")]
+static FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "POLICY_SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -329,8 +335,155 @@ fn decide(
         .copied()
 }
 
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// A packet a workload sent that may go on: when the FIB says it leaves through another local
+/// endpoint's interface, it is sent straight there (MACs from the FIB, TTL/hop limit taken
+/// down as routing would), past the host's routing and netfilter path; that interface's own
+/// classifier still judges it for the destination. Anything else (other hosts, unresolved
+/// neighbours, TTL about to expire, fragments) takes the kernel's path.
+// Not inlined: its frame and the judging's are never on the stack together.
+#[inline(never)]
+fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
+    let flow = &scratch.flow;
+    let v4 = flow.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    let Some(fib) = FIB.get_ptr_mut(0) else {
+        return TC_ACT_PIPE;
+    };
+    // SAFETY: this CPU's slot, used by this packet only.
+    let fib = unsafe { &mut *fib };
+    // SAFETY: bpf_fib_lookup is plain old data; all-zero is its "unset" state. Zeroed in
+    // place: a temporary would not fit the stack.
+    unsafe {
+        core::ptr::write_bytes(
+            fib as *mut bpf_fib_lookup as *mut u8,
+            0,
+            core::mem::size_of::<bpf_fib_lookup>(),
+        )
+    };
+    fib.ifindex = ifindex;
+    fib.l4_protocol = flow.protocol;
+    fib.__bindgen_anon_1.tot_len = ctx.len() as u16;
+    if v4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src =
+            u32::from_ne_bytes([flow.src[12], flow.src[13], flow.src[14], flow.src[15]]);
+        fib.__bindgen_anon_4.ipv4_dst =
+            u32::from_ne_bytes([flow.dst[12], flow.dst[13], flow.dst[14], flow.dst[15]]);
+    } else {
+        fib.family = AF_INET6;
+        let mut src = [0u32; 4];
+        let mut dst = [0u32; 4];
+        for i in 0..4 {
+            src[i] = u32::from_ne_bytes([
+                flow.src[i * 4],
+                flow.src[i * 4 + 1],
+                flow.src[i * 4 + 2],
+                flow.src[i * 4 + 3],
+            ]);
+            dst[i] = u32::from_ne_bytes([
+                flow.dst[i * 4],
+                flow.dst[i * 4 + 1],
+                flow.dst[i * 4 + 2],
+                flow.dst[i * 4 + 3],
+            ]);
+        }
+        fib.__bindgen_anon_3.ipv6_src = src;
+        fib.__bindgen_anon_4.ipv6_dst = dst;
+    }
+    // SAFETY: the context is this program's skb and `fib` a valid, writable struct of the
+    // size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            fib as *mut bpf_fib_lookup,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != 0 {
+        return TC_ACT_PIPE;
+    }
+    let out = fib.ifindex;
+    if out == ifindex
+        || unsafe {
+            POLICY_EPS.get(EndpointKey {
+                ifindex: out,
+                hook: TC_EGRESS,
+            })
+        }
+        .is_none()
+    {
+        return TC_ACT_PIPE;
+    }
+    let (dmac, smac) = (fib.dmac, fib.smac);
+    if v4 {
+        let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
+            return TC_ACT_PIPE;
+        };
+        if word[0] <= 1 {
+            return TC_ACT_PIPE;
+        }
+        let new = [word[0] - 1, word[1]];
+        let from = u16::from_ne_bytes(word) as u64;
+        let to = u16::from_ne_bytes(new) as u64;
+        if ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 2).is_err()
+            || ctx.store(ETH_HLEN + 8, &new, 0).is_err()
+        {
+            return TC_ACT_SHOT;
+        }
+    } else {
+        let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
+            return TC_ACT_PIPE;
+        };
+        if hops <= 1 {
+            return TC_ACT_PIPE;
+        }
+        if ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    }
+    if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    count(PolicyStat::Forwarded);
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success.
+    unsafe { bpf_redirect(out, 0) as i32 }
+}
+
+/// Judging a packet the workload sent, in a frame of its own so that [`forward`]'s frame is
+/// never stacked on top of it (together they would not fit 512 bytes).
+#[inline(never)]
+fn judge_from_workload(ctx: &TcContext) -> i32 {
+    judge_only(ctx, TC_INGRESS)
+}
+
 #[inline(always)]
-fn judge(ctx: &TcContext, hook: u32) -> i32 {
+fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
+    let verdict = if hook == TC_INGRESS {
+        judge_from_workload(ctx)
+    } else {
+        judge_only(ctx, hook)
+    };
+    if verdict != TC_ACT_PIPE || hook != TC_INGRESS {
+        return verdict;
+    }
+    // SAFETY: as in judge_only.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return verdict;
+    };
+    // SAFETY: this CPU's scratch slot; judge_only filled its flow for a judged packet.
+    let scratch = unsafe { &mut *scratch };
+    if !scratch.judged {
+        return verdict;
+    }
+    forward(ctx, scratch, ifindex)
+}
+
+#[inline(always)]
+fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     // SAFETY: the kernel passes a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(program) = (unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) }).copied() else {
@@ -342,8 +495,9 @@ fn judge(ctx: &TcContext, hook: u32) -> i32 {
     };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let scratch = unsafe { &mut *scratch };
+    scratch.judged = false;
     match parse(ctx, scratch) {
-        Ok(true) => {}
+        Ok(true) => scratch.judged = true,
         Ok(false) => return TC_ACT_PIPE,
         Err(()) => {
             count(PolicyStat::Malformed);
@@ -429,11 +583,11 @@ fn judge(ctx: &TcContext, hook: u32) -> i32 {
 }
 
 #[classifier]
-pub fn policy_ingress(ctx: TcContext) -> i32 {
-    judge(&ctx, TC_INGRESS)
+pub fn policy_ingress(mut ctx: TcContext) -> i32 {
+    judge(&mut ctx, TC_INGRESS)
 }
 
 #[classifier]
-pub fn policy_egress(ctx: TcContext) -> i32 {
-    judge(&ctx, TC_EGRESS)
+pub fn policy_egress(mut ctx: TcContext) -> i32 {
+    judge(&mut ctx, TC_EGRESS)
 }

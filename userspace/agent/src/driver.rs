@@ -372,6 +372,7 @@ impl Driver {
             self.metrics.allowed.store(c.allowed, Ordering::Relaxed);
             self.metrics.denied.store(c.denied, Ordering::Relaxed);
             self.metrics.tracked.store(c.tracked, Ordering::Relaxed);
+            self.metrics.forwarded.store(c.forwarded, Ordering::Relaxed);
         }
     }
 }

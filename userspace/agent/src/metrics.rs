@@ -33,6 +33,7 @@ pub struct Metrics {
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
     pub tracked: AtomicU64,
+    pub forwarded: AtomicU64,
     pub bird_config_errors: AtomicU64,
     pub bird_restarts: AtomicU64,
     latency: Mutex<Histogram>,
@@ -52,6 +53,7 @@ impl Default for Metrics {
             allowed: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             tracked: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
             bird_config_errors: AtomicU64::new(0),
             bird_restarts: AtomicU64::new(0),
             latency: Mutex::new(Histogram::default()),
@@ -159,6 +161,13 @@ impl Metrics {
             "Packets of tracked flows passed without a verdict.",
             "counter",
             load(&self.tracked),
+        );
+        gauge(
+            &mut out,
+            "felix_bpf_packets_forwarded_total",
+            "Packets redirected straight to another local endpoint's interface.",
+            "counter",
+            load(&self.forwarded),
         );
         gauge(
             &mut out,

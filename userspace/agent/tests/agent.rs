@@ -167,6 +167,17 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
         s.agent.metric(&s.host, "felix_active_local_endpoints")?,
         2.0
     );
+    // Workload to workload on one host goes veth to veth in BPF (bpf_redirect after a FIB
+    // lookup), not through the host's forwarding path.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s
+        .agent
+        .metric(&s.host, "felix_bpf_packets_forwarded_total")?
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "nothing was forwarded in BPF");
+        s.client().ns.ping(s.server().address.into())?;
+    }
 
     // A policy in the datastore denies, deleting it allows again.
     s.store.apply(DENY_CLIENT)?;

@@ -126,6 +126,8 @@ pub struct PolicyCounters {
     pub malformed: u64,
     /// Packets of tracked flows, passed without a verdict.
     pub tracked: u64,
+    /// Packets sent straight to another local endpoint's interface.
+    pub forwarded: u64,
 }
 
 pub struct PolicyDataplane {
@@ -788,6 +790,7 @@ impl PolicyDataplane {
             unmanaged: sum(PolicyStat::Unmanaged)?,
             malformed: sum(PolicyStat::Malformed)?,
             tracked: sum(PolicyStat::Tracked)?,
+            forwarded: sum(PolicyStat::Forwarded)?,
         })
     }
 }
