@@ -52,7 +52,9 @@ struct Topology {
     router: NetNs,
     server: NetNs,
     server_ip: IpAddr,
+    client_ip: IpAddr,
     router_server_if: String,
+    router_client_if: String,
     _veths: (Veth, Veth),
 }
 
@@ -71,7 +73,9 @@ fn topology() -> anyhow::Result<Topology> {
     server.exec_ok("ip", &["route", "add", "default", "via", "198.18.70.5"])?;
     Ok(Topology {
         server_ip: "198.18.70.6".parse()?,
+        client_ip: "198.18.70.2".parse()?,
         router_server_if: to_server.a_name.clone(),
+        router_client_if: to_client.a_name.clone(),
         client,
         router,
         server,
@@ -226,7 +230,7 @@ fn connections(topo: &Topology) -> anyhow::Result<f64> {
 fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
     let topo = topology()?;
     let mut note = String::new();
-    let _dp = match setup {
+    let dp = match setup {
         Setup::Plain => None,
         Setup::Nft(n) => {
             iptables(&topo, "iptables-nft-restore", n)?;
@@ -267,6 +271,36 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
                 "compiled and loaded in {:.2} s",
                 start.elapsed().as_secs_f64()
             );
+            // The client is an endpoint too (allowed everything), as every workload veth has
+            // the classifiers: traffic between the two is then forwarded in BPF.
+            let client_if = topo.router_client_if.clone();
+            topo.router.run(|| dp.attach(&client_if))??;
+            let client_index: u32 = topo
+                .router
+                .exec_ok("cat", &[&format!("/sys/class/net/{client_if}/ifindex")])?
+                .trim()
+                .parse()?;
+            let allow_all = calico_policy::PolicyProgram {
+                tiers: vec![],
+                profiles: vec![(
+                    "allow-all".into(),
+                    vec![calico_model::spec::Rule::new(
+                        calico_model::spec::Action::Allow,
+                    )],
+                )],
+            };
+            for (direction, hook) in [
+                (Direction::Ingress, Hook::Egress),
+                (Direction::Egress, Hook::Ingress),
+            ] {
+                let compiled = CompiledProgram::compile(
+                    &calico_policy::World::default(),
+                    &allow_all,
+                    &[topo.client_ip],
+                    direction,
+                )?;
+                dp.install(client_index, hook, &compiled)?;
+            }
             Some(dp)
         }
     };
@@ -275,6 +309,12 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
         udp_kpps: iperf(&topo, true)?,
         conns_per_s: connections(&topo)?,
     };
+    if let Some(dp) = &dp {
+        note.push_str(&format!(
+            "; {} packets forwarded veth to veth in BPF",
+            dp.counters()?.forwarded
+        ));
+    }
     Ok((figures, note))
 }
 
@@ -397,7 +437,8 @@ fn main() -> anyhow::Result<()> {
         docs.join("bench-dataplane.md"),
         format!(
             "# Dataplane benchmark\n\n`cargo xtask bench dataplane`: client and server namespaces routed through a third; the \
-             policy is the server's, on the router's veth toward it (eBPF) or in the router's FORWARD chain (iptables). \
+             policy is the server's, on the router's veth toward it (eBPF; the client's veth carries an allow-all program, so traffic \
+             between them is forwarded veth to veth in BPF) or in the router's FORWARD chain (iptables). \
              {SECONDS} s per figure, 2 vCPUs.\n\n{table}\n{verdicts}\n{}\n\n![chart](bench-dataplane.svg)\n",
             notes.join("\n\n")
         ),
