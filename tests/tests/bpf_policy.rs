@@ -216,6 +216,52 @@ fn replies_and_established_flows_pass_through_conntrack() -> anyhow::Result<()> 
         "the server pinged although its policy denies it"
     );
 
+    // Per-rule counters: the TCP allow rule and a deny both counted, on this interface.
+    let rules = dp.rule_counters()?;
+    assert!(
+        rules.iter().any(|r| r.ifindex == ifindex
+            && r.packets >= 1
+            && r.bytes > 0
+            && matches!(
+                &r.verdict,
+                calico_policy::Verdict::Allow(calico_policy::RuleRef::Rule { index: 0, .. })
+            )),
+        "the TCP allow rule was not counted: {rules:?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.packets >= 1 && matches!(r.verdict, calico_policy::Verdict::Deny(_))),
+        "no deny was counted: {rules:?}"
+    );
+    // Verdict events: the allowed TCP connection to 8080 and the server's denied attempt.
+    let events = dp.drain_events(10_000);
+    let v4 = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    };
+    assert!(
+        events.iter().any(|e| e.ifindex == ifindex
+            && e.protocol == 6
+            && e.dst_port == 8080
+            && e.src == v4(b.ip)
+            && e.dst == v4(s.ip)
+            && e.action == calico_bpf_common::ACTION_ALLOW),
+        "no allow event for b → s:8080 in {} events",
+        events.len()
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.dst_port == 9090 && e.action == calico_bpf_common::ACTION_DENY),
+        "no deny event for s → b:9090"
+    );
+    println!(
+        "per-rule counters: {} rules with hits; {} verdict events",
+        rules.len(),
+        events.len()
+    );
+
     let counters = dp.counters()?;
     assert!(
         counters.tracked > 0,

@@ -167,6 +167,51 @@ pub const POLICY_MAX_ENDPOINTS: u32 = 16_384;
 pub const POLICY_MAX_CLASSES: u32 = 262_144;
 pub const POLICY_MAX_VERDICTS: u32 = 1_048_576;
 
+/// Packets and bytes each verdict of each program decided (per-CPU hash `POLICY_RULE_STATS`);
+/// userspace maps `verdict` back to the deciding rule of the program it compiled.
+pub const POLICY_RULE_STATS_MAP: &str = "POLICY_RULE_STATS";
+pub const POLICY_MAX_RULE_STATS: u32 = 65_536;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleStatKey {
+    pub program: u32,
+    pub verdict: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStatValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Verdict events (ring buffer `POLICY_EVENTS`): one per packet judged by policy (new flows
+/// and denied packets; tracked packets make none).
+pub const POLICY_EVENTS_MAP: &str = "POLICY_EVENTS";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub ifindex: u32,
+    /// `TC_INGRESS` or `TC_EGRESS`.
+    pub hook: u32,
+    pub program: u32,
+    /// Index of the verdict in the program (see `RuleStatKey::verdict`); `u32::MAX` when a
+    /// table had no answer (fail closed).
+    pub verdict: u32,
+    /// `ACTION_ALLOW` or `ACTION_DENY`.
+    pub action: u32,
+    pub protocol: u32,
+    /// IPv4 as v4-mapped IPv6.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    /// Destination port, or `type << 8 | code` for ICMP.
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
 /// Counters of the policy program (per-CPU array `POLICY_STATS`).
 pub const POLICY_STATS_MAP: &str = "POLICY_STATS";
 #[repr(u32)]
@@ -190,6 +235,9 @@ pub const POLICY_STAT_COUNT: u32 = 6;
 mod pod {
     // SAFETY (all): `#[repr(C)]` structs of integers and byte arrays without padding.
     unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::RuleStatKey {}
+    unsafe impl aya::Pod for super::RuleStatValue {}
+    unsafe impl aya::Pod for super::VerdictEvent {}
     unsafe impl aya::Pod for super::ProgramRef {}
     unsafe impl aya::Pod for super::PeerKeyData {}
     unsafe impl aya::Pod for super::LocalKey {}

@@ -17,16 +17,17 @@ use aya_ebpf::{
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, LruHashMap, PerCpuArray,
+        HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
     },
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef,
-    ProtoKey, VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_FIN_HI,
-    CT_FIN_LO, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT,
-    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
+    ProtoKey, RuleStatKey, RuleStatValue, VerdictEvent, VerdictKeyData, VerdictValue, ACTION_ALLOW,
+    CONNTRACK_MAX_ENTRIES, CT_FIN_HI, CT_FIN_LO, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS,
+    POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS,
+    VERDICT_FIXED_BITS,
 };
 
 #[map(name = "POLICY_EPS")]
@@ -86,7 +87,19 @@ struct Scratch {
     key: CtKey,
     /// The packet was parsed and judged (not passed unparsed).
     judged: bool,
+    /// Policy decided this packet (not conntrack): which program, verdict and action.
+    decided: bool,
+    program: u32,
+    verdict: u32,
+    action: u32,
 }
+
+#[map(name = "POLICY_RULE_STATS")]
+static RULE_STATS: PerCpuHashMap<RuleStatKey, RuleStatValue> =
+    PerCpuHashMap::with_max_entries(POLICY_MAX_RULE_STATS, 0);
+
+#[map(name = "POLICY_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// The FIB lookup's argument and answer, per CPU (64 bytes the stack cannot spare).
 #[map(name = "POLICY_FIB")]
@@ -459,24 +472,84 @@ fn judge_from_workload(ctx: &TcContext) -> i32 {
     judge_only(ctx, TC_INGRESS)
 }
 
+/// Judging a packet going to the workload, likewise in its own frame.
+#[inline(never)]
+fn judge_to_workload(ctx: &TcContext) -> i32 {
+    judge_only(ctx, TC_EGRESS)
+}
+
+/// Per-rule counters and a verdict event for a packet policy decided.
+#[inline(never)]
+fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
+    let key = RuleStatKey {
+        program: scratch.program,
+        verdict: scratch.verdict,
+    };
+    let len = u64::from(ctx.len());
+    match RULE_STATS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value of the entry.
+        Some(v) => unsafe {
+            (*v).packets += 1;
+            (*v).bytes += len;
+        },
+        None => {
+            let _ = RULE_STATS.insert(
+                &key,
+                &RuleStatValue {
+                    packets: 1,
+                    bytes: len,
+                },
+                0,
+            );
+        }
+    }
+    if let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) {
+        let e = entry.as_mut_ptr();
+        let flow = &scratch.flow;
+        // SAFETY: `e` points at reserved ring-buffer space the size of a VerdictEvent; every
+        // field is written before it is submitted.
+        unsafe {
+            (*e).ifindex = ifindex;
+            (*e).hook = hook;
+            (*e).program = scratch.program;
+            (*e).verdict = scratch.verdict;
+            (*e).action = scratch.action;
+            (*e).protocol = u32::from(flow.protocol);
+            (*e).src = flow.src;
+            (*e).dst = flow.dst;
+            (*e).src_port = flow.src_port;
+            (*e).dst_port = flow.dim;
+            (*e)._pad = 0;
+        }
+        entry.submit(0);
+    }
+}
+
 #[inline(always)]
 fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: this CPU's scratch slot, used by this packet only. Reset first: the judging
+    // may return before it touches the slot (unmanaged interfaces), and what a previous
+    // packet left must not count as this one's.
+    unsafe {
+        (*scratch).judged = false;
+        (*scratch).decided = false;
+    }
     let verdict = if hook == TC_INGRESS {
         judge_from_workload(ctx)
     } else {
-        judge_only(ctx, hook)
+        judge_to_workload(ctx)
     };
-    if verdict != TC_ACT_PIPE || hook != TC_INGRESS {
-        return verdict;
-    }
     // SAFETY: as in judge_only.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return verdict;
-    };
-    // SAFETY: this CPU's scratch slot; judge_only filled its flow for a judged packet.
+    // SAFETY: as above; judge_only filled it for this packet.
     let scratch = unsafe { &mut *scratch };
-    if !scratch.judged {
+    if scratch.decided {
+        record(ctx, scratch, ifindex, hook);
+    }
+    if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged {
         return verdict;
     }
     forward(ctx, scratch, ifindex)
@@ -495,7 +568,6 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let scratch = unsafe { &mut *scratch };
-    scratch.judged = false;
     match parse(ctx, scratch) {
         Ok(true) => scratch.judged = true,
         Ok(false) => return TC_ACT_PIPE,
@@ -553,7 +625,16 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     } else {
         (flow.src, flow.dst)
     };
-    match decide(&program, flow, peer, local) {
+    let decision = decide(&program, flow, peer, local);
+    scratch.decided = true;
+    scratch.program = program.program;
+    (scratch.verdict, scratch.action) = match decision {
+        Some(v) => (v.rule, v.action),
+        None => (u32::MAX, 0),
+    };
+    let flow = &scratch.flow;
+    let key = &scratch.key;
+    match decision {
         Some(v) if v.action == ACTION_ALLOW => {
             if flow.tcp_flags & TCP_RST == 0 {
                 let value = CtValue {

@@ -11,10 +11,13 @@ mod object;
 mod policy;
 mod source_filter;
 
+pub use calico_bpf_common::VerdictEvent;
 pub use error::DataplaneError;
 pub use log_pump::{spawn_log_pump, ProgramLogger};
 pub use object::TC_OBJECT;
-pub use policy::{ConntrackTimeouts, Hook, PolicyCounters, PolicyDataplane, TrackedFlow};
+pub use policy::{
+    ConntrackTimeouts, Hook, PolicyCounters, PolicyDataplane, RuleCounter, TrackedFlow,
+};
 pub use source_filter::{
     tcx_programs, AttachMode, Direction, FilterCounters, LoadOptions, SourceFilter,
 };

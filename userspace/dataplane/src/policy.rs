@@ -14,7 +14,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, MapData, PerCpuArray,
+        HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -27,10 +27,11 @@ use aya::{
 };
 use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef,
-    ProtoKey, VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, CONNTRACK_MAP, CT_FIN_HI,
-    CT_FIN_LO, POLICY_EGRESS_PROG, POLICY_ENDPOINTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP,
-    POLICY_PEERS_MAP, POLICY_PROTOS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP,
-    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
+    ProtoKey, RuleStatKey, RuleStatValue, VerdictEvent, VerdictKeyData, VerdictValue, ACTION_ALLOW,
+    ACTION_DENY, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO, POLICY_EGRESS_PROG, POLICY_ENDPOINTS_MAP,
+    POLICY_EVENTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP, POLICY_PEERS_MAP, POLICY_PROTOS_MAP,
+    POLICY_RULE_STATS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS,
+    TC_INGRESS, VERDICT_FIXED_BITS,
 };
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
@@ -117,6 +118,17 @@ fn monotonic_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
+/// What one rule decided on one interface and hook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleCounter {
+    pub ifindex: u32,
+    pub hook: Hook,
+    /// The verdict, naming the deciding rule (or the end of a tier / no policy).
+    pub verdict: Verdict,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// Policy counters summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyCounters {
@@ -140,6 +152,10 @@ pub struct PolicyDataplane {
     verdicts: LpmTrie<MapData, VerdictKeyData, VerdictValue>,
     stats: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    rule_stats: PerCpuHashMap<MapData, RuleStatKey, RuleStatValue>,
+    events: RingBuf<MapData>,
+    /// Each installed program's verdicts (what its verdict indices stand for).
+    verdicts_of: BTreeMap<u32, Vec<Verdict>>,
     next_program: u32,
     installed: BTreeMap<(u32, u32), (u32, Written)>,
     /// Where maps and links are pinned, if anywhere.
@@ -159,7 +175,8 @@ enum Attachment {
 
 /// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
 /// need to).
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
+    POLICY_RULE_STATS_MAP,
     POLICY_ENDPOINTS_MAP,
     POLICY_PEERS_MAP,
     POLICY_LOCALS_MAP,
@@ -256,6 +273,9 @@ impl PolicyDataplane {
             verdicts: take(&mut ebpf, POLICY_VERDICTS_MAP)?,
             stats: take(&mut ebpf, POLICY_STATS_MAP)?,
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
+            rule_stats: take(&mut ebpf, POLICY_RULE_STATS_MAP)?,
+            events: take(&mut ebpf, POLICY_EVENTS_MAP)?,
+            verdicts_of: BTreeMap::new(),
             ebpf,
             next_program: 1,
             installed: BTreeMap::new(),
@@ -505,6 +525,15 @@ impl PolicyDataplane {
         for k in &verdicts {
             removed += usize::from(self.verdicts.remove(k).is_ok());
         }
+        let stats: Vec<RuleStatKey> = self
+            .rule_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead(k.program))
+            .collect();
+        for k in &stats {
+            removed += usize::from(self.rule_stats.remove(k).is_ok());
+        }
         Ok(removed)
     }
 
@@ -554,11 +583,13 @@ impl PolicyDataplane {
                 0,
             )
             .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))?;
-        if let Some((_, old)) = self
+        self.verdicts_of.insert(program, compiled.verdicts.clone());
+        if let Some((old_program, old)) = self
             .installed
             .insert((key.ifindex, key.hook), (program, written))
         {
             self.delete(old);
+            self.forget_program(old_program);
         }
         Ok(program)
     }
@@ -573,8 +604,9 @@ impl PolicyDataplane {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
         }
-        if let Some((_, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
+        if let Some((old_program, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
             self.delete(old);
+            self.forget_program(old_program);
         }
         Ok(())
     }
@@ -687,6 +719,74 @@ impl PolicyDataplane {
         for k in &w.verdicts {
             let _ = self.verdicts.remove(k);
         }
+    }
+
+    /// Drops a replaced program's rule counters.
+    fn forget_program(&mut self, program: u32) {
+        self.verdicts_of.remove(&program);
+        let keys: Vec<RuleStatKey> = self
+            .rule_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.program == program)
+            .collect();
+        for k in &keys {
+            let _ = self.rule_stats.remove(k);
+        }
+    }
+
+    /// Packets and bytes each rule of each installed program decided, summed over CPUs
+    /// (counted when policy decides: a flow's first packet, and every denied packet).
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>, DataplaneError> {
+        let mut out = Vec::new();
+        for (&(ifindex, hook), (program, _)) in &self.installed {
+            let Some(verdicts) = self.verdicts_of.get(program) else {
+                continue;
+            };
+            for (index, verdict) in verdicts.iter().enumerate() {
+                let key = RuleStatKey {
+                    program: *program,
+                    verdict: index as u32,
+                };
+                match self.rule_stats.get(&key, 0) {
+                    Ok(values) => {
+                        let (packets, bytes) = values
+                            .iter()
+                            .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+                        out.push(RuleCounter {
+                            ifindex,
+                            hook: if hook == TC_INGRESS {
+                                Hook::Ingress
+                            } else {
+                                Hook::Egress
+                            },
+                            verdict: verdict.clone(),
+                            packets,
+                            bytes,
+                        });
+                    }
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(source) => return Err(map_err(POLICY_RULE_STATS_MAP, "read")(source)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Verdict events the classifiers wrote since the last call (at most `max`).
+    pub fn drain_events(&mut self, max: usize) -> Vec<VerdictEvent> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.events.next() else {
+                break;
+            };
+            if item.len() >= std::mem::size_of::<VerdictEvent>() {
+                // SAFETY: the classifier writes a whole VerdictEvent (repr(C), plain data)
+                // into each record; read_unaligned makes no alignment assumption.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const VerdictEvent) });
+            }
+        }
+        out
     }
 
     /// Forgets every tracked flow.
