@@ -486,7 +486,7 @@ fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
         verdict: scratch.verdict,
     };
     let len = u64::from(ctx.len());
-    match RULE_STATS.get_ptr_mut(&key) {
+    match RULE_STATS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of the entry.
         Some(v) => unsafe {
             (*v).packets += 1;
@@ -494,8 +494,8 @@ fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
         },
         None => {
             let _ = RULE_STATS.insert(
-                &key,
-                &RuleStatValue {
+                key,
+                RuleStatValue {
                     packets: 1,
                     bytes: len,
                 },
