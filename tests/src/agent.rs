@@ -85,7 +85,10 @@ impl AgentProcess {
             .arg(&self.pin_path)
             .args(&self.extra)
             .env("ETCD_ENDPOINTS", &self.etcd)
-            .env("RUST_LOG", "info,calico_node=debug,calico_libnetwork=debug")
+            .env(
+                "RUST_LOG",
+                "info,calico_node=debug,calico_libnetwork=debug,calico_tc=debug",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -186,6 +186,10 @@ pub struct RuleStatValue {
     pub bytes: u64,
 }
 
+/// The policy programs' debug logging switch (array of one u32: non-zero logs), flipped at run
+/// time; the aya-log level itself is fixed when the object is loaded.
+pub const POLICY_LOG_MAP: &str = "POLICY_LOG";
+
 /// Verdict events (ring buffer `POLICY_EVENTS`): one per packet judged by policy (new flows
 /// and denied packets; tracked packets make none).
 pub const POLICY_EVENTS_MAP: &str = "POLICY_EVENTS";

@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
     },
     programs::TcContext,
 };
@@ -97,6 +97,9 @@ struct Scratch {
 #[map(name = "POLICY_RULE_STATS")]
 static RULE_STATS: PerCpuHashMap<RuleStatKey, RuleStatValue> =
     PerCpuHashMap::with_max_entries(POLICY_MAX_RULE_STATS, 0);
+
+#[map(name = "POLICY_LOG")]
+static LOG: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "POLICY_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -478,9 +481,16 @@ fn judge_to_workload(ctx: &TcContext) -> i32 {
     judge_only(ctx, TC_EGRESS)
 }
 
-/// Per-rule counters and a verdict event for a packet policy decided.
+/// Per-rule counters, a verdict event and (when switched on) a debug line for a packet policy
+/// decided. Here rather than in the judging, whose frame leaves no room for aya-log's calls.
 #[inline(never)]
 fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
+    if scratch.action != ACTION_ALLOW && LOG.get(0).is_some_and(|on| *on != 0) {
+        debug!(
+            ctx,
+            "policy: deny by rule {} on ifindex {}", scratch.verdict, ifindex
+        );
+    }
     let key = RuleStatKey {
         program: scratch.program,
         verdict: scratch.verdict,
@@ -648,15 +658,7 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
             count(PolicyStat::Allowed);
             TC_ACT_PIPE
         }
-        Some(v) => {
-            debug!(
-                ctx,
-                "policy: deny by rule {} on ifindex {}", v.rule, ifindex
-            );
-            count(PolicyStat::Denied);
-            TC_ACT_SHOT
-        }
-        None => {
+        Some(_) | None => {
             count(PolicyStat::Denied);
             TC_ACT_SHOT
         }

@@ -114,6 +114,8 @@ pub fn default_failsafe_outbound() -> Vec<Failsafe> {
 pub struct FelixSettings {
     pub failsafe_inbound: Vec<Failsafe>,
     pub failsafe_outbound: Vec<Failsafe>,
+    /// `bpfLogLevel: Debug` turns the programs' debug lines on; `None`: the flag decides.
+    pub bpf_debug: Option<bool>,
 }
 
 impl Default for FelixSettings {
@@ -121,6 +123,7 @@ impl Default for FelixSettings {
         Self {
             failsafe_inbound: default_failsafe_inbound(),
             failsafe_outbound: default_failsafe_outbound(),
+            bpf_debug: None,
         }
     }
 }
@@ -160,6 +163,17 @@ impl FelixSettings {
             }
             if let Some(l) = &spec.failsafe_outbound_host_ports {
                 out.failsafe_outbound = failsafe(l, "spec.failsafeOutboundHostPorts")?;
+            }
+            if let Some(level) = &spec.bpf_log_level {
+                out.bpf_debug = match level.to_ascii_lowercase().as_str() {
+                    "debug" => Some(true),
+                    "off" | "info" | "" => Some(false),
+                    other => {
+                        return Err(format!(
+                            "spec.bpfLogLevel: `{other}` is not Off, Info or Debug"
+                        ))
+                    }
+                };
             }
         }
         Ok(out)

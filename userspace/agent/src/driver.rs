@@ -43,6 +43,8 @@ pub struct Driver {
     blocks: BTreeSet<IpNet>,
     /// Interfaces this run attached the classifiers to.
     attached: BTreeSet<u32>,
+    /// Debug logging of the programs when FelixConfiguration does not say (the flag).
+    default_bpf_debug: bool,
 }
 
 /// The policy key of each direction: an endpoint's ingress policy is read by the classifier
@@ -74,6 +76,7 @@ impl Driver {
             programmed: BTreeMap::new(),
             blocks: BTreeSet::new(),
             attached: BTreeSet::new(),
+            default_bpf_debug: false,
         }
     }
 
@@ -97,10 +100,22 @@ impl Driver {
         self.places.clear();
     }
 
-    /// New failsafe settings reprogram every host endpoint.
+    pub fn set_default_bpf_debug(&mut self, on: bool) {
+        self.default_bpf_debug = on;
+    }
+
+    /// New failsafe settings reprogram every host endpoint; the log switch follows
+    /// `bpfLogLevel`.
     pub async fn set_settings(&mut self, settings: FelixSettings) {
         if settings == self.settings {
             return;
+        }
+        let on = settings.bpf_debug.unwrap_or(self.default_bpf_debug);
+        if on != self.settings.bpf_debug.unwrap_or(self.default_bpf_debug) {
+            match self.dataplane.set_debug_logging(on) {
+                Ok(()) => tracing::info!(on, "eBPF debug logging switched"),
+                Err(e) => tracing::warn!(error = %e, "switching eBPF debug logging"),
+            }
         }
         self.settings = settings;
         let hosts: Vec<EndpointId> = self

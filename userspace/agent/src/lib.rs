@@ -99,8 +99,10 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             "--bpf-log-level / FELIX_BPFLOGLEVEL: `{other}` is not off, info or debug"
         ),
     };
-    let (dataplane, logger) = PolicyDataplane::load(&LoadOptions {
-        log_level,
+    // Always loaded with a logger, so debug lines can be switched on at run time
+    // (FelixConfiguration bpfLogLevel) without reloading anything.
+    let (mut dataplane, logger) = PolicyDataplane::load(&LoadOptions {
+        log_level: Some(aya_log::Level::Debug),
         pin_path: Some(flags.bpf_pin_path.clone()),
     })
     .with_context(|| {
@@ -109,6 +111,9 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             flags.bpf_pin_path.display()
         )
     })?;
+    dataplane
+        .set_debug_logging(log_level.is_some())
+        .context("the eBPF log switch")?;
     let _pump = match logger {
         Some(l) => Some(calico_dataplane::spawn_log_pump(l).context("eBPF log pump")?),
         None => None,

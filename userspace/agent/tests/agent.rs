@@ -183,6 +183,24 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
     s.store.apply(DENY_CLIENT)?;
     s.wait_ping(false, Duration::from_secs(5))?;
     assert!(s.agent.metric(&s.host, "felix_bpf_packets_denied_total")? > 0.0);
+    // The programs' debug lines are off by default and switched on at run time through
+    // FelixConfiguration, without reloading anything.
+    assert!(
+        !s.agent.log().contains("policy: deny by rule"),
+        "debug lines while switched off"
+    );
+    s.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata:\n  name: default\nspec:\n  bpfLogLevel: Debug\n",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.agent.log().contains("policy: deny by rule") {
+        assert!(
+            Instant::now() < deadline,
+            "no eBPF debug line after bpfLogLevel: Debug; log:\n{}",
+            s.agent.log()
+        );
+        s.client().ns.ping(s.server().address.into())?;
+    }
     s.store
         .delete(Kind::GlobalNetworkPolicy, None, "deny-client")?;
     s.wait_ping(true, Duration::from_secs(5))?;

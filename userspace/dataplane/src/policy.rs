@@ -14,7 +14,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -29,9 +29,9 @@ use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef,
     ProtoKey, RuleStatKey, RuleStatValue, VerdictEvent, VerdictKeyData, VerdictValue, ACTION_ALLOW,
     ACTION_DENY, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO, POLICY_EGRESS_PROG, POLICY_ENDPOINTS_MAP,
-    POLICY_EVENTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP, POLICY_PEERS_MAP, POLICY_PROTOS_MAP,
-    POLICY_RULE_STATS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS,
-    TC_INGRESS, VERDICT_FIXED_BITS,
+    POLICY_EVENTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP, POLICY_LOG_MAP, POLICY_PEERS_MAP,
+    POLICY_PROTOS_MAP, POLICY_RULE_STATS_MAP, POLICY_SPORTS_MAP, POLICY_STATS_MAP,
+    POLICY_VERDICTS_MAP, TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
 };
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
@@ -154,6 +154,7 @@ pub struct PolicyDataplane {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     rule_stats: PerCpuHashMap<MapData, RuleStatKey, RuleStatValue>,
     events: RingBuf<MapData>,
+    log_switch: Array<MapData, u32>,
     /// Each installed program's verdicts (what its verdict indices stand for).
     verdicts_of: BTreeMap<u32, Vec<Verdict>>,
     next_program: u32,
@@ -275,6 +276,7 @@ impl PolicyDataplane {
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
             rule_stats: take(&mut ebpf, POLICY_RULE_STATS_MAP)?,
             events: take(&mut ebpf, POLICY_EVENTS_MAP)?,
+            log_switch: take(&mut ebpf, POLICY_LOG_MAP)?,
             verdicts_of: BTreeMap::new(),
             ebpf,
             next_program: 1,
@@ -283,6 +285,7 @@ impl PolicyDataplane {
             links: BTreeMap::new(),
             tracked_flows_seen: 0,
         };
+        dataplane.set_debug_logging(options.log_level.is_some())?;
         // Programs already in pinned maps (a previous run's) keep their ids; new ones start
         // above them.
         let adopted = dataplane.endpoint_programs()?;
@@ -719,6 +722,14 @@ impl PolicyDataplane {
         for k in &w.verdicts {
             let _ = self.verdicts.remove(k);
         }
+    }
+
+    /// Turns the classifiers' debug log lines (why a packet was denied) on or off while they
+    /// run. Lines only appear when the object was loaded with a log level (a logger exists).
+    pub fn set_debug_logging(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.log_switch
+            .set(0, u32::from(on), 0)
+            .map_err(map_err(POLICY_LOG_MAP, "write"))
     }
 
     /// Drops a replaced program's rule counters.
