@@ -305,3 +305,71 @@ fn replies_and_established_flows_pass_through_conntrack() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// UDP: an allowed datagram gets its reply back through conntrack (the server's egress policy
+/// allows nothing), later datagrams of the flow pass as tracked, and other sources or ports are
+/// dropped.
+#[test]
+fn udp_allow_deny_established_and_reply() -> anyhow::Result<()> {
+    use std::net::{SocketAddr, UdpSocket};
+    if !require("udp_allow_deny_established_and_reply", NEEDS) {
+        return Ok(());
+    }
+    let host = NetNs::new("uh")?;
+    host.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    let (a, b, s) = (
+        workload(&host, 1)?,
+        workload(&host, 2)?,
+        workload(&host, 3)?,
+    );
+    // An echo server on 5353 and a sink on 5354 in the server's namespace.
+    let echo = s.ns.run(|| UdpSocket::bind((s.ip, 5353)))??;
+    let sink = s.ns.run(|| UdpSocket::bind((s.ip, 5354)))??;
+    sink.set_read_timeout(Some(Duration::from_millis(500)))?;
+    echo.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let echoer = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let host_if = s.host_if.clone();
+    host.run(|| dp.attach(&host_if))??;
+    let ifindex: u32 = host
+        .exec_ok("cat", &[&format!("/sys/class/net/{}/ifindex", s.host_if)])?
+        .trim()
+        .parse()?;
+    let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: UDP, source: {selector: app == 'b'}, destination: {ports: [5353]}}\n";
+    install(&mut dp, &world(policy, s.ip, a.ip, b.ip), ifindex, s.ip)?;
+
+    let client = |ns: &NetNs| -> anyhow::Result<UdpSocket> {
+        let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+        sock.set_read_timeout(Some(Duration::from_millis(700)))?;
+        Ok(sock)
+    };
+    let echoed = |sock: &UdpSocket, payload: &[u8]| -> anyhow::Result<bool> {
+        sock.send_to(payload, SocketAddr::new(s.ip, 5353))?;
+        let mut buf = [0u8; 64];
+        Ok(matches!(sock.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == payload))
+    };
+    let from_b = client(&b.ns)?;
+    assert!(echoed(&from_b, b"one")?, "allowed UDP and its reply");
+    let tracked_before = dp.counters()?.tracked;
+    assert!(echoed(&from_b, b"two")?, "the established flow goes on");
+    assert!(
+        dp.counters()?.tracked > tracked_before,
+        "later datagrams pass as tracked"
+    );
+    assert!(!echoed(&client(&a.ns)?, b"from a")?, "UDP from a is denied");
+    from_b.send_to(b"other port", SocketAddr::new(s.ip, 5354))?;
+    let mut buf = [0u8; 64];
+    assert!(sink.recv_from(&mut buf).is_err(), "UDP to 5354 is denied");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = echoer.join();
+    Ok(())
+}
