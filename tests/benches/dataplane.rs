@@ -244,11 +244,7 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
             let (mut dp, _) = PolicyDataplane::load(&LoadOptions::default())?;
             let ifname = topo.router_server_if.clone();
             topo.router.run(|| dp.attach(&ifname))??;
-            let ifindex: u32 = topo
-                .router
-                .exec_ok("cat", &[&format!("/sys/class/net/{ifname}/ifindex")])?
-                .trim()
-                .parse()?;
+            let ifindex = topo.router.ifindex(&ifname)?;
             let w = world(n, topo.server_ip);
             let id = EndpointId {
                 namespace: Some("default".into()),
@@ -275,11 +271,7 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
             // the classifiers: traffic between the two is then forwarded in BPF.
             let client_if = topo.router_client_if.clone();
             topo.router.run(|| dp.attach(&client_if))??;
-            let client_index: u32 = topo
-                .router
-                .exec_ok("cat", &[&format!("/sys/class/net/{client_if}/ifindex")])?
-                .trim()
-                .parse()?;
+            let client_index = topo.router.ifindex(&client_if)?;
             let allow_all = calico_policy::PolicyProgram {
                 tiers: vec![],
                 profiles: vec![(

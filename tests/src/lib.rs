@@ -9,6 +9,7 @@ mod forward;
 mod image;
 mod netns;
 mod requirements;
+mod store;
 
 pub use agent::{AgentProcess, Workload, HEALTH_PORT};
 pub use cni::cni;
@@ -17,3 +18,4 @@ pub use forward::Forward;
 pub use image::busybox_rootfs_tar;
 pub use netns::{unique_name, NetNs, Veth};
 pub use requirements::{require, Requirement};
+pub use store::Store;

@@ -94,6 +94,13 @@ impl NetNs {
         })
     }
 
+    /// The index of interface `name` inside this namespace.
+    pub fn ifindex(&self, name: &str) -> Result<u32> {
+        let name = name.to_owned();
+        self.run(move || nix::net::if_::if_nametoindex(name.as_str()))?
+            .with_context(|| format!("no interface in netns {}", self.name))
+    }
+
     /// Adds `cidr` (e.g. `198.18.0.1/30`, `fd00::1/64`) to `interface` and brings it up. IPv6
     /// addresses skip duplicate address detection so they are usable at once.
     pub fn add_address(&self, interface: &str, cidr: &str) -> Result<()> {

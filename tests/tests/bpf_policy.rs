@@ -69,6 +69,27 @@ impl Drop for Listener {
     }
 }
 
+/// A routing host namespace with workloads 1 (a), 2 (b) and 3 (s, the server).
+fn three_workloads(prefix: &str) -> anyhow::Result<(NetNs, Workload, Workload, Workload)> {
+    let host = NetNs::new(prefix)?;
+    host.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    let (a, b, s) = (
+        workload(&host, 1)?,
+        workload(&host, 2)?,
+        workload(&host, 3)?,
+    );
+    Ok((host, a, b, s))
+}
+
+/// The policy dataplane loaded and attached to the server's host-side veth, with its ifindex.
+fn policy_dataplane_on(host: &NetNs, s: &Workload) -> anyhow::Result<(PolicyDataplane, u32)> {
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let host_if = s.host_if.clone();
+    host.run(|| dp.attach(&host_if))??;
+    let ifindex = host.ifindex(&s.host_if)?;
+    Ok((dp, ifindex))
+}
+
 fn tcp_connects(from: &NetNs, to: IpAddr, port: u16) -> anyhow::Result<bool> {
     Ok(from
         .exec("nc", &["-z", "-w", "2", &to.to_string(), &port.to_string()])?
@@ -111,13 +132,7 @@ fn compiled_policy_allows_and_denies_real_traffic() -> anyhow::Result<()> {
     if !require("compiled_policy_allows_and_denies_real_traffic", NEEDS) {
         return Ok(());
     }
-    let host = NetNs::new("ph")?;
-    host.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    let (a, b, s) = (
-        workload(&host, 1)?,
-        workload(&host, 2)?,
-        workload(&host, 3)?,
-    );
+    let (host, a, b, s) = three_workloads("ph")?;
     let _listener = Listener::start(&s.ns, 8080)?;
     assert!(
         a.ns.ping(s.ip)? && b.ns.ping(s.ip)?,
@@ -125,13 +140,7 @@ fn compiled_policy_allows_and_denies_real_traffic() -> anyhow::Result<()> {
     );
     assert!(tcp_connects(&a.ns, s.ip, 8080)?, "no TCP before policy");
 
-    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
-    let host_if = s.host_if.clone();
-    host.run(|| dp.attach(&host_if))??;
-    let ifindex: u32 = host
-        .exec_ok("cat", &[&format!("/sys/class/net/{}/ifindex", s.host_if)])?
-        .trim()
-        .parse()?;
+    let (mut dp, ifindex) = policy_dataplane_on(&host, &s)?;
 
     let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: ICMP, source: {selector: app == 'a'}}\n    - {action: Allow, protocol: TCP, source: {selector: app == 'b'}, destination: {ports: [8080]}}\n  egress:\n    - {action: Allow}\n";
     install(&mut dp, &world(policy, s.ip, a.ip, b.ip), ifindex, s.ip)?;
@@ -180,22 +189,10 @@ fn replies_and_established_flows_pass_through_conntrack() -> anyhow::Result<()> 
     ) {
         return Ok(());
     }
-    let host = NetNs::new("ch")?;
-    host.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    let (a, b, s) = (
-        workload(&host, 1)?,
-        workload(&host, 2)?,
-        workload(&host, 3)?,
-    );
+    let (host, a, b, s) = three_workloads("ch")?;
     let _listener = Listener::start(&s.ns, 8080)?;
     let _listener_b = Listener::start(&b.ns, 9090)?;
-    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
-    let host_if = s.host_if.clone();
-    host.run(|| dp.attach(&host_if))??;
-    let ifindex: u32 = host
-        .exec_ok("cat", &[&format!("/sys/class/net/{}/ifindex", s.host_if)])?
-        .trim()
-        .parse()?;
+    let (mut dp, ifindex) = policy_dataplane_on(&host, &s)?;
     // In: TCP 8080 from b and ICMP from a. Out: nothing at all, so every reply the server
     // sends must be recognised as part of a flow allowed in.
     let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: TCP, source: {selector: app == 'b'}, destination: {ports: [8080]}}\n    - {action: Allow, protocol: ICMP, source: {selector: app == 'a'}}\n";
@@ -315,13 +312,7 @@ fn udp_allow_deny_established_and_reply() -> anyhow::Result<()> {
     if !require("udp_allow_deny_established_and_reply", NEEDS) {
         return Ok(());
     }
-    let host = NetNs::new("uh")?;
-    host.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    let (a, b, s) = (
-        workload(&host, 1)?,
-        workload(&host, 2)?,
-        workload(&host, 3)?,
-    );
+    let (host, a, b, s) = three_workloads("uh")?;
     // An echo server on 5353 and a sink on 5354 in the server's namespace.
     let echo = s.ns.run(|| UdpSocket::bind((s.ip, 5353)))??;
     let sink = s.ns.run(|| UdpSocket::bind((s.ip, 5354)))??;
@@ -337,13 +328,7 @@ fn udp_allow_deny_established_and_reply() -> anyhow::Result<()> {
             }
         }
     });
-    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
-    let host_if = s.host_if.clone();
-    host.run(|| dp.attach(&host_if))??;
-    let ifindex: u32 = host
-        .exec_ok("cat", &[&format!("/sys/class/net/{}/ifindex", s.host_if)])?
-        .trim()
-        .parse()?;
+    let (mut dp, ifindex) = policy_dataplane_on(&host, &s)?;
     let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: UDP, source: {selector: app == 'b'}, destination: {ports: [5353]}}\n";
     install(&mut dp, &world(policy, s.ip, a.ip, b.ip), ifindex, s.ip)?;
 

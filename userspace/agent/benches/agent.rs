@@ -21,27 +21,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use calico_datastore::{Datastore, EtcdConfig};
-use calico_model::parse_documents;
 use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Workload};
 
 const ENDPOINTS: usize = 1000;
 const RULES: usize = 10_000;
 const SAMPLES: usize = 40;
-
-struct Store {
-    rt: tokio::runtime::Runtime,
-    ds: Datastore,
-}
-
-impl Store {
-    fn apply(&self, yaml: &str) -> Result<()> {
-        for r in parse_documents(yaml)? {
-            self.rt.block_on(self.ds.apply(r))?;
-        }
-        Ok(())
-    }
-}
 
 fn wep(node: &str, name: &str, iface: &str, addr: Ipv4Addr, role: &str) -> String {
     format!("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata:\n  name: {node}-cni-{name}-eth0\n  namespace: default\n  labels: {{role: {role}}}\nspec:\n  orchestrator: cni\n  workload: {name}\n  node: {node}\n  endpoint: eth0\n  interfaceName: {iface}\n  ipNetworks: ['{addr}/32']\n  profiles: [net1]\n")
@@ -119,13 +103,7 @@ fn run(log: &std::path::Path) -> Result<()> {
     let etcd = Etcd::start()?;
     let host = NetNs::new("bh")?;
     let _forward = Forward::loopback(&host, etcd.port())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let ds = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
-        etcd.endpoint()
-    ])))?;
-    let store = Store { rt, ds };
+    let store = harness::Store::connect(&etcd)?;
     let node = unique_name("node");
     store.apply("apiVersion: projectcalico.org/v3\nkind: Profile\nmetadata:\n  name: net1\nspec:\n  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n")?;
 

@@ -88,7 +88,7 @@ impl Bird {
         self.blocks = blocks;
     }
 
-    fn refuse(&mut self, rendered: Option<String>, reason: String) {
+    fn refuse(&mut self, reason: String) {
         if self.refused.as_ref() != Some(&reason) {
             tracing::error!(error = %reason, "BIRD configuration refused; BIRD keeps its last good one");
             self.metrics
@@ -97,7 +97,6 @@ impl Bird {
             let _ = std::fs::write(self.error_path(), format!("{reason}\n"));
         }
         self.refused = Some(reason);
-        let _ = rendered;
     }
 
     /// Renders; when the result differs from what BIRD runs, checks, installs and loads it.
@@ -105,7 +104,7 @@ impl Bird {
         let resources: Vec<Resource> = self.resources.values().cloned().collect();
         let mut inputs = match BgpInputs::from_resources(&resources, self.blocks.clone()) {
             Ok(i) => i,
-            Err(e) => return self.refuse(None, e.to_string()),
+            Err(e) => return self.refuse(e.to_string()),
         };
         let me = inputs.nodes.iter().find(|n| n.name == self.node);
         if me.is_none_or(|n| n.ipv4.is_none()) {
@@ -124,7 +123,7 @@ impl Bird {
         }
         let config = match render(&inputs, &self.node) {
             Ok(c) => c,
-            Err(e) => return self.refuse(None, e.to_string()),
+            Err(e) => return self.refuse(e.to_string()),
         };
         if self.installed.as_ref() == Some(&config) && self.child.is_some() {
             // Back to what BIRD runs: whatever was refused in between no longer matters.
@@ -135,18 +134,12 @@ impl Bird {
             return;
         }
         if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            return self.refuse(
-                Some(config),
-                format!("creating {}: {e}", self.dir.display()),
-            );
+            return self.refuse(format!("creating {}: {e}", self.dir.display()));
         }
         // Check with BIRD's own parser before anything is replaced.
         let candidate = self.dir.join("bird.cfg.new");
         if let Err(e) = std::fs::write(&candidate, &config) {
-            return self.refuse(
-                Some(config),
-                format!("writing {}: {e}", candidate.display()),
-            );
+            return self.refuse(format!("writing {}: {e}", candidate.display()));
         }
         match Command::new("bird")
             .arg("-p")
@@ -158,20 +151,12 @@ impl Bird {
             Ok(o) if o.status.success() => {}
             Ok(o) => {
                 let reason = format!("bird -p: {}", String::from_utf8_lossy(&o.stderr).trim());
-                return self.refuse(Some(config), reason);
+                return self.refuse(reason);
             }
-            Err(e) => {
-                return self.refuse(
-                    Some(config),
-                    format!("running bird (Debian package bird2): {e}"),
-                )
-            }
+            Err(e) => return self.refuse(format!("running bird (Debian package bird2): {e}")),
         }
         if let Err(e) = std::fs::rename(&candidate, self.config_path()) {
-            return self.refuse(
-                Some(config),
-                format!("installing {}: {e}", self.config_path().display()),
-            );
+            return self.refuse(format!("installing {}: {e}", self.config_path().display()));
         }
         let _ = std::fs::remove_file(self.error_path());
         self.refused = None;
@@ -183,8 +168,8 @@ impl Bird {
                 {
                     tracing::info!("BIRD reconfigured");
                 }
-                Ok(out) => self.refuse(None, format!("birdc configure: {}", out.trim())),
-                Err(e) => self.refuse(None, format!("birdc configure: {e}")),
+                Ok(out) => self.refuse(format!("birdc configure: {}", out.trim())),
+                Err(e) => self.refuse(format!("birdc configure: {e}")),
             }
         } else {
             self.start();
@@ -222,7 +207,7 @@ impl Bird {
                 tracing::info!(pid = child.id(), socket = %self.socket().display(), "BIRD started");
                 self.child = Some(child);
             }
-            Err(e) => self.refuse(None, format!("starting bird: {e}")),
+            Err(e) => self.refuse(format!("starting bird: {e}")),
         }
     }
 

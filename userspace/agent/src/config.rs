@@ -74,9 +74,15 @@ pub struct Failsafe {
     pub port: u16,
 }
 
-/// Upstream Felix's defaults.
+fn failsafes(list: &[(u8, u16)]) -> Vec<Failsafe> {
+    list.iter()
+        .map(|&(protocol, port)| Failsafe { protocol, port })
+        .collect()
+}
+
+/// Upstream Felix's defaults (6 = TCP, 17 = UDP).
 pub fn default_failsafe_inbound() -> Vec<Failsafe> {
-    [
+    failsafes(&[
         (6, 22),
         (17, 68),
         (6, 179),
@@ -86,14 +92,11 @@ pub fn default_failsafe_inbound() -> Vec<Failsafe> {
         (6, 6443),
         (6, 6666),
         (6, 6667),
-    ]
-    .into_iter()
-    .map(|(protocol, port)| Failsafe { protocol, port })
-    .collect()
+    ])
 }
 
 pub fn default_failsafe_outbound() -> Vec<Failsafe> {
-    [
+    failsafes(&[
         (17, 53),
         (17, 67),
         (6, 179),
@@ -103,10 +106,7 @@ pub fn default_failsafe_outbound() -> Vec<Failsafe> {
         (6, 6443),
         (6, 6666),
         (6, 6667),
-    ]
-    .into_iter()
-    .map(|(protocol, port)| Failsafe { protocol, port })
-    .collect()
+    ])
 }
 
 /// What the FelixConfiguration resources decide at run time.

@@ -80,10 +80,6 @@ impl Driver {
         }
     }
 
-    pub fn dataplane(&self) -> &PolicyDataplane {
-        &self.dataplane
-    }
-
     /// Records (or forgets) where a local endpoint lives.
     pub fn set_place(&mut self, id: &EndpointId, place: Option<EndpointPlace>) {
         match place {
@@ -142,8 +138,8 @@ impl Driver {
                     self.program(&id).await;
                 }
                 Change::Removed(id) => {
-                    self.policies.remove(&id);
-                    self.unprogram(&id).await;
+                    let policy = self.policies.remove(&id);
+                    self.unprogram(&id, policy).await;
                 }
             }
         }
@@ -271,7 +267,9 @@ impl Driver {
         );
     }
 
-    async fn unprogram(&mut self, id: &EndpointId) {
+    /// Takes an endpoint's programs and its own routes away (just those: a batch removing many
+    /// endpoints must not dump the routing table once per endpoint).
+    async fn unprogram(&mut self, id: &EndpointId, policy: Option<EndpointPolicy>) {
         let Some((&ifindex, _)) = self.programmed.iter().find(|(_, e)| *e == id) else {
             return;
         };
@@ -280,7 +278,16 @@ impl Driver {
         if let Err(e) = self.dataplane.forget_interface(ifindex) {
             tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
         }
-        self.reconcile_routes().await;
+        let host = self.places.get(id).is_some_and(|p| p.host);
+        for a in policy.iter().filter(|_| !host).flat_map(|p| &p.addresses) {
+            let route = OwnedRoute::Workload {
+                dest: IpNet::from(*a),
+                ifindex,
+            };
+            if let Err(e) = self.netlink.delete(&route).await {
+                tracing::warn!(endpoint = ?id, error = %e, "removing a workload route");
+            }
+        }
     }
 
     /// Sets this node's blocks (from its block affinities).

@@ -3,10 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::{io::AsyncWriteExt, net::TcpListener};
 
 use crate::metrics::Metrics;
 
@@ -16,25 +13,28 @@ pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let (read, mut write) = stream.into_split();
+            // The whole request head, however many segments it arrives in.
+            let mut reader = tokio::io::BufReader::new(read);
+            let request = tokio::time::timeout(
+                Duration::from_secs(5),
+                calico_libnetwork::http::read_request(&mut reader),
+            )
+            .await;
+            let Ok(Ok(Some(request))) = request else {
+                return;
             };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = respond(path, &metrics);
+            let (status, body) = respond(&request.path, &metrics);
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = write.write_all(response.as_bytes()).await;
         });
     }
 }

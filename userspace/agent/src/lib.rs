@@ -20,7 +20,6 @@ pub mod netlink;
 pub mod syncer;
 
 use std::{
-    collections::BTreeMap,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
@@ -423,6 +422,3 @@ impl Agent {
         self.calc.apply(update);
     }
 }
-
-/// Interfaces by name, for tests and tools.
-pub type Interfaces = BTreeMap<String, u32>;

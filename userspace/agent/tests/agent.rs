@@ -12,9 +12,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use calico_datastore::{Datastore, EtcdConfig};
-use calico_model::{parse_documents, Kind};
-use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Workload};
+use calico_model::Kind;
+use harness::{
+    require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Store, Workload,
+};
 
 const NEEDS: &[Requirement] = &[
     Requirement::Root,
@@ -22,37 +23,6 @@ const NEEDS: &[Requirement] = &[
     Requirement::Bpf,
     Requirement::Etcd,
 ];
-
-/// The datastore as the test writes to it.
-struct Store {
-    rt: tokio::runtime::Runtime,
-    ds: Datastore,
-}
-
-impl Store {
-    fn connect(etcd: &Etcd) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let ds = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
-            etcd.endpoint()
-        ])))?;
-        Ok(Self { rt, ds })
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        for r in parse_documents(yaml)? {
-            self.rt.block_on(self.ds.apply(r))?;
-        }
-        Ok(())
-    }
-
-    fn delete(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Result<()> {
-        self.rt
-            .block_on(self.ds.delete(kind, namespace, name, None))?;
-        Ok(())
-    }
-}
 
 /// etcd, a host namespace reaching it, an agent, and two workloads: a client and a server
 /// whose network profile allows everything.

@@ -11,8 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use calico_datastore::{Datastore, EtcdConfig};
-use calico_model::{parse_documents, Kind, Resource};
+use calico_model::{Kind, Resource};
 use harness::{
     busybox_rootfs_tar, require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement,
 };
@@ -139,15 +138,9 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
         return Ok(());
     }
     let etcd = Etcd::start()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let store = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
-        etcd.endpoint()
-    ])))?;
-    for r in parse_documents("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: docker-pool\nspec:\n  cidr: 10.70.0.0/24\n  blockSize: 26\n")? {
-        rt.block_on(store.apply(r))?;
-    }
+    let store = harness::Store::connect(&etcd)?;
+    let rt = &store.rt;
+    store.apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: docker-pool\nspec:\n  cidr: 10.70.0.0/24\n  blockSize: 26\n")?;
     let host = NetNs::new("dk")?;
     // A default route, as every real host has: proxy ARP answers for 169.254.1.1 only when
     // the host has a route to it.
@@ -271,9 +264,7 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
     wait_ping("ctr-b", a, true)?;
 
     // A policy (what `calicoctl apply` writes) denies traffic into b.
-    for r in parse_documents("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-into-b\nspec:\n  selector: projectcalico.org/orchestrator == 'libnetwork' && !has(nothing)\n  ingress:\n  - action: Deny\n    destination:\n      nets: ['10.70.0.77/32']\n  - action: Pass\n")? {
-        rt.block_on(store.apply(r))?;
-    }
+    store.apply("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-into-b\nspec:\n  selector: projectcalico.org/orchestrator == 'libnetwork' && !has(nothing)\n  ingress:\n  - action: Deny\n    destination:\n      nets: ['10.70.0.77/32']\n  - action: Pass\n")?;
     wait_ping("ctr-a", b, false)?;
 
     // Clean up through docker: nothing may be left behind.
@@ -281,7 +272,7 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
     dockerd.docker(&["network", "rm", "net1"])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (blocks, _) = rt.block_on(store.list(Kind::IPAMBlock, None))?;
+        let (blocks, _) = rt.block_on(store.ds.list(Kind::IPAMBlock, None))?;
         let allocated: usize = blocks
             .iter()
             .map(|r| match r {
@@ -289,7 +280,7 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
                 _ => 0,
             })
             .sum();
-        let (weps, _) = rt.block_on(store.list(Kind::WorkloadEndpoint, None))?;
+        let (weps, _) = rt.block_on(store.ds.list(Kind::WorkloadEndpoint, None))?;
         let veths = host.exec_ok("ip", &["-o", "link", "show"])?;
         let leftover_veths = veths
             .lines()
@@ -303,12 +294,12 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (profiles, _) = rt.block_on(store.list(Kind::Profile, None))?;
+    let (profiles, _) = rt.block_on(store.ds.list(Kind::Profile, None))?;
     assert!(
         profiles.is_empty(),
         "the network's profile went with it: {profiles:?}"
     );
-    let (handles, _) = rt.block_on(store.list(Kind::IPAMHandle, None))?;
+    let (handles, _) = rt.block_on(store.ds.list(Kind::IPAMHandle, None))?;
     assert!(handles.is_empty(), "IPAM handles left: {handles:?}");
     // And calicoctl agrees (built beside calico-node by the workspace build).
     let calicoctl = docker_binary().with_file_name("calicoctl");
@@ -363,9 +354,7 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
         "{body}"
     );
     // An exhausted pool: a /30 pool of four addresses, asked for five.
-    for r in parse_documents("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  cidr: 10.71.0.0/30\n  blockSize: 30\n")? {
-        rt.block_on(store.apply(r))?;
-    }
+    store.apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  cidr: 10.71.0.0/30\n  blockSize: 30\n")?;
     let request = r#"{"PoolID":"10.71.0.0/30","Address":"","Options":{}}"#;
     for _ in 0..4 {
         let (code, body) = call("IpamDriver.RequestAddress", request)?;

@@ -7,9 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use calico_datastore::{Datastore, EtcdConfig};
-use calico_model::parse_documents;
-use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Veth};
+use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Store, Veth};
 
 /// Whether `from` can open a TCP connection to `to` (a listener is there, so a failure is a
 /// drop: it times out rather than being refused).
@@ -44,19 +42,9 @@ fn failsafe_ports_survive_a_deny_all_host_policy() -> Result<()> {
     host.add_address(&link.a_name, "192.0.2.1/24")?;
     peer.add_address(&link.b_name, "192.0.2.2/24")?;
     let _forward = Forward::loopback(&host, etcd.port())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let store = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
-        etcd.endpoint()
-    ])))?;
+    let store = Store::connect(&etcd)?;
     let node = unique_name("hepn");
-    let apply = |yaml: String| -> Result<()> {
-        for r in parse_documents(&yaml)? {
-            rt.block_on(store.apply(r))?;
-        }
-        Ok(())
-    };
+    let apply = |yaml: String| store.apply(&yaml);
     let host_addr = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
     let peer_addr = |port: u16| SocketAddr::from(([192, 0, 2, 2], port));
     // Before any host endpoint, the host is not policed.

@@ -11,8 +11,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use calico_datastore::{Datastore, EtcdConfig};
-use calico_model::parse_documents;
 use harness::{require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement};
 
 struct Host {
@@ -98,18 +96,8 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
         );
     }
     let etcd = Etcd::start()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let store = rt.block_on(Datastore::connect(&EtcdConfig::with_endpoints([
-        etcd.endpoint()
-    ])))?;
-    let apply = |yaml: &str| -> Result<()> {
-        for r in parse_documents(yaml)? {
-            rt.block_on(store.apply(r))?;
-        }
-        Ok(())
-    };
+    let store = harness::Store::connect(&etcd)?;
+    let apply = |yaml: &str| store.apply(yaml);
     apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.65.0.0/16\n  blockSize: 26\n")?;
 
     // The underlay: a bridge in its own namespace, one leg per host.
@@ -324,7 +312,7 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
         2,
         "the mesh stays up"
     );
-    rt.block_on(store.delete(calico_model::Kind::BGPPeer, None, "tor", None))?;
+    store.delete(calico_model::Kind::BGPPeer, None, "tor")?;
     wait_for("bird.error cleared", Duration::from_secs(15), || {
         Ok(!error_file.exists())
     })?;

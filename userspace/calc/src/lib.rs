@@ -188,7 +188,7 @@ pub struct Calculator {
     /// The last policy reported per local endpoint.
     current: BTreeMap<EndpointId, EndpointPolicy>,
     /// Every IP set some local endpoint's programs consult, resolved, with its parsed form.
-    ipsets: BTreeMap<SelectorScope, (ParsedScopeBox, Vec<IpNet>)>,
+    ipsets: BTreeMap<SelectorScope, (ParsedScope, Vec<IpNet>)>,
     /// Which local endpoints consult each IP set.
     users: BTreeMap<SelectorScope, BTreeSet<EndpointId>>,
     /// Which local endpoints each policy (`ns/name` or `name`) applies to, either direction.
@@ -196,9 +196,6 @@ pub struct Calculator {
     dirty: BTreeSet<EndpointId>,
     stats: CalcStats,
 }
-
-/// Boxed so the map's values stay small.
-struct ParsedScopeBox(Box<ParsedScope>);
 
 fn policy_key(namespace: Option<&str>, name: &str) -> String {
     match namespace {
@@ -324,7 +321,7 @@ impl Calculator {
                     .filter(|(_, (parsed, _))| {
                         old.iter()
                             .chain(set.iter())
-                            .any(|s| self.set_matches(&parsed.0, s))
+                            .any(|s| parsed.selector.matches(&s.labels))
                     })
                     .map(|(s, _)| s.clone())
                     .collect();
@@ -438,14 +435,14 @@ impl Calculator {
             .filter(|(scope, (parsed, _))| {
                 let visible = self.world.in_scope(
                     ns,
-                    parsed.0.namespace_selector.as_ref(),
+                    parsed.namespace_selector.as_ref(),
                     scope.namespace.as_deref(),
                 );
                 if !visible {
                     return false;
                 }
-                let was = !before_addresses.is_empty() && parsed.0.selector.matches(before_labels);
-                let is = !after_addresses.is_empty() && parsed.0.selector.matches(after_labels);
+                let was = !before_addresses.is_empty() && parsed.selector.matches(before_labels);
+                let is = !after_addresses.is_empty() && parsed.selector.matches(after_labels);
                 (was || is) && (was != is || before_addresses != after_addresses)
             })
             .map(|(s, _)| s.clone())
@@ -453,10 +450,6 @@ impl Calculator {
         for scope in touched {
             self.refresh_ipset(&scope);
         }
-    }
-
-    fn set_matches(&self, parsed: &ParsedScope, set: &NetworkSetInfo) -> bool {
-        parsed.selector.matches(&set.labels)
     }
 
     /// Resolves `scope` again; when its contents changed, its users are recomputed.
@@ -553,10 +546,8 @@ impl Calculator {
             if !self.ipsets.contains_key(&scope) {
                 let prefixes = self.world.prefixes(&scope);
                 self.stats.ipsets_resolved += 1;
-                self.ipsets.insert(
-                    scope.clone(),
-                    (ParsedScopeBox(Box::new(ParsedScope::new(&scope))), prefixes),
-                );
+                self.ipsets
+                    .insert(scope.clone(), (ParsedScope::new(&scope), prefixes));
             }
             self.users
                 .entry(scope.clone())

@@ -63,6 +63,18 @@ fn field<'a>(call: &str, body: &'a Value, name: &str) -> Result<&'a str, DriverE
         })
 }
 
+/// An address as Docker writes it (`10.0.0.1` or `10.0.0.1/24`) in request field `what`.
+fn parse_address(call: &str, what: &str, text: &str) -> Result<IpAddr, DriverError> {
+    text.split('/')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .map_err(|_| DriverError::Malformed {
+            call: call.to_owned(),
+            reason: format!("{what} `{text}` is not an address"),
+        })
+}
+
 /// Names of an endpoint's pieces, from Docker's endpoint ID (upstream's scheme).
 pub struct EndpointNames {
     pub host_veth: String,
@@ -177,15 +189,7 @@ impl Driver {
             "IpamDriver.RequestAddress" => self.request_address(call, b).await,
             "IpamDriver.ReleaseAddress" => {
                 let address = field(call, b, "Address")?;
-                let ip: IpAddr = address
-                    .split('/')
-                    .next()
-                    .unwrap_or("")
-                    .parse()
-                    .map_err(|_| DriverError::Malformed {
-                        call: call.into(),
-                        reason: format!("`{address}` is not an address"),
-                    })?;
+                let ip = parse_address(call, "Address", address)?;
                 self.ipam.release_ips(&[ip]).await?;
                 Ok(json!({}))
             }
@@ -328,15 +332,7 @@ impl Driver {
         let handle = handle_id();
         let attrs = BTreeMap::from([("node".to_owned(), self.node.clone())]);
         let ip: IpAddr = if !requested.is_empty() {
-            let ip: IpAddr = requested
-                .split('/')
-                .next()
-                .unwrap_or("")
-                .parse()
-                .map_err(|_| DriverError::Malformed {
-                    call: call.into(),
-                    reason: format!("`{requested}` is not an address"),
-                })?;
+            let ip = parse_address(call, "Address", requested)?;
             self.ipam.assign_ip(ip, &handle, &attrs).await?;
             ip
         } else {
@@ -386,12 +382,7 @@ impl Driver {
                 .and_then(Value::as_str)
                 .filter(|a| !a.is_empty())
             {
-                let ip: IpAddr = a.split('/').next().unwrap_or("").parse().map_err(|_| {
-                    DriverError::Malformed {
-                        call: call.into(),
-                        reason: format!("Interface.{key} `{a}` is not an address"),
-                    }
-                })?;
+                let ip = parse_address(call, &format!("Interface.{key}"), a)?;
                 networks.push(IpNet::from(ip).to_string());
             }
         }

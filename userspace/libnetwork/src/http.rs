@@ -1,5 +1,6 @@
-//! The little HTTP/1.1 that Docker's plugin client speaks: POST with a JSON body (or none),
-//! keep-alive connections, JSON answers.
+//! The little HTTP/1.1 that Docker's plugin client speaks (POST with a JSON body or none,
+//! keep-alive connections, JSON answers); calico-node's health endpoints read requests with it
+//! too.
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
