@@ -3,8 +3,7 @@
 //! the 169.254.1.1 gateway).
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -125,25 +124,8 @@ impl AgentProcess {
     /// GET `path` on the agent's health port: (status code, body).
     pub fn get(&self, host: &NetNs, path: &str) -> Result<(u16, String)> {
         let path = path.to_owned();
-        host.run(move || -> Result<(u16, String)> {
-            let mut s = TcpStream::connect(("127.0.0.1", HEALTH_PORT)).context("connecting")?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            // One write: the request arrives whole.
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-                .with_context(|| format!("sending GET {path}"))?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)
-                .with_context(|| format!("reading the answer to GET {path}"))?;
-            let code = text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .context("no status line")?;
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            Ok((code, body))
+        host.run(move || {
+            crate::http::get(SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTH_PORT)), &path)
         })?
     }
 

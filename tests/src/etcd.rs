@@ -2,8 +2,7 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -159,15 +158,11 @@ impl Etcd {
                 .output()
                 .is_ok_and(|o| o.status.success());
         }
-        let probe = || -> std::io::Result<String> {
-            let mut stream = TcpStream::connect(("127.0.0.1", self.client_port))?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-            let mut body = String::new();
-            stream.read_to_string(&mut body)?;
-            Ok(body)
-        };
-        probe().is_ok_and(|body| body.contains(r#""health":"true""#))
+        crate::http::get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port)),
+            "/health",
+        )
+        .is_ok_and(|(status, body)| status == 200 && body.contains(r#""health":"true""#))
     }
 }
 

@@ -2,9 +2,13 @@
 
 use std::{
     fs::File,
-    net::IpAddr,
+    io::{copy, sink},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
+    thread::JoinHandle,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -94,6 +98,25 @@ impl NetNs {
         })
     }
 
+    /// A TCP server on `port` (all addresses) inside this namespace, listening when this
+    /// returns (a socket stays in the namespace it was made in, whichever thread serves it). It
+    /// accepts every connection and closes it when the client does.
+    pub fn tcp_server(&self, port: u16) -> Result<TcpServer> {
+        let listener = self
+            .run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+            .with_context(|| format!("listening on TCP {port} in netns {}", self.name))?;
+        TcpServer::serve(listener)
+    }
+
+    /// Whether a TCP connection from this namespace to `to:port` is established within
+    /// `timeout`. A refusal (RST) returns `false` at once; only silence waits.
+    pub fn tcp_connects(&self, to: IpAddr, port: u16, timeout: Duration) -> Result<bool> {
+        let addr = SocketAddr::new(to, port);
+        Ok(self
+            .run(move || TcpStream::connect_timeout(&addr, timeout))?
+            .is_ok())
+    }
+
     /// The index of interface `name` inside this namespace.
     pub fn ifindex(&self, name: &str) -> Result<u32> {
         let name = name.to_owned();
@@ -129,6 +152,43 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(err) = run_ok(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("warning: could not delete netns {}: {err:#}", self.name);
+        }
+    }
+}
+
+/// A listening TCP socket served by a thread: each connection is read to its end and closed,
+/// so both sides send a FIN. Dropping it stops the thread and closes the socket.
+#[derive(Debug)]
+pub struct TcpServer {
+    listener: TcpListener,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    fn serve(listener: TcpListener) -> Result<Self> {
+        let accepting = listener.try_clone()?;
+        let thread = std::thread::spawn(move || {
+            // Ends when drop shuts the socket down (accept then fails).
+            while let Ok((mut stream, _)) = accepting.accept() {
+                std::thread::spawn(move || {
+                    let _ = copy(&mut stream, &mut sink());
+                });
+            }
+        });
+        Ok(Self {
+            listener,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        // shutdown(2) on a listening socket wakes a blocked accept on Linux.
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

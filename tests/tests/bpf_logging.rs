@@ -41,7 +41,7 @@ async fn drop_is_logged_through_tracing() -> anyhow::Result<()> {
     let writer = captured.clone();
     // `init` also bridges the `log` facade, which aya-log writes to, into tracing.
     tracing_subscriber::fmt()
-        .with_env_filter("debug")
+        .with_max_level(tracing::Level::DEBUG)
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .init();

@@ -3,6 +3,7 @@
 mod build_ebpf;
 mod cmd;
 mod setup;
+mod tools;
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +55,8 @@ fn main() -> Result<()> {
 
 fn test(root: &Path) -> Result<()> {
     setup::run()?;
+    step("external programs: listed, and installed by setup");
+    tools::check(root)?;
     build_ebpf::run(root)?;
     step("cargo fmt --check");
     cargo(root).args(["fmt", "--all", "--", "--check"]).run()?;
@@ -93,6 +96,7 @@ fn test(root: &Path) -> Result<()> {
 
 fn demo(root: &Path) -> Result<()> {
     setup::run()?;
+    tools::check(root)?;
     build_ebpf::run(root)?;
     step("building and running the demo");
     cargo(root)

@@ -9,28 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cmd::Cmd, step};
-
-/// Debian packages the build, the tests and the demo use.
-const APT_PACKAGES: &[&str] = &[
-    "etcd-server",                 // the datastore (tests and demo run a real one)
-    "etcd-client",                 // etcdctl, for inspecting the datastore by hand
-    "bird2",                       // BGP daemon driven by the agent
-    "iproute2",                    // ip netns / ip link in tests
-    "iputils-ping",                // reachability checks
-    "protobuf-compiler",           // etcd-client's build script
-    "libprotobuf-dev",             // well-known .proto files for etcd-client
-    "bpftool",                     // inspecting loaded programs
-    "iperf3",                      // throughput benchmarks
-    "file",                        // checking build outputs
-    "openssl",                     // certificates for the TLS etcd tests
-    "containernetworking-plugins", // reference CNI plugins (ptp, portmap) to compare with
-    "podman",                      // a real container runtime calling the CNI plugins
-    "runc",                        // podman's OCI runtime here
-    "busybox-static",              // the root filesystem of the local test image
-    "iptables",                    // used by the chained portmap plugin
-    "docker.io",                   // a real dockerd calling the libnetwork driver
-];
+use crate::{cmd::Cmd, step, tools};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The LLVM major version of the machine's rustc; bpf-linker must link the very same LLVM.
@@ -51,7 +30,8 @@ fn is_root() -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    let wanted = tools::apt_packages();
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|pkg| {
@@ -62,7 +42,7 @@ fn apt_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!("apt packages: all {} present", APT_PACKAGES.len());
+        println!("apt packages: all {} present", wanted.len());
         return Ok(());
     }
     if !is_root() {

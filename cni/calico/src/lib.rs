@@ -88,10 +88,11 @@ fn init_logging(conf: &netconf::NetConf) {
         .clone()
         .unwrap_or_else(|| "warn".into())
         .to_ascii_lowercase();
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let level = level
+        .parse::<tracing::Level>()
+        .unwrap_or(tracing::Level::WARN);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_ansi(false);
     let file = conf.log_file_path.as_deref().and_then(|p| {
         std::fs::OpenOptions::new()

@@ -15,6 +15,7 @@ use std::{
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::{
     new_connection,
@@ -132,7 +133,11 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, String)>
         }
         Ok(None) => Ok(None),
         // ENODEV: no such link.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if Errno::from_raw(e.raw_code().abs()) == Errno::ENODEV =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(fail(format!("looking up {name}"))(e)),
     }
 }

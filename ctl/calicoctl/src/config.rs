@@ -16,7 +16,7 @@ struct ApiConfigFile {
     kind: String,
     #[serde(default)]
     #[allow(dead_code)]
-    metadata: Option<serde_yaml::Value>,
+    metadata: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     spec: ApiConfigSpec,
 }
@@ -67,7 +67,7 @@ pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<EtcdConfig> {
 fn from_file(path: &Path) -> Result<EtcdConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading calicoctl config {}", path.display()))?;
-    let file: ApiConfigFile = serde_yaml::from_str(&text).map_err(|e| {
+    let file: ApiConfigFile = serde_yaml_ng::from_str(&text).map_err(|e| {
         let at = e
             .location()
             .map(|l| format!(":{}:{}", l.line(), l.column()))

@@ -103,8 +103,8 @@ const K8S_ORCHESTRATOR: &str = "projectcalico.org/orchestrator == 'k8s'";
 /// Converts every Kubernetes NetworkPolicy in `text` (YAML or JSON, one or many documents).
 pub fn k8s_to_calico(text: &str) -> Result<Vec<Resource>> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| {
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| {
             let at = e
                 .location()
                 .map(|l| format!("line {}, column {}: ", l.line(), l.column()));
@@ -128,7 +128,7 @@ pub fn k8s_to_calico(text: &str) -> Result<Vec<Resource>> {
     Ok(out)
 }
 
-fn serde_path_to_error_free(value: serde_yaml::Value) -> Result<K8sPolicy> {
+fn serde_path_to_error_free(value: serde_yaml_ng::Value) -> Result<K8sPolicy> {
     let mut track = serde_path_to_error::Track::new();
     K8sPolicy::deserialize(serde_path_to_error::Deserializer::new(value, &mut track))
         .map_err(|e| anyhow!("{}: {e}", track.path()))

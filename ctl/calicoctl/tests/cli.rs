@@ -101,17 +101,17 @@ const FIXTURES: &[&str] = &[
 ];
 
 /// The YAML documents of `text` as values, without the metadata the datastore sets.
-fn documents(text: &str) -> Vec<serde_yaml::Value> {
+fn documents(text: &str) -> Vec<serde_yaml_ng::Value> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .flat_map(|v| match v.get("items") {
-            Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+            Some(serde_yaml_ng::Value::Sequence(items)) => items.clone(),
             _ => vec![v],
         })
         .map(|mut v| {
-            if let Some(serde_yaml::Value::Mapping(meta)) = v.get_mut("metadata") {
+            if let Some(serde_yaml_ng::Value::Mapping(meta)) = v.get_mut("metadata") {
                 for server_set in ["uid", "creationTimestamp", "resourceVersion"] {
                     meta.remove(server_set);
                 }

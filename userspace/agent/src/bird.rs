@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Stdio,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
 };
 
 use calico_bgp::{render, BgpInputs};
@@ -91,9 +91,7 @@ impl Bird {
     fn refuse(&mut self, reason: String) {
         if self.refused.as_ref() != Some(&reason) {
             tracing::error!(error = %reason, "BIRD configuration refused; BIRD keeps its last good one");
-            self.metrics
-                .bird_config_errors
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.bird_config_errors.inc();
             let _ = std::fs::write(self.error_path(), format!("{reason}\n"));
         }
         self.refused = Some(reason);
@@ -218,7 +216,7 @@ impl Bird {
         };
         if let Ok(Some(status)) = child.try_wait() {
             tracing::error!(%status, "BIRD exited; restarting it");
-            self.metrics.bird_restarts.fetch_add(1, Ordering::Relaxed);
+            self.metrics.bird_restarts.inc();
             self.child = None;
             if self.installed.is_some() {
                 self.start();

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
 };
 
 use calico_calc::{Change, EndpointPolicy};
@@ -143,9 +143,7 @@ impl Driver {
                 }
             }
         }
-        self.metrics
-            .endpoints
-            .store(self.programmed.len() as u64, Ordering::Relaxed);
+        self.metrics.endpoints.set(self.programmed.len() as i64);
     }
 
     pub async fn on_link(&mut self, event: LinkEvent) {
@@ -228,7 +226,7 @@ impl Driver {
                 Err(e) => {
                     // Never silently allowed: the endpoint drops in this direction until the
                     // policy is fixed.
-                    self.metrics.compile_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.compile_errors.inc();
                     tracing::error!(endpoint = ?id, ?direction, error = %e, "policy cannot be enforced; the endpoint drops this direction's traffic");
                     CompiledProgram::compile_with(
                         policy,
@@ -391,10 +389,10 @@ impl Driver {
     /// Packet counters for /metrics (cheap: one per-CPU array).
     pub fn refresh_counters(&mut self) {
         if let Ok(c) = self.dataplane.counters() {
-            self.metrics.allowed.store(c.allowed, Ordering::Relaxed);
-            self.metrics.denied.store(c.denied, Ordering::Relaxed);
-            self.metrics.tracked.store(c.tracked, Ordering::Relaxed);
-            self.metrics.forwarded.store(c.forwarded, Ordering::Relaxed);
+            Metrics::set_total(&self.metrics.allowed, c.allowed);
+            Metrics::set_total(&self.metrics.denied, c.denied);
+            Metrics::set_total(&self.metrics.tracked, c.tracked);
+            Metrics::set_total(&self.metrics.forwarded, c.forwarded);
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod netlink;
 pub mod syncer;
 
 use std::{
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -246,7 +246,7 @@ impl Agent {
                 ) => {
                     tracing::info!(resources = resources.len(), revision, "datastore snapshot");
                     if self.synced {
-                        self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.resyncs.inc();
                     }
                     self.calc.reset();
                     self.driver.clear_places();
@@ -312,7 +312,7 @@ impl Agent {
                     "in sync: dataplane programmed from a complete snapshot"
                 );
             }
-            self.metrics.in_sync.store(true, Ordering::Relaxed);
+            self.metrics.in_sync.set(1);
         }
         self.driver.refresh_counters();
     }

@@ -7,12 +7,7 @@ fn main() -> std::process::ExitCode {
         "fatal" | "panic" => "error".to_owned(),
         l => l.to_owned(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    calico_libnetwork::logging::init(&level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

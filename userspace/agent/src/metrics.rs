@@ -1,12 +1,18 @@
 //! Health state and Prometheus metrics, shared between the agent's tasks and the HTTP side.
+//! The exposition is `prometheus-client`'s; the agent only updates values.
 
 use std::{
-    fmt::Write,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Mutex,
     },
     time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
 };
 
 /// Upper bounds of the policy update latency histogram, in seconds.
@@ -14,51 +20,122 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
+/// Label set of the per-map gauges.
+type MapLabels = Vec<(&'static str, &'static str)>;
 
 pub struct Metrics {
     started: Instant,
     /// Milliseconds since `started` of the main loop's last turn.
     last_turn_ms: AtomicU64,
-    pub in_sync: AtomicBool,
-    pub datastore_connected: AtomicBool,
-    pub resyncs: AtomicU64,
-    pub endpoints: AtomicU64,
-    pub compile_errors: AtomicU64,
-    pub allowed: AtomicU64,
-    pub denied: AtomicU64,
-    pub tracked: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub bird_config_errors: AtomicU64,
-    pub bird_restarts: AtomicU64,
-    latency: Mutex<Histogram>,
-    occupancy: Mutex<Vec<(&'static str, usize)>>,
+    /// 1 once the dataplane reflects a complete snapshot.
+    pub in_sync: Gauge,
+    /// 1 while the datastore answers.
+    pub datastore_connected: Gauge,
+    pub resyncs: Counter,
+    pub endpoints: Gauge,
+    pub compile_errors: Counter,
+    /// Totals read from the dataplane's own counters (hence set, not incremented).
+    pub allowed: Counter,
+    pub denied: Counter,
+    pub tracked: Counter,
+    pub forwarded: Counter,
+    pub bird_config_errors: Counter,
+    pub bird_restarts: Counter,
+    latency: Histogram,
+    map_entries: Family<MapLabels, Gauge>,
+    registry: Mutex<Registry>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self {
+        let m = Self {
             started: Instant::now(),
             last_turn_ms: AtomicU64::new(0),
-            in_sync: AtomicBool::new(false),
-            datastore_connected: AtomicBool::new(false),
-            resyncs: AtomicU64::new(0),
-            endpoints: AtomicU64::new(0),
-            compile_errors: AtomicU64::new(0),
-            allowed: AtomicU64::new(0),
-            denied: AtomicU64::new(0),
-            tracked: AtomicU64::new(0),
-            forwarded: AtomicU64::new(0),
-            bird_config_errors: AtomicU64::new(0),
-            bird_restarts: AtomicU64::new(0),
-            latency: Mutex::new(Histogram::default()),
-            occupancy: Mutex::new(Vec::new()),
+            in_sync: Gauge::default(),
+            datastore_connected: Gauge::default(),
+            resyncs: Counter::default(),
+            endpoints: Gauge::default(),
+            compile_errors: Counter::default(),
+            allowed: Counter::default(),
+            denied: Counter::default(),
+            tracked: Counter::default(),
+            forwarded: Counter::default(),
+            bird_config_errors: Counter::default(),
+            bird_restarts: Counter::default(),
+            latency: Histogram::new(BUCKETS),
+            map_entries: Family::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register(
+                "felix_in_sync",
+                "1 once the dataplane reflects a complete datastore snapshot",
+                m.in_sync.clone(),
+            );
+            r.register(
+                "felix_datastore_connected",
+                "1 while the datastore answers",
+                m.datastore_connected.clone(),
+            );
+            // Counters get their `_total` suffix from the encoder.
+            r.register(
+                "felix_resyncs",
+                "Full resyncs from a datastore snapshot",
+                m.resyncs.clone(),
+            );
+            r.register(
+                "felix_active_local_endpoints",
+                "Local endpoints with programmed policy",
+                m.endpoints.clone(),
+            );
+            r.register(
+                "felix_policy_compile_errors",
+                "Endpoint programs refused at compile time (the endpoint then drops)",
+                m.compile_errors.clone(),
+            );
+            r.register(
+                "felix_bpf_packets_allowed",
+                "Packets allowed by policy",
+                m.allowed.clone(),
+            );
+            r.register(
+                "felix_bpf_packets_denied",
+                "Packets denied by policy",
+                m.denied.clone(),
+            );
+            r.register(
+                "felix_bpf_packets_tracked",
+                "Packets of tracked flows passed without a verdict",
+                m.tracked.clone(),
+            );
+            r.register(
+                "felix_bpf_packets_forwarded",
+                "Packets redirected straight to another local endpoint's interface",
+                m.forwarded.clone(),
+            );
+            r.register(
+                "felix_bird_config_errors",
+                "BIRD configurations refused (see bird.error beside the socket)",
+                m.bird_config_errors.clone(),
+            );
+            r.register(
+                "felix_bird_restarts",
+                "Times BIRD died and was restarted",
+                m.bird_restarts.clone(),
+            );
+            r.register(
+                "felix_policy_update_latency_seconds",
+                "Datastore change received to dataplane programmed",
+                m.latency.clone(),
+            );
+            r.register(
+                "felix_bpf_map_entries",
+                "Entries in each dataplane map",
+                m.map_entries.clone(),
+            );
         }
+        m
     }
 }
 
@@ -77,139 +154,44 @@ impl Metrics {
 
     /// Ready: the dataplane reflects a complete snapshot and the datastore answers.
     pub fn ready(&self) -> bool {
-        self.in_sync.load(Ordering::Relaxed) && self.datastore_connected.load(Ordering::Relaxed)
+        self.in_sync.get() == 1 && self.datastore_connected.get() == 1
+    }
+
+    /// Records whether the datastore answers; returns whether that changed.
+    pub fn set_datastore_connected(&self, up: bool) -> bool {
+        self.datastore_connected.set(i64::from(up)) != i64::from(up)
+    }
+
+    /// Sets a counter to a total kept elsewhere (the dataplane's per-CPU counters).
+    pub fn set_total(counter: &Counter, total: u64) {
+        counter.inner().store(total, Ordering::Relaxed);
     }
 
     pub fn observe_update(&self, latency: Duration) {
-        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let s = latency.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if s <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += s;
+        self.latency.observe(latency.as_secs_f64());
     }
 
     pub fn set_occupancy(&self, occupancy: Vec<(&'static str, usize)>) {
-        *self.occupancy.lock().unwrap_or_else(|e| e.into_inner()) = occupancy;
+        self.map_entries.clear();
+        for (map, entries) in occupancy {
+            self.map_entries
+                .get_or_create(&vec![("map", map)])
+                .set(entries as i64);
+        }
     }
 
-    /// The Prometheus text exposition.
+    /// The exposition (OpenMetrics text, which Prometheus reads).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge(
-            &mut out,
-            "felix_in_sync",
-            "1 once the dataplane reflects a complete datastore snapshot.",
-            "gauge",
-            u64::from(self.in_sync.load(Ordering::Relaxed)),
-        );
-        gauge(
-            &mut out,
-            "felix_datastore_connected",
-            "1 while the datastore answers.",
-            "gauge",
-            u64::from(self.datastore_connected.load(Ordering::Relaxed)),
-        );
-        gauge(
-            &mut out,
-            "felix_resyncs_total",
-            "Full resyncs from a datastore snapshot.",
-            "counter",
-            load(&self.resyncs),
-        );
-        gauge(
-            &mut out,
-            "felix_active_local_endpoints",
-            "Local endpoints with programmed policy.",
-            "gauge",
-            load(&self.endpoints),
-        );
-        gauge(
-            &mut out,
-            "felix_policy_compile_errors_total",
-            "Endpoint programs refused at compile time (the endpoint then drops).",
-            "counter",
-            load(&self.compile_errors),
-        );
-        gauge(
-            &mut out,
-            "felix_bpf_packets_allowed_total",
-            "Packets allowed by policy.",
-            "counter",
-            load(&self.allowed),
-        );
-        gauge(
-            &mut out,
-            "felix_bpf_packets_denied_total",
-            "Packets denied by policy.",
-            "counter",
-            load(&self.denied),
-        );
-        gauge(
-            &mut out,
-            "felix_bpf_packets_tracked_total",
-            "Packets of tracked flows passed without a verdict.",
-            "counter",
-            load(&self.tracked),
-        );
-        gauge(
-            &mut out,
-            "felix_bpf_packets_forwarded_total",
-            "Packets redirected straight to another local endpoint's interface.",
-            "counter",
-            load(&self.forwarded),
-        );
-        gauge(
-            &mut out,
-            "felix_bird_config_errors_total",
-            "BIRD configurations refused (see bird.error beside the socket).",
-            "counter",
-            load(&self.bird_config_errors),
-        );
-        gauge(
-            &mut out,
-            "felix_bird_restarts_total",
-            "Times BIRD died and was restarted.",
-            "counter",
-            load(&self.bird_restarts),
-        );
-        {
-            let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-            let name = "felix_policy_update_latency_seconds";
-            let _ = writeln!(out, "# HELP {name} Datastore change received to dataplane programmed.\n# TYPE {name} histogram");
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", h.counts[i]);
-            }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
-                h.count, h.sum, h.count
-            );
-        }
-        {
-            let occ = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
-            let name = "felix_bpf_map_entries";
-            let _ = writeln!(
-                out,
-                "# HELP {name} Entries in each dataplane map.\n# TYPE {name} gauge"
-            );
-            for (map, n) in occ.iter() {
-                let _ = writeln!(out, "{name}{{map=\"{map}\"}} {n}");
-            }
-        }
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
         out
     }
 }
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
@@ -238,5 +220,26 @@ mod tests {
             "{text}"
         );
         assert!(!m.ready());
+    }
+
+    #[test]
+    fn totals_counters_and_map_gauges_are_exposed() {
+        let m = Metrics::default();
+        Metrics::set_total(&m.denied, 42);
+        m.resyncs.inc();
+        m.set_occupancy(vec![("POLICY_PEERS", 7)]);
+        assert!(m.set_datastore_connected(true));
+        assert!(!m.set_datastore_connected(true));
+        m.in_sync.set(1);
+        assert!(m.ready());
+        let text = m.render();
+        for line in [
+            "felix_bpf_packets_denied_total 42",
+            "felix_resyncs_total 1",
+            "felix_bpf_map_entries{map=\"POLICY_PEERS\"} 7",
+            "felix_datastore_connected 1",
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
+use nix::errno::Errno;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
@@ -137,7 +138,11 @@ impl Netlink {
         match self.handle.route().del(build(route)).execute().await {
             Ok(()) => Ok(()),
             // Already gone (the kernel removes routes of deleted interfaces itself).
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc_esrch() => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if Errno::from_raw(e.raw_code().abs()) == Errno::ESRCH =>
+            {
+                Ok(())
+            }
             Err(e) => Err(fail(format!("deleting route {route:?}"))(e)),
         }
     }
@@ -180,10 +185,6 @@ impl Netlink {
         }
         Ok(out)
     }
-}
-
-fn libc_esrch() -> i32 {
-    nix::errno::Errno::ESRCH as i32
 }
 
 fn destination(r: &RouteMessage) -> Option<IpNet> {

@@ -6,11 +6,13 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use calico_datastore::{keys::RESOURCES_PREFIX, Datastore, DatastoreError, EtcdConfig, WatchEvent};
+use calico_datastore::{
+    keys::RESOURCES_PREFIX, Backoff, Datastore, DatastoreError, EtcdConfig, WatchEvent,
+};
 use calico_model::{Kind, Resource};
 use ipnet::IpNet;
 use tokio::sync::mpsc;
@@ -41,25 +43,23 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let store = loop {
             match Datastore::connect(&config).await {
                 Ok(s) => break s,
                 Err(e) => {
-                    tracing::warn!(endpoints = %config.endpoints_display(), error = %e, ?backoff, "datastore unreachable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tracing::warn!(endpoints = %config.endpoints_display(), error = %e, "datastore unreachable; retrying");
+                    backoff.wait().await;
                 }
             }
         };
-        metrics.datastore_connected.store(true, Ordering::Relaxed);
+        metrics.set_datastore_connected(true);
         loop {
             match register(&store, &node).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(node = %node.name, error = %e, "registering the node failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff.wait().await;
                 }
             }
         }
@@ -136,7 +136,7 @@ async fn probe(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>, metr
         )
         .await;
         let up = matches!(listed, Ok(Ok(_)));
-        if metrics.datastore_connected.swap(up, Ordering::Relaxed) != up {
+        if metrics.set_datastore_connected(up) {
             if up {
                 tracing::info!("datastore reachable again");
             } else {

@@ -79,7 +79,8 @@ impl Dockerd {
 
     /// Runs the docker client against this daemon; its stdout, or its stderr as the error.
     fn docker(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("docker")
+        // Debian's client, matching its dockerd (an image may put another earlier on PATH).
+        let out = Command::new("/usr/bin/docker")
             .arg("-H")
             .arg(format!(
                 "unix://{}",
@@ -374,27 +375,9 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
 
 /// One request on the driver's socket, as Docker sends it: (status, body).
 fn call(method: &str, body: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(Path::new(PLUGIN_DIR).join("calico.sock"))?;
-    s.write_all(
-        format!(
-            "POST /{method} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )?;
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("status line")?;
-    Ok((
-        code,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    ))
+    harness::http::post_unix(
+        &Path::new(PLUGIN_DIR).join("calico.sock"),
+        &format!("/{method}"),
+        body,
+    )
 }

@@ -35,6 +35,7 @@ use calico_bpf_common::{
 };
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
+use nix::errno::Errno;
 
 use crate::{
     object::{classifier, take},
@@ -317,7 +318,8 @@ impl PolicyDataplane {
         if !tcx {
             match tc::qdisc_add_clsact(interface) {
                 Ok(()) => {}
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(17) => {}
+                Err(tc::TcError::NetlinkError(e))
+                    if e.raw_os_error().map(Errno::from_raw) == Some(Errno::EEXIST) => {}
                 Err(source) => {
                     return Err(DataplaneError::Interface {
                         interface: interface.to_owned(),

@@ -16,6 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
+use nix::errno::Errno;
 
 use crate::ProgramLogger;
 use calico_bpf_common::{
@@ -158,7 +159,8 @@ impl SourceFilter {
                 match tc::qdisc_add_clsact(interface) {
                     Ok(()) => {}
                     // Another program (or an earlier run) already added it: share it.
-                    Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(EEXIST) => {}
+                    Err(TcError::NetlinkError(e))
+                        if e.raw_os_error().map(Errno::from_raw) == Some(Errno::EEXIST) => {}
                     Err(source) => {
                         return Err(DataplaneError::Interface {
                             interface: interface.to_owned(),
@@ -318,9 +320,6 @@ fn map_err(
         source,
     }
 }
-
-/// errno for "the clsact qdisc is already there".
-const EEXIST: i32 = 17;
 
 /// Names of the programs attached through TCX to `interface` (in the calling thread's network
 /// namespace) in `direction`, in run order. Debian's bpftool 7.1 predates TCX and does not list

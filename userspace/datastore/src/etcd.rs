@@ -10,7 +10,7 @@ use etcd_client::{
 
 use crate::{
     keys::{key_for, key_for_name, parse_key, prefix_for},
-    DatastoreError, EtcdConfig,
+    Backoff, DatastoreError, EtcdConfig,
 };
 
 /// Reads are retried this many times on transport errors, with doubling backoff.
@@ -330,7 +330,7 @@ impl Datastore {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, FIRST_BACKOFF * 8);
         let mut attempt = 1;
         loop {
             match self.client.clone().get(key, options.clone()).await {
@@ -340,8 +340,7 @@ impl Datastore {
                 }
                 Err(e) if attempt < READ_ATTEMPTS => {
                     tracing::warn!(key, attempt, error = %e, "etcd read failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    backoff.wait().await;
                     attempt += 1;
                 }
                 Err(e) => return Err(self.unavailable(e)),

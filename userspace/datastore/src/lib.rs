@@ -10,12 +10,14 @@
 //! in order from a revision and, when etcd has compacted that revision away, resyncs with a full
 //! snapshot instead of missing events.
 
+mod backoff;
 mod config;
 mod error;
 mod etcd;
 pub mod keys;
 mod watch;
 
+pub use backoff::Backoff;
 pub use config::EtcdConfig;
 pub use error::DatastoreError;
 pub use etcd::Datastore;

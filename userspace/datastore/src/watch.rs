@@ -6,8 +6,9 @@ use calico_model::{Kind, Resource};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{etcd::decode, keys::parse_key, Datastore, DatastoreError};
+use crate::{etcd::decode, keys::parse_key, Backoff, Datastore, DatastoreError};
 
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One change seen by a [`Watch`].
@@ -96,7 +97,7 @@ async fn run(
     after_revision: Option<i64>,
     tx: mpsc::Sender<WatchEvent>,
 ) -> Result<(), Closed> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     // The first revision not yet delivered.
     let mut next = match after_revision {
         Some(rev) => rev + 1,
@@ -111,9 +112,8 @@ async fn run(
         {
             Ok(pair) => pair,
             Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "etcd watch failed to start; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tracing::warn!(error = %e, "etcd watch failed to start; retrying");
+                backoff.wait().await;
                 continue;
             }
         };
@@ -133,7 +133,7 @@ async fn run(
                         tracing::warn!(reason = response.cancel_reason(), "watch canceled");
                         break;
                     }
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     for event in response.events() {
                         let Some(kv) = event.kv() else { continue };
                         let revision = kv.mod_revision();
@@ -173,8 +173,7 @@ async fn run(
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff.wait().await;
     }
 }
 
@@ -183,7 +182,7 @@ async fn snapshot(
     store: &Datastore,
     prefix: &str,
     tx: &mpsc::Sender<WatchEvent>,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> Result<i64, Closed> {
     loop {
         match list(store, prefix).await {
@@ -199,9 +198,8 @@ async fn snapshot(
                 return Ok(revision);
             }
             Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "listing for a resync failed; retrying");
-                tokio::time::sleep(*backoff).await;
-                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+                tracing::warn!(error = %e, "listing for a resync failed; retrying");
+                backoff.wait().await;
             }
         }
     }

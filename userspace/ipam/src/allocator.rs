@@ -578,10 +578,7 @@ impl Ipam {
 /// After losing a compare-and-swap: wait a few random milliseconds so that writers racing for
 /// the same object spread out instead of colliding again in lock step.
 async fn contended() {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let jitter = u64::from(nanos ^ std::process::id().rotate_left(16)) % 4000;
+    let jitter = fastrand::u64(0..4000);
     tokio::time::sleep(std::time::Duration::from_micros(500 + jitter)).await;
 }
 

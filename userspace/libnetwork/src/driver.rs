@@ -17,6 +17,7 @@ use calico_model::{
 };
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use nix::errno::Errno;
 use rtnetlink::{
     packet_route::link::{InfoData, InfoKind, InfoVeth},
     Handle, LinkMessageBuilder, LinkUnspec, LinkVeth,
@@ -446,7 +447,9 @@ impl Driver {
         match links.try_next().await {
             Ok(Some(l)) => Ok(Some(l.header.index)),
             Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == nix::libc::ENODEV => {
+            Err(rtnetlink::Error::NetlinkError(e))
+                if Errno::from_raw(e.raw_code().abs()) == Errno::ENODEV =>
+            {
                 Ok(None)
             }
             Err(e) => Err(DriverError::Netlink(format!("looking up {name}: {e}"))),

@@ -4,12 +4,13 @@
 
 pub mod driver;
 pub mod http;
+pub mod logging;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use calico_datastore::{Datastore, EtcdConfig};
-use tokio::{io::BufReader, net::UnixListener};
+use calico_datastore::{Backoff, Datastore, EtcdConfig};
+use tokio::net::UnixListener;
 
 pub use driver::Driver;
 
@@ -26,14 +27,13 @@ pub struct DriverConfig {
 /// Serves until the process ends. The sockets appear once the datastore answers, so Docker
 /// never sees a driver that cannot do anything.
 pub async fn serve(config: DriverConfig) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let store = loop {
         match Datastore::connect(&config.etcd).await {
             Ok(s) => break s,
             Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "datastore unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, "datastore unreachable; retrying");
+                backoff.wait().await;
             }
         }
     };
@@ -54,50 +54,15 @@ pub async fn serve(config: DriverConfig) -> anyhow::Result<()> {
         let listener = UnixListener::bind(&path)
             .with_context(|| format!("listening on {}", path.display()))?;
         tracing::info!(socket = %path.display(), "serving docker's remote driver protocol");
-        tasks.push(tokio::spawn(accept(listener, driver.clone())));
+        let app = http::router(driver.clone());
+        tasks.push(tokio::spawn(
+            async move { axum::serve(listener, app).await },
+        ));
     }
     for t in tasks {
-        t.await.context("listener task")?;
+        t.await
+            .context("listener task")?
+            .context("serving the plugin socket")?;
     }
     Ok(())
-}
-
-async fn accept(listener: UnixListener, driver: Arc<Driver>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let driver = driver.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut reader = BufReader::new(read);
-            loop {
-                let request = match http::read_request(&mut reader).await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "unreadable request");
-                        let _ = http::write_response(
-                            &mut write,
-                            &serde_json::json!({ "Err": e.to_string() }),
-                        )
-                        .await;
-                        return;
-                    }
-                };
-                let call = request.path.trim_start_matches('/');
-                tracing::debug!(call, body = %String::from_utf8_lossy(&request.body), "request");
-                let answer = driver.handle(call, &request.body).await;
-                tracing::debug!(call, %answer, "answer");
-                if http::write_response(&mut write, &answer).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
 }

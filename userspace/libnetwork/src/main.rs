@@ -25,12 +25,7 @@ struct Flags {
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    calico_libnetwork::logging::init("info");
     let run = async {
         let node = match flags.nodename {
             Some(n) => n,

@@ -2,7 +2,7 @@
 //! single objects or `kind: <Kind>List` with `items`.
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::{Kind, Resource, API_VERSION};
 
@@ -36,7 +36,7 @@ pub enum DocumentError {
 pub fn parse_documents(text: &str) -> Result<Vec<Resource>, DocumentError> {
     let starts = document_start_lines(text);
     let mut resources = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let line = starts.get(index).copied().unwrap_or(1);
         let value = Value::deserialize(document).map_err(|e| syntax_error(&e))?;
         if value.is_null() {
@@ -172,7 +172,7 @@ fn describe(kind: Kind, value: &Value) -> String {
     }
 }
 
-/// serde_yaml appends its own position (meaningless for a detached value); drop it.
+/// serde_yaml_ng appends its own position (meaningless for a detached value); drop it.
 fn clean_message(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].to_owned(),
@@ -180,7 +180,7 @@ fn clean_message(message: &str) -> String {
     }
 }
 
-fn syntax_error(err: &serde_yaml::Error) -> DocumentError {
+fn syntax_error(err: &serde_yaml_ng::Error) -> DocumentError {
     let (line, column) = err
         .location()
         .map(|l| (l.line(), l.column()))
@@ -214,7 +214,7 @@ fn document_start_lines(text: &str) -> Vec<usize> {
 /// Writes resources as YAML: one object as itself, several as a `<Kind>List` (or a `List` when
 /// kinds differ), as `calicoctl get -o yaml` does.
 pub fn to_yaml(resources: &[Resource]) -> String {
-    serde_yaml::to_string(&as_document(resources)).unwrap_or_default()
+    serde_yaml_ng::to_string(&as_document(resources)).unwrap_or_default()
 }
 
 /// Writes resources as pretty JSON, shaped as [`to_yaml`].

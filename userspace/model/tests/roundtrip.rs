@@ -15,9 +15,9 @@ const FIXTURES: &[(&str, &str)] = &[
 ];
 
 /// The documents of a fixture as generic YAML values.
-fn raw_documents(text: &str) -> Vec<serde_yaml::Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("fixture is valid YAML"))
+fn raw_documents(text: &str) -> Vec<serde_yaml_ng::Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).expect("fixture is valid YAML"))
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -36,7 +36,7 @@ fn every_fixture_round_trips_without_loss() {
 
             // YAML out, compared as data with what was read in.
             let yaml = to_yaml(std::slice::from_ref(resource));
-            let written: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+            let written: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
             assert_eq!(
                 &written, original,
                 "{what} changed on the way through:\n{yaml}"

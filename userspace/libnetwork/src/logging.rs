@@ -1,0 +1,16 @@
+//! Logging for the daemons: to stderr, at `default_level`, or per target as `RUST_LOG` says
+//! (`info,calico_node=debug`: a default level, then `target=level` pairs).
+
+use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+
+pub fn init(default_level: &str) {
+    let targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .or_else(|| default_level.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(targets)
+        .init();
+}
