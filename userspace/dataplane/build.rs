@@ -10,19 +10,20 @@ use std::{
     time::SystemTime,
 };
 
-/// Where `cargo xtask build-ebpf` leaves the object (cargo's own output path, so an unchanged
-/// rebuild does not touch it and does not force userspace to rebuild).
-const DEFAULT_OBJECT: &str = "target/bpf/bpfel-unknown-none/release/calico_tc";
-const OBJECT_NAME: &str = "calico_tc.o";
+/// Where `cargo xtask build-ebpf` leaves the objects: cargo's outputs with their DWARF stripped
+/// (BTF kept), rewritten only when cargo rebuilt them, so an unchanged rebuild does not force
+/// userspace to rebuild.
+const OBJECT_DIR: &str = "target/bpf/bpfel-unknown-none/release";
+/// The objects, each embedded as `OUT_DIR/<name>.o`.
+const OBJECTS: &[&str] = &["calico_tc", "calico_source_filter"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir.join("../..");
-    println!("cargo::rerun-if-env-changed=CALICO_BPF_OBJECT");
-    let object = env::var_os("CALICO_BPF_OBJECT")
+    println!("cargo::rerun-if-env-changed=CALICO_BPF_OBJECT_DIR");
+    let dir = env::var_os("CALICO_BPF_OBJECT_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(DEFAULT_OBJECT));
-    println!("cargo::rerun-if-changed={}", object.display());
+        .unwrap_or_else(|| root.join(OBJECT_DIR));
     let sources = [
         root.join("ebpf/programs/src"),
         root.join("ebpf/programs/Cargo.toml"),
@@ -31,33 +32,36 @@ fn main() {
     for source in &sources {
         println!("cargo::rerun-if-changed={}", source.display());
     }
-
-    let object_mtime = match fs::metadata(&object).and_then(|m| m.modified()) {
-        Ok(mtime) => mtime,
-        Err(err) => {
+    for name in OBJECTS {
+        let object = dir.join(format!("{name}.o"));
+        println!("cargo::rerun-if-changed={}", object.display());
+        let object_mtime = match fs::metadata(&object).and_then(|m| m.modified()) {
+            Ok(mtime) => mtime,
+            Err(err) => {
+                println!(
+                    "cargo::error=eBPF object {} is missing ({err}): run `cargo xtask build-ebpf` first",
+                    object.display()
+                );
+                return;
+            }
+        };
+        if let Some((newer, _)) = sources
+            .iter()
+            .filter_map(|s| newest_mtime(s))
+            .filter(|(_, mtime)| *mtime > object_mtime)
+            .max_by_key(|(_, mtime)| *mtime)
+        {
             println!(
-                "cargo::error=eBPF object {} is missing ({err}): run `cargo xtask build-ebpf` first",
-                object.display()
+                "cargo::error=eBPF object {} is older than its source {}: run `cargo xtask build-ebpf`",
+                object.display(),
+                newer.display()
             );
             return;
         }
-    };
-    if let Some((newer, _)) = sources
-        .iter()
-        .filter_map(|s| newest_mtime(s))
-        .filter(|(_, mtime)| *mtime > object_mtime)
-        .max_by_key(|(_, mtime)| *mtime)
-    {
-        println!(
-            "cargo::error=eBPF object {} is older than its source {}: run `cargo xtask build-ebpf`",
-            object.display(),
-            newer.display()
-        );
-        return;
+        let out =
+            PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join(format!("{name}.o"));
+        fs::copy(&object, &out).expect("copy eBPF object into OUT_DIR");
     }
-
-    let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join(OBJECT_NAME);
-    fs::copy(&object, &out).expect("copy eBPF object into OUT_DIR");
 }
 
 /// The most recently modified file at or below `path`.

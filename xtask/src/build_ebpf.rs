@@ -11,18 +11,39 @@ const TARGET: &str = "bpfel-unknown-none";
 /// Output directory, shared with the userspace build's `target/` but apart from host artifacts.
 const TARGET_DIR: &str = "target/bpf";
 /// The program binaries the crate defines; each becomes one ELF object.
-const OBJECTS: &[&str] = &["calico_tc"];
+const OBJECTS: &[&str] = &["calico_tc", "calico_source_filter"];
 
-/// Builds the programs in release mode; returns the path of the object userspace embeds.
+/// Builds the programs in release mode and writes each object's DWARF-stripped copy
+/// (`<name>.o`, BTF kept: the kernel and aya need only that), which userspace embeds. Returns
+/// the path of the policy object.
 pub(crate) fn run(root: &Path) -> Result<PathBuf> {
     step("cargo xtask build-ebpf");
     bpf_cargo(root, &["build", "--release"]).run()?;
     let dir = root.join(TARGET_DIR).join(TARGET).join("release");
+    let mut stripped = Vec::new();
     for object in OBJECTS {
-        let path = dir.join(object);
-        ensure!(path.is_file(), "build-ebpf produced no {}", path.display());
+        let built = dir.join(object);
+        ensure!(
+            built.is_file(),
+            "build-ebpf produced no {}",
+            built.display()
+        );
+        let out = dir.join(format!("{object}.o"));
+        // Only when cargo rebuilt it: an unchanged copy keeps its mtime, and userspace its build.
+        if modified(&out).is_none() || modified(&built) > modified(&out) {
+            Cmd::new("llvm-objcopy")
+                .args(["--strip-debug"])
+                .arg_path(&built)
+                .arg_path(&out)
+                .run()?;
+        }
+        stripped.push(out);
     }
-    Ok(dir.join(OBJECTS[0]))
+    Ok(stripped.swap_remove(0))
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Clippy over the eBPF crate, for the BPF target.

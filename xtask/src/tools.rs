@@ -81,6 +81,11 @@ pub(crate) const TOOLS: &[Tool] = &[
         "dataplane benchmark baseline",
     ),
     tool("bpftool", "bpftool", "inspecting loaded programs by hand"),
+    tool(
+        "llvm-objcopy",
+        "llvm",
+        "build-ebpf strips DWARF from the objects (BTF kept)",
+    ),
 ];
 
 /// Packages the build needs that provide no program the tests run.

@@ -14,7 +14,7 @@ mod source_filter;
 pub use calico_bpf_common::VerdictEvent;
 pub use error::DataplaneError;
 pub use log_pump::{spawn_log_pump, ProgramLogger};
-pub use object::TC_OBJECT;
+pub use object::{SOURCE_FILTER_OBJECT, TC_OBJECT};
 pub use policy::{
     ConntrackTimeouts, Hook, PolicyCounters, PolicyDataplane, RuleCounter, TrackedFlow,
 };

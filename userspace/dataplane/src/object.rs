@@ -2,8 +2,13 @@ use aya::{programs::SchedClassifier, Ebpf};
 
 use crate::DataplaneError;
 
-/// The TC programs' eBPF object, embedded at build time (see build.rs for where it comes from).
+/// The policy classifiers' eBPF object, embedded at build time (see build.rs for where it comes
+/// from).
 pub static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calico_tc.o"));
+
+/// The source filter's own object: loading it creates only its maps.
+pub static SOURCE_FILTER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/calico_source_filter.o"));
 
 pub(crate) fn classifier<'a>(
     ebpf: &'a mut Ebpf,

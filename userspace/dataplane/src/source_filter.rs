@@ -27,7 +27,7 @@ use ipnet::IpNet;
 
 use crate::{
     object::{classifier, take},
-    DataplaneError, TC_OBJECT,
+    DataplaneError, SOURCE_FILTER_OBJECT,
 };
 
 /// Which way through an interface the program sees packets.
@@ -100,7 +100,7 @@ impl SourceFilter {
         let level: u8 = options.log_level.map_or(0, |l| l as u8);
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, false)
-            .load(TC_OBJECT)
+            .load(SOURCE_FILTER_OBJECT)
             .map_err(DataplaneError::Load)?;
         let logger = match options.log_level {
             Some(_) => Some(EbpfLogger::init(&mut ebpf).map_err(DataplaneError::Logger)?),
