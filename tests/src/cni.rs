@@ -10,6 +10,22 @@ use anyhow::{bail, Context, Result};
 
 use crate::NetNs;
 
+/// Makes `dir` (where cargo put the `calico` binary) a CNI plugin directory: `calico-ipam` is
+/// the same program under the name it dispatches on, as upstream installs it. The link replaces
+/// whatever is there (an older build's separate binary) by an atomic rename, so parallel tests
+/// can call this together.
+pub fn cni_plugin_dir(dir: &Path) -> Result<()> {
+    let link = dir.join("calico-ipam");
+    if std::fs::read_link(&link).is_ok_and(|target| target == Path::new("calico")) {
+        return Ok(());
+    }
+    let temporary = dir.join(format!(".calico-ipam.{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    std::os::unix::fs::symlink("calico", &temporary)
+        .with_context(|| format!("linking {}", temporary.display()))?;
+    std::fs::rename(&temporary, &link).with_context(|| format!("placing {}", link.display()))
+}
+
 /// Runs the calico CNI plugin in `bin` (with `calico-ipam` beside it) for `command` (ADD,
 /// DEL, ...) inside `host`'s network namespace, wiring workload namespace `ns`; returns the
 /// plugin's JSON answer.
@@ -30,6 +46,7 @@ pub fn cni(
         "etcd_endpoints": etcd,
         "ipam": { "type": "calico-ipam" },
     });
+    cni_plugin_dir(bin)?;
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", host.name()))
         .arg(bin.join("calico"))

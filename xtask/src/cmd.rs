@@ -105,12 +105,15 @@ impl Cmd {
     }
 }
 
-/// Test counts summed over every test binary of a run.
+/// Test counts summed over every test binary of a run. libtest has no "skipped" outcome: a test
+/// whose requirements are missing returns early and is reported `ok`, so every harness SKIPPED
+/// notice moves one test from passed to skipped, by name.
 #[derive(Debug, Default)]
 pub(crate) struct TestTally {
-    pub(crate) passed: u64,
+    /// As libtest reported them, skipped tests included.
+    reported_ok: u64,
     pub(crate) failed: u64,
-    pub(crate) skipped: u64,
+    pub(crate) skipped: Vec<String>,
     status_ok: bool,
 }
 
@@ -125,21 +128,27 @@ impl TestTally {
                 };
                 let count: u64 = count.parse().unwrap_or(0);
                 match label {
-                    "passed" => self.passed += count,
+                    "passed" => self.reported_ok += count,
                     "failed" => self.failed += count,
                     _ => {}
                 }
             }
-        } else if line.contains("*** SKIPPED ") {
-            self.skipped += 1;
+        } else if let Some((_, rest)) = line.split_once("*** SKIPPED ") {
+            let name = rest.split(':').next().unwrap_or(rest).to_owned();
+            self.skipped.push(name);
         }
+    }
+
+    /// Tests that ran and passed (skips excluded).
+    pub(crate) fn passed(&self) -> u64 {
+        self.reported_ok.saturating_sub(self.skipped.len() as u64)
     }
 
     pub(crate) fn ensure_green(&self) -> Result<()> {
         if self.failed > 0 || !self.status_ok {
             bail!("{} test(s) failed", self.failed);
         }
-        if self.passed == 0 {
+        if self.passed() == 0 {
             bail!("no test ran");
         }
         Ok(())
@@ -149,4 +158,23 @@ impl TestTally {
 /// The cargo that runs this xtask, in `dir`.
 pub(crate) fn cargo(dir: &Path) -> Cmd {
     Cmd::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).current_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTally;
+
+    #[test]
+    fn a_skipped_test_counts_as_skipped_not_passed() {
+        let mut t = TestTally::default();
+        for line in [
+            "*** SKIPPED netns_test: not running as root (euid != 0) ***",
+            "test result: ok. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.1s",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.1s",
+        ] {
+            t.add_line(line);
+        }
+        assert_eq!((t.passed(), t.failed), (4, 1));
+        assert_eq!(t.skipped, ["netns_test"]);
+    }
 }

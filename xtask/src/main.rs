@@ -87,9 +87,14 @@ fn test(root: &Path) -> Result<()> {
         ])
         .run_tests()?;
     // One closing line for the whole run, in the plain form CI reads.
+    for name in &tally.skipped {
+        println!("skipped: {name}");
+    }
     println!(
         "\ntests: {} passed, {} failed, {} skipped",
-        tally.passed, tally.failed, tally.skipped
+        tally.passed(),
+        tally.failed,
+        tally.skipped.len()
     );
     tally.ensure_green()
 }

@@ -25,6 +25,22 @@ pub enum Plugin {
     CalicoIpam,
 }
 
+impl Plugin {
+    /// The plugin a binary is by the name it was run as (`argv[0]`): `calico-ipam` is the IPAM
+    /// plugin, anything else the network plugin.
+    pub fn from_program_name(argv0: &std::ffi::OsStr) -> Self {
+        let name = std::path::Path::new(argv0)
+            .file_name()
+            .unwrap_or(argv0)
+            .to_string_lossy();
+        if name == "calico-ipam" {
+            Plugin::CalicoIpam
+        } else {
+            Plugin::Calico
+        }
+    }
+}
+
 /// The whole plugin run: reads the environment and stdin, writes the answer to stdout.
 pub fn main(plugin: Plugin) -> ExitCode {
     let mut stdin = Vec::new();
@@ -127,4 +143,23 @@ pub(crate) async fn connect(
             CniError::new(code::TRY_AGAIN_LATER, "cannot reach the datastore")
                 .with_details(e.to_string())
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Plugin;
+
+    #[test]
+    fn the_program_name_picks_the_plugin() {
+        for (argv0, plugin) in [
+            ("calico-ipam", Plugin::CalicoIpam),
+            ("/opt/cni/bin/calico-ipam", Plugin::CalicoIpam),
+            ("calico", Plugin::Calico),
+            ("/opt/cni/bin/calico", Plugin::Calico),
+            ("calico-ipam-old", Plugin::Calico),
+            ("", Plugin::Calico),
+        ] {
+            assert_eq!(Plugin::from_program_name(argv0.as_ref()), plugin, "{argv0}");
+        }
+    }
 }

@@ -48,12 +48,9 @@ pub fn container_id() -> String {
 
 /// CNI_PATH: the directory of the built plugins, then the reference plugins.
 pub fn cni_path() -> String {
-    let built = Path::new(env!("CARGO_BIN_EXE_calico"))
-        .parent()
-        .unwrap()
-        .display()
-        .to_string();
-    format!("{built}:/usr/lib/cni")
+    let built = Path::new(env!("CARGO_BIN_EXE_calico")).parent().unwrap();
+    harness::cni_plugin_dir(built).expect("linking calico-ipam beside calico");
+    format!("{}:/usr/lib/cni", built.display())
 }
 
 /// Runs plugin `binary` (a path) with `command` for (`container`, `netns`, `ifname`).

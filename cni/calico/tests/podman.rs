@@ -66,7 +66,9 @@ async fn podman_containers_on_a_calico_network() -> anyhow::Result<()> {
     let podman = Podman { dir: dir.clone() };
     let network = format!("calinet{}", std::process::id());
 
-    let plugins = Path::new(calico()).parent().unwrap().display().to_string();
+    let plugins = Path::new(calico()).parent().unwrap();
+    harness::cni_plugin_dir(plugins)?;
+    let plugins = plugins.display().to_string();
     std::fs::write(
         dir.join("containers.conf"),
         format!(

@@ -53,6 +53,7 @@ fn main() -> Result<()> {
         .parent()
         .context("the demo's directory")?
         .to_owned();
+    harness::cni_plugin_dir(&bin)?;
     for b in ["calico-node", "calico", "calico-ipam", "calicoctl"] {
         if !bin.join(b).exists() {
             bail!(

@@ -56,10 +56,12 @@ impl Drop for Host {
 
 fn bin_dir() -> PathBuf {
     // target/<profile>/: the workspace build puts every package's binaries there.
-    Path::new(env!("CARGO_BIN_EXE_calico-node"))
+    let dir = Path::new(env!("CARGO_BIN_EXE_calico-node"))
         .parent()
         .unwrap()
-        .to_owned()
+        .to_owned();
+    harness::cni_plugin_dir(&dir).expect("linking calico-ipam beside calico");
+    dir
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {

@@ -1,4 +1,0 @@
-//! The `calico-ipam` CNI IPAM plugin.
-fn main() -> std::process::ExitCode {
-    calico_cni::main(calico_cni::Plugin::CalicoIpam)
-}
