@@ -375,9 +375,12 @@ fn restart_keeps_streams_and_outage_keeps_the_dataplane() -> Result<()> {
         .lines()
         .filter(|l| l.contains("removed map entries of programs no endpoint uses"))
         .filter_map(|l| l.split("entries=").nth(1))
-        .filter_map(|n| n.split_whitespace().next()?.parse().ok())
+        .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
-    assert!(swept > 0, "the old run's table entries were not swept:\n{log}");
+    assert!(
+        swept > 0,
+        "the old run's table entries were not swept:\n{log}"
+    );
 
     // etcd goes away: not ready, but the dataplane keeps its state.
     s.etcd.kill()?;

@@ -1,0 +1,123 @@
+//! The conntrack table as userspace sees it: listing, expiry by idle time, clearing.
+
+use std::net::IpAddr;
+
+use calico_bpf_common::{CtKey, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO};
+
+use super::{map_err, PolicyDataplane};
+use crate::DataplaneError;
+
+/// How long an idle tracked flow is kept, by kind (upstream Felix's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_established: std::time::Duration,
+    /// TCP after a FIN from both sides.
+    pub tcp_closed: std::time::Duration,
+    pub udp: std::time::Duration,
+    pub icmp: std::time::Duration,
+    pub other: std::time::Duration,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            tcp_established: Duration::from_secs(3600),
+            tcp_closed: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+            icmp: Duration::from_secs(5),
+            other: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One tracked flow, as userspace sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackedFlow {
+    pub ifindex: u32,
+    pub protocol: u8,
+    pub addresses: (IpAddr, IpAddr),
+    pub ports: (u16, u16),
+    pub idle: std::time::Duration,
+    pub closed: bool,
+}
+
+fn unmapped(a: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+impl PolicyDataplane {
+    /// Forgets every tracked flow.
+    pub fn clear_conntrack(&mut self) -> Result<(), DataplaneError> {
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+        for k in &keys {
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Every tracked flow.
+    pub fn tracked_flows(&self) -> Result<Vec<TrackedFlow>, DataplaneError> {
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+            out.push(TrackedFlow {
+                ifindex: k.ifindex,
+                protocol: k.protocol as u8,
+                addresses: (unmapped(k.addr_lo), unmapped(k.addr_hi)),
+                ports: (k.port_lo, k.port_hi),
+                idle: std::time::Duration::from_nanos(now.saturating_sub(v.last_seen_ns)),
+                closed: v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes flows idle longer than their timeout; returns how many.
+    pub fn expire_conntrack(
+        &mut self,
+        timeouts: &ConntrackTimeouts,
+    ) -> Result<usize, DataplaneError> {
+        let now = monotonic_ns();
+        let mut stale = Vec::new();
+        let mut seen = 0;
+        for entry in self.conntrack.iter() {
+            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+            seen += 1;
+            let closed = v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI);
+            let limit = match (k.protocol, closed) {
+                (6, true) => timeouts.tcp_closed,
+                (6, false) => timeouts.tcp_established,
+                (17, _) => timeouts.udp,
+                (1 | 58, _) => timeouts.icmp,
+                _ => timeouts.other,
+            };
+            if now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            match self.conntrack.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(CONNTRACK_MAP, "remove")(source)),
+            }
+        }
+        self.tracked_flows_seen = seen - stale.len().min(seen);
+        Ok(stale.len())
+    }
+}

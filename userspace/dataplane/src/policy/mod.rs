@@ -1,0 +1,214 @@
+//! The policy dataplane: compiled policy programs written into the policy maps, and the
+//! policy classifiers attached to endpoint interfaces.
+//!
+//! A program is written under a fresh id beside the one in use; the endpoint's entry is then
+//! switched to it with one map update, and the old program's entries are deleted. A packet
+//! therefore sees either the old tables or the new ones, never a mix.
+//!
+//! One job a file: loading (here), [`attach`]ing and adopting pinned links, writing
+//! [`tables`], [`sweep`]ing a previous run's entries, [`conntrack`], and [`observe`] (counters,
+//! events, the log switch, test runs).
+
+mod attach;
+mod conntrack;
+mod observe;
+mod sweep;
+mod tables;
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
+    programs::tc::SchedClassifierLink,
+    Ebpf, EbpfLoader,
+};
+use calico_bpf_common::{
+    CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PortKeyData, ProgramRef, ProtoKey,
+    RuleStatKey, RuleStatValue, VerdictKeyData, VerdictValue, CONNTRACK_MAP, POLICY_EGRESS_PROG,
+    POLICY_ENDPOINTS_MAP, POLICY_EVENTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP,
+    POLICY_LOG_MAP, POLICY_PEERS_MAP, POLICY_PROTOS_MAP, POLICY_RULE_STATS_MAP, POLICY_SPORTS_MAP,
+    POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS, TC_INGRESS,
+};
+use calico_policy::Verdict;
+
+pub use conntrack::{ConntrackTimeouts, TrackedFlow};
+pub use observe::{PolicyCounters, RuleCounter};
+
+use crate::{
+    object::{classifier, take},
+    DataplaneError, LoadOptions, ProgramLogger, TC_OBJECT,
+};
+
+/// Which tc hook of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Traffic the interface receives: on a workload's host-side veth, what the workload sends.
+    Ingress,
+    /// Traffic the interface sends: on a workload's host-side veth, what the workload receives.
+    Egress,
+}
+
+impl Hook {
+    fn code(self) -> u32 {
+        match self {
+            Hook::Ingress => TC_INGRESS,
+            Hook::Egress => TC_EGRESS,
+        }
+    }
+}
+
+/// Everything written for one installed program, so it can be deleted again.
+#[derive(Default)]
+struct Written {
+    peers: Vec<Key<PeerKeyData>>,
+    locals: Vec<LocalKey>,
+    protos: Vec<ProtoKey>,
+    sports: Vec<Key<PortKeyData>>,
+    verdicts: Vec<Key<VerdictKeyData>>,
+}
+
+pub struct PolicyDataplane {
+    ebpf: Ebpf,
+    endpoints: HashMap<MapData, EndpointKey, ProgramRef>,
+    peers: LpmTrie<MapData, PeerKeyData, u32>,
+    locals: HashMap<MapData, LocalKey, u32>,
+    protos: HashMap<MapData, ProtoKey, u32>,
+    sports: LpmTrie<MapData, PortKeyData, u32>,
+    verdicts: LpmTrie<MapData, VerdictKeyData, VerdictValue>,
+    stats: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    rule_stats: PerCpuHashMap<MapData, RuleStatKey, RuleStatValue>,
+    events: RingBuf<MapData>,
+    log_switch: Array<MapData, u32>,
+    /// Each installed program's verdicts (what its verdict indices stand for).
+    verdicts_of: BTreeMap<u32, Vec<Verdict>>,
+    next_program: u32,
+    installed: BTreeMap<(u32, u32), (u32, Written)>,
+    /// Where maps and links are pinned, if anywhere.
+    pin_path: Option<PathBuf>,
+    /// Attachments this process made, by (ifindex, hook).
+    links: BTreeMap<(u32, Hook), Attachment>,
+    /// Tracked flows counted by the last conntrack expiry pass.
+    tracked_flows_seen: usize,
+}
+
+/// One classifier attachment: owned (detached when dropped) or pinned (kept by its pin until
+/// unpinned; no file descriptor is held, so thousands of endpoints cost no fds).
+enum Attachment {
+    Owned(#[allow(dead_code)] SchedClassifierLink),
+    Pinned(PathBuf),
+}
+
+/// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
+/// need to).
+const PINNED_MAPS: [&str; 9] = [
+    POLICY_RULE_STATS_MAP,
+    POLICY_ENDPOINTS_MAP,
+    POLICY_PEERS_MAP,
+    POLICY_LOCALS_MAP,
+    POLICY_PROTOS_MAP,
+    POLICY_SPORTS_MAP,
+    POLICY_VERDICTS_MAP,
+    POLICY_STATS_MAP,
+    CONNTRACK_MAP,
+];
+
+fn hook_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
+    }
+}
+
+fn map_err(
+    map: &'static str,
+    action: &'static str,
+) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map {
+        map,
+        action,
+        source,
+    }
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+impl PolicyDataplane {
+    /// Loads the policy classifiers and their maps.
+    pub fn load(options: &LoadOptions) -> Result<(Self, Option<ProgramLogger>), DataplaneError> {
+        let level: u8 = options.log_level.map_or(0, |l| l as u8);
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, false);
+        if let Some(dir) = &options.pin_path {
+            for sub in [dir.clone(), dir.join("links")] {
+                std::fs::create_dir_all(&sub).map_err(|source| DataplaneError::Pin {
+                    path: sub.clone(),
+                    action: "create directory",
+                    source,
+                })?;
+            }
+            for name in PINNED_MAPS {
+                // Reuses the map pinned there, or creates and pins it.
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(TC_OBJECT).map_err(DataplaneError::Load)?;
+        let logger = match options.log_level {
+            Some(_) => Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(DataplaneError::Logger)?),
+            None => None,
+        };
+        for name in [POLICY_INGRESS_PROG, POLICY_EGRESS_PROG] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    action: "load",
+                    source,
+                })?;
+        }
+        let mut dataplane = Self {
+            endpoints: take(&mut ebpf, POLICY_ENDPOINTS_MAP)?,
+            peers: take(&mut ebpf, POLICY_PEERS_MAP)?,
+            locals: take(&mut ebpf, POLICY_LOCALS_MAP)?,
+            protos: take(&mut ebpf, POLICY_PROTOS_MAP)?,
+            sports: take(&mut ebpf, POLICY_SPORTS_MAP)?,
+            verdicts: take(&mut ebpf, POLICY_VERDICTS_MAP)?,
+            stats: take(&mut ebpf, POLICY_STATS_MAP)?,
+            conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
+            rule_stats: take(&mut ebpf, POLICY_RULE_STATS_MAP)?,
+            events: take(&mut ebpf, POLICY_EVENTS_MAP)?,
+            log_switch: take(&mut ebpf, POLICY_LOG_MAP)?,
+            verdicts_of: BTreeMap::new(),
+            ebpf,
+            next_program: 1,
+            installed: BTreeMap::new(),
+            pin_path: options.pin_path.clone(),
+            links: BTreeMap::new(),
+            tracked_flows_seen: 0,
+        };
+        dataplane.set_debug_logging(options.log_level.is_some())?;
+        // Programs already in pinned maps (a previous run's) keep their ids; new ones start
+        // above them.
+        let adopted = dataplane.endpoint_programs()?;
+        if let Some(max) = adopted.values().map(|r| r.program).max() {
+            dataplane.next_program = max.wrapping_add(1).max(1);
+        }
+        Ok((dataplane, logger))
+    }
+
+    fn endpoint_programs(&self) -> Result<BTreeMap<(u32, u32), ProgramRef>, DataplaneError> {
+        self.endpoints
+            .iter()
+            .map(|e| e.map(|(k, v)| ((k.ifindex, k.hook), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(POLICY_ENDPOINTS_MAP, "iterate"))
+    }
+}

@@ -1,0 +1,231 @@
+//! Writing a compiled program's tables beside the one in use, switching the endpoint to it in
+//! one update, and deleting what it replaced.
+
+use std::collections::BTreeSet;
+
+use aya::maps::lpm_trie::Key;
+use calico_bpf_common::{
+    EndpointKey, LocalKey, PeerKeyData, PortKeyData, ProgramRef, ProtoKey, RuleStatKey,
+    VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, CONNTRACK_MAP, POLICY_ENDPOINTS_MAP,
+    POLICY_LOCALS_MAP, POLICY_PEERS_MAP, POLICY_PROTOS_MAP, POLICY_SPORTS_MAP, POLICY_VERDICTS_MAP,
+    VERDICT_FIXED_BITS,
+};
+use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
+use ipnet::IpNet;
+
+use super::{map_err, mapped, Hook, PolicyDataplane, Written};
+use crate::DataplaneError;
+
+fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
+    u16::try_from(class).map_err(|_| DataplaneError::TooLarge { what, value: class })
+}
+
+impl PolicyDataplane {
+    /// Interfaces with a policy in the endpoint map, by index (this run's or a previous
+    /// one's, when the maps are pinned).
+    pub fn programmed_interfaces(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        Ok(self
+            .endpoint_programs()?
+            .keys()
+            .map(|(ifindex, _)| *ifindex)
+            .collect())
+    }
+
+    /// Entries in each policy table, from this run's bookkeeping (walking large LPM tries
+    /// on every scrape would stall the caller); conntrack as counted by the last
+    /// [`PolicyDataplane::expire_conntrack`].
+    pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        let sum = |f: fn(&Written) -> usize| self.installed.values().map(|(_, w)| f(w)).sum();
+        vec![
+            (POLICY_ENDPOINTS_MAP, self.installed.len()),
+            (POLICY_PEERS_MAP, sum(|w| w.peers.len())),
+            (POLICY_LOCALS_MAP, sum(|w| w.locals.len())),
+            (POLICY_PROTOS_MAP, sum(|w| w.protos.len())),
+            (POLICY_SPORTS_MAP, sum(|w| w.sports.len())),
+            (POLICY_VERDICTS_MAP, sum(|w| w.verdicts.len())),
+            (CONNTRACK_MAP, self.tracked_flows_seen),
+        ]
+    }
+
+    /// Installs `compiled` as the policy of interface `ifindex` at `hook`, replacing what was
+    /// there in one step.
+    pub fn install(
+        &mut self,
+        ifindex: u32,
+        hook: Hook,
+        compiled: &CompiledProgram,
+    ) -> Result<u32, DataplaneError> {
+        let program = self.next_program;
+        self.next_program = self.next_program.wrapping_add(1).max(1);
+        let mut written = Written::default();
+        if let Err(e) = self.write(program, compiled, &mut written) {
+            // Nothing points at a half-written program; take back what was written.
+            self.delete(written);
+            return Err(e);
+        }
+        let key = EndpointKey {
+            ifindex,
+            hook: hook.code(),
+        };
+        self.endpoints
+            .insert(
+                key,
+                ProgramRef {
+                    program,
+                    other_protocol: compiled.other_protocol,
+                },
+                0,
+            )
+            .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))?;
+        self.verdicts_of.insert(program, compiled.verdicts.clone());
+        if let Some((old_program, old)) = self
+            .installed
+            .insert((key.ifindex, key.hook), (program, written))
+        {
+            self.delete(old);
+            self.forget_program(old_program);
+        }
+        Ok(program)
+    }
+
+    /// Removes the policy of `ifindex` at `hook` (its traffic then passes unjudged).
+    pub fn remove(&mut self, ifindex: u32, hook: Hook) -> Result<(), DataplaneError> {
+        let key = EndpointKey {
+            ifindex,
+            hook: hook.code(),
+        };
+        match self.endpoints.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
+        }
+        if let Some((old_program, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
+            self.delete(old);
+            self.forget_program(old_program);
+        }
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        program: u32,
+        c: &CompiledProgram,
+        w: &mut Written,
+    ) -> Result<(), DataplaneError> {
+        let id = program.to_be_bytes();
+        for (net, class) in &c.peer_prefixes {
+            let len = match net {
+                IpNet::V4(n) => 32 + 96 + u32::from(n.prefix_len()),
+                IpNet::V6(n) => 32 + u32::from(n.prefix_len()),
+            };
+            let key = Key::new(
+                len,
+                PeerKeyData {
+                    program: id,
+                    addr: mapped(net.network()),
+                },
+            );
+            self.peers
+                .insert(&key, class, 0)
+                .map_err(map_err(POLICY_PEERS_MAP, "insert"))?;
+            w.peers.push(key);
+        }
+        for (addr, class) in &c.local_addresses {
+            let key = LocalKey {
+                program,
+                addr: mapped(*addr),
+            };
+            self.locals
+                .insert(key, class, 0)
+                .map_err(map_err(POLICY_LOCALS_MAP, "insert"))?;
+            w.locals.push(key);
+        }
+        for (protocol, class) in &c.protocols {
+            let key = ProtoKey {
+                program,
+                protocol: u32::from(*protocol),
+            };
+            self.protos
+                .insert(key, class, 0)
+                .map_err(map_err(POLICY_PROTOS_MAP, "insert"))?;
+            w.protos.push(key);
+        }
+        for (lo, hi, class) in &c.source_ports {
+            for (value, len) in range_to_prefixes(*lo, *hi) {
+                let key = Key::new(
+                    32 + u32::from(len),
+                    PortKeyData {
+                        program: id,
+                        port: value.to_be_bytes(),
+                    },
+                );
+                self.sports
+                    .insert(&key, class, 0)
+                    .map_err(map_err(POLICY_SPORTS_MAP, "insert"))?;
+                w.sports.push(key);
+            }
+        }
+        for (cell, ranges) in &c.cells {
+            let mut bytes = [0u8; 16];
+            bytes[0..4].copy_from_slice(&id);
+            bytes[4..8].copy_from_slice(&cell.peer.to_be_bytes());
+            bytes[8..10].copy_from_slice(&class16("local class", cell.local)?.to_be_bytes());
+            bytes[10..12].copy_from_slice(&class16("protocol class", cell.protocol)?.to_be_bytes());
+            bytes[12..14]
+                .copy_from_slice(&class16("source port class", cell.source_port)?.to_be_bytes());
+            for (lo, hi, verdict) in ranges {
+                let value = VerdictValue {
+                    action: match &c.verdicts[*verdict as usize] {
+                        Verdict::Allow(_) => ACTION_ALLOW,
+                        Verdict::Deny(_) => ACTION_DENY,
+                    },
+                    rule: *verdict,
+                };
+                for (port, len) in range_to_prefixes(*lo, *hi) {
+                    bytes[14..16].copy_from_slice(&port.to_be_bytes());
+                    let key = Key::new(
+                        VERDICT_FIXED_BITS + u32::from(len),
+                        VerdictKeyData { bytes },
+                    );
+                    self.verdicts
+                        .insert(&key, value, 0)
+                        .map_err(map_err(POLICY_VERDICTS_MAP, "insert"))?;
+                    w.verdicts.push(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a program's entries (best effort: they are unreachable once switched away).
+    fn delete(&mut self, w: Written) {
+        for k in &w.peers {
+            let _ = self.peers.remove(k);
+        }
+        for k in &w.locals {
+            let _ = self.locals.remove(k);
+        }
+        for k in &w.protos {
+            let _ = self.protos.remove(k);
+        }
+        for k in &w.sports {
+            let _ = self.sports.remove(k);
+        }
+        for k in &w.verdicts {
+            let _ = self.verdicts.remove(k);
+        }
+    }
+
+    /// Drops a replaced program's rule counters.
+    fn forget_program(&mut self, program: u32) {
+        self.verdicts_of.remove(&program);
+        let keys: Vec<RuleStatKey> = self
+            .rule_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.program == program)
+            .collect();
+        for k in &keys {
+            let _ = self.rule_stats.remove(k);
+        }
+    }
+}
