@@ -13,26 +13,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use calico_hostlink::{HostLinkError, Peer};
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::{
     new_connection,
-    packet_route::{
-        link::{InfoData, InfoKind, InfoVeth, LinkAttribute},
-        neighbour::NeighbourState,
-        route::RouteScope,
-    },
-    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::{neighbour::NeighbourState, route::RouteScope},
+    Handle, LinkUnspec, RouteMessageBuilder,
 };
 
-/// The gateway every workload routes through (answered by proxy ARP on the host end).
-pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// The IPv6 gateway: the link-local address the host end derives from its MAC.
-pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
-/// The host end's MAC, as upstream sets it.
-pub const HOST_MAC: [u8; 6] = [0xee; 6];
+pub use calico_hostlink::{GATEWAY_V4, GATEWAY_V6, HOST_MAC};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{action}: {message}")]
@@ -46,6 +37,21 @@ fn fail(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> WiringErr
     move |e| WiringError {
         action,
         message: e.to_string(),
+    }
+}
+
+impl From<HostLinkError> for WiringError {
+    fn from(e: HostLinkError) -> Self {
+        match e {
+            HostLinkError::Netlink { action, source } => WiringError {
+                action,
+                message: source.to_string(),
+            },
+            vanished => WiringError {
+                action: "creating the veth".into(),
+                message: vanished.to_string(),
+            },
+        }
     }
 }
 
@@ -72,14 +78,6 @@ pub struct Plan {
 pub struct Wired {
     pub host_mac: String,
     pub container_mac: String,
-}
-
-fn mac_string(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Runs `f` with a netlink handle on a fresh thread, in `netns` when given (else in the
@@ -122,28 +120,13 @@ fn with_netlink<R: Send>(
 }
 
 async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, String)>, WiringError> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(link)) => {
-            let mac = link.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Address(bytes) => Some(mac_string(bytes)),
-                _ => None,
-            });
-            Ok(Some((link.header.index, mac.unwrap_or_default())))
-        }
-        Ok(None) => Ok(None),
-        // ENODEV: no such link.
-        Err(rtnetlink::Error::NetlinkError(e))
-            if Errno::from_raw(e.raw_code().abs()) == Errno::ENODEV =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(fail(format!("looking up {name}"))(e)),
-    }
+    Ok(calico_hostlink::link_by_name(handle, name)
+        .await?
+        .map(|l| (l.index, l.mac)))
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), WiringError> {
-    std::fs::write(path, value).map_err(io_fail(format!("setting {path}")))
+    calico_hostlink::sysctl(path, value).map_err(io_fail(format!("setting {path}")))
 }
 
 /// Creates the veth pair and configures both ends. On failure nothing is left behind.
@@ -183,41 +166,17 @@ fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
     let mtu = plan.mtu;
     let host_index = with_netlink(None, move |h| {
         Box::pin(async move {
-            // A leftover from an earlier attempt goes first.
-            delete_link(h, &host_veth).await?;
-            let peer = LinkMessageBuilder::<LinkUnspec>::default()
-                .name(ifname.clone())
-                .mtu(mtu)
-                .setns_by_fd(netns_fd)
-                .build();
-            let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-                .name(host_veth.clone())
-                .mtu(mtu)
-                .address(HOST_MAC.to_vec())
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .build();
-            h.link()
-                .add(veth)
-                .execute()
-                .await
-                .map_err(fail(format!("creating veth {host_veth} <-> {ifname}")))?;
-            let (index, _) = link_index(h, &host_veth)
-                .await?
-                .ok_or_else(|| WiringError {
-                    action: format!("finding {host_veth}"),
-                    message: "created but not found".into(),
-                })?;
-            Ok(index)
+            // A leftover from an earlier attempt goes first (create_workload_veth does that).
+            let peer = Peer {
+                name: ifname,
+                netns_fd: Some(netns_fd),
+                mtu: Some(mtu),
+            };
+            Ok(calico_hostlink::create_workload_veth(h, &host_veth, &peer).await?)
         })
     })?;
-    let host = &plan.host_veth;
-    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"), "1")?;
-    write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0")?;
-    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1")?;
-    if !v6.is_empty() {
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{host}/accept_ra"), "0")?;
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{host}/forwarding"), "1")?;
-    }
+    calico_hostlink::configure_host_end(&plan.host_veth, !v6.is_empty())
+        .map_err(io_fail(format!("configuring {}", plan.host_veth)))?;
 
     // Workload side, from a thread inside its namespace.
     let ifname = plan.ifname.clone();
@@ -317,7 +276,7 @@ fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
         })
     })?;
     Ok(Wired {
-        host_mac: mac_string(&HOST_MAC),
+        host_mac: calico_hostlink::mac_string(&HOST_MAC),
         container_mac,
     })
 }
@@ -349,17 +308,7 @@ async fn permanent_neighbour(h: &Handle, index: u32, ip: IpAddr) -> Result<(), W
 
 /// Deletes link `name` if it exists; says whether it did.
 async fn delete_link(h: &Handle, name: &str) -> Result<bool, WiringError> {
-    match link_index(h, name).await? {
-        Some((index, _)) => {
-            h.link()
-                .del(index)
-                .execute()
-                .await
-                .map_err(fail(format!("deleting {name}")))?;
-            Ok(true)
-        }
-        None => Ok(false),
-    }
+    Ok(calico_hostlink::delete_link(h, name).await?)
 }
 
 /// Deletes the veth (from the host end, or from inside the workload when the host end is

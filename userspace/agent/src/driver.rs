@@ -15,7 +15,7 @@ use crate::{
     config::FelixSettings,
     failsafe::with_failsafe,
     metrics::Metrics,
-    netlink::{configure_workload_interface, LinkEvent, Netlink, OwnedRoute},
+    netlink::{LinkEvent, Netlink, OwnedRoute},
 };
 
 /// Where a local endpoint lives.
@@ -204,7 +204,7 @@ impl Driver {
                 self.attached.insert(ifindex);
             }
             if !place.host {
-                if let Err(e) = configure_workload_interface(&place.interface) {
+                if let Err(e) = calico_hostlink::configure_host_end(&place.interface, false) {
                     tracing::warn!(interface = %place.interface, error = %e, "interface sysctls");
                 }
             }

@@ -89,7 +89,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     }
 
     raise_fd_limit();
-    netlink::enable_forwarding().context("enabling forwarding")?;
+    calico_hostlink::enable_forwarding().context("enabling forwarding")?;
     let log_level = match flags.bpf_log_level.to_ascii_lowercase().as_str() {
         "off" | "" => None,
         "debug" => Some(aya_log::Level::Debug),

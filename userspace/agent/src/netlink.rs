@@ -232,31 +232,3 @@ fn build(route: &OwnedRoute) -> RouteMessage {
     }
     m
 }
-
-/// Writes `value` to a sysctl file, saying which one failed.
-pub fn sysctl(path: &str, value: &str) -> Result<(), std::io::Error> {
-    match std::fs::read_to_string(path) {
-        Ok(v) if v.trim() == value => Ok(()),
-        _ => std::fs::write(path, value)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("writing {value} to {path}: {e}"))),
-    }
-}
-
-/// Forwarding on the host: the workloads' traffic is routed.
-pub fn enable_forwarding() -> Result<(), std::io::Error> {
-    sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-    // IPv6 may be disabled on the host; that is not an error for IPv4-only clusters.
-    let _ = sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1");
-    Ok(())
-}
-
-/// What a workload veth's host end needs: proxy ARP answering for the gateway 169.254.1.1
-/// without delay, and IPv6 forwarding on it.
-pub fn configure_workload_interface(name: &str) -> Result<(), std::io::Error> {
-    sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
-    sysctl(&format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0")?;
-    sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1")?;
-    let _ = sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/forwarding"), "1");
-    let _ = sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1");
-    Ok(())
-}

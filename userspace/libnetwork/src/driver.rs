@@ -10,25 +10,18 @@ use std::{
 };
 
 use calico_datastore::{Datastore, DatastoreError};
+use calico_hostlink::{Peer, GATEWAY_V4};
 use calico_ipam::{AssignRequest, Ipam};
 use calico_model::{
     spec::{ProfileSpec, WorkloadEndpointSpec},
     Kind, Object, ObjectMeta, Resource, API_VERSION,
 };
-use futures::TryStreamExt;
 use ipnet::IpNet;
-use nix::errno::Errno;
-use rtnetlink::{
-    packet_route::link::{InfoData, InfoKind, InfoVeth},
-    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth,
-};
+use rtnetlink::Handle;
 use serde_json::{json, Value};
 
 pub const POOL_ID_V4: &str = "CalicoPoolIPv4";
 pub const POOL_ID_V6: &str = "CalicoPoolIPv6";
-/// The workloads' gateway: the host end of their veth answers for it (proxy ARP).
-pub const GATEWAY_V4: &str = "169.254.1.1";
-const HOST_MAC: [u8; 6] = [0xee; 6];
 pub const ORCHESTRATOR: &str = "libnetwork";
 pub const NAMESPACE: &str = "libnetwork";
 
@@ -268,7 +261,7 @@ impl Driver {
                 }
                 Ok(json!({
                     "InterfaceName": { "SrcName": names.temp_veth, "DstPrefix": "eth" },
-                    "Gateway": GATEWAY_V4,
+                    "Gateway": GATEWAY_V4.to_string(),
                     "DisableGatewayService": true,
                     "StaticRoutes": [{ "Destination": format!("{GATEWAY_V4}/32"), "RouteType": 1, "NextHop": "" }],
                 }))
@@ -438,61 +431,33 @@ impl Driver {
     }
 
     async fn link_index(&self, name: &str) -> Result<Option<u32>, DriverError> {
-        let mut links = self
-            .netlink
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(l)) => Ok(Some(l.header.index)),
-            Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e))
-                if Errno::from_raw(e.raw_code().abs()) == Errno::ENODEV =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(DriverError::Netlink(format!("looking up {name}: {e}"))),
-        }
+        Ok(calico_hostlink::link_by_name(&self.netlink, name)
+            .await
+            .map_err(|e| DriverError::Netlink(e.to_string()))?
+            .map(|l| l.index))
     }
 
+    /// The veth pair, host end up; the temporary end stays here until Docker moves it into
+    /// the container.
     async fn create_veth(&self, names: &EndpointNames) -> Result<(), DriverError> {
-        self.delete_link(&names.host_veth).await?;
-        let peer = LinkMessageBuilder::<LinkUnspec>::default()
-            .name(names.temp_veth.clone())
-            .build();
-        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(names.host_veth.clone())
-            .address(HOST_MAC.to_vec())
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        self.netlink.link().add(veth).execute().await.map_err(|e| {
-            DriverError::Netlink(format!(
-                "creating veth {} <-> {}: {e}",
-                names.host_veth, names.temp_veth
-            ))
-        })?;
-        let index = self.link_index(&names.host_veth).await?.ok_or_else(|| {
-            DriverError::Netlink(format!("{} vanished after creation", names.host_veth))
-        })?;
-        self.netlink
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
+        let peer = Peer {
+            name: names.temp_veth.clone(),
+            netns_fd: None,
+            mtu: None,
+        };
+        let index = calico_hostlink::create_workload_veth(&self.netlink, &names.host_veth, &peer)
             .await
-            .map_err(|e| DriverError::Netlink(format!("bringing {} up: {e}", names.host_veth)))
+            .map_err(|e| DriverError::Netlink(e.to_string()))?;
+        calico_hostlink::set_up(&self.netlink, index)
+            .await
+            .map_err(|e| DriverError::Netlink(e.to_string()))
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), DriverError> {
-        if let Some(index) = self.link_index(name).await? {
-            self.netlink
-                .link()
-                .del(index)
-                .execute()
-                .await
-                .map_err(|e| DriverError::Netlink(format!("deleting {name}: {e}")))?;
-        }
-        Ok(())
+        calico_hostlink::delete_link(&self.netlink, name)
+            .await
+            .map(drop)
+            .map_err(|e| DriverError::Netlink(e.to_string()))
     }
 }
 
