@@ -2,7 +2,7 @@
 //! in the same run on the same machine, alone and with 100 concurrent ADDs.
 //! `cargo bench -p calico-cni --bench add_latency` (or `cargo xtask bench cni`).
 
-#[path = "../tests/common.rs"]
+#[path = "../tests/cni/common.rs"]
 mod common;
 
 use std::time::Duration;

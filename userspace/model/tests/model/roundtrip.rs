@@ -7,11 +7,11 @@ use calico_model::{parse_documents, to_json, to_yaml, validate, Kind, Resource};
 use serde::Deserialize;
 
 const FIXTURES: &[(&str, &str)] = &[
-    ("policies.yaml", include_str!("fixtures/policies.yaml")),
-    ("endpoints.yaml", include_str!("fixtures/endpoints.yaml")),
-    ("network.yaml", include_str!("fixtures/network.yaml")),
-    ("config.yaml", include_str!("fixtures/config.yaml")),
-    ("ipam.yaml", include_str!("fixtures/ipam.yaml")),
+    ("policies.yaml", include_str!("../fixtures/policies.yaml")),
+    ("endpoints.yaml", include_str!("../fixtures/endpoints.yaml")),
+    ("network.yaml", include_str!("../fixtures/network.yaml")),
+    ("config.yaml", include_str!("../fixtures/config.yaml")),
+    ("ipam.yaml", include_str!("../fixtures/ipam.yaml")),
 ];
 
 /// The documents of a fixture as generic YAML values.
@@ -68,7 +68,7 @@ fn every_fixture_round_trips_without_loss() {
 
 #[test]
 fn lists_expand_to_their_items_and_print_back_as_lists() {
-    let resources = parse_documents(include_str!("fixtures/list.yaml")).unwrap();
+    let resources = parse_documents(include_str!("../fixtures/list.yaml")).unwrap();
     let names: Vec<&str> = resources.iter().map(Resource::name).collect();
     assert_eq!(names, ["pool-a", "pool-b"]);
     assert!(resources.iter().all(|r| r.kind() == Kind::IPPool));

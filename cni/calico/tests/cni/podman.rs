@@ -2,11 +2,9 @@
 //! on a network whose conflist chains `calico` + `calico-ipam` + the reference `portmap`; they
 //! reach each other; removing them leaves no address, endpoint or veth behind.
 
-mod common;
-
 use std::{path::Path, process::Command};
 
-use common::*;
+use crate::common::*;
 use harness::{require, Requirement};
 
 struct Podman {

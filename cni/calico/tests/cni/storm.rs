@@ -1,11 +1,9 @@
 //! A storm of concurrent ADDs then DELs, on one node and on two nodes sharing a pool: no
 //! address handed out twice, nothing leaked, no veth left behind.
 
-mod common;
-
 use std::{collections::BTreeSet, time::Duration};
 
-use common::*;
+use crate::common::*;
 use harness::{require, Requirement};
 
 const NEEDS: &[Requirement] = &[Requirement::Root, Requirement::NetNs, Requirement::Etcd];

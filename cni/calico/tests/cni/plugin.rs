@@ -1,8 +1,6 @@
 //! The plugins called the way libcni calls them, on real network namespaces, veths and etcd.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use harness::{require, NetNs, Requirement, Veth};
 use serde_json::{json, Value};
 
