@@ -169,57 +169,6 @@ fn loaded_program_agrees_with_the_reference() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A program with `n` deny rules (one source /32 and one port each), then an allow.
-fn many_rules(n: usize) -> calico_policy::World {
-    use calico_model::{
-        spec::{Action, EntityRule, Rule},
-        Port, Protocol,
-    };
-    let mut w = calico_policy::World::default();
-    w.endpoints.insert(
-        calico_policy::EndpointId {
-            namespace: Some("default".into()),
-            name: "server".into(),
-        },
-        calico_policy::EndpointInfo {
-            addresses: vec!["10.0.0.1".parse().unwrap()],
-            ..Default::default()
-        },
-    );
-    let mut ingress: Vec<Rule> = (0..n)
-        .map(|i| Rule {
-            protocol: Some(Protocol::Name("TCP".into())),
-            source: EntityRule {
-                nets: vec![format!(
-                    "10.{}.{}.{}/32",
-                    100 + i / 65536,
-                    (i / 256) % 256,
-                    i % 256
-                )],
-                ..Default::default()
-            },
-            destination: EntityRule {
-                ports: vec![Port::Number(10_000 + (i % 50_000) as i64)],
-                ..Default::default()
-            },
-            ..Rule::new(Action::Deny)
-        })
-        .collect();
-    ingress.push(Rule::new(Action::Allow));
-    w.policies.push(calico_policy::PolicyInfo {
-        name: "many".into(),
-        namespace: None,
-        tier: "default".into(),
-        order: None,
-        selector: calico_selector::Selector::all(),
-        namespace_selector: None,
-        types: vec![],
-        ingress,
-        egress: vec![],
-    });
-    w
-}
-
 #[test]
 fn fifty_thousand_rules_load_and_decide_correctly() -> anyhow::Result<()> {
     if !require(
@@ -229,7 +178,7 @@ fn fifty_thousand_rules_load_and_decide_correctly() -> anyhow::Result<()> {
         return Ok(());
     }
     let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
-    let w = many_rules(50_000);
+    let w = calico_policy::testing::deny_rules_then_allow(50_000);
     let id = calico_policy::EndpointId {
         namespace: Some("default".into()),
         name: "server".into(),

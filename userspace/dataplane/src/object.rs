@@ -1,5 +1,7 @@
 use aya::{programs::SchedClassifier, Ebpf};
 
+use nix::errno::Errno;
+
 use crate::DataplaneError;
 
 /// The policy classifiers' eBPF object, embedded at build time (see build.rs for where it comes
@@ -39,4 +41,34 @@ where
         },
     })?;
     M::try_from(map).map_err(|source| DataplaneError::MapType { map: name, source })
+}
+
+/// Names the map and the action of a map error.
+pub(crate) fn map_err(
+    map: &'static str,
+    action: &'static str,
+) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map {
+        map,
+        action,
+        source,
+    }
+}
+
+/// Adds the clsact qdisc that pre-TCX attachment needs; one already there (another program's,
+/// or an earlier run's) is shared.
+pub(crate) fn ensure_clsact(interface: &str) -> Result<(), DataplaneError> {
+    match aya::programs::tc::qdisc_add_clsact(interface) {
+        Ok(()) => Ok(()),
+        Err(aya::programs::tc::TcError::NetlinkError(e))
+            if e.raw_os_error().map(Errno::from_raw) == Some(Errno::EEXIST) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(DataplaneError::Interface {
+            interface: interface.to_owned(),
+            action: "adding the clsact qdisc",
+            source,
+        }),
+    }
 }

@@ -9,14 +9,13 @@ use aya::{
         MapData, PerCpuArray,
     },
     programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachOptions, TcError},
+        tc::{SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use nix::errno::Errno;
 
 use crate::ProgramLogger;
 use calico_bpf_common::{
@@ -26,7 +25,7 @@ use calico_bpf_common::{
 use ipnet::IpNet;
 
 use crate::{
-    object::{classifier, take},
+    object::{classifier, ensure_clsact, map_err, take},
     DataplaneError, SOURCE_FILTER_OBJECT,
 };
 
@@ -156,19 +155,7 @@ impl SourceFilter {
         let options = match mode {
             AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
             AttachMode::Clsact => {
-                match tc::qdisc_add_clsact(interface) {
-                    Ok(()) => {}
-                    // Another program (or an earlier run) already added it: share it.
-                    Err(TcError::NetlinkError(e))
-                        if e.raw_os_error().map(Errno::from_raw) == Some(Errno::EEXIST) => {}
-                    Err(source) => {
-                        return Err(DataplaneError::Interface {
-                            interface: interface.to_owned(),
-                            action: "adding the clsact qdisc",
-                            source,
-                        })
-                    }
-                }
+                ensure_clsact(interface)?;
                 TcAttachOptions::Netlink(Default::default())
             }
         };
@@ -308,17 +295,6 @@ impl SourceFilter {
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
     classifier(ebpf, SOURCE_FILTER_PROG)
-}
-
-fn map_err(
-    map: &'static str,
-    action: &'static str,
-) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map {
-        map,
-        action,
-        source,
-    }
 }
 
 /// Names of the programs attached through TCX to `interface` (in the calling thread's network

@@ -311,3 +311,51 @@ pub fn make_packet(
         icmp: matches!(protocol, 1 | 58).then_some((t, c)),
     })
 }
+
+/// `n` rules that deny TCP from one /32 each to one port each (none matching the test
+/// traffic), then a final allow.
+pub fn deny_rules_then_allow(n: usize) -> World {
+    let mut w = World::default();
+    w.endpoints.insert(
+        EndpointId {
+            namespace: Some("default".into()),
+            name: "server".into(),
+        },
+        EndpointInfo {
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            ..Default::default()
+        },
+    );
+    let mut ingress: Vec<Rule> = (0..n)
+        .map(|i| Rule {
+            protocol: Some(Protocol::Name("TCP".into())),
+            source: EntityRule {
+                nets: vec![format!(
+                    "10.{}.{}.{}/32",
+                    100 + i / 65536,
+                    (i / 256) % 256,
+                    i % 256
+                )],
+                ..Default::default()
+            },
+            destination: EntityRule {
+                ports: vec![Port::Number(10_000 + (i % 50_000) as i64)],
+                ..Default::default()
+            },
+            ..Rule::new(Action::Deny)
+        })
+        .collect();
+    ingress.push(Rule::new(Action::Allow));
+    w.policies.push(PolicyInfo {
+        name: "many".into(),
+        namespace: None,
+        tier: "default".into(),
+        order: None,
+        selector: Selector::all(),
+        namespace_selector: None,
+        types: vec![],
+        ingress,
+        egress: vec![],
+    });
+    w
+}

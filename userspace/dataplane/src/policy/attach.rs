@@ -16,10 +16,12 @@ use aya::{
     util::KernelVersion,
 };
 use calico_bpf_common::{POLICY_EGRESS_PROG, POLICY_INGRESS_PROG};
-use nix::errno::Errno;
 
 use super::{hook_name, Attachment, Hook, PolicyDataplane};
-use crate::{object::classifier, AttachMode, DataplaneError};
+use crate::{
+    object::{classifier, ensure_clsact},
+    AttachMode, DataplaneError,
+};
 
 /// Where the attachment of `hook` on interface `ifindex` is pinned.
 fn link_pin(dir: &Path, ifindex: u32, hook: Hook) -> PathBuf {
@@ -57,18 +59,7 @@ impl PolicyDataplane {
     fn attach_as(&mut self, interface: &str, host: bool) -> Result<AttachMode, DataplaneError> {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         if !tcx {
-            match tc::qdisc_add_clsact(interface) {
-                Ok(()) => {}
-                Err(tc::TcError::NetlinkError(e))
-                    if e.raw_os_error().map(Errno::from_raw) == Some(Errno::EEXIST) => {}
-                Err(source) => {
-                    return Err(DataplaneError::Interface {
-                        interface: interface.to_owned(),
-                        action: "adding the clsact qdisc",
-                        source,
-                    })
-                }
-            }
+            ensure_clsact(interface)?;
         }
         let ifindex =
             nix::net::if_::if_nametoindex(interface).map_err(|e| DataplaneError::Interface {

@@ -38,7 +38,7 @@ pub use conntrack::{ConntrackTimeouts, TrackedFlow};
 pub use observe::{PolicyCounters, RuleCounter};
 
 use crate::{
-    object::{classifier, take},
+    object::{classifier, map_err, take},
     DataplaneError, LoadOptions, ProgramLogger, TC_OBJECT,
 };
 
@@ -120,17 +120,6 @@ fn hook_name(hook: Hook) -> &'static str {
     match hook {
         Hook::Ingress => "ingress",
         Hook::Egress => "egress",
-    }
-}
-
-fn map_err(
-    map: &'static str,
-    action: &'static str,
-) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map {
-        map,
-        action,
-        source,
     }
 }
 

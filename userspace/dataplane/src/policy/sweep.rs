@@ -2,13 +2,58 @@
 
 use std::collections::BTreeSet;
 
-use aya::maps::lpm_trie::Key;
-use calico_bpf_common::{
-    LocalKey, PeerKeyData, PortKeyData, ProtoKey, RuleStatKey, VerdictKeyData,
-};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuHashMap};
+use aya::Pod;
 
 use super::PolicyDataplane;
 use crate::DataplaneError;
+
+/// A table whose keys can be listed and removed one by one.
+trait SweptTable<K> {
+    fn listed(&self) -> Vec<K>;
+    fn removed(&mut self, key: &K) -> bool;
+}
+
+impl<K: Pod, V: Pod> SweptTable<K> for HashMap<MapData, K, V> {
+    fn listed(&self) -> Vec<K> {
+        self.keys().filter_map(Result::ok).collect()
+    }
+    fn removed(&mut self, key: &K) -> bool {
+        self.remove(key).is_ok()
+    }
+}
+
+impl<K: Pod, V: Pod> SweptTable<K> for PerCpuHashMap<MapData, K, V> {
+    fn listed(&self) -> Vec<K> {
+        self.keys().filter_map(Result::ok).collect()
+    }
+    fn removed(&mut self, key: &K) -> bool {
+        self.remove(key).is_ok()
+    }
+}
+
+impl<K: Pod, V: Pod> SweptTable<Key<K>> for LpmTrie<MapData, K, V> {
+    fn listed(&self) -> Vec<Key<K>> {
+        self.keys().filter_map(Result::ok).collect()
+    }
+    fn removed(&mut self, key: &Key<K>) -> bool {
+        self.remove(key).is_ok()
+    }
+}
+
+/// Removes the keys of `table` whose program `dead` says is gone; returns how many went.
+fn sweep_table<K>(
+    table: &mut impl SweptTable<K>,
+    program_of: impl Fn(&K) -> u32,
+    dead: &impl Fn(u32) -> bool,
+) -> usize {
+    let doomed: Vec<K> = table
+        .listed()
+        .into_iter()
+        .filter(|k| dead(program_of(k)))
+        .collect();
+    doomed.iter().filter(|k| table.removed(k)).count()
+}
 
 impl PolicyDataplane {
     /// Deletes table entries of programs no endpoint refers to: what a previous run left
@@ -20,64 +65,21 @@ impl PolicyDataplane {
             .map(|r| r.program)
             .collect();
         let dead = |program: u32| !live.contains(&program);
-        let mut removed = 0;
-        let peers: Vec<Key<PeerKeyData>> = self
-            .peers
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dead(u32::from_be_bytes(k.data().program)))
-            .collect();
-        for k in &peers {
-            removed += usize::from(self.peers.remove(k).is_ok());
-        }
-        let locals: Vec<LocalKey> = self
-            .locals
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dead(k.program))
-            .collect();
-        for k in &locals {
-            removed += usize::from(self.locals.remove(k).is_ok());
-        }
-        let protos: Vec<ProtoKey> = self
-            .protos
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dead(k.program))
-            .collect();
-        for k in &protos {
-            removed += usize::from(self.protos.remove(k).is_ok());
-        }
-        let sports: Vec<Key<PortKeyData>> = self
-            .sports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dead(u32::from_be_bytes(k.data().program)))
-            .collect();
-        for k in &sports {
-            removed += usize::from(self.sports.remove(k).is_ok());
-        }
-        let verdicts: Vec<Key<VerdictKeyData>> = self
-            .verdicts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let b = k.data().bytes;
-                dead(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            })
-            .collect();
-        for k in &verdicts {
-            removed += usize::from(self.verdicts.remove(k).is_ok());
-        }
-        let stats: Vec<RuleStatKey> = self
-            .rule_stats
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dead(k.program))
-            .collect();
-        for k in &stats {
-            removed += usize::from(self.rule_stats.remove(k).is_ok());
-        }
-        Ok(removed)
+        let be = |b: [u8; 4]| u32::from_be_bytes(b);
+        Ok(
+            sweep_table(&mut self.peers, |k| be(k.data().program), &dead)
+                + sweep_table(&mut self.locals, |k| k.program, &dead)
+                + sweep_table(&mut self.protos, |k| k.program, &dead)
+                + sweep_table(&mut self.sports, |k| be(k.data().program), &dead)
+                + sweep_table(
+                    &mut self.verdicts,
+                    |k| {
+                        let b = k.data().bytes;
+                        be([b[0], b[1], b[2], b[3]])
+                    },
+                    &dead,
+                )
+                + sweep_table(&mut self.rule_stats, |k| k.program, &dead),
+        )
     }
 }

@@ -7,62 +7,9 @@
 
 use std::{net::IpAddr, time::Instant};
 
-use calico_model::{
-    spec::{Action, EntityRule, Rule},
-    Port, Protocol,
-};
 use calico_policy::{
-    evaluate, CompiledProgram, Direction, EndpointId, EndpointInfo, Packet, PolicyInfo, World,
+    evaluate, testing::deny_rules_then_allow, CompiledProgram, Direction, EndpointId, Packet,
 };
-use calico_selector::Selector;
-
-/// `n` rules that deny TCP from one /32 each to one port each (none matching the test
-/// traffic), then a final allow.
-fn world(n: usize) -> World {
-    let mut w = World::default();
-    w.endpoints.insert(
-        EndpointId {
-            namespace: Some("default".into()),
-            name: "server".into(),
-        },
-        EndpointInfo {
-            addresses: vec!["10.0.0.1".parse().unwrap()],
-            ..Default::default()
-        },
-    );
-    let mut ingress: Vec<Rule> = (0..n)
-        .map(|i| Rule {
-            protocol: Some(Protocol::Name("TCP".into())),
-            source: EntityRule {
-                nets: vec![format!(
-                    "10.{}.{}.{}/32",
-                    100 + i / 65536,
-                    (i / 256) % 256,
-                    i % 256
-                )],
-                ..Default::default()
-            },
-            destination: EntityRule {
-                ports: vec![Port::Number(10_000 + (i % 50_000) as i64)],
-                ..Default::default()
-            },
-            ..Rule::new(Action::Deny)
-        })
-        .collect();
-    ingress.push(Rule::new(Action::Allow));
-    w.policies.push(PolicyInfo {
-        name: "many".into(),
-        namespace: None,
-        tier: "default".into(),
-        order: None,
-        selector: Selector::all(),
-        namespace_selector: None,
-        types: vec![],
-        ingress,
-        egress: vec![],
-    });
-    w
-}
 
 fn tcp(src: &str, port: u16) -> Packet {
     Packet {
@@ -84,7 +31,7 @@ fn fifty_thousand_rules_compile_and_agree() {
     let local: IpAddr = "10.0.0.1".parse().unwrap();
     let mut table = Vec::new();
     for n in [0usize, 100, 1_000, 10_000, 50_000] {
-        let w = world(n);
+        let w = deny_rules_then_allow(n);
         let program = w.program(&server, Direction::Ingress);
         let start = Instant::now();
         let compiled =
