@@ -217,14 +217,13 @@ fn which(program: &str) -> Option<PathBuf> {
 const SOURCE_DIRS: &[&str] = &["tests", "userspace", "cni", "ctl"];
 
 /// The ways the sources start a program by name: the program is the string literal that
-/// follows.
+/// follows (after any whitespace, as rustfmt may break the line there).
 const CALL_SHAPES: &[&str] = &[
-    "Command::new(\"",
-    ".exec(\"",
-    ".exec_ok(\"",
-    ".spawn_in(\"",
-    "command_works(\"",
-    "nsenter_program(\"",
+    "Command::new(",
+    ".exec(",
+    ".exec_ok(",
+    ".spawn_in(",
+    "command_works(",
 ];
 
 /// (program, file) for every program the sources start by a literal name.
@@ -253,9 +252,11 @@ fn programs_in(text: &str) -> Vec<String> {
     let mut programs = Vec::new();
     for shape in CALL_SHAPES {
         for (at, _) in text.match_indices(shape) {
-            let rest = &text[at + shape.len()..];
-            if let Some(end) = rest.find('"') {
-                programs.push(rest[..end].to_owned());
+            let rest = text[at + shape.len()..].trim_start();
+            if let Some(literal) = rest.strip_prefix('"') {
+                if let Some(end) = literal.find('"') {
+                    programs.push(literal[..end].to_owned());
+                }
             }
         }
     }
@@ -289,7 +290,10 @@ mod tests {
         let text = r#"
             Command::new("ip").args(["link"]);
             ns.exec("ping", &["-c", "1"]);
-            ns.exec_ok("sysctl", &["-qw"]);
+            ns.exec_ok(
+                "sysctl",
+                &["-qw"],
+            );
             ns.spawn_in("nc", &["-lk"]);
             command_works("etcd", &["--version"]);
             Command::new(env!("CARGO_BIN_EXE_calicoctl"));

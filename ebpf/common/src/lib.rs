@@ -223,8 +223,10 @@ pub const POLICY_STATS_MAP: &str = "POLICY_STATS";
 pub enum PolicyStat {
     Allowed = 0,
     Denied = 1,
-    /// Packets of interfaces without a program (passed untouched).
-    Unmanaged = 2,
+    /// IP packets on an attached interface that has no program (yet, or any more) for this
+    /// hook: dropped, so an interface is never open between attach and install or after an
+    /// install failed. ARP and IPv6 neighbour discovery still pass.
+    NoPolicy = 2,
     /// Packets that could not be parsed (dropped).
     Malformed = 3,
     /// Packets of tracked flows (passed without a verdict).

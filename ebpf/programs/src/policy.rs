@@ -3,7 +3,8 @@
 //!
 //! Attached on the host side of a workload's veth: `policy_ingress` on tc ingress (what the
 //! workload sends, judged by its egress policy), `policy_egress` on tc egress (what it
-//! receives, judged by its ingress policy). Interfaces without a program pass untouched.
+//! receives, judged by its ingress policy). An attached interface without a program for the
+//! hook drops IP traffic (fail closed: between attach and install, after a failed install).
 //!
 //! Parsing: Ethernet; IPv4 with options; IPv6 with up to four extension headers (hop-by-hop,
 //! routing, destination options, fragment). Non-IP frames (ARP) pass. A non-first fragment
@@ -541,7 +542,7 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
         return TC_ACT_SHOT;
     };
     // SAFETY: this CPU's scratch slot, used by this packet only. Reset first: the judging
-    // may return before it touches the slot (unmanaged interfaces), and what a previous
+    // may return before it touches the slot (a packet it cannot parse), and what a previous
     // packet left must not count as this one's.
     unsafe {
         (*scratch).judged = false;
@@ -569,10 +570,7 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
 fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     // SAFETY: the kernel passes a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(program) = (unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) }).copied() else {
-        count(PolicyStat::Unmanaged);
-        return TC_ACT_PIPE;
-    };
+    let program = (unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) }).copied();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
@@ -589,6 +587,11 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     if scratch.flow.protocol == 58 && (133..=137).contains(&(scratch.flow.dim >> 8)) {
         return TC_ACT_PIPE;
     }
+    // Fail closed: no program for this interface and hook means nothing is allowed yet.
+    let Some(program) = program else {
+        count(PolicyStat::NoPolicy);
+        return TC_ACT_SHOT;
+    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // An ICMP error about a tracked flow belongs to that flow.

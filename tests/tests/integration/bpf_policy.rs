@@ -4,7 +4,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use calico_dataplane::{Hook, LoadOptions, PolicyDataplane};
+use calico_dataplane::{Hook, LoadOptions, PolicyCounters, PolicyDataplane};
 use calico_model::parse_documents;
 use calico_policy::{CompiledProgram, Direction, EndpointId, World};
 use harness::{require, NetNs, Requirement, Veth};
@@ -74,12 +74,30 @@ fn denied_by_program(
     what: &str,
     attempt: impl FnOnce() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let before = dp.counters()?.denied;
+    dropped_as(dp, what, |c| c.denied, attempt)
+}
+
+/// The same for packets dropped because the hook has no program at all (fail closed).
+fn dropped_for_lack_of_policy(
+    dp: &PolicyDataplane,
+    what: &str,
+    attempt: impl FnOnce() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    dropped_as(dp, what, |c| c.no_policy, attempt)
+}
+
+fn dropped_as(
+    dp: &PolicyDataplane,
+    what: &str,
+    counter: impl Fn(&PolicyCounters) -> u64,
+    attempt: impl FnOnce() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let before = counter(&dp.counters()?);
     assert!(!attempt()?, "{what}: got through");
-    let after = dp.counters()?.denied;
+    let after = counter(&dp.counters()?);
     assert!(
         after > before,
-        "{what}: failed, but the program denied nothing (lost elsewhere?)"
+        "{what}: failed, but the program counted no drop of that kind (lost elsewhere?)"
     );
     Ok(())
 }
@@ -150,12 +168,15 @@ fn compiled_policy_allows_and_denies_real_traffic() -> anyhow::Result<()> {
         tcp_connects(&b.ns, s.ip, 8080)
     })?;
 
-    // Removing the policy leaves the interface unmanaged: traffic passes again.
+    // Removing the policy while the classifiers stay attached leaves the interface closed,
+    // not open; detaching them (an interface no longer managed) lets traffic pass again.
     dp.remove(ifindex, Hook::Egress)?;
     dp.remove(ifindex, Hook::Ingress)?;
+    dropped_for_lack_of_policy(&dp, "ICMP after the policy was removed", || a.ns.ping(s.ip))?;
+    dp.forget_interface(ifindex)?;
     assert!(
         a.ns.ping(s.ip)?,
-        "traffic blocked after the policy was removed"
+        "traffic blocked after the interface was released"
     );
     println!(
         "policy classifier: allowed {} denied {}",
@@ -348,5 +369,71 @@ fn udp_allow_deny_established_and_reply() -> anyhow::Result<()> {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = echoer.join();
+    Ok(())
+}
+
+/// Fail closed at the seams: an attached interface with nothing installed drops (and a
+/// program installed afterwards lets its traffic through: the positive control on the same
+/// path).
+#[test]
+fn nothing_passes_between_attach_and_install() -> anyhow::Result<()> {
+    if !require("nothing_passes_between_attach_and_install", NEEDS) {
+        return Ok(());
+    }
+    let (host, a, b, s) = three_workloads("nh")?;
+    let _listener = s.ns.tcp_server(8080)?;
+    assert!(a.ns.ping(s.ip)?, "no connectivity before attaching");
+    let (mut dp, ifindex) = policy_dataplane_on(&host, &s)?;
+    dropped_for_lack_of_policy(&dp, "ICMP before any install", || a.ns.ping(s.ip))?;
+    dropped_for_lack_of_policy(&dp, "TCP before any install", || {
+        tcp_connects(&a.ns, s.ip, 8080)
+    })?;
+    let allow_all = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n";
+    install(&mut dp, &world(allow_all, s.ip, a.ip, b.ip), ifindex, s.ip)?;
+    assert!(a.ns.ping(s.ip)?, "ICMP once the policy is installed");
+    assert!(
+        tcp_connects(&a.ns, s.ip, 8080)?,
+        "TCP once the policy is installed"
+    );
+    Ok(())
+}
+
+/// A map too small for a new program: the install fails and the endpoint drops, rather than
+/// keeping its previous policy (which may allow what the new one denies) or passing traffic.
+#[test]
+fn a_full_map_leaves_the_endpoint_denying() -> anyhow::Result<()> {
+    if !require("a_full_map_leaves_the_endpoint_denying", NEEDS) {
+        return Ok(());
+    }
+    const VERDICT_ENTRIES: u32 = 64;
+    let (host, a, b, s) = three_workloads("fh")?;
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions {
+        map_sizes: vec![(calico_bpf_common::POLICY_VERDICTS_MAP, VERDICT_ENTRIES)],
+        ..Default::default()
+    })?;
+    let host_if = s.host_if.clone();
+    host.run(|| dp.attach(&host_if))??;
+    let ifindex = host.ifindex(&s.host_if)?;
+
+    let allow_all = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n";
+    install(&mut dp, &world(allow_all, s.ip, a.ip, b.ip), ifindex, s.ip)?;
+    assert!(a.ns.ping(s.ip)?, "the small program allows ICMP");
+
+    // Every odd port from 1001 is its own verdict range: far more entries than the map holds.
+    let ports: Vec<String> = (0..VERDICT_ENTRIES)
+        .map(|i| (1001 + 2 * i).to_string())
+        .collect();
+    let too_big = format!(
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: server, namespace: default}}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {{action: Allow, protocol: ICMP}}\n    - {{action: Allow, protocol: TCP, destination: {{ports: [{}]}}}}\n  egress: [{{action: Allow}}]\n",
+        ports.join(", ")
+    );
+    let failed = install(&mut dp, &world(&too_big, s.ip, a.ip, b.ip), ifindex, s.ip);
+    assert!(failed.is_err(), "the oversized program was installed");
+    // The new program would allow ICMP, the old one did: neither is in force.
+    dropped_for_lack_of_policy(&dp, "ICMP after the failed install", || a.ns.ping(s.ip))?;
+
+    // Room again (the small program fits): traffic flows on the same path.
+    install(&mut dp, &world(allow_all, s.ip, a.ip, b.ip), ifindex, s.ip)?;
+    assert!(a.ns.ping(s.ip)?, "ICMP once a program fits again");
     Ok(())
 }

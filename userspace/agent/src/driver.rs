@@ -43,6 +43,8 @@ pub struct Driver {
     blocks: BTreeSet<IpNet>,
     /// Interfaces this run attached the classifiers to.
     attached: BTreeSet<u32>,
+    /// Endpoints whose last install failed (they drop that direction): retried every tick.
+    failed: BTreeSet<EndpointId>,
     /// Debug logging of the programs when FelixConfiguration does not say (the flag).
     default_bpf_debug: bool,
 }
@@ -76,6 +78,7 @@ impl Driver {
             programmed: BTreeMap::new(),
             blocks: BTreeSet::new(),
             attached: BTreeSet::new(),
+            failed: BTreeSet::new(),
             default_bpf_debug: false,
         }
     }
@@ -160,6 +163,9 @@ impl Driver {
                     .filter(|(_, p)| p.interface == name)
                     .map(|(id, _)| id.clone())
                     .collect();
+                if owner.is_empty() {
+                    self.guard_unknown_workload(&name, index);
+                }
                 for id in owner {
                     self.program(&id).await;
                 }
@@ -175,6 +181,25 @@ impl Driver {
                 if let Err(e) = self.dataplane.forget_interface(index) {
                     tracing::warn!(interface = %name, error = %e, "cleaning up after a removed interface");
                 }
+            }
+        }
+    }
+
+    /// A workload interface (by its prefix) with no endpoint known yet, as when the CNI plugin
+    /// has made the veth but its WorkloadEndpoint has not arrived: the classifiers go on at once
+    /// with no program installed, so it drops IP traffic until its policy is in (upstream drops
+    /// traffic of unknown workload interfaces too).
+    fn guard_unknown_workload(&mut self, name: &str, index: u32) {
+        if !name.starts_with(&self.interface_prefix) || self.attached.contains(&index) {
+            return;
+        }
+        match self.dataplane.attach(name) {
+            Ok(_) => {
+                tracing::debug!(interface = %name, "workload interface without an endpoint: dropping its traffic until one arrives");
+                self.attached.insert(index);
+            }
+            Err(e) => {
+                tracing::warn!(interface = %name, error = %e, "attaching to a workload interface without an endpoint")
             }
         }
     }
@@ -210,6 +235,7 @@ impl Driver {
             }
         }
         let t1 = std::time::Instant::now();
+        let mut failed = false;
         for direction in [Direction::Ingress, Direction::Egress] {
             let program: PolicyProgram = if place.host {
                 with_failsafe(policy.program(direction), direction, &self.settings)
@@ -238,9 +264,17 @@ impl Driver {
                 }
             };
             if let Err(e) = self.dataplane.install(ifindex, hook(direction), &compiled) {
-                tracing::error!(endpoint = ?id, ?direction, error = %e, "writing the policy maps failed");
-                return;
+                // The dataplane leaves the hook without a program: it drops until a retry
+                // succeeds (never the previous policy, never open).
+                self.metrics.install_errors.inc();
+                tracing::error!(endpoint = ?id, ?direction, error = %e, "writing the policy maps failed; the endpoint drops this direction's traffic until a retry succeeds");
+                failed = true;
             }
+        }
+        if failed {
+            self.failed.insert(id.clone());
+        } else {
+            self.failed.remove(id);
         }
         self.programmed.insert(ifindex, id.clone());
         let t2 = std::time::Instant::now();
@@ -272,8 +306,22 @@ impl Driver {
             return;
         };
         self.programmed.remove(&ifindex);
-        self.attached.remove(&ifindex);
-        if let Err(e) = self.dataplane.forget_interface(ifindex) {
+        self.failed.remove(id);
+        // A workload interface that outlives its endpoint (deleted before the CNI DEL) keeps
+        // its classifiers with no program, so it drops; anything else is released.
+        let still_a_workload = self
+            .interfaces
+            .iter()
+            .any(|(name, i)| *i == ifindex && name.starts_with(&self.interface_prefix));
+        let released = if still_a_workload {
+            [Hook::Ingress, Hook::Egress]
+                .into_iter()
+                .try_for_each(|h| self.dataplane.remove(ifindex, h))
+        } else {
+            self.attached.remove(&ifindex);
+            self.dataplane.forget_interface(ifindex)
+        };
+        if let Err(e) = released {
             tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
         }
         let host = self.places.get(id).is_some_and(|p| p.host);
@@ -352,7 +400,7 @@ impl Driver {
             Err(e) => tracing::warn!(error = %e, "reading the endpoint map"),
         }
         for ifindex in stale {
-            if !self.programmed.contains_key(&ifindex) {
+            if !self.programmed.contains_key(&ifindex) && !self.attached.contains(&ifindex) {
                 tracing::info!(
                     ifindex,
                     "releasing a previous run's attachment with no endpoint now"
@@ -368,6 +416,20 @@ impl Driver {
                 "removed map entries of programs no endpoint uses"
             ),
             Err(e) => tracing::warn!(error = %e, "sweeping the policy maps"),
+        }
+    }
+
+    /// Installs again what failed to install (a map that was full may have room now).
+    pub async fn retry_failed(&mut self) {
+        let failed: Vec<EndpointId> = self.failed.iter().cloned().collect();
+        for id in failed {
+            if self.places.contains_key(&id) && self.policies.contains_key(&id) {
+                // Forces the whole programming path again, not just the tables.
+                self.programmed.retain(|_, e| *e != id);
+                self.program(&id).await;
+            } else {
+                self.failed.remove(&id);
+            }
         }
     }
 
@@ -393,6 +455,7 @@ impl Driver {
             Metrics::set_total(&self.metrics.denied, c.denied);
             Metrics::set_total(&self.metrics.tracked, c.tracked);
             Metrics::set_total(&self.metrics.forwarded, c.forwarded);
+            Metrics::set_total(&self.metrics.no_policy, c.no_policy);
         }
     }
 }

@@ -10,6 +10,7 @@
 //! the link watcher and the HTTP endpoints run beside it and talk to it over channels or the
 //! shared [`metrics::Metrics`].
 
+pub mod admission;
 pub mod bird;
 pub mod config;
 pub mod driver;
@@ -33,6 +34,7 @@ use calico_policy::{EndpointId, Item};
 use tokio::sync::mpsc;
 
 use crate::{
+    admission::Admitted,
     config::{FelixSettings, Flags},
     driver::{Driver, EndpointPlace},
     metrics::Metrics,
@@ -49,6 +51,7 @@ struct Agent {
     metrics: Arc<Metrics>,
     felix_global: Option<FelixConfigurationSpec>,
     felix_node: Option<FelixConfigurationSpec>,
+    admission: admission::Admission,
     synced: bool,
 }
 
@@ -103,6 +106,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     let (mut dataplane, logger) = PolicyDataplane::load(&LoadOptions {
         log_level: Some(aya_log::Level::Debug),
         pin_path: Some(flags.bpf_pin_path.clone()),
+        ..Default::default()
     })
     .with_context(|| {
         format!(
@@ -163,6 +167,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         felix_global: None,
         felix_node: None,
+        admission: admission::Admission::default(),
         synced: false,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -183,6 +188,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             }
             Some(event) = link_rx.recv() => agent.driver.on_link(event).await,
             _ = tick.tick() => {
+                agent.driver.retry_failed().await;
                 if agent.synced && last_refresh.elapsed() >= refresh {
                     last_refresh = Instant::now();
                     agent.driver.reconcile_routes().await;
@@ -255,6 +261,8 @@ impl Agent {
                     }
                     self.felix_global = None;
                     self.felix_node = None;
+                    self.admission
+                        .retain(&resources.iter().map(admission::key_of).collect());
                     for r in &resources {
                         self.put(r);
                     }
@@ -271,6 +279,7 @@ impl Agent {
                     _,
                 ) => self.delete(kind, namespace, name),
                 SyncEvent::Watch(WatchEvent::Unreadable { error, revision }, _) => {
+                    self.metrics.resources_refused.inc();
                     tracing::error!(revision, %error, "a datastore value cannot be read; it is left out until fixed");
                 }
             }
@@ -318,6 +327,27 @@ impl Agent {
     }
 
     fn put(&mut self, resource: &Resource) {
+        let (kind, name) = (resource.kind().as_str(), &resource.metadata().name);
+        let last_valid;
+        let resource = match self.admission.admit(resource) {
+            Admitted::Valid(r) => r,
+            Admitted::LastValid(r, why) => {
+                self.metrics.resources_refused.inc();
+                tracing::error!(kind, %name, error = %why, "invalid resource refused; its last valid version stays in force");
+                last_valid = *r;
+                &last_valid
+            }
+            Admitted::Unvalidated(r, why) => {
+                self.metrics.resources_refused.inc();
+                tracing::error!(kind, %name, error = %why, "invalid policy with no valid version yet: what the dataplane cannot enforce makes the endpoints it selects drop");
+                r
+            }
+            Admitted::Refused(why) => {
+                self.metrics.resources_refused.inc();
+                tracing::error!(kind, %name, error = %why, "invalid resource refused; left out until fixed");
+                return;
+            }
+        };
         if let Some(b) = self.bird.as_mut() {
             b.put(resource);
         }
@@ -381,6 +411,8 @@ impl Agent {
     }
 
     fn delete(&mut self, kind: Kind, namespace: Option<String>, name: String) {
+        self.admission
+            .forget(&(kind, namespace.clone(), name.clone()));
         if let Some(b) = self.bird.as_mut() {
             b.delete(kind, &name);
         }

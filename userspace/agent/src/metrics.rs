@@ -34,11 +34,14 @@ pub struct Metrics {
     pub resyncs: Counter,
     pub endpoints: Gauge,
     pub compile_errors: Counter,
+    pub install_errors: Counter,
+    pub resources_refused: Counter,
     /// Totals read from the dataplane's own counters (hence set, not incremented).
     pub allowed: Counter,
     pub denied: Counter,
     pub tracked: Counter,
     pub forwarded: Counter,
+    pub no_policy: Counter,
     pub bird_config_errors: Counter,
     pub bird_restarts: Counter,
     latency: Histogram,
@@ -56,10 +59,13 @@ impl Default for Metrics {
             resyncs: Counter::default(),
             endpoints: Gauge::default(),
             compile_errors: Counter::default(),
+            install_errors: Counter::default(),
+            resources_refused: Counter::default(),
             allowed: Counter::default(),
             denied: Counter::default(),
             tracked: Counter::default(),
             forwarded: Counter::default(),
+            no_policy: Counter::default(),
             bird_config_errors: Counter::default(),
             bird_restarts: Counter::default(),
             latency: Histogram::new(BUCKETS),
@@ -95,6 +101,16 @@ impl Default for Metrics {
                 m.compile_errors.clone(),
             );
             r.register(
+                "felix_bpf_install_errors",
+                "Policy installs that failed (the endpoint drops that direction until a retry succeeds)",
+                m.install_errors.clone(),
+            );
+            r.register(
+                "felix_resources_refused",
+                "Datastore resources that failed validation or could not be read",
+                m.resources_refused.clone(),
+            );
+            r.register(
                 "felix_bpf_packets_allowed",
                 "Packets allowed by policy",
                 m.allowed.clone(),
@@ -113,6 +129,11 @@ impl Default for Metrics {
                 "felix_bpf_packets_forwarded",
                 "Packets redirected straight to another local endpoint's interface",
                 m.forwarded.clone(),
+            );
+            r.register(
+                "felix_bpf_packets_no_policy",
+                "IP packets dropped on an attached interface with no policy installed (yet)",
+                m.no_policy.clone(),
             );
             r.register(
                 "felix_bird_config_errors",

@@ -72,3 +72,15 @@ pub(crate) fn ensure_clsact(interface: &str) -> Result<(), DataplaneError> {
         }),
     }
 }
+
+/// Whether a map error says the key was not there: aya reports a failed lookup as
+/// `KeyNotFound`, a failed delete as the syscall's ENOENT.
+pub(crate) fn key_missing(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => {
+            s.io_error.raw_os_error().map(Errno::from_raw) == Some(Errno::ENOENT)
+        }
+        _ => false,
+    }
+}

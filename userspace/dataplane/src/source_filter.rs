@@ -66,6 +66,9 @@ pub struct LoadOptions {
     /// the TCX attachments are pinned, so that they outlive the process: a restarted agent
     /// adopts them and traffic keeps its verdicts (and its tracked flows) meanwhile.
     pub pin_path: Option<std::path::PathBuf>,
+    /// Policy dataplane only: maps whose size differs from the object's default, by name
+    /// (e.g. `POLICY_VERDICTS`), as FelixConfiguration's `bpfMapSize*` would set them.
+    pub map_sizes: Vec<(&'static str, u32)>,
 }
 
 /// Packet counters summed over all CPUs.

@@ -18,6 +18,7 @@ use calico_model::{
     spec::{EntityRule, Rule},
     Port,
 };
+use calico_selector::Selector;
 use ipnet::IpNet;
 
 use calico_model::spec::{Action, TierDefaultAction};
@@ -91,6 +92,20 @@ fn check_supported(policy: &str, index: usize, rule: &Rule) -> Result<(), Compil
                 &format!("{side}.serviceAccounts"),
                 "service account matching is not supported yet",
             ));
+        }
+        // A selector that does not parse refuses the rule (and so the program): read any other
+        // way it would match everyone or no one, and either can widen what is allowed.
+        for (field, selector) in [
+            ("selector", &e.selector),
+            ("notSelector", &e.not_selector),
+            ("namespaceSelector", &e.namespace_selector),
+        ] {
+            if let Some(Err(parse_error)) = selector.as_deref().map(Selector::parse) {
+                return Err(err(
+                    &format!("{side}.{field}"),
+                    &format!("selector does not parse: {parse_error}"),
+                ));
+            }
         }
         for (field, ports) in [("ports", &e.ports), ("notPorts", &e.not_ports)] {
             if ports.iter().any(|p| matches!(p, Port::Named(_))) {
@@ -965,5 +980,42 @@ mod tests {
             .position(|n| n.prefix_len() == 30)
             .unwrap();
         assert!(nested.region_empty(slash30));
+    }
+
+    #[test]
+    fn a_rule_selector_that_does_not_parse_refuses_the_rule() {
+        use calico_model::spec::{EntityRule, Rule};
+        let good = Rule {
+            source: EntityRule {
+                selector: Some("role == 'db'".into()),
+                ..Default::default()
+            },
+            ..Rule::new(Action::Allow)
+        };
+        assert_eq!(check_supported("p", 0, &good), Ok(()));
+        for (side, field) in [
+            ("source", "selector"),
+            ("source", "notSelector"),
+            ("destination", "namespaceSelector"),
+        ] {
+            let mut bad = good.clone();
+            let entity = if side == "source" {
+                &mut bad.source
+            } else {
+                &mut bad.destination
+            };
+            let broken = Some("role == ".to_owned());
+            match field {
+                "selector" => entity.selector = broken,
+                "notSelector" => entity.not_selector = broken,
+                _ => entity.namespace_selector = broken,
+            }
+            let e = check_supported("p", 3, &bad).unwrap_err();
+            assert_eq!(
+                (e.index, e.field.as_str()),
+                (3, format!("{side}.{field}").as_str())
+            );
+            assert!(e.reason.contains("does not parse"), "{e}");
+        }
     }
 }

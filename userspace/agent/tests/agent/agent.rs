@@ -124,13 +124,9 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
             w.address,
             w.interface
         );
-        let proxy = s.host.exec_ok(
-            "cat",
-            &[&format!(
-                "/proc/sys/net/ipv4/conf/{}/proxy_arp",
-                w.interface
-            )],
-        )?;
+        // /proc/sys/net shows the namespace of the thread that reads it.
+        let path = format!("/proc/sys/net/ipv4/conf/{}/proxy_arp", w.interface);
+        let proxy = s.host.run(move || std::fs::read_to_string(path))??;
         assert_eq!(proxy.trim(), "1");
     }
     assert_eq!(

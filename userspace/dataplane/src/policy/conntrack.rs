@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use calico_bpf_common::{CtKey, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO};
 
 use super::{map_err, PolicyDataplane};
-use crate::DataplaneError;
+use crate::{object::key_missing, DataplaneError};
 
 /// How long an idle tracked flow is kept, by kind (upstream Felix's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +113,8 @@ impl PolicyDataplane {
         }
         for k in &stale {
             match self.conntrack.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if key_missing(&e) => {}
                 Err(source) => return Err(map_err(CONNTRACK_MAP, "remove")(source)),
             }
         }

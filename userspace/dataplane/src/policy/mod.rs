@@ -149,6 +149,9 @@ impl PolicyDataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
+        for (name, size) in &options.map_sizes {
+            loader.map_max_entries(name, *size);
+        }
         let mut ebpf = loader.load(TC_OBJECT).map_err(DataplaneError::Load)?;
         let logger = match options.log_level {
             Some(_) => Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(DataplaneError::Logger)?),

@@ -8,7 +8,10 @@ use calico_bpf_common::{
 use calico_policy::Verdict;
 
 use super::{map_err, Hook, PolicyDataplane};
-use crate::{object::classifier, DataplaneError};
+use crate::{
+    object::{classifier, key_missing},
+    DataplaneError,
+};
 
 /// What one rule decided on one interface and hook.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +29,8 @@ pub struct RuleCounter {
 pub struct PolicyCounters {
     pub allowed: u64,
     pub denied: u64,
-    pub unmanaged: u64,
+    /// IP packets dropped on an attached interface with no program for the hook.
+    pub no_policy: u64,
     pub malformed: u64,
     /// Packets of tracked flows, passed without a verdict.
     pub tracked: u64,
@@ -73,7 +77,7 @@ impl PolicyDataplane {
                             bytes,
                         });
                     }
-                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) if key_missing(&e) => {}
                     Err(source) => return Err(map_err(POLICY_RULE_STATS_MAP, "read")(source)),
                 }
             }
@@ -131,7 +135,7 @@ impl PolicyDataplane {
         Ok(PolicyCounters {
             allowed: sum(PolicyStat::Allowed)?,
             denied: sum(PolicyStat::Denied)?,
-            unmanaged: sum(PolicyStat::Unmanaged)?,
+            no_policy: sum(PolicyStat::NoPolicy)?,
             malformed: sum(PolicyStat::Malformed)?,
             tracked: sum(PolicyStat::Tracked)?,
             forwarded: sum(PolicyStat::Forwarded)?,

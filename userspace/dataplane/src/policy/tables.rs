@@ -14,7 +14,7 @@ use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
 
 use super::{map_err, mapped, Hook, PolicyDataplane, Written};
-use crate::DataplaneError;
+use crate::{object::key_missing, DataplaneError};
 
 fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
     u16::try_from(class).map_err(|_| DataplaneError::TooLarge { what, value: class })
@@ -48,7 +48,8 @@ impl PolicyDataplane {
     }
 
     /// Installs `compiled` as the policy of interface `ifindex` at `hook`, replacing what was
-    /// there in one step.
+    /// there in one step. On failure (a full map, say) the hook is left with no program, which
+    /// drops its traffic: never the old policy, which may allow what the new one denies.
     pub fn install(
         &mut self,
         ifindex: u32,
@@ -58,25 +59,29 @@ impl PolicyDataplane {
         let program = self.next_program;
         self.next_program = self.next_program.wrapping_add(1).max(1);
         let mut written = Written::default();
-        if let Err(e) = self.write(program, compiled, &mut written) {
-            // Nothing points at a half-written program; take back what was written.
-            self.delete(written);
-            return Err(e);
-        }
         let key = EndpointKey {
             ifindex,
             hook: hook.code(),
         };
-        self.endpoints
-            .insert(
-                key,
-                ProgramRef {
-                    program,
-                    other_protocol: compiled.other_protocol,
-                },
-                0,
-            )
-            .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))?;
+        let switched = self.write(program, compiled, &mut written).and_then(|()| {
+            self.endpoints
+                .insert(
+                    key,
+                    ProgramRef {
+                        program,
+                        other_protocol: compiled.other_protocol,
+                    },
+                    0,
+                )
+                .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))
+        });
+        if let Err(e) = switched {
+            // Nothing points at a half-written program; take back what was written, and
+            // leave the hook denying rather than on its previous policy.
+            self.delete(written);
+            self.remove(ifindex, hook)?;
+            return Err(e);
+        }
         self.verdicts_of.insert(program, compiled.verdicts.clone());
         if let Some((old_program, old)) = self
             .installed
@@ -88,14 +93,16 @@ impl PolicyDataplane {
         Ok(program)
     }
 
-    /// Removes the policy of `ifindex` at `hook` (its traffic then passes unjudged).
+    /// Removes the policy of `ifindex` at `hook`: while the classifier stays attached its IP
+    /// traffic is then dropped ([`PolicyDataplane::forget_interface`] detaches it too).
     pub fn remove(&mut self, ifindex: u32, hook: Hook) -> Result<(), DataplaneError> {
         let key = EndpointKey {
             ifindex,
             hook: hook.code(),
         };
         match self.endpoints.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if key_missing(&e) => {}
             Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
         }
         if let Some((old_program, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
