@@ -405,3 +405,117 @@ fn restart_keeps_streams_and_outage_keeps_the_dataplane() -> Result<()> {
     s.wait_ping(false, Duration::from_secs(15))?;
     Ok(())
 }
+
+/// Polls until `metric` exceeds `floor`; its value.
+fn wait_metric_above(s: &Setup, metric: &str, floor: f64, timeout: Duration) -> Result<f64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = s.agent.metric(&s.host, metric)?;
+        if value > floor {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{metric} stayed at {value} (not above {floor}); agent log:\n{}",
+                s.agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A policy written around calicoctl with an `Allow` whose source selector does not parse: read
+/// as `all()` it would let everyone in. It must allow nothing: the endpoint it selects drops
+/// that direction, as for any compile error, until the policy is fixed.
+#[test]
+fn a_rule_selector_that_does_not_parse_allows_nothing() -> Result<()> {
+    if !require("a_rule_selector_that_does_not_parse_allows_nothing", NEEDS) {
+        return Ok(());
+    }
+    let s = Setup::new()?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+    // Only a `nobody` may reach the server: the client is denied.
+    s.store.apply("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: server-in}\nspec:\n  order: 10\n  selector: role == 'server'\n  ingress: [{action: Allow, source: {selector: role == 'nobody'}}]\n")?;
+    s.wait_ping(false, Duration::from_secs(10))?;
+
+    let refused = s.agent.metric(&s.host, "felix_resources_refused_total")?;
+    let compile_errors = s
+        .agent
+        .metric(&s.host, "felix_policy_compile_errors_total")?;
+    s.store.put_unvalidated("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: open-up}\nspec:\n  order: 1\n  selector: role == 'server'\n  ingress: [{action: Allow, source: {selector: \"role == \"}}]\n")?;
+    wait_metric_above(
+        &s,
+        "felix_resources_refused_total",
+        refused,
+        Duration::from_secs(10),
+    )?;
+    wait_metric_above(
+        &s,
+        "felix_policy_compile_errors_total",
+        compile_errors,
+        Duration::from_secs(10),
+    )?;
+    assert!(
+        !s.client().ns.ping(s.server().address.into())?,
+        "the unparsable selector let the client in"
+    );
+
+    // The same policy, fixed to name the client: the same path opens (positive control).
+    s.store.apply("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: open-up}\nspec:\n  order: 1\n  selector: role == 'server'\n  ingress: [{action: Allow, source: {selector: role == 'client'}}]\n")?;
+    s.wait_ping(true, Duration::from_secs(10))
+}
+
+/// A workload interface that appears before its WorkloadEndpoint (the CNI plugin wires it,
+/// then writes the endpoint) drops traffic until the endpoint and its policy arrive.
+#[test]
+fn an_interface_without_its_endpoint_drops_until_the_endpoint_arrives() -> Result<()> {
+    if !require(
+        "an_interface_without_its_endpoint_drops_until_the_endpoint_arrives",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let s = Setup::new()?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+    let address = Ipv4Addr::new(10, 65, 0, 3);
+    let late = Workload::new(&s.host, address)?;
+    // As the CNI plugin does before writing the endpoint: the host route to the workload
+    // (`proto static`, which the agent's route reconciliation leaves alone).
+    s.host.exec_ok(
+        "ip",
+        &[
+            "route",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            &late.interface,
+            "proto",
+            "static",
+        ],
+    )?;
+    let dropped = s
+        .agent
+        .metric(&s.host, "felix_bpf_packets_no_policy_total")?;
+    assert!(
+        !s.client().ns.ping(address.into())?,
+        "traffic reached a workload the agent knows no endpoint for"
+    );
+    wait_metric_above(
+        &s,
+        "felix_bpf_packets_no_policy_total",
+        dropped,
+        Duration::from_secs(10),
+    )?;
+
+    s.store
+        .apply(&workload_yaml(&s.agent.node, "late", &late, "late"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.client().ns.ping(address.into())? {
+        assert!(
+            Instant::now() < deadline,
+            "the endpoint arrived but its traffic stays dropped; log:\n{}",
+            s.agent.log()
+        );
+    }
+    Ok(())
+}
