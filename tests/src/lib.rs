@@ -20,3 +20,19 @@ pub use image::busybox_rootfs_tar;
 pub use netns::{unique_name, NetNs, TcpServer, Veth};
 pub use requirements::{require, Requirement};
 pub use store::Store;
+
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Tests in one binary run two at a time. A test that loads the whole kernel for seconds (a
+/// burst of hundreds of interfaces holds the RTNL lock that every netlink change and many dumps
+/// take) would make the others' waits time out, so it runs alone: it takes [`alone`], every
+/// other test of its binary [`beside_others`].
+static KERNEL_LOAD: RwLock<()> = RwLock::new(());
+
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    KERNEL_LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn beside_others() -> RwLockReadGuard<'static, ()> {
+    KERNEL_LOAD.read().unwrap_or_else(|e| e.into_inner())
+}

@@ -24,10 +24,10 @@ const MIN_DENIED: usize = 1;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_PIPE: i32 = 3;
 /// BPF_PROG_TEST_RUN delivers packets as if from loopback.
-const LOOPBACK: u32 = 1;
+pub(crate) const LOOPBACK: u32 = 1;
 
 /// An Ethernet frame carrying `p` (checksums are not looked at by the program).
-fn frame(p: &Packet) -> Vec<u8> {
+pub(crate) fn frame(p: &Packet) -> Vec<u8> {
     let mut l4 = Vec::new();
     match p.protocol {
         6 => {

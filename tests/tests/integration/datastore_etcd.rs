@@ -504,3 +504,60 @@ async fn username_and_password_authenticate() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// More than gRPC's default 4 MiB of resources (about what 4,500 endpoints take): listing and
+/// a watch's first snapshot still see every one, read in pages at one revision.
+#[tokio::test]
+async fn snapshots_larger_than_one_message_arrive_whole() -> anyhow::Result<()> {
+    if !require(
+        "snapshots_larger_than_one_message_arrive_whole",
+        &[Requirement::Etcd],
+    ) {
+        return Ok(());
+    }
+    const SETS: usize = 2_000;
+    let etcd = Etcd::start()?;
+    let store = connect(&etcd).await?;
+    // ~4 KiB each, written straight to their keys (validation is not what is tested here).
+    let nets: Vec<String> = (0..200)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    let mut bytes = 0;
+    let mut kv = store.etcd().kv_client();
+    for n in 0..SETS {
+        let set = doc(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: set-{n:05}\nspec:\n  nets: [{}]\n",
+            nets.join(", ")
+        ));
+        let value = serde_json::to_vec(&set)?;
+        bytes += value.len();
+        kv.put(
+            keys::key_for(&set).map_err(anyhow::Error::msg)?,
+            value,
+            None,
+        )
+        .await?;
+    }
+    assert!(bytes > 6 << 20, "only {bytes} bytes written");
+
+    let (listed, _) = store.list(Kind::GlobalNetworkSet, None).await?;
+    assert_eq!(listed.len(), SETS, "list lost objects");
+    let mut watch = store.watch(keys::RESOURCES_PREFIX, None);
+    let first = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await?
+        .expect("the watch ended");
+    match first {
+        WatchEvent::Snapshot { resources, .. } => {
+            assert_eq!(resources.len(), SETS, "the snapshot lost objects")
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    // The watch goes on from the snapshot's revision: a later change arrives.
+    store.apply(pool("after", "10.200.0.0/16")).await?;
+    assert!(matches!(
+        next_event(&mut watch).await,
+        WatchEvent::Put { .. }
+    ));
+    println!("snapshot: {SETS} objects, {bytes} bytes, in pages of 1,000 keys");
+    Ok(())
+}

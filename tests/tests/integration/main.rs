@@ -3,6 +3,7 @@
 
 mod bpf_differential;
 mod bpf_logging;
+mod bpf_pins;
 mod bpf_policy;
 mod bpf_source_filter;
 mod datastore_etcd;

@@ -15,7 +15,7 @@ use crate::{
     config::FelixSettings,
     failsafe::with_failsafe,
     metrics::Metrics,
-    netlink::{LinkEvent, Netlink, OwnedRoute},
+    netlink::{link_changes, LinkEvent, Netlink, OwnedRoute},
 };
 
 /// Where a local endpoint lives.
@@ -146,7 +146,6 @@ impl Driver {
                 }
             }
         }
-        self.metrics.endpoints.set(self.programmed.len() as i64);
     }
 
     pub async fn on_link(&mut self, event: LinkEvent) {
@@ -170,18 +169,34 @@ impl Driver {
                     self.program(&id).await;
                 }
             }
+            // Handled by the caller with a fresh listing (see `relist_links`).
+            LinkEvent::Lost => {}
             LinkEvent::Gone { name, index } => {
                 if self.interfaces.get(&name) == Some(&index) {
                     self.interfaces.remove(&name);
                 }
                 self.attached.remove(&index);
                 if self.programmed.remove(&index).is_some() {
+                    self.metrics.endpoints.set(self.programmed.len() as i64);
                     tracing::info!(interface = %name, index, "interface gone; its programs and policy go with it");
                 }
                 if let Err(e) = self.dataplane.forget_interface(index) {
                     tracing::warn!(interface = %name, error = %e, "cleaning up after a removed interface");
                 }
             }
+        }
+    }
+
+    /// Lists the links again and applies what changed (after lost events, and periodically,
+    /// so a missed event never leaves an endpoint unprogrammed for long).
+    pub async fn relist_links(&mut self) {
+        match self.netlink.links().await {
+            Ok(listed) => {
+                for event in link_changes(&self.interfaces, &listed) {
+                    self.on_link(event).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing links"),
         }
     }
 
@@ -277,6 +292,7 @@ impl Driver {
             self.failed.remove(id);
         }
         self.programmed.insert(ifindex, id.clone());
+        self.metrics.endpoints.set(self.programmed.len() as i64);
         let t2 = std::time::Instant::now();
         if !place.host {
             for a in &policy.addresses {
@@ -306,6 +322,7 @@ impl Driver {
             return;
         };
         self.programmed.remove(&ifindex);
+        self.metrics.endpoints.set(self.programmed.len() as i64);
         self.failed.remove(id);
         // A workload interface that outlives its endpoint (deleted before the CNI DEL) keeps
         // its classifiers with no program, so it drops; anything else is released.

@@ -38,7 +38,7 @@ use crate::{
     config::{FelixSettings, Flags},
     driver::{Driver, EndpointPlace},
     metrics::Metrics,
-    netlink::Netlink,
+    netlink::{LinkEvent, Netlink},
     syncer::{NodeRegistration, SyncEvent},
 };
 
@@ -186,11 +186,15 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
                 }
                 agent.handle(batch).await;
             }
-            Some(event) = link_rx.recv() => agent.driver.on_link(event).await,
+            Some(event) = link_rx.recv() => match event {
+                LinkEvent::Lost => agent.driver.relist_links().await,
+                event => agent.driver.on_link(event).await,
+            },
             _ = tick.tick() => {
                 agent.driver.retry_failed().await;
                 if agent.synced && last_refresh.elapsed() >= refresh {
                     last_refresh = Instant::now();
+                    agent.driver.relist_links().await;
                     agent.driver.reconcile_routes().await;
                     let routes = last_refresh.elapsed();
                     agent.driver.housekeeping();
@@ -314,6 +318,9 @@ impl Agent {
             self.driver.reconcile_routes().await;
             if !self.synced {
                 self.synced = true;
+                // Workload interfaces with no endpoint get guarded before the sweep, which
+                // then keeps their (possibly adopted) attachments.
+                self.driver.relist_links().await;
                 self.driver.sweep_leftovers();
                 self.driver.housekeeping();
                 tracing::info!(

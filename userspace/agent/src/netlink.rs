@@ -23,8 +23,38 @@ pub const BLACKHOLE_PROTOCOL: u8 = 80;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Present { name: String, index: u32 },
-    Gone { name: String, index: u32 },
+    Present {
+        name: String,
+        index: u32,
+    },
+    Gone {
+        name: String,
+        index: u32,
+    },
+    /// Events were lost (the socket's buffer overran, or the subscription ended): the links
+    /// must be listed again.
+    Lost,
+}
+
+/// What changed between the links the agent knows and a fresh listing: every listed link as
+/// `Present` (handling one twice is harmless), and `Gone` for each known one that is not
+/// listed any more or now has another index (a new interface under an old name).
+pub fn link_changes(
+    known: &BTreeMap<String, u32>,
+    listed: &BTreeMap<String, u32>,
+) -> Vec<LinkEvent> {
+    let gone = known
+        .iter()
+        .filter(|(name, index)| listed.get(*name) != Some(*index))
+        .map(|(name, index)| LinkEvent::Gone {
+            name: name.clone(),
+            index: *index,
+        });
+    let present = listed.iter().map(|(name, index)| LinkEvent::Present {
+        name: name.clone(),
+        index: *index,
+    });
+    gone.chain(present).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +116,13 @@ impl Netlink {
         tokio::spawn(async move {
             while let Some((message, _)) = messages.next().await {
                 let event = match message.payload {
+                    // ENOBUFS: the kernel dropped events while the buffer was full.
+                    NetlinkPayload::Overrun(_) => {
+                        tracing::warn!(
+                            "link events lost (netlink buffer overrun); listing links again"
+                        );
+                        Some(LinkEvent::Lost)
+                    }
                     NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
                         link_name(&l.attributes).map(|name| LinkEvent::Present {
                             name,
@@ -106,6 +143,9 @@ impl Netlink {
                     }
                 }
             }
+            // The subscription ended: from now on only the periodic listing sees links.
+            tracing::error!("link event subscription ended; links are listed periodically");
+            let _ = tx.send(LinkEvent::Lost);
         });
         Ok(())
     }
@@ -231,4 +271,42 @@ fn build(route: &OwnedRoute) -> RouteMessage {
         m.header.scope = RouteScope::Universe;
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links(list: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        list.iter().map(|(n, i)| (n.to_string(), *i)).collect()
+    }
+
+    #[test]
+    fn a_listing_reports_what_the_events_missed() {
+        let known = links(&[("lo", 1), ("cali1", 10), ("cali2", 11)]);
+        // cali1 went, cali2 was recreated under a new index, cali3 came.
+        let listed = links(&[("lo", 1), ("cali2", 12), ("cali3", 13)]);
+        let changes = link_changes(&known, &listed);
+        let gone: Vec<_> = changes
+            .iter()
+            .filter_map(|e| match e {
+                LinkEvent::Gone { name, index } => Some((name.as_str(), *index)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gone, [("cali1", 10), ("cali2", 11)]);
+        let present: Vec<_> = changes
+            .iter()
+            .filter_map(|e| match e {
+                LinkEvent::Present { name, index } => Some((name.as_str(), *index)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(present, [("cali2", 12), ("cali3", 13), ("lo", 1)]);
+        // Gone comes first, so a recreated name is dropped before it is added again.
+        assert!(matches!(changes[0], LinkEvent::Gone { .. }));
+        assert!(link_changes(&listed, &listed)
+            .iter()
+            .all(|e| matches!(e, LinkEvent::Present { .. })));
+    }
 }

@@ -43,6 +43,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinned map layout: {0}")]
+    Layout(String),
     #[error("{what} is not attached to `{interface}`")]
     NotAttached {
         what: &'static str,

@@ -16,6 +16,12 @@ use crate::{
 /// Reads are retried this many times on transport errors, with doubling backoff.
 const READ_ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Keys per page when listing a prefix: a cluster's worth of objects never comes back as one
+/// message (gRPC's default limit is 4 MiB, about 4,500 endpoints).
+pub(crate) const PAGE_KEYS: i64 = 1000;
+/// The largest answer accepted: one page of large objects (a policy with thousands of rules is
+/// hundreds of KB).
+pub(crate) const MAX_MESSAGE: usize = 64 << 20;
 /// `apply` re-reads and retries this many times when a concurrent writer wins.
 const APPLY_ATTEMPTS: u32 = 8;
 
@@ -294,9 +300,7 @@ impl Datastore {
         namespace: Option<&str>,
     ) -> Result<(Vec<Resource>, i64), DatastoreError> {
         let prefix = prefix_for(kind, namespace);
-        let (kvs, revision) = self
-            .read(&prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
+        let (kvs, revision) = self.read_prefix(&prefix).await?;
         let resources = kvs
             .iter()
             .filter(|kv| {
@@ -313,9 +317,7 @@ impl Datastore {
         &self,
         prefix: &str,
     ) -> Result<(Vec<Result<Resource, DatastoreError>>, i64), DatastoreError> {
-        let (kvs, revision) = self
-            .read(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
+        let (kvs, revision) = self.read_prefix(prefix).await?;
         let resources = kvs
             .iter()
             .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
@@ -324,22 +326,69 @@ impl Datastore {
         Ok((resources, revision))
     }
 
+    /// Every key under `prefix`, read in pages of [`PAGE_KEYS`] all at the revision of the
+    /// first page (a consistent snapshot however large), and that revision.
+    pub(crate) async fn read_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut all = Vec::new();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(PAGE_KEYS + 1);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let (mut page, read_at) = self.read_bytes(&from, Some(options)).await?;
+            if revision == 0 {
+                revision = read_at;
+            }
+            // One key more than a page says whether another page follows; it starts it.
+            let more = page.len() as i64 > PAGE_KEYS;
+            if more {
+                let next = page.pop().expect("more than PAGE_KEYS");
+                from = next.key().to_vec();
+            }
+            all.extend(page);
+            if !more {
+                return Ok((all, revision));
+            }
+        }
+    }
+
     /// A get with retries on transport errors.
     async fn read(
         &self,
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
+        self.read_bytes(key.as_bytes(), options).await
+    }
+
+    async fn read_bytes(
+        &self,
+        key: &[u8],
+        options: Option<GetOptions>,
+    ) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
         let mut backoff = Backoff::new(FIRST_BACKOFF, FIRST_BACKOFF * 8);
         let mut attempt = 1;
         loop {
-            match self.client.clone().get(key, options.clone()).await {
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_MESSAGE);
+            match kv.get(key, options.clone()).await {
                 Ok(mut response) => {
                     let revision = response.header().map_or(0, |h| h.revision());
                     return Ok((response.take_kvs(), revision));
                 }
                 Err(e) if attempt < READ_ATTEMPTS => {
-                    tracing::warn!(key, attempt, error = %e, "etcd read failed; retrying");
+                    let key = String::from_utf8_lossy(key);
+                    tracing::warn!(%key, attempt, error = %e, "etcd read failed; retrying");
                     backoff.wait().await;
                     attempt += 1;
                 }
@@ -498,4 +547,29 @@ fn tls_options(config: &EtcdConfig) -> Result<TlsOptions, DatastoreError> {
         ));
     }
     Ok(tls)
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/calico/"), b"/calico0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+    }
 }

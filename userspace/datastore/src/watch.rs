@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use calico_model::{Kind, Resource};
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{etcd::decode, keys::parse_key, Backoff, Datastore, DatastoreError};
@@ -108,8 +108,11 @@ async fn run(
             .with_prefix()
             .with_start_revision(next)
             .with_prev_key();
-        let (_watcher, mut stream) = match store.etcd().watch(prefix.as_str(), Some(options)).await
-        {
+        let mut client = store
+            .etcd()
+            .watch_client()
+            .max_decoding_message_size(crate::etcd::MAX_MESSAGE);
+        let (_watcher, mut stream) = match client.watch(prefix.as_str(), Some(options)).await {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(error = %e, "etcd watch failed to start; retrying");
@@ -206,17 +209,9 @@ async fn snapshot(
 }
 
 async fn list(store: &Datastore, prefix: &str) -> Result<(Vec<Resource>, i64), DatastoreError> {
-    let mut response = store
-        .etcd()
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|source| DatastoreError::Unavailable {
-            endpoints: String::new(),
-            source,
-        })?;
-    let revision = response.header().map_or(0, |h| h.revision());
-    let resources = response
-        .take_kvs()
+    // Paged, at one revision: a large cluster's snapshot is many messages, one consistent view.
+    let (kvs, revision) = store.read_prefix(prefix).await?;
+    let resources = kvs
         .iter()
         .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
         .filter_map(|kv| match decode(kv) {

@@ -33,6 +33,8 @@ struct Setup {
     _forward: Forward,
     host: NetNs,
     etcd: Etcd,
+    /// Last, so it is released after everything else is torn down.
+    _load: Box<dyn std::any::Any>,
 }
 
 fn workload_yaml(node: &str, name: &str, w: &Workload, role: &str) -> String {
@@ -44,6 +46,11 @@ fn workload_yaml(node: &str, name: &str, w: &Workload, role: &str) -> String {
 
 impl Setup {
     fn new() -> Result<Self> {
+        Self::with_load(Box::new(harness::beside_others()))
+    }
+
+    /// The same, holding `load` (see `harness::alone`) for its whole life.
+    fn with_load(load: Box<dyn std::any::Any>) -> Result<Self> {
         let etcd = Etcd::start()?;
         let host = NetNs::new("ah")?;
         let forward = Forward::loopback(&host, etcd.port())?;
@@ -63,6 +70,7 @@ impl Setup {
             &node,
         )?;
         let mut s = Self {
+            _load: load,
             workloads: vec![client, server],
             agent,
             store,
@@ -518,4 +526,60 @@ fn an_interface_without_its_endpoint_drops_until_the_endpoint_arrives() -> Resul
         );
     }
     Ok(())
+}
+
+/// A burst of 300 new workload interfaces at once (their endpoints already in the datastore):
+/// every one gets programmed, whatever link events the burst costs the agent.
+#[test]
+fn a_burst_of_300_interfaces_all_get_programmed() -> Result<()> {
+    if !require("a_burst_of_300_interfaces_all_get_programmed", NEEDS) {
+        return Ok(());
+    }
+    const BURST: usize = 300;
+    let s = Setup::with_load(Box::new(harness::alone()))?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+    let name = |i: usize| format!("calib{i:04}");
+    let mut endpoints = String::new();
+    for i in 0..BURST {
+        endpoints.push_str(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata:\n  name: {node}-cni-b{i}-eth0\n  namespace: default\n  labels: {{role: burst}}\nspec:\n  orchestrator: cni\n  workload: b{i}\n  node: {node}\n  endpoint: eth0\n  interfaceName: {iface}\n  ipNetworks: ['10.66.{hi}.{lo}/32']\n  profiles: [net1]\n---\n",
+            node = s.agent.node,
+            iface = name(i),
+            hi = i / 250,
+            lo = i % 250 + 1,
+        ));
+    }
+    s.store.apply(&endpoints)?;
+    // All the veths in one netlink batch (the peers stay in the host namespace: the agent
+    // only cares about the `cali` ends).
+    let batch: String = (0..BURST)
+        .map(|i| format!("link add {} type veth peer name peer{i:04}\n", name(i)))
+        .collect();
+    let mut ip = std::process::Command::new("ip")
+        .args(["-n", s.host.name(), "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    ip.stdin
+        .take()
+        .context("stdin")?
+        .write_all(batch.as_bytes())?;
+    anyhow::ensure!(ip.wait()?.success(), "ip -batch failed");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let programmed = s.agent.metric(&s.host, "felix_active_local_endpoints")?;
+        if programmed as usize == BURST + 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{programmed} of {} endpoints programmed; agent log:\n{}",
+                BURST + 2,
+                s.agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The earlier workloads are unaffected.
+    s.wait_ping(true, Duration::from_secs(10))
 }

@@ -126,6 +126,7 @@ fn docker_binary() -> PathBuf {
 
 #[test]
 fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
+    let _load = harness::beside_others();
     if !require(
         "dockerd_runs_containers_on_a_calico_network",
         &[

@@ -24,6 +24,7 @@ fn connects(from: &NetNs, to_ns: &NetNs, to: SocketAddr) -> Result<bool> {
 
 #[test]
 fn failsafe_ports_survive_a_deny_all_host_policy() -> Result<()> {
+    let _load = harness::beside_others();
     if !require(
         "failsafe_ports_survive_a_deny_all_host_policy",
         &[

@@ -77,6 +77,7 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>)
 
 #[test]
 fn three_hosts_route_workloads_over_bgp() -> Result<()> {
+    let _load = harness::beside_others();
     if !require(
         "three_hosts_route_workloads_over_bgp",
         &[

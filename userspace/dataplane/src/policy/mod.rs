@@ -12,6 +12,7 @@
 mod attach;
 mod conntrack;
 mod observe;
+mod pins;
 mod sweep;
 mod tables;
 
@@ -135,6 +136,7 @@ impl PolicyDataplane {
     pub fn load(options: &LoadOptions) -> Result<(Self, Option<ProgramLogger>), DataplaneError> {
         let level: u8 = options.log_level.map_or(0, |l| l as u8);
         let mut loader = EbpfLoader::new();
+        let mut migrating = Vec::new();
         loader.override_global(aya_log::LEVEL, &level, false);
         if let Some(dir) = &options.pin_path {
             for sub in [dir.clone(), dir.join("links")] {
@@ -144,6 +146,9 @@ impl PolicyDataplane {
                     source,
                 })?;
             }
+            // Pins of another layout are moved aside or removed first (see `pins`).
+            let wanted = pins::wanted_layouts(TC_OBJECT, &options.map_sizes)?;
+            migrating = pins::prepare(dir, &PINNED_MAPS, &wanted)?;
             for name in PINNED_MAPS {
                 // Reuses the map pinned there, or creates and pins it.
                 loader.map_pin_path(name, dir.join(name));
@@ -187,6 +192,15 @@ impl PolicyDataplane {
             tracked_flows_seen: 0,
         };
         dataplane.set_debug_logging(options.log_level.is_some())?;
+        for (name, old) in migrating {
+            if name == CONNTRACK_MAP {
+                let copied = pins::migrate_conntrack(old, &mut dataplane.conntrack)?;
+                tracing::info!(
+                    flows = copied,
+                    "tracked flows migrated to the new conntrack layout"
+                );
+            }
+        }
         // Programs already in pinned maps (a previous run's) keep their ids; new ones start
         // above them.
         let adopted = dataplane.endpoint_programs()?;
