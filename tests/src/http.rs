@@ -94,3 +94,19 @@ where
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Sends `size` bytes of request line with no end to `stream`: a server that reads it all grows
+/// by that much. Returns how many bytes the server took before it refused (closed or reset the
+/// connection); `size` when it took everything.
+pub fn endless_request_line(mut stream: impl std::io::Write, size: usize) -> usize {
+    let chunk = vec![b'A'; 64 << 10];
+    let mut sent = 0;
+    let _ = stream.write_all(b"GET /");
+    while sent < size {
+        match stream.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => sent += n,
+        }
+    }
+    sent
+}

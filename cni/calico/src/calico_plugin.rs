@@ -384,7 +384,7 @@ async fn gc(
     node: &str,
     ipam_type: &str,
 ) -> Result<(), CniError> {
-    let valid = valid_attachments(raw);
+    let valid = valid_attachments(raw)?;
     let (endpoints, _) = store
         .list(Kind::WorkloadEndpoint, None)
         .await

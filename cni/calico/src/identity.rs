@@ -48,19 +48,23 @@ impl Workload {
         }
     }
 
-    /// Host-side veth: `cali` + 11 hex chars of sha1(`<namespace>.<pod>`) for Kubernetes, of
-    /// the container ID otherwise (as upstream names them).
+    /// Host-side veth: `cali` + 11 hex chars of sha1(`<namespace>.<pod>`) for Kubernetes, the
+    /// container ID's first 11 characters otherwise (as upstream names them). A container ID
+    /// that is not plain ASCII letters, digits, `-`, `_` or `.` (any ID a runtime may pass)
+    /// is hashed too, so the name is always a valid interface name.
     pub fn veth_name(&self) -> String {
         let id = match &self.pod {
-            Some(pod) => {
-                let digest = Sha1::digest(format!("{}.{pod}", self.namespace).as_bytes());
-                digest
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
+            Some(pod) => sha1_hex(&format!("{}.{pod}", self.namespace)),
+            None if self
+                .container_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) =>
+            {
+                self.container_id.clone()
             }
-            None => self.container_id.clone(),
+            None => sha1_hex(&self.container_id),
         };
+        // ASCII by now, so slicing by bytes is slicing by characters.
         format!("cali{}", &id[..id.len().min(11)])
     }
 
@@ -80,6 +84,13 @@ impl Workload {
     pub fn handle(network: &str, container_id: &str) -> String {
         format!("{network}.{container_id}")
     }
+}
+
+fn sha1_hex(text: &str) -> String {
+    Sha1::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -110,5 +121,31 @@ mod tests {
         assert_eq!(w.veth_name(), "cali702f68bf34d");
         assert_eq!(w.endpoint_name(), "my--node-cni-702f68bf34d8b947e4-eth0");
         assert_eq!(Workload::handle("net1", "702f"), "net1.702f");
+    }
+
+    #[test]
+    fn any_container_id_gives_a_valid_interface_name() {
+        let none = BTreeMap::new();
+        for id in [
+            "ünïcödé-container-id",
+            "日本語のコンテナ",
+            "a/b c:d",
+            "é",
+            "",
+        ] {
+            let name = Workload::new("n", id, "eth0", &none).veth_name();
+            assert!(
+                name.starts_with("cali") && name.len() <= 15,
+                "{id:?} → {name:?}"
+            );
+            assert!(
+                name.is_ascii() && !name.contains(['/', ' ', ':']),
+                "{id:?} → {name:?}"
+            );
+        }
+        // Two non-ASCII ids get two names.
+        let a = Workload::new("n", "контейнер-1", "eth0", &none).veth_name();
+        let b = Workload::new("n", "контейнер-2", "eth0", &none).veth_name();
+        assert_ne!(a, b);
     }
 }

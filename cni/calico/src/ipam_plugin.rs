@@ -198,7 +198,7 @@ pub async fn run(
             }
         }
         Command::Gc => {
-            let valid = valid_attachments(raw);
+            let valid = valid_attachments(raw)?;
             let prefix = format!("{}.", conf.name);
             let (handles, _) = store
                 .list(Kind::IPAMHandle, None)
@@ -221,17 +221,32 @@ pub async fn run(
     }
 }
 
-/// `cni.dev/valid-attachments` of a GC call: (containerID, ifname) pairs.
-pub fn valid_attachments(raw: &Value) -> Vec<(String, String)> {
-    raw.get("cni.dev/valid-attachments")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| {
-            Some((
-                a["containerID"].as_str()?.to_owned(),
-                a["ifname"].as_str().unwrap_or_default().to_owned(),
-            ))
+/// `cni.dev/valid-attachments` of a GC call: (containerID, ifname) pairs. GC removes every
+/// attachment not listed, so a list that is missing or cannot be read is an error that removes
+/// nothing (an empty list is a real answer: nothing is valid any more).
+pub fn valid_attachments(raw: &Value) -> Result<Vec<(String, String)>, CniError> {
+    const KEY: &str = "cni.dev/valid-attachments";
+    let invalid = |what: String| CniError::new(code::INVALID_CONFIG, format!("GC: {KEY} {what}"));
+    let list = raw
+        .get(KEY)
+        .ok_or_else(|| invalid("is missing; without it GC would remove every attachment".into()))?
+        .as_array()
+        .ok_or_else(|| invalid("is not a list".into()))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let container = a
+                .get("containerID")
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| invalid(format!("[{i}]: no containerID string")))?;
+            let ifname = match a.get("ifname") {
+                None => "",
+                Some(v) => v
+                    .as_str()
+                    .ok_or_else(|| invalid(format!("[{i}].ifname: not a string")))?,
+            };
+            Ok((container.to_owned(), ifname.to_owned()))
         })
         .collect()
 }

@@ -129,20 +129,25 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), WiringError> {
     calico_hostlink::sysctl(path, value).map_err(io_fail(format!("setting {path}")))
 }
 
-/// Creates the veth pair and configures both ends. On failure nothing is left behind.
+/// Creates the veth pair and configures both ends. On failure nothing this call made is left
+/// behind, and nothing it did not make is touched (an interface already in the workload under
+/// `ifname` is why such an ADD fails, and it is not ours to delete).
 pub fn wire(plan: &Plan) -> Result<Wired, WiringError> {
-    match wire_inner(plan) {
+    let mut created = false;
+    match wire_inner(plan, &mut created) {
         Ok(w) => Ok(w),
         Err(e) => {
-            if let Err(cleanup) = unwire(&plan.host_veth, Some(&plan.netns), &plan.ifname) {
-                tracing::error!(error = %cleanup, "cleanup after a failed ADD failed");
+            if created {
+                if let Err(cleanup) = unwire(&plan.host_veth, Some(&plan.netns), &plan.ifname) {
+                    tracing::error!(error = %cleanup, "cleanup after a failed ADD failed");
+                }
             }
             Err(e)
         }
     }
 }
 
-fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
+fn wire_inner(plan: &Plan, created: &mut bool) -> Result<Wired, WiringError> {
     let netns = File::open(&plan.netns)
         .map_err(io_fail(format!("opening netns {}", plan.netns.display())))?;
     let netns_fd = netns.as_raw_fd();
@@ -175,6 +180,8 @@ fn wire_inner(plan: &Plan) -> Result<Wired, WiringError> {
             Ok(calico_hostlink::create_workload_veth(h, &host_veth, &peer).await?)
         })
     })?;
+    // From here on both ends are ours: a failure removes them.
+    *created = true;
     calico_hostlink::configure_host_end(&plan.host_veth, !v6.is_empty())
         .map_err(io_fail(format!("configuring {}", plan.host_veth)))?;
 

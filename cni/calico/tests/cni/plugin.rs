@@ -385,6 +385,14 @@ async fn errors_carry_the_spec_codes_and_roll_back() -> anyhow::Result<()> {
         !host_link_exists(&taken_att.host_veth()),
         "veth left behind after a failed ADD"
     );
+    assert!(
+        taken_att
+            .ns
+            .exec("ip", &["link", "show", "eth0"])?
+            .status
+            .success(),
+        "the rollback of a failed ADD deleted the container's own eth0"
+    );
     assert_eq!(
         ipam_usage(&etcd).await?,
         (0, 0),
@@ -422,6 +430,33 @@ async fn gc_removes_attachments_that_are_no_longer_valid() -> anyhow::Result<()>
     let stale = Attachment::new(conf.clone());
     ok(&keep.run("ADD"), "keep");
     ok(&stale.run("ADD"), "stale");
+    // A GC whose list is missing or unreadable is refused and removes nothing.
+    for bad in [
+        None,
+        Some(json!("not a list")),
+        Some(json!([{ "ifname": "eth0" }])),
+        Some(json!([{ "containerID": 7 }])),
+    ] {
+        let mut gc = conf.clone();
+        if let Some(list) = &bad {
+            gc["cni.dev/valid-attachments"] = list.clone();
+        }
+        let out = call(calico(), "GC", "", "", "", "", &gc);
+        assert_eq!(
+            (out.code, out.json()["code"].as_u64()),
+            (1, Some(7)),
+            "{bad:?}: {out:?}"
+        );
+        assert!(
+            host_link_exists(&keep.host_veth()) && host_link_exists(&stale.host_veth()),
+            "a refused GC ({bad:?}) removed attachments"
+        );
+        assert_eq!(
+            ipam_usage(&etcd).await?,
+            (2, 2),
+            "a refused GC ({bad:?}) released addresses"
+        );
+    }
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{ "containerID": keep.container, "ifname": "eth0" }]);
     let out = call(calico(), "GC", "", "", "", "", &gc);

@@ -186,6 +186,18 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
         .apply(&workload_yaml(&s.agent.node, "client", s.client(), "other"))?;
     s.wait_ping(true, Duration::from_secs(5))?;
 
+    // A request line that never ends is refused after a bounded read (hyper's header limit),
+    // not buffered until the agent runs out of memory; the agent answers afterwards.
+    const ENDLESS: usize = 64 << 20;
+    let taken = s.host.run(|| -> Result<usize> {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, harness::HEALTH_PORT))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(harness::http::endless_request_line(stream, ENDLESS))
+    })??;
+    assert!(
+        taken < ENDLESS / 4,
+        "the health port read {taken} bytes of one request line"
+    );
     let (code, body) = s.agent.get(&s.host, "/liveness")?;
     assert_eq!(code, 200, "{body}");
     let (_, metrics) = s.agent.get(&s.host, "/metrics")?;

@@ -365,6 +365,16 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
     let (code, body) = call("IpamDriver.RequestAddress", request)?;
     assert_eq!(code, 500);
     assert!(body.contains("no free address"), "{body}");
+    // The same bound on the plugin socket.
+    const ENDLESS: usize = 64 << 20;
+    let stream =
+        std::os::unix::net::UnixStream::connect(Path::new(PLUGIN_DIR).join("calico.sock"))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let taken = harness::http::endless_request_line(stream, ENDLESS);
+    assert!(
+        taken < ENDLESS / 4,
+        "the plugin socket read {taken} bytes of one request line"
+    );
     let (code, body) = call("Plugin.Activate", "")?;
     assert_eq!(
         (code, body.contains("NetworkDriver")),
