@@ -1,17 +1,18 @@
 //! The agent's link to the datastore: connects (retrying with backoff), registers this node,
-//! then lists and watches every v3 resource from a revision and probes the datastore's health
-//! and this node's block affinities. etcd outages are ridden out by the watch (which resumes
+//! then lists and watches every v3 resource from a revision, watches this node's block
+//! affinities, and probes the datastore's health. etcd outages are ridden out by the watch (which resumes
 //! where it left off, or resyncs with a snapshot after a compaction); the dataplane keeps its
 //! last state meanwhile.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use calico_datastore::{
-    keys::RESOURCES_PREFIX, Backoff, Datastore, DatastoreError, EtcdConfig, WatchEvent,
+    keys::{self, RESOURCES_PREFIX},
+    Backoff, Datastore, DatastoreError, EtcdConfig, WatchEvent,
 };
 use calico_model::{Kind, Resource};
 use ipnet::IpNet;
@@ -63,7 +64,8 @@ pub fn spawn(
                 }
             }
         }
-        tokio::spawn(probe(store.clone(), node.name.clone(), tx.clone(), metrics));
+        tokio::spawn(probe(store.clone(), metrics));
+        tokio::spawn(affinities(store.clone(), node.name.clone(), tx.clone()));
         let mut watch = store.watch(RESOURCES_PREFIX, None);
         while let Some(event) = watch.next().await {
             if tx
@@ -124,18 +126,16 @@ async fn register(store: &Datastore, node: &NodeRegistration) -> Result<(), Data
     .inspect(|()| tracing::info!(node = %node.name, "node registered"))
 }
 
-/// Every two seconds: is the datastore answering, and which blocks is this node affine to.
-async fn probe(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>, metrics: Arc<Metrics>) {
-    let mut last: Option<BTreeSet<IpNet>> = None;
+/// Every two seconds: is the datastore answering (one small request, whatever the cluster's
+/// size).
+async fn probe(store: Datastore, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        let listed = tokio::time::timeout(
-            Duration::from_secs(2),
-            store.list(Kind::BlockAffinity, None),
-        )
-        .await;
-        let up = matches!(listed, Ok(Ok(_)));
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
+            Ok(Ok(()))
+        );
         if metrics.set_datastore_connected(up) {
             if up {
                 tracing::info!("datastore reachable again");
@@ -143,20 +143,45 @@ async fn probe(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>, metr
                 tracing::warn!("datastore unreachable; the dataplane keeps its last state");
             }
         }
-        let Ok(Ok((affinities, _))) = listed else {
-            continue;
-        };
-        let blocks: BTreeSet<IpNet> = affinities
-            .iter()
-            .filter_map(|r| match r {
-                Resource::BlockAffinity(a)
-                    if a.spec.node == node && a.spec.state == "confirmed" =>
-                {
-                    a.spec.cidr.parse().ok()
+    }
+}
+
+/// This node's confirmed block affinities, from a watch on its own affinity keys: the load on
+/// etcd does not grow with the number of nodes (listing everyone's every few seconds did).
+async fn affinities(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>) {
+    // Affinity name → its block, for deletions (which carry only the name).
+    let mut confirmed: BTreeMap<String, IpNet> = BTreeMap::new();
+    let mut last: Option<BTreeSet<IpNet>> = None;
+    let mut watch = store.watch(keys::node_affinities_prefix(&node), None);
+    let put = |confirmed: &mut BTreeMap<String, IpNet>, r: &Resource| {
+        if let Resource::BlockAffinity(a) = r {
+            match a.spec.cidr.parse() {
+                Ok(cidr) if a.spec.node == node && a.spec.state == "confirmed" => {
+                    confirmed.insert(a.metadata.name.clone(), cidr);
                 }
-                _ => None,
-            })
-            .collect();
+                _ => {
+                    confirmed.remove(&a.metadata.name);
+                }
+            }
+        }
+    };
+    while let Some(event) = watch.next().await {
+        match event {
+            WatchEvent::Snapshot { resources, .. } => {
+                confirmed.clear();
+                for r in &resources {
+                    put(&mut confirmed, r);
+                }
+            }
+            WatchEvent::Put { resource, .. } => put(&mut confirmed, &resource),
+            WatchEvent::Deleted { name, .. } => {
+                confirmed.remove(&name);
+            }
+            WatchEvent::Unreadable { error, .. } => {
+                tracing::error!(%error, "an affinity of this node cannot be read");
+            }
+        }
+        let blocks: BTreeSet<IpNet> = confirmed.values().copied().collect();
         if last.as_ref() != Some(&blocks) {
             last = Some(blocks.clone());
             if tx.send(SyncEvent::Blocks(blocks)).await.is_err() {

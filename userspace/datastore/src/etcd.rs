@@ -66,6 +66,16 @@ impl Datastore {
         Ok(Self { client, endpoints })
     }
 
+    /// Whether etcd answers: one small maintenance request, whatever the cluster's size.
+    pub async fn ping(&self) -> Result<(), DatastoreError> {
+        self.client
+            .maintenance_client()
+            .status()
+            .await
+            .map(drop)
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// The raw etcd client (for tests and tools that inspect keys directly).
     pub fn etcd(&self) -> Client {
         self.client.clone()

@@ -51,6 +51,11 @@ pub fn affinity_key(node: &str, cidr: &IpNet) -> String {
     )
 }
 
+/// The prefix of every affinity of `node` (both families): what one node needs to watch.
+pub fn node_affinities_prefix(node: &str) -> String {
+    format!("{AFFINITIES}{node}/")
+}
+
 /// Key of an IPAM handle.
 pub fn handle_key(handle_id: &str) -> String {
     format!("{HANDLES}{handle_id}")
