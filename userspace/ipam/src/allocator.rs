@@ -6,7 +6,10 @@ use std::{
     net::IpAddr,
 };
 
-use calico_datastore::{keys::block_name, Datastore, DatastoreError};
+use calico_datastore::{
+    keys::{block_name, node_affinities_prefix},
+    Datastore, DatastoreError,
+};
 use calico_model::{
     spec::{BlockAffinitySpec, IpamBlockSpec, IpamHandleSpec},
     Kind, Object, ObjectMeta, Resource, API_VERSION,
@@ -189,6 +192,20 @@ impl Ipam {
             if got.len() == count {
                 break;
             }
+            // 0. Our own blocks with room, found through this node's affinities: the common
+            //    case reads a few keys, not every block in the cluster.
+            if let Some(cidr) = self.own_block_with_room(&pools, &ctx.reserved).await? {
+                let ips = self
+                    .assign_in_block(&cidr, count - got.len(), req, &ctx.reserved)
+                    .await?;
+                self.record(&req.handle, &cidr, ips.len()).await?;
+                let taken = ips.len();
+                got.extend(ips);
+                // None: the block filled up meanwhile; look wider.
+                if taken > 0 {
+                    continue;
+                }
+            }
             let blocks = self.blocks_in(&pools).await?;
             let affinity = format!("host:{}", self.node);
             // 1. Our own blocks with room.
@@ -244,6 +261,48 @@ impl Ipam {
             });
         }
         Ok(got)
+    }
+
+    /// A block inside `pools` that this node has a confirmed affinity to and that has a free
+    /// address, read through the node's own affinity keys.
+    async fn own_block_with_room(
+        &self,
+        pools: &[Pool],
+        reserved: &[IpNet],
+    ) -> Result<Option<IpNet>, IpamError> {
+        let (affinities, _) = self
+            .store
+            .list_prefix(&node_affinities_prefix(&self.node))
+            .await?;
+        let ours = format!("host:{}", self.node);
+        for affinity in affinities.into_iter().flatten() {
+            let Resource::BlockAffinity(a) = affinity else {
+                continue;
+            };
+            let Ok(cidr) = a.spec.cidr.parse::<IpNet>() else {
+                continue;
+            };
+            if a.spec.state != "confirmed"
+                || !pools.iter().any(|p| p.cidr.contains(&cidr.network()))
+            {
+                continue;
+            }
+            match self
+                .store
+                .get(Kind::IPAMBlock, None, &block_name(&cidr))
+                .await
+            {
+                Ok(Resource::IPAMBlock(b))
+                    if b.spec.affinity.as_deref() == Some(ours.as_str())
+                        && block::free(&b.spec, &cidr, reserved) > 0 =>
+                {
+                    return Ok(Some(cidr))
+                }
+                Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
     }
 
     /// Every block inside `pools`, with its spec and resourceVersion.
