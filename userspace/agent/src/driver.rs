@@ -10,12 +10,14 @@ use calico_calc::{Change, EndpointPolicy};
 use calico_dataplane::{ConntrackTimeouts, Hook, PolicyDataplane};
 use calico_policy::{CompiledProgram, Direction, EndpointId, PolicyProgram};
 use ipnet::IpNet;
+use tokio::sync::watch;
 
 use crate::{
     config::FelixSettings,
     failsafe::with_failsafe,
     metrics::Metrics,
-    netlink::{link_changes, LinkEvent, Netlink, OwnedRoute},
+    netlink::{LinkEvent, OwnedRoute},
+    routes::DesiredRoutes,
 };
 
 /// Where a local endpoint lives.
@@ -29,7 +31,6 @@ pub struct EndpointPlace {
 
 pub struct Driver {
     dataplane: PolicyDataplane,
-    netlink: Netlink,
     metrics: Arc<Metrics>,
     settings: FelixSettings,
     interface_prefix: String,
@@ -45,6 +46,9 @@ pub struct Driver {
     attached: BTreeSet<u32>,
     /// Endpoints whose last install failed (they drop that direction): retried every tick.
     failed: BTreeSet<EndpointId>,
+    /// The route task's input (see `routes`).
+    routes: watch::Sender<DesiredRoutes>,
+    routes_complete: bool,
     /// Debug logging of the programs when FelixConfiguration does not say (the flag).
     default_bpf_debug: bool,
 }
@@ -62,13 +66,12 @@ fn hook(direction: Direction) -> Hook {
 impl Driver {
     pub fn new(
         dataplane: PolicyDataplane,
-        netlink: Netlink,
         metrics: Arc<Metrics>,
         interface_prefix: String,
+        routes: watch::Sender<DesiredRoutes>,
     ) -> Self {
         Self {
             dataplane,
-            netlink,
             metrics,
             settings: FelixSettings::default(),
             interface_prefix,
@@ -79,6 +82,8 @@ impl Driver {
             blocks: BTreeSet::new(),
             attached: BTreeSet::new(),
             failed: BTreeSet::new(),
+            routes,
+            routes_complete: false,
             default_bpf_debug: false,
         }
     }
@@ -169,8 +174,6 @@ impl Driver {
                     self.program(&id).await;
                 }
             }
-            // Handled by the caller with a fresh listing (see `relist_links`).
-            LinkEvent::Lost => {}
             LinkEvent::Gone { name, index } => {
                 if self.interfaces.get(&name) == Some(&index) {
                     self.interfaces.remove(&name);
@@ -187,16 +190,17 @@ impl Driver {
         }
     }
 
-    /// Lists the links again and applies what changed (after lost events, and periodically,
-    /// so a missed event never leaves an endpoint unprogrammed for long).
-    pub async fn relist_links(&mut self) {
-        match self.netlink.links().await {
-            Ok(listed) => {
-                for event in link_changes(&self.interfaces, &listed) {
-                    self.on_link(event).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "listing links"),
+    /// Guards every workload interface that has no endpoint (at the first complete sync).
+    pub fn guard_unknown_workloads(&mut self) {
+        let owned: BTreeSet<&str> = self.places.values().map(|p| p.interface.as_str()).collect();
+        let unknown: Vec<(String, u32)> = self
+            .interfaces
+            .iter()
+            .filter(|(name, _)| !owned.contains(name.as_str()))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        for (name, index) in unknown {
+            self.guard_unknown_workload(&name, index);
         }
     }
 
@@ -294,17 +298,7 @@ impl Driver {
         self.programmed.insert(ifindex, id.clone());
         self.metrics.endpoints.set(self.programmed.len() as i64);
         let t2 = std::time::Instant::now();
-        if !place.host {
-            for a in &policy.addresses {
-                let route = OwnedRoute::Workload {
-                    dest: IpNet::from(*a),
-                    ifindex,
-                };
-                if let Err(e) = self.netlink.replace(&route).await {
-                    tracing::warn!(endpoint = ?id, error = %e, "workload route");
-                }
-            }
-        }
+        self.publish_routes();
         tracing::debug!(
             endpoint = ?id,
             interface = %place.interface,
@@ -341,29 +335,22 @@ impl Driver {
         if let Err(e) = released {
             tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
         }
-        let host = self.places.get(id).is_some_and(|p| p.host);
-        for a in policy.iter().filter(|_| !host).flat_map(|p| &p.addresses) {
-            let route = OwnedRoute::Workload {
-                dest: IpNet::from(*a),
-                ifindex,
-            };
-            if let Err(e) = self.netlink.delete(&route).await {
-                tracing::warn!(endpoint = ?id, error = %e, "removing a workload route");
-            }
-        }
+        let _ = policy;
+        self.publish_routes();
     }
 
     /// Sets this node's blocks (from its block affinities).
     pub async fn set_blocks(&mut self, blocks: BTreeSet<IpNet>) {
         if blocks != self.blocks {
             self.blocks = blocks;
-            self.reconcile_routes().await;
+            self.publish_routes();
         }
     }
 
-    /// Brings owned routes to exactly the desired set.
-    pub async fn reconcile_routes(&mut self) {
-        let mut desired: BTreeSet<OwnedRoute> = self
+    /// Publishes the routes this state wants to the route task (see `routes`), which brings
+    /// the kernel to them off this loop.
+    pub fn publish_routes(&mut self) {
+        let mut routes: BTreeSet<OwnedRoute> = self
             .blocks
             .iter()
             .map(|b| OwnedRoute::Blackhole { dest: *b })
@@ -371,41 +358,36 @@ impl Driver {
         for (ifindex, id) in &self.programmed {
             let host = self.places.get(id).is_none_or(|p| p.host);
             if let (false, Some(policy)) = (host, self.policies.get(id)) {
-                desired.extend(policy.addresses.iter().map(|a| OwnedRoute::Workload {
+                routes.extend(policy.addresses.iter().map(|a| OwnedRoute::Workload {
                     dest: IpNet::from(*a),
                     ifindex: *ifindex,
                 }));
             }
         }
-        let prefix = self.interface_prefix.clone();
-        let workload_ifaces: BTreeSet<u32> = self
+        let workload_interfaces: BTreeSet<u32> = self
             .interfaces
             .iter()
-            .filter(|(n, _)| n.starts_with(&prefix))
+            .filter(|(n, _)| n.starts_with(&self.interface_prefix))
             .map(|(_, i)| *i)
             .collect();
-        let actual: BTreeSet<OwnedRoute> = match self
-            .netlink
-            .owned_routes(|i| workload_ifaces.contains(&i))
-            .await
-        {
-            Ok(r) => r.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "listing routes");
-                return;
-            }
+        let desired = DesiredRoutes {
+            routes,
+            workload_interfaces,
+            complete: self.routes_complete,
         };
-        for r in actual.difference(&desired) {
-            tracing::info!(route = ?r, "removing a route nothing needs");
-            if let Err(e) = self.netlink.delete(r).await {
-                tracing::warn!(error = %e, "route removal");
+        self.routes.send_if_modified(|current| {
+            let changed = *current != desired;
+            if changed {
+                *current = desired;
             }
-        }
-        for r in desired.difference(&actual) {
-            if let Err(e) = self.netlink.replace(r).await {
-                tracing::warn!(error = %e, "route");
-            }
-        }
+            changed
+        });
+    }
+
+    /// From now on the published routes are all there should be (stale ones may go).
+    pub fn routes_complete(&mut self) {
+        self.routes_complete = true;
+        self.publish_routes();
     }
 
     /// After the first complete sync: what a previous run left for interfaces or endpoints

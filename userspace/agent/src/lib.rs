@@ -18,6 +18,7 @@ pub mod failsafe;
 pub mod health;
 pub mod metrics;
 pub mod netlink;
+pub mod routes;
 pub mod syncer;
 
 use std::{
@@ -38,7 +39,7 @@ use crate::{
     config::{FelixSettings, Flags},
     driver::{Driver, EndpointPlace},
     metrics::Metrics,
-    netlink::{LinkEvent, Netlink},
+    netlink::Netlink,
     syncer::{NodeRegistration, SyncEvent},
 };
 
@@ -123,15 +124,17 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     };
 
     // Subscribe to link changes before the dump, so nothing falls between them.
+    let refresh = Duration::from_secs(flags.refresh_interval.max(1));
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
-    Netlink::watch_links(link_tx)?;
+    Netlink::watch_links(link_tx, refresh)?;
     let netlink = Netlink::connect()?;
     let interfaces = netlink.links().await?;
+    let routes = routes::spawn(netlink, refresh);
     let mut driver = Driver::new(
         dataplane,
-        netlink,
         metrics.clone(),
         flags.interface_prefix.clone(),
+        routes,
     );
     driver.set_interfaces(interfaces);
 
@@ -171,7 +174,6 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         synced: false,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let refresh = Duration::from_secs(flags.refresh_interval.max(1));
     let mut last_refresh = Instant::now();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -186,19 +188,16 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
                 }
                 agent.handle(batch).await;
             }
-            Some(event) = link_rx.recv() => match event {
-                LinkEvent::Lost => agent.driver.relist_links().await,
-                event => agent.driver.on_link(event).await,
-            },
+            Some(event) = link_rx.recv() => {
+                agent.driver.on_link(event).await;
+                agent.driver.publish_routes();
+            }
             _ = tick.tick() => {
                 agent.driver.retry_failed().await;
                 if agent.synced && last_refresh.elapsed() >= refresh {
                     last_refresh = Instant::now();
-                    agent.driver.relist_links().await;
-                    agent.driver.reconcile_routes().await;
-                    let routes = last_refresh.elapsed();
                     agent.driver.housekeeping();
-                    tracing::debug!(routes_us = routes.as_micros() as u64, total_us = last_refresh.elapsed().as_micros() as u64, "periodic refresh");
+                    tracing::debug!(total_us = last_refresh.elapsed().as_micros() as u64, "periodic refresh");
                 } else {
                     agent.driver.refresh_counters();
                 }
@@ -315,13 +314,13 @@ impl Agent {
             b.sync().await;
         }
         if snapshot_seen {
-            self.driver.reconcile_routes().await;
             if !self.synced {
                 self.synced = true;
                 // Workload interfaces with no endpoint get guarded before the sweep, which
                 // then keeps their (possibly adopted) attachments.
-                self.driver.relist_links().await;
+                self.driver.guard_unknown_workloads();
                 self.driver.sweep_leftovers();
+                self.driver.routes_complete();
                 self.driver.housekeeping();
                 tracing::info!(
                     endpoints = self.calc.endpoints().count(),

@@ -23,22 +23,13 @@ pub const BLACKHOLE_PROTOCOL: u8 = 80;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Present {
-        name: String,
-        index: u32,
-    },
-    Gone {
-        name: String,
-        index: u32,
-    },
-    /// Events were lost (the socket's buffer overran, or the subscription ended): the links
-    /// must be listed again.
-    Lost,
+    Present { name: String, index: u32 },
+    Gone { name: String, index: u32 },
 }
 
-/// What changed between the links the agent knows and a fresh listing: every listed link as
-/// `Present` (handling one twice is harmless), and `Gone` for each known one that is not
-/// listed any more or now has another index (a new interface under an old name).
+/// What changed between the links known so far and a fresh listing: `Gone` for each known one
+/// that is not listed any more or now has another index (a new interface under an old name),
+/// then `Present` for each listed one that is new or changed.
 pub fn link_changes(
     known: &BTreeMap<String, u32>,
     listed: &BTreeMap<String, u32>,
@@ -50,11 +41,26 @@ pub fn link_changes(
             name: name.clone(),
             index: *index,
         });
-    let present = listed.iter().map(|(name, index)| LinkEvent::Present {
-        name: name.clone(),
-        index: *index,
-    });
+    let present = listed
+        .iter()
+        .filter(|(name, index)| known.get(*name) != Some(*index))
+        .map(|(name, index)| LinkEvent::Present {
+            name: name.clone(),
+            index: *index,
+        });
     gone.chain(present).collect()
+}
+
+/// A fresh listing's changes against `known` (none when the listing fails: the next one
+/// catches up).
+async fn relisted(lister: &Netlink, known: &BTreeMap<String, u32>) -> Vec<LinkEvent> {
+    match lister.links().await {
+        Ok(listed) => link_changes(known, &listed),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing links");
+            Vec::new()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,47 +111,73 @@ impl Netlink {
     }
 
     /// Sends interface appearances and disappearances to `tx` until it closes. Subscribes
-    /// before returning, so nothing that happens after the caller's next dump is missed.
-    pub fn watch_links(tx: mpsc::UnboundedSender<LinkEvent>) -> Result<(), NetlinkError> {
+    /// before returning, so nothing that happens after the caller's next dump is missed. The
+    /// task keeps its own view of the links and lists them again (sending what changed) at
+    /// once, every `relist`, and whenever events were lost (a netlink buffer overrun): a missed
+    /// event never leaves an endpoint unprogrammed for long, and no listing runs on the loop
+    /// that applies policy.
+    pub fn watch_links(
+        tx: mpsc::UnboundedSender<LinkEvent>,
+        relist: std::time::Duration,
+    ) -> Result<(), NetlinkError> {
         let (conn, _, mut messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
             .map_err(|source| NetlinkError {
                 action: "subscribing to link changes".into(),
                 source,
             })?;
         tokio::spawn(conn);
+        let lister = Netlink::connect()?;
         tokio::spawn(async move {
-            while let Some((message, _)) = messages.next().await {
-                let event = match message.payload {
-                    // ENOBUFS: the kernel dropped events while the buffer was full.
-                    NetlinkPayload::Overrun(_) => {
-                        tracing::warn!(
-                            "link events lost (netlink buffer overrun); listing links again"
-                        );
-                        Some(LinkEvent::Lost)
-                    }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                        link_name(&l.attributes).map(|name| LinkEvent::Present {
-                            name,
-                            index: l.header.index,
-                        })
-                    }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
-                        link_name(&l.attributes).map(|name| LinkEvent::Gone {
-                            name,
-                            index: l.header.index,
-                        })
-                    }
-                    _ => None,
+            let mut known: BTreeMap<String, u32> = BTreeMap::new();
+            let mut tick = tokio::time::interval(relist);
+            let mut subscribed = true;
+            loop {
+                let events = tokio::select! {
+                    message = messages.next(), if subscribed => match message {
+                        Some((message, _)) => match message.payload {
+                            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                                link_name(&l.attributes)
+                                    .map(|name| LinkEvent::Present { name, index: l.header.index })
+                                    .into_iter()
+                                    .collect()
+                            }
+                            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                                link_name(&l.attributes)
+                                    .map(|name| LinkEvent::Gone { name, index: l.header.index })
+                                    .into_iter()
+                                    .collect()
+                            }
+                            // ENOBUFS: the kernel dropped events while the buffer was full.
+                            NetlinkPayload::Overrun(_) => {
+                                tracing::warn!("link events lost (netlink buffer overrun); listing links again");
+                                relisted(&lister, &known).await
+                            }
+                            _ => Vec::new(),
+                        },
+                        None => {
+                            tracing::error!("link event subscription ended; links are listed periodically");
+                            subscribed = false;
+                            Vec::new()
+                        }
+                    },
+                    _ = tick.tick() => relisted(&lister, &known).await,
                 };
-                if let Some(e) = event {
-                    if tx.send(e).is_err() {
+                for event in events {
+                    match &event {
+                        LinkEvent::Present { name, index } => {
+                            known.insert(name.clone(), *index);
+                        }
+                        LinkEvent::Gone { name, index } => {
+                            if known.get(name) == Some(index) {
+                                known.remove(name);
+                            }
+                        }
+                    }
+                    if tx.send(event).is_err() {
                         return;
                     }
                 }
             }
-            // The subscription ended: from now on only the periodic listing sees links.
-            tracing::error!("link event subscription ended; links are listed periodically");
-            let _ = tx.send(LinkEvent::Lost);
         });
         Ok(())
     }
@@ -302,11 +334,9 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(present, [("cali2", 12), ("cali3", 13), ("lo", 1)]);
+        assert_eq!(present, [("cali2", 12), ("cali3", 13)]);
         // Gone comes first, so a recreated name is dropped before it is added again.
         assert!(matches!(changes[0], LinkEvent::Gone { .. }));
-        assert!(link_changes(&listed, &listed)
-            .iter()
-            .all(|e| matches!(e, LinkEvent::Present { .. })));
+        assert!(link_changes(&listed, &listed).is_empty());
     }
 }
