@@ -49,6 +49,8 @@ pub struct Driver {
     /// The route task's input (see `routes`).
     routes: watch::Sender<DesiredRoutes>,
     routes_complete: bool,
+    /// Conntrack expiry runs on its own thread (see `expire_conntrack_elsewhere`).
+    conntrack_elsewhere: bool,
     /// Debug logging of the programs when FelixConfiguration does not say (the flag).
     default_bpf_debug: bool,
 }
@@ -84,6 +86,7 @@ impl Driver {
             failed: BTreeSet::new(),
             routes,
             routes_complete: false,
+            conntrack_elsewhere: false,
             default_bpf_debug: false,
         }
     }
@@ -434,17 +437,38 @@ impl Driver {
 
     /// Periodic housekeeping: conntrack expiry and the numbers /metrics shows.
     pub fn housekeeping(&mut self) {
-        match self
-            .dataplane
-            .expire_conntrack(&ConntrackTimeouts::default())
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(flows = n, "expired idle tracked flows"),
-            Err(e) => tracing::warn!(error = %e, "conntrack expiry"),
+        if !self.conntrack_elsewhere {
+            log_expiry(
+                self.dataplane
+                    .expire_conntrack(&ConntrackTimeouts::default()),
+            );
         }
         self.refresh_counters();
         // Walking every map is not cheap with large tables: only here, not per update.
         self.metrics.set_occupancy(self.dataplane.occupancy());
+    }
+
+    /// Moves conntrack expiry to a thread of its own, every `every` (a walk over a large table
+    /// must not hold up policy updates). Without pinned maps it stays in `housekeeping`.
+    pub fn expire_conntrack_elsewhere(&mut self, every: std::time::Duration) {
+        let mut expirer = match self.dataplane.conntrack_expirer() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "conntrack expiry stays on the main loop");
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("conntrack-expiry".into())
+            .spawn(move || loop {
+                // A periodic pass, not a wait for something to happen.
+                std::thread::sleep(every);
+                log_expiry(expirer.expire(&ConntrackTimeouts::default()));
+            });
+        match spawned {
+            Ok(_) => self.conntrack_elsewhere = true,
+            Err(e) => tracing::warn!(error = %e, "conntrack expiry stays on the main loop"),
+        }
     }
 
     /// Packet counters for /metrics (cheap: one per-CPU array).
@@ -456,5 +480,13 @@ impl Driver {
             Metrics::set_total(&self.metrics.forwarded, c.forwarded);
             Metrics::set_total(&self.metrics.no_policy, c.no_policy);
         }
+    }
+}
+
+fn log_expiry(result: Result<usize, calico_dataplane::DataplaneError>) {
+    match result {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(flows = n, "expired idle tracked flows"),
+        Err(e) => tracing::warn!(error = %e, "conntrack expiry"),
     }
 }

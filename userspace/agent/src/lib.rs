@@ -137,6 +137,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         routes,
     );
     driver.set_interfaces(interfaces);
+    driver.expire_conntrack_elsewhere(refresh);
 
     let (sync_tx, mut sync_rx) = mpsc::channel(4096);
     syncer::spawn(

@@ -16,7 +16,8 @@ pub use error::DataplaneError;
 pub use log_pump::{spawn_log_pump, ProgramLogger};
 pub use object::{SOURCE_FILTER_OBJECT, TC_OBJECT};
 pub use policy::{
-    ConntrackTimeouts, Hook, PolicyCounters, PolicyDataplane, RuleCounter, TrackedFlow,
+    ConntrackExpirer, ConntrackTimeouts, Hook, PolicyCounters, PolicyDataplane, RuleCounter,
+    TrackedFlow,
 };
 pub use source_filter::{
     tcx_programs, AttachMode, Direction, FilterCounters, LoadOptions, SourceFilter,

@@ -1,8 +1,16 @@
 //! The conntrack table as userspace sees it: listing, expiry by idle time, clearing.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
-use calico_bpf_common::{CtKey, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO};
+use aya::maps::{HashMap, Map, MapData};
+
+use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO};
 
 use super::{map_err, PolicyDataplane};
 use crate::{object::key_missing, DataplaneError};
@@ -93,32 +101,71 @@ impl PolicyDataplane {
         &mut self,
         timeouts: &ConntrackTimeouts,
     ) -> Result<usize, DataplaneError> {
-        let now = monotonic_ns();
-        let mut stale = Vec::new();
-        let mut seen = 0;
-        for entry in self.conntrack.iter() {
-            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
-            seen += 1;
-            let closed = v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI);
-            let limit = match (k.protocol, closed) {
-                (6, true) => timeouts.tcp_closed,
-                (6, false) => timeouts.tcp_established,
-                (17, _) => timeouts.udp,
-                (1 | 58, _) => timeouts.icmp,
-                _ => timeouts.other,
-            };
-            if now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
-                stale.push(k);
-            }
-        }
-        for k in &stale {
-            match self.conntrack.remove(k) {
-                Ok(()) => {}
-                Err(e) if key_missing(&e) => {}
-                Err(source) => return Err(map_err(CONNTRACK_MAP, "remove")(source)),
-            }
-        }
-        self.tracked_flows_seen = seen - stale.len().min(seen);
-        Ok(stale.len())
+        expire(&mut self.conntrack, timeouts, &self.tracked_flows_seen)
     }
+
+    /// A second handle on the conntrack table for expiry elsewhere (a thread of its own: a
+    /// walk over hundreds of thousands of flows must not hold up policy updates). Needs the
+    /// maps pinned, as the agent has them; it reports into the same occupancy figure.
+    pub fn conntrack_expirer(&self) -> Result<ConntrackExpirer, DataplaneError> {
+        let dir = self.pin_path.as_ref().ok_or(DataplaneError::Layout(
+            "conntrack expiry elsewhere needs the maps pinned".into(),
+        ))?;
+        let table = MapData::from_pin(dir.join(CONNTRACK_MAP))
+            .and_then(Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .map_err(map_err(CONNTRACK_MAP, "open a second handle"))?;
+        Ok(ConntrackExpirer {
+            table,
+            seen: self.tracked_flows_seen.clone(),
+        })
+    }
+}
+
+/// Expires idle flows through its own handle on the (pinned) conntrack table.
+pub struct ConntrackExpirer {
+    table: HashMap<MapData, CtKey, CtValue>,
+    seen: Arc<AtomicUsize>,
+}
+
+impl ConntrackExpirer {
+    /// Removes flows idle longer than their timeout; returns how many.
+    pub fn expire(&mut self, timeouts: &ConntrackTimeouts) -> Result<usize, DataplaneError> {
+        expire(&mut self.table, timeouts, &self.seen)
+    }
+}
+
+/// One pass over `table`: idle flows go; `seen` gets how many remain.
+fn expire(
+    table: &mut HashMap<MapData, CtKey, CtValue>,
+    timeouts: &ConntrackTimeouts,
+    seen: &AtomicUsize,
+) -> Result<usize, DataplaneError> {
+    let now = monotonic_ns();
+    let mut stale = Vec::new();
+    let mut total = 0;
+    for entry in table.iter() {
+        let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
+        total += 1;
+        let closed = v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI);
+        let limit = match (k.protocol, closed) {
+            (6, true) => timeouts.tcp_closed,
+            (6, false) => timeouts.tcp_established,
+            (17, _) => timeouts.udp,
+            (1 | 58, _) => timeouts.icmp,
+            _ => timeouts.other,
+        };
+        if now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
+            stale.push(k);
+        }
+    }
+    for k in &stale {
+        match table.remove(k) {
+            Ok(()) => {}
+            Err(e) if key_missing(&e) => {}
+            Err(source) => return Err(map_err(CONNTRACK_MAP, "remove")(source)),
+        }
+    }
+    seen.store(total - stale.len().min(total), Ordering::Relaxed);
+    Ok(stale.len())
 }

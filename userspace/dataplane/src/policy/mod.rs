@@ -35,7 +35,7 @@ use calico_bpf_common::{
 };
 use calico_policy::Verdict;
 
-pub use conntrack::{ConntrackTimeouts, TrackedFlow};
+pub use conntrack::{ConntrackExpirer, ConntrackTimeouts, TrackedFlow};
 pub use observe::{PolicyCounters, RuleCounter};
 
 use crate::{
@@ -93,7 +93,7 @@ pub struct PolicyDataplane {
     /// Attachments this process made, by (ifindex, hook).
     links: BTreeMap<(u32, Hook), Attachment>,
     /// Tracked flows counted by the last conntrack expiry pass.
-    tracked_flows_seen: usize,
+    tracked_flows_seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One classifier attachment: owned (detached when dropped) or pinned (kept by its pin until
@@ -189,7 +189,7 @@ impl PolicyDataplane {
             installed: BTreeMap::new(),
             pin_path: options.pin_path.clone(),
             links: BTreeMap::new(),
-            tracked_flows_seen: 0,
+            tracked_flows_seen: Default::default(),
         };
         dataplane.set_debug_logging(options.log_level.is_some())?;
         for (name, old) in migrating {

@@ -43,7 +43,11 @@ impl PolicyDataplane {
             (POLICY_PROTOS_MAP, sum(|w| w.protos.len())),
             (POLICY_SPORTS_MAP, sum(|w| w.sports.len())),
             (POLICY_VERDICTS_MAP, sum(|w| w.verdicts.len())),
-            (CONNTRACK_MAP, self.tracked_flows_seen),
+            (
+                CONNTRACK_MAP,
+                self.tracked_flows_seen
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
         ]
     }
 
