@@ -49,6 +49,8 @@ pub struct Driver {
     /// The route task's input (see `routes`).
     routes: watch::Sender<DesiredRoutes>,
     routes_complete: bool,
+    /// Something routes depend on changed since they were last published.
+    routes_dirty: bool,
     /// Conntrack expiry runs on its own thread (see `expire_conntrack_elsewhere`).
     conntrack_elsewhere: bool,
     /// Debug logging of the programs when FelixConfiguration does not say (the flag).
@@ -86,6 +88,7 @@ impl Driver {
             failed: BTreeSet::new(),
             routes,
             routes_complete: false,
+            routes_dirty: false,
             conntrack_elsewhere: false,
             default_bpf_debug: false,
         }
@@ -145,7 +148,11 @@ impl Driver {
         for change in changes {
             match change {
                 Change::Set(id, policy) => {
-                    self.policies.insert(id.clone(), *policy);
+                    let addresses = policy.addresses.clone();
+                    let old = self.policies.insert(id.clone(), *policy);
+                    if old.is_none_or(|o| o.addresses != addresses) {
+                        self.routes_dirty = true;
+                    }
                     self.program(&id).await;
                 }
                 Change::Removed(id) => {
@@ -154,9 +161,11 @@ impl Driver {
                 }
             }
         }
+        self.publish_routes();
     }
 
     pub async fn on_link(&mut self, event: LinkEvent) {
+        self.routes_dirty = true;
         match event {
             LinkEvent::Present { name, index } => {
                 let known = self.interfaces.get(&name) == Some(&index);
@@ -298,10 +307,11 @@ impl Driver {
         } else {
             self.failed.remove(id);
         }
-        self.programmed.insert(ifindex, id.clone());
+        if self.programmed.insert(ifindex, id.clone()).as_ref() != Some(id) {
+            self.routes_dirty = true;
+        }
         self.metrics.endpoints.set(self.programmed.len() as i64);
         let t2 = std::time::Instant::now();
-        self.publish_routes();
         tracing::debug!(
             endpoint = ?id,
             interface = %place.interface,
@@ -339,13 +349,14 @@ impl Driver {
             tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
         }
         let _ = policy;
-        self.publish_routes();
+        self.routes_dirty = true;
     }
 
     /// Sets this node's blocks (from its block affinities).
     pub async fn set_blocks(&mut self, blocks: BTreeSet<IpNet>) {
         if blocks != self.blocks {
             self.blocks = blocks;
+            self.routes_dirty = true;
             self.publish_routes();
         }
     }
@@ -353,6 +364,11 @@ impl Driver {
     /// Publishes the routes this state wants to the route task (see `routes`), which brings
     /// the kernel to them off this loop.
     pub fn publish_routes(&mut self) {
+        // Only when something routes depend on changed: a policy update touches none of it,
+        // and this walk is O(endpoints).
+        if !std::mem::take(&mut self.routes_dirty) {
+            return;
+        }
         let mut routes: BTreeSet<OwnedRoute> = self
             .blocks
             .iter()
@@ -390,6 +406,7 @@ impl Driver {
     /// From now on the published routes are all there should be (stale ones may go).
     pub fn routes_complete(&mut self) {
         self.routes_complete = true;
+        self.routes_dirty = true;
         self.publish_routes();
     }
 
@@ -433,6 +450,7 @@ impl Driver {
                 self.failed.remove(&id);
             }
         }
+        self.publish_routes();
     }
 
     /// Periodic housekeeping: conntrack expiry and the numbers /metrics shows.
