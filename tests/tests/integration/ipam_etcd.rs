@@ -212,3 +212,39 @@ async fn racing_allocators_on_two_nodes_never_share_an_address() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// A handle the datastore would refuse (what a container id with `/`, spaces or upper case, or
+/// a network name like "Bad Name!", makes) fails the assignment before any block is written:
+/// no address leaks. A valid handle then gets the same address (the positive control).
+#[tokio::test]
+async fn an_unstorable_handle_fails_before_anything_is_written() -> anyhow::Result<()> {
+    let Some((_etcd, store)) = setup(&pool("p", "10.21.0.0/30", 30)).await? else {
+        return Ok(());
+    };
+    let ipam = Ipam::new(store.clone(), "node-a");
+    for bad in ["Bad Name!.abc", "net1.a/b", "net1.ABCDEF", &"n".repeat(300)] {
+        let refused = ipam.auto_assign(&request(bad, 1, 0)).await;
+        assert!(
+            matches!(refused, Err(calico_ipam::IpamError::BadHandle { .. })),
+            "{bad}: {refused:?}"
+        );
+        let static_ip = ipam
+            .assign_ip("10.21.0.1".parse()?, bad, &Default::default())
+            .await;
+        assert!(static_ip.is_err(), "{bad}: static assignment went through");
+    }
+    let (blocks, _) = store.list(Kind::IPAMBlock, None).await?;
+    let allocated: usize = blocks
+        .iter()
+        .map(|b| match b {
+            calico_model::Resource::IPAMBlock(b) => {
+                b.spec.allocations.iter().filter(|a| a.is_some()).count()
+            }
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(allocated, 0, "a refused handle left addresses allocated");
+    let got = ipam.auto_assign(&request("net1.abcdef", 1, 0)).await?;
+    assert_eq!(got.len(), 1);
+    Ok(())
+}

@@ -40,6 +40,8 @@ pub enum IpamError {
     NotInPool { ip: IpAddr },
     #[error("gave up after {MAX_ATTEMPTS} conflicting writes to {what}")]
     Contention { what: String },
+    #[error("IPAM handle `{handle}` cannot be stored: {reason}")]
+    BadHandle { handle: String, reason: String },
     #[error(transparent)]
     Datastore(#[from] DatastoreError),
 }
@@ -148,6 +150,7 @@ impl Ipam {
     /// Assigns the requested numbers of IPv4 and IPv6 addresses to `req.handle`, as host
     /// prefixes. All or nothing: on failure, whatever was assigned is released again.
     pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<IpNet>, IpamError> {
+        check_handle(&req.handle)?;
         let ctx = self.context().await?;
         let mut assigned = Vec::new();
         for (family, count, only) in [
@@ -453,6 +456,7 @@ impl Ipam {
         handle: &str,
         attrs: &BTreeMap<String, String>,
     ) -> Result<(), IpamError> {
+        check_handle(handle)?;
         let ctx = self.context().await?;
         let family = if ip.is_ipv4() { Family::V4 } else { Family::V6 };
         let pools = usable_pools(&ctx.pools, family, &ctx.node_labels, &[]);
@@ -651,6 +655,20 @@ fn block_resource(cidr: &IpNet, spec: IpamBlockSpec) -> Resource {
         },
         spec,
         status: None,
+    })
+}
+
+/// The handle record is written after the block; a handle the datastore would refuse is
+/// refused before anything is written, so a failed assignment leaves no address behind.
+fn check_handle(handle: &str) -> Result<(), IpamError> {
+    let record = handle_resource(IpamHandleSpec {
+        handle_id: handle.to_owned(),
+        block: BTreeMap::new(),
+        deleted: false,
+    });
+    calico_model::validate(&record).map_err(|errors| IpamError::BadHandle {
+        handle: handle.to_owned(),
+        reason: errors.to_string(),
     })
 }
 
