@@ -56,11 +56,7 @@ impl EtcdConfig {
                 .collect();
         }
         for endpoint in &config.endpoints {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(DatastoreError::Config(format!(
-                    "ETCD_ENDPOINTS: `{endpoint}` must start with http:// or https://"
-                )));
-            }
+            check_endpoint(endpoint)?;
         }
         config.ca_cert_file = non_empty("ETCD_CA_CERT_FILE").map(PathBuf::from);
         config.cert_file = non_empty("ETCD_CERT_FILE").map(PathBuf::from);
@@ -95,6 +91,29 @@ impl EtcdConfig {
     pub fn endpoints_display(&self) -> String {
         self.endpoints.join(",")
     }
+}
+
+/// An endpoint is `http://` or `https://`, a host and, if given, a port that fits 16 bits
+/// (a port that does not would otherwise be dropped silently and the default used).
+fn check_endpoint(endpoint: &str) -> Result<(), DatastoreError> {
+    let bad = |why: &str| DatastoreError::Config(format!("ETCD_ENDPOINTS: `{endpoint}` {why}"));
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(bad("must start with http:// or https://"));
+    }
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| bad(&format!("is not a URL: {e}")))?;
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.host().is_empty() {
+        return Err(bad("has no host"));
+    }
+    // `Uri` accepts a port it cannot read (and then reports none): read it here.
+    if let Some((_, port)) = authority.as_str().rsplit_once(':') {
+        if !port.contains(']') && port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad("has a port outside 1-65535"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -154,6 +173,18 @@ mod tests {
             ),
             (&[("ETCD_USERNAME", "u")][..], "must be given together"),
             (&[("ETCD_TIMEOUT", "soon")][..], "not a number"),
+            (
+                &[("ETCD_ENDPOINTS", "http://127.0.0.1:99999")][..],
+                "port outside 1-65535",
+            ),
+            (
+                &[("ETCD_ENDPOINTS", "http://127.0.0.1:2379,http://:2379")][..],
+                "",
+            ),
+            (
+                &[("ETCD_ENDPOINTS", "http://127.0.0.1:0")][..],
+                "port outside",
+            ),
         ] {
             let err = EtcdConfig::from_lookup(lookup(pairs))
                 .unwrap_err()
