@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, path::Path, process::ExitCode};
 
 use anyhow::{anyhow, bail, Context, Result};
-use calico_datastore::{Datastore, DatastoreError};
+use calico_datastore::{BatchWrite, Datastore, DatastoreError};
 use calico_model::{validate, Kind, Resource};
 
 use crate::{
@@ -69,6 +69,46 @@ pub async fn write(
     if action != Action::Delete && kinds.contains(&Kind::IPPool) {
         check_pool_overlaps(&store, &docs).await?;
     }
+    let noun = match kinds.iter().next() {
+        Some(k) if kinds.len() == 1 => format!("'{k}' resource(s)"),
+        _ => "resource(s)".to_owned(),
+    };
+    // Create, apply and replace go in whole or not at all (one transaction where it fits);
+    // duplicate names in one file are refused.
+    let batch = match action {
+        Action::Create => Some(BatchWrite::Create),
+        Action::Apply => Some(BatchWrite::Apply),
+        Action::Replace => Some(BatchWrite::Replace),
+        Action::Delete => None,
+    };
+    if let Some(how) = batch {
+        let resources: Vec<_> = docs.iter().map(|d| d.resource.clone()).collect();
+        return match store.write_batch(how, &resources, skip).await {
+            Ok(_) => {
+                println!("Successfully {done} {} {noun}", docs.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(failures) => {
+                for f in &failures {
+                    let doc = &docs[f.index.min(docs.len() - 1)];
+                    let r = &doc.resource;
+                    eprintln!(
+                        "Failed to {verb} {} '{}' ({}): {}",
+                        r.kind(),
+                        describe(r),
+                        doc.source,
+                        f.error
+                    );
+                }
+                eprintln!(
+                    "Nothing was {done}: {} of {} {noun} cannot be written as they are",
+                    failures.len(),
+                    docs.len()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        };
+    }
     for doc in &docs {
         let r = doc.resource.clone();
         let (kind, what) = (r.kind(), describe(&r));
@@ -98,10 +138,6 @@ pub async fn write(
             )),
         }
     }
-    let noun = match kinds.iter().next() {
-        Some(k) if kinds.len() == 1 => format!("'{k}' resource(s)"),
-        _ => "resource(s)".to_owned(),
-    };
     if failures.is_empty() {
         println!("Successfully {done} {succeeded} {noun}");
         return Ok(ExitCode::SUCCESS);

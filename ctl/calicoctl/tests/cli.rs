@@ -415,8 +415,11 @@ fn bad_input_is_reported_with_position_and_nothing_is_applied() {
     );
 }
 
+/// A file goes in whole or not at all: one object that cannot be created (it exists) leaves the
+/// others unwritten, each failure named; duplicate names in one file are refused; skipping
+/// existing objects writes the rest (the positive control).
 #[test]
-fn failures_part_way_are_reported_per_resource_with_a_summary() {
+fn a_file_is_written_whole_or_not_at_all() {
     let Some(ctl) = Ctl::start() else { return };
     let one = ctl.file(
         "one.yaml",
@@ -434,9 +437,30 @@ fn failures_part_way_are_reported_per_resource_with_a_summary() {
     assert!(out.stderr.contains("Failed to create Tier 'b'"), "{out:?}");
     assert!(
         out.stderr
-            .contains("Partial success: created 2 of 3 'Tier' resource(s); 1 failed"),
+            .contains("Nothing was created: 1 of 3 'Tier' resource(s) cannot be written"),
         "{out:?}"
     );
+    let tiers = ctl.ok(&["get", "tiers"]);
+    assert!(
+        !tiers.contains("a ") && !tiers.contains("c "),
+        "part of a refused file was written:\n{tiers}"
+    );
+
+    let twice = ctl.file(
+        "twice.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: d}\nspec: {order: 4}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: d}\nspec: {order: 5}\n",
+    );
+    let out = ctl.run(&["apply", "-f", &twice]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("appears twice in one batch"), "{out:?}");
+    assert!(
+        !ctl.ok(&["get", "tiers"]).contains("d "),
+        "a duplicate was written"
+    );
+
+    let out = ctl.run(&["create", "--skip-exists", "-f", &three]);
+    assert_eq!(out.code, 0, "{out:?}");
     let tiers = ctl.ok(&["get", "tiers"]);
     assert!(tiers.contains("a ") && tiers.contains("c "), "{tiers}");
 }

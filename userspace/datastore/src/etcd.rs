@@ -370,6 +370,23 @@ impl Datastore {
         }
     }
 
+    /// One key as stored (with retries on transport errors).
+    pub(crate) async fn read_raw(&self, key: &str) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
+        self.read(key, None).await
+    }
+
+    /// One transaction.
+    pub(crate) async fn run_txn(
+        &self,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, DatastoreError> {
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// A get with retries on transport errors.
     async fn read(
         &self,
@@ -454,7 +471,7 @@ impl Datastore {
     }
 }
 
-fn check(resource: &Resource) -> Result<(), DatastoreError> {
+pub(crate) fn check(resource: &Resource) -> Result<(), DatastoreError> {
     validate(resource).map_err(|errors| DatastoreError::Invalid {
         kind: resource.kind(),
         name: display_name(resource),
@@ -462,7 +479,7 @@ fn check(resource: &Resource) -> Result<(), DatastoreError> {
     })
 }
 
-fn storage_key(resource: &Resource) -> Result<String, DatastoreError> {
+pub(crate) fn storage_key(resource: &Resource) -> Result<String, DatastoreError> {
     key_for(resource).map_err(|message| DatastoreError::BadRequest {
         kind: resource.kind(),
         name: display_name(resource),
@@ -480,7 +497,7 @@ fn is_ipam(kind: Kind) -> bool {
 /// The stored form: v3 objects as upstream stores them (without resourceVersion, which is the
 /// key's revision); IPAM objects as their spec, the shape of upstream's `/calico/ipam/v2/`
 /// values.
-fn encode(resource: &Resource) -> Result<Vec<u8>, DatastoreError> {
+pub(crate) fn encode(resource: &Resource) -> Result<Vec<u8>, DatastoreError> {
     let result = if is_ipam(resource.kind()) {
         serde_json::to_vec(&resource.spec_json())
     } else {
@@ -495,14 +512,27 @@ fn encode(resource: &Resource) -> Result<Vec<u8>, DatastoreError> {
 
 /// Reads a stored value back into a resource, with `resourceVersion` set to its revision.
 pub(crate) fn decode(kv: &KeyValue) -> Result<Resource, DatastoreError> {
-    let key = kv.key_str().unwrap_or("<non-UTF-8 key>").to_owned();
+    decode_value(
+        kv.key_str().unwrap_or("<non-UTF-8 key>"),
+        kv.value(),
+        kv.mod_revision(),
+    )
+}
+
+/// A stored value at `key`, last changed at `mod_revision`.
+pub(crate) fn decode_value(
+    key: &str,
+    value: &[u8],
+    mod_revision: i64,
+) -> Result<Resource, DatastoreError> {
+    let key = key.to_owned();
     let corrupt = |message: String| DatastoreError::Corrupt {
         key: key.clone(),
         message,
     };
     let info = parse_key(&key).ok_or_else(|| corrupt("not a Calico key".to_owned()))?;
     let value: serde_json::Value =
-        serde_json::from_slice(kv.value()).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+        serde_json::from_slice(value).map_err(|e| corrupt(format!("not JSON: {e}")))?;
     let value = if is_ipam(info.kind) {
         serde_json::json!({
             "apiVersion": API_VERSION,
@@ -515,7 +545,7 @@ pub(crate) fn decode(kv: &KeyValue) -> Result<Resource, DatastoreError> {
     };
     let mut resource = Resource::deserialize_as(info.kind, value)
         .map_err(|e| corrupt(format!("{}: {}", e.path(), e.inner())))?;
-    resource.metadata_mut().resource_version = Some(kv.mod_revision().to_string());
+    resource.metadata_mut().resource_version = Some(mod_revision.to_string());
     Ok(resource)
 }
 
@@ -533,11 +563,11 @@ fn display(kind: Kind, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-fn display_name(resource: &Resource) -> String {
+pub(crate) fn display_name(resource: &Resource) -> String {
     display(resource.kind(), resource.namespace(), resource.name())
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 

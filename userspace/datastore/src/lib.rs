@@ -11,6 +11,7 @@
 //! snapshot instead of missing events.
 
 mod backoff;
+mod batch;
 mod config;
 mod error;
 mod etcd;
@@ -18,6 +19,7 @@ pub mod keys;
 mod watch;
 
 pub use backoff::Backoff;
+pub use batch::{BatchFailure, BatchWrite};
 pub use config::EtcdConfig;
 pub use error::DatastoreError;
 pub use etcd::Datastore;
