@@ -32,11 +32,15 @@ pub enum IpamCommand {
     /// Look for leaked addresses and inconsistent IPAM data; exits 1 unless clean.
     #[command(after_help = "Examples:\n  calicoctl ipam check")]
     Check,
-    /// Release an address back to its pool.
+    /// Release an address back to its pool. An address a workload endpoint still uses is
+    /// refused: another workload would get it. `--force` releases it anyway.
     #[command(after_help = "Examples:\n  calicoctl ipam release --ip=10.244.0.5")]
     Release {
         #[arg(long)]
         ip: IpAddr,
+        /// Release even an address that a workload endpoint uses.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -45,7 +49,7 @@ pub async fn run(config: Option<&Path>, cmd: IpamCommand) -> Result<ExitCode> {
     match cmd {
         IpamCommand::Show { show_blocks, ip } => show(&store, show_blocks, ip).await,
         IpamCommand::Check => check(&store).await,
-        IpamCommand::Release { ip } => release(&store, ip).await,
+        IpamCommand::Release { ip, force } => release(&store, ip, force).await,
     }
 }
 
@@ -148,15 +152,9 @@ async fn check(store: &Datastore) -> Result<ExitCode> {
     let (handles, _) = store.list(Kind::IPAMHandle, None).await?;
     let (endpoints, _) = store.list(Kind::WorkloadEndpoint, None).await?;
     let blocks = blocks(&block_objects);
-    let endpoint_ips: BTreeSet<IpAddr> = endpoints
-        .iter()
-        .filter_map(|r| match r {
-            Resource::WorkloadEndpoint(w) => Some(&w.spec.ip_networks),
-            _ => None,
-        })
-        .flatten()
-        .filter_map(|n| n.parse::<IpNet>().ok().map(|n| n.addr()))
-        .collect();
+    // Address → the endpoints that use it (more than one is a problem).
+    let users = endpoint_users(&endpoints);
+    let endpoint_ips: BTreeSet<IpAddr> = users.keys().copied().collect();
     let handle_counts: BTreeMap<String, BTreeMap<String, usize>> = handles
         .iter()
         .filter_map(|r| match r {
@@ -201,6 +199,31 @@ async fn check(store: &Datastore) -> Result<ExitCode> {
             }
         }
     }
+    let allocated: BTreeSet<IpAddr> = blocks
+        .iter()
+        .flat_map(|(cidr, spec, _)| {
+            spec.allocations
+                .iter()
+                .enumerate()
+                .filter(|(_, slot)| slot.is_some())
+                .map(move |(ordinal, _)| block::address(cidr, ordinal))
+        })
+        .collect();
+    for (ip, names) in &users {
+        if names.len() > 1 {
+            problems.push(format!(
+                "{ip}: used by {} workload endpoints at once: {}",
+                names.len(),
+                names.join(", ")
+            ));
+        }
+        if !allocated.contains(ip) {
+            problems.push(format!(
+                "{ip}: used by workload endpoint {} but not allocated in IPAM (another workload may get it)",
+                names.join(", ")
+            ));
+        }
+    }
     for (handle, blocks) in &handle_counts {
         let seen = seen_per_handle.get(handle).cloned().unwrap_or_default();
         if seen.is_empty() {
@@ -230,7 +253,38 @@ async fn check(store: &Datastore) -> Result<ExitCode> {
     Ok(ExitCode::FAILURE)
 }
 
-async fn release(store: &Datastore, ip: IpAddr) -> Result<ExitCode> {
+/// Every address workload endpoints use, with the endpoints (`namespace/name`) using it.
+fn endpoint_users(endpoints: &[Resource]) -> BTreeMap<IpAddr, Vec<String>> {
+    let mut users: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    for r in endpoints {
+        let Resource::WorkloadEndpoint(w) = r else {
+            continue;
+        };
+        let name = format!(
+            "{}/{}",
+            w.metadata.namespace.as_deref().unwrap_or("default"),
+            w.metadata.name
+        );
+        for net in &w.spec.ip_networks {
+            if let Ok(net) = net.parse::<IpNet>() {
+                users.entry(net.addr()).or_default().push(name.clone());
+            }
+        }
+    }
+    users
+}
+
+async fn release(store: &Datastore, ip: IpAddr, force: bool) -> Result<ExitCode> {
+    if !force {
+        let (endpoints, _) = store.list(Kind::WorkloadEndpoint, None).await?;
+        if let Some(names) = endpoint_users(&endpoints).get(&ip) {
+            bail!(
+                "IP {ip} is in use by workload endpoint {}: releasing it would let another \
+                 workload get it (use --force if that workload is gone)",
+                names.join(", ")
+            );
+        }
+    }
     // The node name only matters for assigning; releasing works on any node's blocks.
     let ipam = Ipam::new(store.clone(), "calicoctl");
     let not_allocated = ipam

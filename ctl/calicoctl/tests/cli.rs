@@ -590,6 +590,40 @@ fn ipam_show_check_and_release() {
         not_assigned.stderr.contains("IP 10.1.0.3 is not assigned"),
         "{not_assigned:?}"
     );
+
+    // An address a live workload uses is not released (another ADD would get it) unless
+    // forced; check then names the endpoint whose address is not allocated.
+    let in_use = ctl.run(&["ipam", "release", "--ip=10.1.0.0"]);
+    assert_eq!(in_use.code, 1, "{in_use:?}");
+    assert!(
+        in_use
+            .stderr
+            .contains("IP 10.1.0.0 is in use by workload endpoint default/node1-cni-web-eth0"),
+        "{in_use:?}"
+    );
+    assert!(ctl.run(&["ipam", "check"]).stdout.contains("IPAM is clean"));
+    ctl.ok(&["ipam", "release", "--ip=10.1.0.0", "--force"]);
+    let check = ctl.run(&["ipam", "check"]);
+    assert_eq!(check.code, 1, "{check:?}");
+    assert!(
+        check.stdout.contains(
+            "10.1.0.0: used by workload endpoint default/node1-cni-web-eth0 but not allocated in IPAM"
+        ),
+        "{check:?}"
+    );
+    // Two endpoints sharing one address.
+    let twin = ctl.file(
+        "twin.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: node1-cni-twin-eth0, namespace: default}\nspec: {node: node1, ipNetworks: [10.1.0.0/32]}\n",
+    );
+    ctl.ok(&["apply", "-f", &twin]);
+    let check = ctl.run(&["ipam", "check"]);
+    assert!(
+        check
+            .stdout
+            .contains("10.1.0.0: used by 2 workload endpoints at once"),
+        "{check:?}"
+    );
 }
 
 #[test]
