@@ -100,12 +100,7 @@ impl Datastore {
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), encode(&resource)?, None)]);
-        let response = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let response = self.run_txn(txn).await?;
         if !response.succeeded() {
             return Err(DatastoreError::AlreadyExists {
                 kind: resource.kind(),
@@ -200,12 +195,7 @@ impl Datastore {
             )])
             .and_then([TxnOp::put(key.as_str(), encode(&resource)?, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let response = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let response = self.run_txn(txn).await?;
         if !response.succeeded() {
             let actual =
                 first_get(&response.op_responses()).map(|kv| kv.mod_revision().to_string());
@@ -256,12 +246,7 @@ impl Datastore {
                 Some(DeleteOptions::new().with_prev_key()),
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let response = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let response = self.run_txn(txn).await?;
         let ops = response.op_responses();
         if !response.succeeded() {
             return Err(match first_get(&ops) {
@@ -380,8 +365,11 @@ impl Datastore {
         &self,
         txn: Txn,
     ) -> Result<etcd_client::TxnResponse, DatastoreError> {
+        // A delete returns the object it removed: a large one must not fail the answer after
+        // the delete happened.
         self.client
-            .clone()
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE)
             .txn(txn)
             .await
             .map_err(|e| self.unavailable(e))
