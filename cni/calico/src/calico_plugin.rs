@@ -134,7 +134,7 @@ async fn add(
     workload: &Workload,
     ipam_type: &str,
 ) -> Result<String, CniError> {
-    let veth = workload.veth_name();
+    let veth = host_veth(store, workload, env).await?;
     let wep_name = workload.endpoint_name();
     // A retried ADD for the same attachment answers with what is already there.
     if let Ok(Resource::WorkloadEndpoint(existing)) = store
@@ -289,6 +289,48 @@ async fn ensure_network_profile(store: &Datastore, network: &str) -> Result<(), 
     }
 }
 
+/// The host end's name for this attachment: the one its endpoint records, else upstream's name
+/// unless another live endpoint already has that veth (two container IDs sharing their first 11
+/// characters), else the alternate. So an ADD or DEL never takes over or deletes another
+/// attachment's veth.
+async fn host_veth(store: &Datastore, workload: &Workload, env: &Env) -> Result<String, CniError> {
+    let ours = |w: &calico_model::Object<calico_model::spec::WorkloadEndpointSpec>| {
+        w.spec.container_id == env.container_id && w.spec.endpoint == env.ifname
+    };
+    match store
+        .get(
+            Kind::WorkloadEndpoint,
+            Some(&workload.namespace),
+            &workload.endpoint_name(),
+        )
+        .await
+    {
+        Ok(Resource::WorkloadEndpoint(w)) if ours(&w) && !w.spec.interface_name.is_empty() => {
+            return Ok(w.spec.interface_name.clone())
+        }
+        Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
+        Err(e) => return Err(datastore_error(e)),
+    }
+    let preferred = workload.veth_name();
+    // Kubernetes names hash the pod's namespace and name: no prefix can collide there.
+    if workload.pod.is_some() {
+        return Ok(preferred);
+    }
+    let (endpoints, _) = store
+        .list(Kind::WorkloadEndpoint, Some(&workload.namespace))
+        .await
+        .map_err(datastore_error)?;
+    let taken = endpoints.iter().any(|r| {
+        matches!(r, Resource::WorkloadEndpoint(w)
+            if w.spec.interface_name == preferred && !ours(w))
+    });
+    Ok(if taken {
+        workload.alternate_veth_name()
+    } else {
+        preferred
+    })
+}
+
 async fn del(
     env: &Env,
     _conf: &NetConf,
@@ -298,7 +340,8 @@ async fn del(
     ipam_type: &str,
 ) -> Result<(), CniError> {
     let netns = (!env.netns.is_empty()).then(|| PathBuf::from(&env.netns));
-    wiring::unwire(&workload.veth_name(), netns.as_deref(), &env.ifname).map_err(wiring_error)?;
+    let veth = host_veth(store, workload, env).await?;
+    wiring::unwire(&veth, netns.as_deref(), &env.ifname).map_err(wiring_error)?;
     delegate::run(env, ipam_type, "DEL", stdin)?;
     let name = workload.endpoint_name();
     match store
@@ -337,7 +380,7 @@ async fn check(
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
     let prev = CniResult::from_value(prev)?;
     let plan = Plan {
-        host_veth: workload.veth_name(),
+        host_veth: host_veth(store, workload, env).await?,
         netns: PathBuf::from(&env.netns),
         ifname: env.ifname.clone(),
         mtu: conf.mtu.unwrap_or(1500),

@@ -52,7 +52,20 @@ impl Workload {
     /// container ID's first 11 characters otherwise (as upstream names them). A container ID
     /// that is not plain ASCII letters, digits, `-`, `_` or `.` (any ID a runtime may pass)
     /// is hashed too, so the name is always a valid interface name.
+    ///
+    /// An interface other than `eth0` (a second network, Multus) hashes its name in too, so the
+    /// attachments of one workload never share a veth.
     pub fn veth_name(&self) -> String {
+        if self.ifname != "eth0" {
+            let base = match &self.pod {
+                Some(pod) => format!("{}.{pod}", self.namespace),
+                None => self.container_id.clone(),
+            };
+            return format!(
+                "cali{}",
+                &sha1_hex(&format!("{base}.{}", self.ifname))[..11]
+            );
+        }
         let id = match &self.pod {
             Some(pod) => sha1_hex(&format!("{}.{pod}", self.namespace)),
             None if self
@@ -66,6 +79,14 @@ impl Workload {
         };
         // ASCII by now, so slicing by bytes is slicing by characters.
         format!("cali{}", &id[..id.len().min(11)])
+    }
+
+    /// The name used when [`Workload::veth_name`] is already another live attachment's (two
+    /// container IDs that share their first 11 characters): a hash of the whole ID and the
+    /// interface.
+    pub fn alternate_veth_name(&self) -> String {
+        let digest = sha1_hex(&format!("{}.{}.alternate", self.container_id, self.ifname));
+        format!("cali{}", &digest[..11])
     }
 
     /// WorkloadEndpoint name, e.g. `node1-k8s-my--pod-eth0` (dashes in parts doubled).
@@ -147,5 +168,19 @@ mod tests {
         let a = Workload::new("n", "контейнер-1", "eth0", &none).veth_name();
         let b = Workload::new("n", "контейнер-2", "eth0", &none).veth_name();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn attachments_of_one_workload_never_share_a_veth() {
+        let none = BTreeMap::new();
+        let eth0 = Workload::new("n", "702f68bf34d8b947e4", "eth0", &none);
+        let eth1 = Workload::new("n", "702f68bf34d8b947e4", "eth1", &none);
+        assert_eq!(eth0.veth_name(), "cali702f68bf34d");
+        assert_ne!(eth0.veth_name(), eth1.veth_name());
+        assert!(eth1.veth_name().len() == 15 && eth1.veth_name().starts_with("cali"));
+        // Two ids sharing 11 characters: the alternates differ.
+        let other = Workload::new("n", "702f68bf34dffff", "eth0", &none);
+        assert_eq!(eth0.veth_name(), other.veth_name());
+        assert_ne!(eth0.alternate_veth_name(), other.alternate_veth_name());
     }
 }

@@ -474,3 +474,52 @@ async fn gc_removes_attachments_that_are_no_longer_valid() -> anyhow::Result<()>
     assert_eq!(weps.len(), 1);
     Ok(())
 }
+
+/// Two container IDs that share their first 11 characters (upstream's veth name) get two veths;
+/// deleting one leaves the other's veth, endpoint and address alone.
+#[tokio::test]
+async fn attachments_sharing_a_name_prefix_keep_their_own_veths() -> anyhow::Result<()> {
+    if !require(
+        "attachments_sharing_a_name_prefix_keep_their_own_veths",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let etcd = etcd_with_pools(&[("p", "198.18.27.0/24")]).await?;
+    let conf = netconf(&etcd, "net1", "1.0.0", "node1");
+    let prefix = format!("{:08x}abc", std::process::id());
+    let mut a = Attachment::new(conf.clone());
+    a.container = format!("{prefix}{}", "1".repeat(53));
+    let mut b = Attachment::new(conf.clone());
+    b.container = format!("{prefix}{}", "2".repeat(53));
+    let host_name = |out: &Out| -> String {
+        out.json()["interfaces"][0]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let out_a = a.run("ADD");
+    ok(&out_a, "a");
+    let out_b = b.run("ADD");
+    ok(&out_b, "b");
+    let (veth_a, veth_b) = (host_name(&out_a), host_name(&out_b));
+    assert_eq!(
+        veth_a,
+        format!("cali{}", &prefix[..11]),
+        "a keeps upstream's name"
+    );
+    assert_ne!(veth_a, veth_b, "two attachments share one veth");
+    assert!(host_link_exists(&veth_a) && host_link_exists(&veth_b));
+
+    let del = b.run("DEL");
+    assert_eq!(del.code, 0, "{del:?}");
+    assert!(!host_link_exists(&veth_b), "b's veth stayed");
+    assert!(host_link_exists(&veth_a), "deleting b took a's veth");
+    assert_eq!(endpoints(&etcd).await?.len(), 1, "a's endpoint went with b");
+    assert_eq!(ipam_usage(&etcd).await?, (1, 1));
+    // A retried ADD of a finds its own veth again.
+    let again = a.run("ADD");
+    ok(&again, "a again");
+    assert_eq!(host_name(&again), veth_a);
+    Ok(())
+}
