@@ -561,3 +561,35 @@ async fn snapshots_larger_than_one_message_arrive_whole() -> anyhow::Result<()> 
     println!("snapshot: {SETS} objects, {bytes} bytes, in pages of 1,000 keys");
     Ok(())
 }
+
+/// Several endpoints with one member down: every connection finds the live one, in either
+/// order, and works (etcd's own clients fail over the same way).
+#[tokio::test]
+async fn a_dead_endpoint_beside_a_live_one_is_skipped() -> anyhow::Result<()> {
+    if !require(
+        "a_dead_endpoint_beside_a_live_one_is_skipped",
+        &[Requirement::Etcd],
+    ) {
+        return Ok(());
+    }
+    let etcd = Etcd::start()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dead = format!("http://127.0.0.1:{port}");
+    for endpoints in [
+        [dead.clone(), etcd.endpoint()],
+        [etcd.endpoint(), dead.clone()],
+    ] {
+        for attempt in 0..10 {
+            let mut config = EtcdConfig::with_endpoints(endpoints.clone());
+            config.connect_timeout = Duration::from_millis(500);
+            let store = Datastore::connect(&config)
+                .await
+                .map_err(|e| anyhow::anyhow!("{endpoints:?}, attempt {attempt}: {e}"))?;
+            store.list(Kind::IPPool, None).await?;
+            store.apply(pool(&format!("p{attempt}"), "10.210.0.0/16")).await?;
+        }
+    }
+    Ok(())
+}

@@ -59,11 +59,27 @@ impl Datastore {
                 }
             }
         };
-        let mut client = Client::connect(&config.endpoints, Some(options))
-            .await
-            .map_err(unavailable)?;
-        client.status().await.map_err(unavailable)?;
-        Ok(Self { client, endpoints })
+        // Endpoints in order, the first that answers: a client over all of them would send
+        // some requests to a dead member and fail them (etcd's own clients fail over).
+        let mut last_error = None;
+        for endpoint in &config.endpoints {
+            let answered = async {
+                let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+                client.status().await?;
+                Ok::<_, etcd_client::Error>(client)
+            }
+            .await;
+            match answered {
+                Ok(client) => return Ok(Self { client, endpoints }),
+                Err(e) => {
+                    tracing::debug!(endpoint, error = %e, "etcd endpoint does not answer; trying the next");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(unavailable(last_error.unwrap_or_else(|| {
+            etcd_client::Error::InvalidArgs("no etcd endpoint configured".into())
+        })))
     }
 
     /// Whether etcd answers: one small maintenance request, whatever the cluster's size.
