@@ -80,13 +80,15 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
         String::from_utf8_lossy(&created.stderr)
     );
 
-    // "This release", with its default sizes.
+    // "This release", asked for a bigger conntrack (bpfMapSizeConntrack).
     let (dp, _) = PolicyDataplane::load(&LoadOptions {
         pin_path: Some(dir.0.clone()),
+        map_sizes: vec![(CONNTRACK_MAP, 4096)],
         ..Default::default()
     })?;
-    assert!(
-        max_entries(&dir.0.join(CONNTRACK_MAP)) > 1024,
+    assert_eq!(
+        max_entries(&dir.0.join(CONNTRACK_MAP)),
+        4096,
         "conntrack kept the old capacity"
     );
     assert_eq!(
@@ -101,5 +103,17 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
         "the endpoint map kept the old key"
     );
     assert!(dir.0.join("layout-v2").is_dir(), "no layout version marker");
+    // A restart that does not know the configured size (etcd unreachable) keeps it.
+    drop(dp);
+    let (dp, _) = PolicyDataplane::load(&LoadOptions {
+        pin_path: Some(dir.0.clone()),
+        ..Default::default()
+    })?;
+    assert_eq!(max_entries(&dir.0.join(CONNTRACK_MAP)), 4096);
+    assert_eq!(
+        dp.tracked_flows()?.len(),
+        1,
+        "the flow went with a plain restart"
+    );
     Ok(())
 }

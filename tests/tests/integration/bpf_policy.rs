@@ -428,7 +428,11 @@ fn a_full_map_leaves_the_endpoint_denying() -> anyhow::Result<()> {
         ports.join(", ")
     );
     let failed = install(&mut dp, &world(&too_big, s.ip, a.ip, b.ip), ifindex, s.ip);
-    assert!(failed.is_err(), "the oversized program was installed");
+    let error = format!(
+        "{:#}",
+        failed.expect_err("the oversized program was installed")
+    );
+    assert!(error.contains("POLICY_VERDICTS has no room"), "{error}");
     // The new program would allow ICMP, the old one did: neither is in force.
     dropped_for_lack_of_policy(&dp, "ICMP after the failed install", || a.ns.ping(s.ip))?;
 

@@ -588,7 +588,9 @@ async fn a_dead_endpoint_beside_a_live_one_is_skipped() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{endpoints:?}, attempt {attempt}: {e}"))?;
             store.list(Kind::IPPool, None).await?;
-            store.apply(pool(&format!("p{attempt}"), "10.210.0.0/16")).await?;
+            store
+                .apply(pool(&format!("p{attempt}"), "10.210.0.0/16"))
+                .await?;
         }
     }
     Ok(())

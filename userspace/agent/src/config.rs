@@ -109,6 +109,9 @@ pub fn default_failsafe_outbound() -> Vec<Failsafe> {
     ])
 }
 
+/// The largest map the settings may ask for (16 Mi entries).
+const MAX_MAP_SIZE: u32 = 1 << 24;
+
 /// What the FelixConfiguration resources decide at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FelixSettings {
@@ -116,6 +119,9 @@ pub struct FelixSettings {
     pub failsafe_outbound: Vec<Failsafe>,
     /// `bpfLogLevel: Debug` turns the programs' debug lines on; `None`: the flag decides.
     pub bpf_debug: Option<bool>,
+    /// Map capacities set by `bpfMapSizeConntrack` and `bpfMapSizeIPSets` (the prefix map the
+    /// selectors' IP sets go into); they take effect when the dataplane is loaded.
+    pub map_sizes: Vec<(&'static str, u32)>,
 }
 
 impl Default for FelixSettings {
@@ -124,6 +130,7 @@ impl Default for FelixSettings {
             failsafe_inbound: default_failsafe_inbound(),
             failsafe_outbound: default_failsafe_outbound(),
             bpf_debug: None,
+            map_sizes: Vec::new(),
         }
     }
 }
@@ -164,6 +171,28 @@ impl FelixSettings {
             if let Some(l) = &spec.failsafe_outbound_host_ports {
                 out.failsafe_outbound = failsafe(l, "spec.failsafeOutboundHostPorts")?;
             }
+            for (field, value, map) in [
+                (
+                    "spec.bpfMapSizeConntrack",
+                    spec.bpf_map_size_conntrack,
+                    calico_bpf_common::CONNTRACK_MAP,
+                ),
+                (
+                    "spec.bpfMapSizeIPSets",
+                    spec.bpf_map_size_ip_sets,
+                    calico_bpf_common::POLICY_PEERS_MAP,
+                ),
+            ] {
+                let Some(value) = value else { continue };
+                let size = u32::try_from(value)
+                    .ok()
+                    .filter(|s| (1..=MAX_MAP_SIZE).contains(s))
+                    .ok_or_else(|| {
+                        format!("{field}: {value} is not between 1 and {MAX_MAP_SIZE}")
+                    })?;
+                out.map_sizes.retain(|(m, _)| *m != map);
+                out.map_sizes.push((map, size));
+            }
             if let Some(level) = &spec.bpf_log_level {
                 out.bpf_debug = match level.to_ascii_lowercase().as_str() {
                     "debug" => Some(true),
@@ -177,5 +206,38 @@ impl FelixSettings {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use calico_bpf_common::{CONNTRACK_MAP, POLICY_PEERS_MAP};
+
+    use super::*;
+
+    #[test]
+    fn map_sizes_follow_felix_configuration() {
+        let global = FelixConfigurationSpec {
+            bpf_map_size_conntrack: Some(1_048_576),
+            bpf_map_size_ip_sets: Some(500_000),
+            ..Default::default()
+        };
+        let node = FelixConfigurationSpec {
+            bpf_map_size_conntrack: Some(2_000_000),
+            ..Default::default()
+        };
+        let s = FelixSettings::resolve(Some(&global), Some(&node)).unwrap();
+        assert_eq!(
+            s.map_sizes,
+            [(POLICY_PEERS_MAP, 500_000), (CONNTRACK_MAP, 2_000_000)]
+        );
+        for bad in [0, 99_999_999_999] {
+            let spec = FelixConfigurationSpec {
+                bpf_map_size_conntrack: Some(bad),
+                ..Default::default()
+            };
+            let e = FelixSettings::resolve(Some(&spec), None).unwrap_err();
+            assert!(e.contains("spec.bpfMapSizeConntrack"), "{bad}: {e}");
+        }
     }
 }

@@ -464,6 +464,7 @@ impl Driver {
         self.refresh_counters();
         // Walking every map is not cheap with large tables: only here, not per update.
         self.metrics.set_occupancy(self.dataplane.occupancy());
+        self.metrics.set_capacity(self.dataplane.capacities());
     }
 
     /// Moves conntrack expiry to a thread of its own, every `every` (a walk over a large table

@@ -44,6 +44,40 @@ use crate::{
 };
 
 /// What the main loop knows beyond the calculation.
+/// `bpfMapSize*` from FelixConfiguration `default` and `node.<name>`, if etcd answers within a
+/// few seconds; none otherwise (and then pinned maps keep their sizes).
+async fn configured_map_sizes(etcd: &EtcdConfig, node: &str) -> Vec<(&'static str, u32)> {
+    let read = async {
+        let store = calico_datastore::Datastore::connect(etcd).await?;
+        let get = |name: String| {
+            let store = store.clone();
+            async move {
+                match store.get(Kind::FelixConfiguration, None, &name).await {
+                    Ok(Resource::FelixConfiguration(f)) => Ok(Some(f.spec)),
+                    Ok(_) | Err(calico_datastore::DatastoreError::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let global = get("default".to_owned()).await?;
+        let ours = get(format!("node.{node}")).await?;
+        Ok::<_, calico_datastore::DatastoreError>((global, ours))
+    };
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(Ok((global, ours))) => match FelixSettings::resolve(global.as_ref(), ours.as_ref()) {
+            Ok(settings) => settings.map_sizes,
+            Err(e) => {
+                tracing::error!(error = %e, "FelixConfiguration refused; map sizes unchanged");
+                Vec::new()
+            }
+        },
+        _ => {
+            tracing::warn!("FelixConfiguration not readable at start; map sizes unchanged");
+            Vec::new()
+        }
+    }
+}
+
 struct Agent {
     node: String,
     bird: Option<bird::Bird>,
@@ -102,12 +136,15 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             "--bpf-log-level / FELIX_BPFLOGLEVEL: `{other}` is not off, info or debug"
         ),
     };
+    // Map sizes are fixed when the maps are made: read them from FelixConfiguration first,
+    // briefly (without an answer the pinned maps keep the sizes they have).
+    let map_sizes = configured_map_sizes(&etcd, &node).await;
     // Always loaded with a logger, so debug lines can be switched on at run time
     // (FelixConfiguration bpfLogLevel) without reloading anything.
     let (mut dataplane, logger) = PolicyDataplane::load(&LoadOptions {
         log_level: Some(aya_log::Level::Debug),
         pin_path: Some(flags.bpf_pin_path.clone()),
-        ..Default::default()
+        map_sizes,
     })
     .with_context(|| {
         format!(

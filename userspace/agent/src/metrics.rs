@@ -46,6 +46,7 @@ pub struct Metrics {
     pub bird_restarts: Counter,
     latency: Histogram,
     map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
     registry: Mutex<Registry>,
 }
 
@@ -70,6 +71,7 @@ impl Default for Metrics {
             bird_restarts: Counter::default(),
             latency: Histogram::new(BUCKETS),
             map_entries: Family::default(),
+            map_capacity: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         {
@@ -155,6 +157,11 @@ impl Default for Metrics {
                 "Entries in each dataplane map",
                 m.map_entries.clone(),
             );
+            r.register(
+                "felix_bpf_map_capacity",
+                "Most entries each dataplane map holds (bpfMapSize* sets some)",
+                m.map_capacity.clone(),
+            );
         }
         m
     }
@@ -198,6 +205,14 @@ impl Metrics {
             self.map_entries
                 .get_or_create(&vec![("map", map)])
                 .set(entries as i64);
+        }
+    }
+
+    pub fn set_capacity(&self, capacity: Vec<(&'static str, u32)>) {
+        for (map, size) in capacity {
+            self.map_capacity
+                .get_or_create(&vec![("map", map)])
+                .set(i64::from(size));
         }
     }
 

@@ -43,6 +43,13 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("map {map} has no room for {needed} more entries ({in_use} of {capacity} in use)")]
+    MapFull {
+        map: &'static str,
+        needed: usize,
+        in_use: usize,
+        capacity: u32,
+    },
     #[error("pinned map layout: {0}")]
     Layout(String),
     #[error("{what} is not attached to `{interface}`")]

@@ -209,6 +209,10 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
         metrics.contains("felix_bpf_map_entries{map=\"POLICY_VERDICTS\"}"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("felix_bpf_map_capacity{map=\"CONNTRACK\"}"),
+        "{metrics}"
+    );
     Ok(())
 }
 

@@ -92,6 +92,8 @@ pub struct PolicyDataplane {
     pin_path: Option<PathBuf>,
     /// Attachments this process made, by (ifindex, hook).
     links: BTreeMap<(u32, Hook), Attachment>,
+    /// Each table's capacity (max entries), by map name.
+    capacity: BTreeMap<&'static str, u32>,
     /// Tracked flows counted by the last conntrack expiry pass.
     tracked_flows_seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -137,6 +139,7 @@ impl PolicyDataplane {
         let level: u8 = options.log_level.map_or(0, |l| l as u8);
         let mut loader = EbpfLoader::new();
         let mut migrating = Vec::new();
+        let wanted = pins::wanted_layouts(TC_OBJECT, &options.map_sizes)?;
         loader.override_global(aya_log::LEVEL, &level, false);
         if let Some(dir) = &options.pin_path {
             for sub in [dir.clone(), dir.join("links")] {
@@ -147,8 +150,8 @@ impl PolicyDataplane {
                 })?;
             }
             // Pins of another layout are moved aside or removed first (see `pins`).
-            let wanted = pins::wanted_layouts(TC_OBJECT, &options.map_sizes)?;
-            migrating = pins::prepare(dir, &PINNED_MAPS, &wanted)?;
+            let sized: Vec<&str> = options.map_sizes.iter().map(|(n, _)| *n).collect();
+            migrating = pins::prepare(dir, &PINNED_MAPS, &wanted, &sized)?;
             for name in PINNED_MAPS {
                 // Reuses the map pinned there, or creates and pins it.
                 loader.map_pin_path(name, dir.join(name));
@@ -171,7 +174,22 @@ impl PolicyDataplane {
                     source,
                 })?;
         }
+        // What each table holds at most: the pinned map's own size when one was reused.
+        let capacity: BTreeMap<&'static str, u32> = PINNED_MAPS
+            .iter()
+            .filter_map(|name| {
+                let pinned = options.pin_path.as_ref().and_then(|dir| {
+                    aya::maps::MapInfo::from_pin(dir.join(name))
+                        .ok()
+                        .map(|i| i.max_entries())
+                });
+                pinned
+                    .or_else(|| wanted.get(*name).map(|l| l.max_entries))
+                    .map(|size| (*name, size))
+            })
+            .collect();
         let mut dataplane = Self {
+            capacity,
             endpoints: take(&mut ebpf, POLICY_ENDPOINTS_MAP)?,
             peers: take(&mut ebpf, POLICY_PEERS_MAP)?,
             locals: take(&mut ebpf, POLICY_LOCALS_MAP)?,

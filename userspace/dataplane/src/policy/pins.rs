@@ -3,9 +3,10 @@
 //! being loaded, and a layout version kept beside the pins (a `layout-v<N>` directory: bpffs
 //! holds no plain files) covers what sizes cannot show.
 //!
-//! * Same layout: reused as it is.
+//! * Same layout: reused as it is. A capacity nobody asked to change (not in the load's map
+//!   sizes) counts as the same: a restart without its configuration keeps the pinned size.
 //! * Conntrack with a new capacity only: migrated (its entries copied into the new map after
-//!   the load, as many as fit), so tracked flows survive an upgrade that resizes it.
+//!   the load, as many as fit), so tracked flows survive a resize.
 //! * Anything else that differs, or a different layout version: the pin is removed and the
 //!   load creates the map afresh (the agent reinstalls every table; conntrack is kept across
 //!   a version change when its own layout did not change).
@@ -56,12 +57,19 @@ pub(super) enum Decision {
     Recreate,
 }
 
-/// The decision for map `name` whose pin has layout `found`, when the object wants `wanted`.
-pub(super) fn decide(name: &str, found: &Layout, wanted: &Layout, same_version: bool) -> Decision {
+/// The decision for map `name` whose pin has layout `found`, when the object wants `wanted`;
+/// `sized` when the load asks for a capacity for it.
+pub(super) fn decide(
+    name: &str,
+    found: &Layout,
+    wanted: &Layout,
+    same_version: bool,
+    sized: bool,
+) -> Decision {
     let conntrack = name == CONNTRACK_MAP;
     if !found.same_shape(wanted) {
         Decision::Recreate
-    } else if found.max_entries != wanted.max_entries {
+    } else if sized && found.max_entries != wanted.max_entries {
         if conntrack {
             Decision::Migrate
         } else {
@@ -108,6 +116,7 @@ pub(super) fn prepare(
     dir: &Path,
     names: &[&'static str],
     wanted: &StdHashMap<String, Layout>,
+    sized: &[&str],
 ) -> Result<Vec<(&'static str, MapData)>, DataplaneError> {
     let marker = dir.join(format!("{VERSION_PREFIX}{LAYOUT_VERSION}"));
     let same_version = marker.is_dir();
@@ -120,7 +129,7 @@ pub(super) fn prepare(
         let Some(want) = wanted.get(*name) else {
             continue;
         };
-        let decision = decide(name, &found, want, same_version);
+        let decision = decide(name, &found, want, same_version, sized.contains(name));
         match decision {
             Decision::Reuse => continue,
             Decision::Migrate => {
@@ -201,33 +210,51 @@ mod tests {
     #[test]
     fn decisions() {
         let eps = layout(HASH, 8, 8, 16384);
-        assert_eq!(decide("POLICY_EPS", &eps, &eps, true), Decision::Reuse);
-        assert_eq!(decide("POLICY_EPS", &eps, &eps, false), Decision::Recreate);
+        assert_eq!(
+            decide("POLICY_EPS", &eps, &eps, true, false),
+            Decision::Reuse
+        );
+        assert_eq!(
+            decide("POLICY_EPS", &eps, &eps, false, false),
+            Decision::Recreate
+        );
         let other_key = layout(HASH, 4, 8, 16384);
         assert_eq!(
-            decide("POLICY_EPS", &other_key, &eps, true),
+            decide("POLICY_EPS", &other_key, &eps, true, false),
             Decision::Recreate
         );
         let bigger = layout(HASH, 8, 8, 65536);
         assert_eq!(
-            decide("POLICY_EPS", &eps, &bigger, true),
+            decide("POLICY_EPS", &eps, &bigger, true, true),
             Decision::Recreate
+        );
+        // Nobody asked for another size: the pinned one stays.
+        assert_eq!(
+            decide("POLICY_EPS", &eps, &bigger, true, false),
+            Decision::Reuse
         );
 
         let ct = layout(LRU, 48, 16, 1024);
         let ct_bigger = layout(LRU, 48, 16, 512 * 1024);
         assert_eq!(
-            decide(CONNTRACK_MAP, &ct, &ct_bigger, true),
+            decide(CONNTRACK_MAP, &ct, &ct_bigger, true, true),
             Decision::Migrate
         );
         assert_eq!(
-            decide(CONNTRACK_MAP, &ct, &ct_bigger, false),
+            decide(CONNTRACK_MAP, &ct, &ct_bigger, false, true),
             Decision::Migrate
         );
-        assert_eq!(decide(CONNTRACK_MAP, &ct, &ct, false), Decision::Reuse);
+        assert_eq!(
+            decide(CONNTRACK_MAP, &ct, &ct_bigger, true, false),
+            Decision::Reuse
+        );
+        assert_eq!(
+            decide(CONNTRACK_MAP, &ct, &ct, false, false),
+            Decision::Reuse
+        );
         let ct_new_key = layout(LRU, 52, 16, 1024);
         assert_eq!(
-            decide(CONNTRACK_MAP, &ct, &ct_new_key, true),
+            decide(CONNTRACK_MAP, &ct, &ct_new_key, true, false),
             Decision::Recreate
         );
     }

@@ -1,7 +1,7 @@
 //! Writing a compiled program's tables beside the one in use, switching the endpoint to it in
 //! one update, and deleting what it replaced.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
 use calico_bpf_common::{
@@ -51,6 +51,55 @@ impl PolicyDataplane {
         ]
     }
 
+    /// Each table's capacity (max entries), for /metrics beside [`PolicyDataplane::occupancy`].
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        self.capacity.iter().map(|(m, c)| (*m, *c)).collect()
+    }
+
+    /// Refuses a program the tables have no room for (beside the one it replaces, which stays
+    /// until the switch), naming the map: checked before anything is written.
+    fn check_room(&self, compiled: &CompiledProgram) -> Result<(), DataplaneError> {
+        let prefixes = |ranges: &mut dyn Iterator<Item = (u16, u16)>| -> usize {
+            ranges.map(|(lo, hi)| range_to_prefixes(lo, hi).len()).sum()
+        };
+        let needed = [
+            (POLICY_ENDPOINTS_MAP, 1),
+            (POLICY_PEERS_MAP, compiled.peer_prefixes.len()),
+            (POLICY_LOCALS_MAP, compiled.local_addresses.len()),
+            (POLICY_PROTOS_MAP, compiled.protocols.len()),
+            (
+                POLICY_SPORTS_MAP,
+                prefixes(&mut compiled.source_ports.iter().map(|(lo, hi, _)| (*lo, *hi))),
+            ),
+            (
+                POLICY_VERDICTS_MAP,
+                prefixes(
+                    &mut compiled
+                        .cells
+                        .values()
+                        .flatten()
+                        .map(|(lo, hi, _)| (*lo, *hi)),
+                ),
+            ),
+        ];
+        let used: BTreeMap<&str, usize> = self.occupancy().into_iter().collect();
+        for (map, need) in needed {
+            let Some(&capacity) = self.capacity.get(map) else {
+                continue;
+            };
+            let in_use = used.get(map).copied().unwrap_or(0);
+            if in_use + need > capacity as usize {
+                return Err(DataplaneError::MapFull {
+                    map,
+                    needed: need,
+                    in_use,
+                    capacity,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Installs `compiled` as the policy of interface `ifindex` at `hook`, replacing what was
     /// there in one step. On failure (a full map, say) the hook is left with no program, which
     /// drops its traffic: never the old policy, which may allow what the new one denies.
@@ -67,18 +116,21 @@ impl PolicyDataplane {
             ifindex,
             hook: hook.code(),
         };
-        let switched = self.write(program, compiled, &mut written).and_then(|()| {
-            self.endpoints
-                .insert(
-                    key,
-                    ProgramRef {
-                        program,
-                        other_protocol: compiled.other_protocol,
-                    },
-                    0,
-                )
-                .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))
-        });
+        let switched = self
+            .check_room(compiled)
+            .and_then(|()| self.write(program, compiled, &mut written))
+            .and_then(|()| {
+                self.endpoints
+                    .insert(
+                        key,
+                        ProgramRef {
+                            program,
+                            other_protocol: compiled.other_protocol,
+                        },
+                        0,
+                    )
+                    .map_err(map_err(POLICY_ENDPOINTS_MAP, "insert"))
+            });
         if let Err(e) = switched {
             // Nothing points at a half-written program; take back what was written, and
             // leave the hook denying rather than on its previous policy.
