@@ -105,14 +105,18 @@ pub struct ProgramRef {
     pub program: u32,
     /// Class of protocols no rule names.
     pub other_protocol: u32,
+    /// The peer table (in `POLICY_PEERS`) the program reads. Tables are shared by content:
+    /// every program whose peer prefixes and classes are the same (the endpoints a namespace's
+    /// policies select alike) reads one copy, so an IP set is stored once, not per endpoint.
+    pub peers: u32,
 }
 
-/// LPM data: program id (big-endian, always fully matched) then the address as IPv6
-/// (IPv4 mapped to ::ffff:a.b.c.d).
+/// LPM data: peer table id (big-endian, always fully matched; see [`ProgramRef::peers`]) then
+/// the address as IPv6 (IPv4 mapped to ::ffff:a.b.c.d).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerKeyData {
-    pub program: [u8; 4],
+    pub table: [u8; 4],
     pub addr: [u8; 16],
 }
 

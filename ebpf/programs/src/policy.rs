@@ -314,7 +314,7 @@ fn decide(
     let peer = *POLICY_PEERS.get(Key::new(
         160,
         PeerKeyData {
-            program: id.to_be_bytes(),
+            table: program.peers.to_be_bytes(),
             addr: peer_addr,
         },
     ))?;

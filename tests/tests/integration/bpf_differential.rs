@@ -224,3 +224,64 @@ fn fifty_thousand_rules_load_and_decide_correctly() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Programs with the same peer prefixes read one shared peer table: installing the same
+/// program for a second endpoint writes no peer entries, removing one endpoint keeps the other
+/// deciding correctly, and the last one out takes the table with it.
+#[test]
+fn identical_peer_tables_are_stored_once() -> anyhow::Result<()> {
+    if !require(
+        "identical_peer_tables_are_stored_once",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    const OTHER_ENDPOINT: u32 = 999_999;
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let w = calico_policy::testing::deny_rules_then_allow(100);
+    let id = w.endpoints.keys().next().unwrap().clone();
+    let program = w.program(&id, Direction::Ingress);
+    let compiled =
+        CompiledProgram::compile(&w, &program, &["10.0.0.1".parse()?], Direction::Ingress)?;
+    let peers = |dp: &PolicyDataplane| {
+        dp.occupancy()
+            .into_iter()
+            .find(|(m, _)| *m == calico_bpf_common::POLICY_PEERS_MAP)
+            .map_or(0, |(_, n)| n)
+    };
+    dp.install(LOOPBACK, Hook::Egress, &compiled)?;
+    let one = peers(&dp);
+    assert_eq!(one, compiled.peer_prefixes.len());
+    dp.install(OTHER_ENDPOINT, Hook::Egress, &compiled)?;
+    assert_eq!(peers(&dp), one, "the second endpoint copied the peer table");
+
+    dp.remove(OTHER_ENDPOINT, Hook::Egress)?;
+    assert_eq!(
+        peers(&dp),
+        one,
+        "removing one endpoint took the shared table"
+    );
+    let packet = |src: &str| Packet {
+        src: src.parse().unwrap(),
+        dst: "10.0.0.1".parse().unwrap(),
+        protocol: 6,
+        src_port: 40000,
+        dst_port: 10_005,
+        icmp: None,
+    };
+    // 10.100.0.5 → 10,005 is denied by rule 5; 192.0.2.1 falls to the final allow.
+    dp.clear_conntrack()?;
+    assert_eq!(
+        dp.test_run(Hook::Egress, &frame(&packet("10.100.0.5")))?,
+        TC_ACT_SHOT
+    );
+    dp.clear_conntrack()?;
+    assert_eq!(
+        dp.test_run(Hook::Egress, &frame(&packet("192.0.2.1")))?,
+        TC_ACT_PIPE
+    );
+
+    dp.remove(LOOPBACK, Hook::Egress)?;
+    assert_eq!(peers(&dp), 0, "the last user left the table behind");
+    Ok(())
+}

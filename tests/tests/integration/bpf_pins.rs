@@ -102,7 +102,7 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
         std::mem::size_of::<EndpointKey>(),
         "the endpoint map kept the old key"
     );
-    assert!(dir.0.join("layout-v2").is_dir(), "no layout version marker");
+    assert!(dir.0.join("layout-v3").is_dir(), "no layout version marker");
     // A restart that does not know the configured size (etcd unreachable) keeps it.
     drop(dp);
     let (dp, _) = PolicyDataplane::load(&LoadOptions {

@@ -64,11 +64,22 @@ impl Hook {
 /// Everything written for one installed program, so it can be deleted again.
 #[derive(Default)]
 struct Written {
-    peers: Vec<Key<PeerKeyData>>,
+    /// The peer table the program reads (shared; see `PeerTable`).
+    peers: Option<PeerPrefixes>,
     locals: Vec<LocalKey>,
     protos: Vec<ProtoKey>,
     sports: Vec<Key<PortKeyData>>,
     verdicts: Vec<Key<VerdictKeyData>>,
+}
+
+/// A program's peer prefixes with their classes: the identity of a shared peer table.
+type PeerPrefixes = std::sync::Arc<Vec<(ipnet::IpNet, u32)>>;
+
+/// One peer table in `POLICY_PEERS`: its id, its keys, and how many installed programs read it.
+struct PeerTable {
+    id: u32,
+    keys: Vec<Key<PeerKeyData>>,
+    users: usize,
 }
 
 pub struct PolicyDataplane {
@@ -87,6 +98,9 @@ pub struct PolicyDataplane {
     /// Each installed program's verdicts (what its verdict indices stand for).
     verdicts_of: BTreeMap<u32, Vec<Verdict>>,
     next_program: u32,
+    /// Peer tables by content, shared by every program with the same peer prefixes.
+    peer_tables: std::collections::HashMap<PeerPrefixes, PeerTable>,
+    next_peer_table: u32,
     installed: BTreeMap<(u32, u32), (u32, Written)>,
     /// Where maps and links are pinned, if anywhere.
     pin_path: Option<PathBuf>,
@@ -204,6 +218,8 @@ impl PolicyDataplane {
             verdicts_of: BTreeMap::new(),
             ebpf,
             next_program: 1,
+            peer_tables: Default::default(),
+            next_peer_table: 1,
             installed: BTreeMap::new(),
             pin_path: options.pin_path.clone(),
             links: BTreeMap::new(),
@@ -224,6 +240,9 @@ impl PolicyDataplane {
         let adopted = dataplane.endpoint_programs()?;
         if let Some(max) = adopted.values().map(|r| r.program).max() {
             dataplane.next_program = max.wrapping_add(1).max(1);
+        }
+        if let Some(max) = adopted.values().map(|r| r.peers).max() {
+            dataplane.next_peer_table = max.wrapping_add(1).max(1);
         }
         Ok((dataplane, logger))
     }

@@ -65,9 +65,15 @@ impl PolicyDataplane {
             .map(|r| r.program)
             .collect();
         let dead = |program: u32| !live.contains(&program);
+        let live_tables: BTreeSet<u32> = self
+            .endpoint_programs()?
+            .values()
+            .map(|r| r.peers)
+            .collect();
+        let dead_table = |table: u32| !live_tables.contains(&table);
         let be = |b: [u8; 4]| u32::from_be_bytes(b);
         Ok(
-            sweep_table(&mut self.peers, |k| be(k.data().program), &dead)
+            sweep_table(&mut self.peers, |k| be(k.data().table), &dead_table)
                 + sweep_table(&mut self.locals, |k| k.program, &dead)
                 + sweep_table(&mut self.protos, |k| k.program, &dead)
                 + sweep_table(&mut self.sports, |k| be(k.data().program), &dead)

@@ -13,7 +13,7 @@ use calico_bpf_common::{
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 use ipnet::IpNet;
 
-use super::{map_err, mapped, Hook, PolicyDataplane, Written};
+use super::{map_err, mapped, Hook, PeerPrefixes, PeerTable, PolicyDataplane, Written};
 use crate::{object::key_missing, DataplaneError};
 
 fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
@@ -38,7 +38,10 @@ impl PolicyDataplane {
         let sum = |f: fn(&Written) -> usize| self.installed.values().map(|(_, w)| f(w)).sum();
         vec![
             (POLICY_ENDPOINTS_MAP, self.installed.len()),
-            (POLICY_PEERS_MAP, sum(|w| w.peers.len())),
+            (
+                POLICY_PEERS_MAP,
+                self.peer_tables.values().map(|t| t.keys.len()).sum(),
+            ),
             (POLICY_LOCALS_MAP, sum(|w| w.locals.len())),
             (POLICY_PROTOS_MAP, sum(|w| w.protos.len())),
             (POLICY_SPORTS_MAP, sum(|w| w.sports.len())),
@@ -58,22 +61,34 @@ impl PolicyDataplane {
 
     /// Refuses a program the tables have no room for (beside the one it replaces, which stays
     /// until the switch), naming the map: checked before anything is written.
-    fn check_room(&self, compiled: &CompiledProgram) -> Result<(), DataplaneError> {
-        let prefixes = |ranges: &mut dyn Iterator<Item = (u16, u16)>| -> usize {
+    fn check_room(
+        &self,
+        compiled: &CompiledProgram,
+        prefixes: &PeerPrefixes,
+    ) -> Result<(), DataplaneError> {
+        let port_prefixes = |ranges: &mut dyn Iterator<Item = (u16, u16)>| -> usize {
             ranges.map(|(lo, hi)| range_to_prefixes(lo, hi).len()).sum()
         };
         let needed = [
             (POLICY_ENDPOINTS_MAP, 1),
-            (POLICY_PEERS_MAP, compiled.peer_prefixes.len()),
+            // A shared table that exists already costs nothing more.
+            (
+                POLICY_PEERS_MAP,
+                if self.peer_tables.contains_key(prefixes) {
+                    0
+                } else {
+                    prefixes.len()
+                },
+            ),
             (POLICY_LOCALS_MAP, compiled.local_addresses.len()),
             (POLICY_PROTOS_MAP, compiled.protocols.len()),
             (
                 POLICY_SPORTS_MAP,
-                prefixes(&mut compiled.source_ports.iter().map(|(lo, hi, _)| (*lo, *hi))),
+                port_prefixes(&mut compiled.source_ports.iter().map(|(lo, hi, _)| (*lo, *hi))),
             ),
             (
                 POLICY_VERDICTS_MAP,
-                prefixes(
+                port_prefixes(
                     &mut compiled
                         .cells
                         .values()
@@ -116,16 +131,19 @@ impl PolicyDataplane {
             ifindex,
             hook: hook.code(),
         };
+        let prefixes: PeerPrefixes = std::sync::Arc::new(compiled.peer_prefixes.clone());
         let switched = self
-            .check_room(compiled)
-            .and_then(|()| self.write(program, compiled, &mut written))
-            .and_then(|()| {
+            .check_room(compiled, &prefixes)
+            .and_then(|()| self.acquire_peers(&prefixes, &mut written))
+            .and_then(|peers| {
+                self.write(program, compiled, &mut written)?;
                 self.endpoints
                     .insert(
                         key,
                         ProgramRef {
                             program,
                             other_protocol: compiled.other_protocol,
+                            peers,
                         },
                         0,
                     )
@@ -168,14 +186,26 @@ impl PolicyDataplane {
         Ok(())
     }
 
-    fn write(
+    /// The peer table holding `prefixes`: an existing one gains a user, or a new one is
+    /// written. Returns its id.
+    fn acquire_peers(
         &mut self,
-        program: u32,
-        c: &CompiledProgram,
+        prefixes: &PeerPrefixes,
         w: &mut Written,
-    ) -> Result<(), DataplaneError> {
-        let id = program.to_be_bytes();
-        for (net, class) in &c.peer_prefixes {
+    ) -> Result<u32, DataplaneError> {
+        if let Some(table) = self.peer_tables.get_mut(prefixes) {
+            table.users += 1;
+            w.peers = Some(prefixes.clone());
+            return Ok(table.id);
+        }
+        let id = self.next_peer_table;
+        self.next_peer_table = self.next_peer_table.wrapping_add(1).max(1);
+        let mut table = PeerTable {
+            id,
+            keys: Vec::with_capacity(prefixes.len()),
+            users: 1,
+        };
+        for (net, class) in prefixes.iter() {
             let len = match net {
                 IpNet::V4(n) => 32 + 96 + u32::from(n.prefix_len()),
                 IpNet::V6(n) => 32 + u32::from(n.prefix_len()),
@@ -183,15 +213,45 @@ impl PolicyDataplane {
             let key = Key::new(
                 len,
                 PeerKeyData {
-                    program: id,
+                    table: id.to_be_bytes(),
                     addr: mapped(net.network()),
                 },
             );
-            self.peers
-                .insert(&key, class, 0)
-                .map_err(map_err(POLICY_PEERS_MAP, "insert"))?;
-            w.peers.push(key);
+            if let Err(source) = self.peers.insert(&key, class, 0) {
+                for k in &table.keys {
+                    let _ = self.peers.remove(k);
+                }
+                return Err(map_err(POLICY_PEERS_MAP, "insert")(source));
+            }
+            table.keys.push(key);
         }
+        self.peer_tables.insert(prefixes.clone(), table);
+        w.peers = Some(prefixes.clone());
+        Ok(id)
+    }
+
+    /// A program stops reading a peer table; the last one out deletes it.
+    fn release_peers(&mut self, prefixes: &PeerPrefixes) {
+        let Some(table) = self.peer_tables.get_mut(prefixes) else {
+            return;
+        };
+        table.users -= 1;
+        if table.users == 0 {
+            if let Some(table) = self.peer_tables.remove(prefixes) {
+                for k in &table.keys {
+                    let _ = self.peers.remove(k);
+                }
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        program: u32,
+        c: &CompiledProgram,
+        w: &mut Written,
+    ) -> Result<(), DataplaneError> {
+        let id = program.to_be_bytes();
         for (addr, class) in &c.local_addresses {
             let key = LocalKey {
                 program,
@@ -261,8 +321,8 @@ impl PolicyDataplane {
 
     /// Deletes a program's entries (best effort: they are unreachable once switched away).
     fn delete(&mut self, w: Written) {
-        for k in &w.peers {
-            let _ = self.peers.remove(k);
+        if let Some(prefixes) = &w.peers {
+            self.release_peers(prefixes);
         }
         for k in &w.locals {
             let _ = self.locals.remove(k);
