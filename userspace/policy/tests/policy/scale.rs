@@ -8,7 +8,7 @@
 use std::{net::IpAddr, time::Instant};
 
 use calico_policy::{
-    evaluate, testing::deny_rules_then_allow, CompiledProgram, Direction, EndpointId, Packet,
+    evaluate, testing::deny_rules_then_allow, CompiledProgram, Direction, EndpointId, Packet, World,
 };
 
 fn tcp(src: &str, port: u16) -> Packet {
@@ -72,4 +72,39 @@ fn fifty_thousand_rules_compile_and_agree() {
         e50k < e10k * 8,
         "entries grew superlinearly: {e10k} → {e50k}"
     );
+}
+
+/// The endpoints one "allow from the same namespace" policy selects compile to the same peer
+/// prefixes and classes, which is what lets the dataplane store one peer table for all of them
+/// (instead of one per endpoint: 300 pods would otherwise write 300 × 300 entries).
+#[test]
+fn endpoints_a_namespace_policy_selects_alike_share_peer_prefixes() {
+    use calico_model::parse_documents;
+    let mut text = String::from("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: same-ns, namespace: shop}\nspec:\n  selector: all()\n  types: [Ingress]\n  ingress: [{action: Allow, source: {selector: all()}}]\n");
+    for i in 0..300 {
+        text.push_str(&format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: pod{i}, namespace: shop, labels: {{app: web}}}}\nspec: {{node: n, ipNetworks: ['10.1.{}.{}/32']}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    let w = World::from_resources(&parse_documents(&text).unwrap()).unwrap();
+    let compiled: Vec<CompiledProgram> = w
+        .endpoints
+        .iter()
+        .take(20)
+        .map(|(id, info)| {
+            CompiledProgram::compile(
+                &w,
+                &w.program(id, Direction::Ingress),
+                &info.addresses,
+                Direction::Ingress,
+            )
+            .unwrap()
+        })
+        .collect();
+    assert!(compiled[0].peer_prefixes.len() >= 300);
+    for c in &compiled[1..] {
+        assert_eq!(c.peer_prefixes, compiled[0].peer_prefixes);
+    }
 }
