@@ -265,7 +265,7 @@ mod policy_layout {
     fn policy_map_types_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<ProgramRef>(), 8);
+        assert_eq!(size_of::<ProgramRef>(), 12);
         assert_eq!(size_of::<PeerKeyData>(), 20);
         assert_eq!(size_of::<LocalKey>(), 20);
         assert_eq!(size_of::<ProtoKey>(), 8);
