@@ -142,10 +142,14 @@ fn main() -> Result<()> {
         m("felix_bpf_packets_denied_total"),
         m("felix_policy_update_latency_seconds_count"),
     );
-    println!(
-        "host routes to workloads:\n{}",
-        host.exec_ok("ip", &["route", "show", "proto", "boot"])?
-    );
+    // The CNI plugin adds each workload's host route; the agent keeps it (whatever its proto).
+    let workload_routes: String = host
+        .exec_ok("ip", &["route", "show"])?
+        .lines()
+        .filter(|l| l.contains(" dev cali"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    println!("host routes to workloads:\n{workload_routes}");
 
     banner("clean up through the CNI plugin");
     for w in &workloads {
