@@ -146,6 +146,9 @@ impl Driver {
     /// Applies the calculation's changes.
     pub async fn apply(&mut self, changes: Vec<Change>) {
         for change in changes {
+            // A cold start programs thousands of endpoints in one batch: each one is progress,
+            // so liveness holds while it lasts.
+            self.metrics.turned();
             match change {
                 Change::Set(id, policy) => {
                     let addresses = policy.addresses.clone();
