@@ -54,7 +54,9 @@ pub enum Admitted<'a> {
 
 #[derive(Debug, Default)]
 pub struct Admission {
-    last_valid: BTreeMap<ResourceKey, Resource>,
+    /// As JSON: a policy of thousands of rules is a fraction of its in-memory size that way,
+    /// and it is only read back when a later version is refused.
+    last_valid: BTreeMap<ResourceKey, Vec<u8>>,
 }
 
 impl Admission {
@@ -63,14 +65,23 @@ impl Admission {
         match validate(resource) {
             Ok(()) => {
                 if keeps_last_valid(key.0) {
-                    self.last_valid.insert(key, resource.clone());
+                    match serde_json::to_vec(resource) {
+                        Ok(json) => {
+                            self.last_valid.insert(key, json);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot keep a valid version"),
+                    }
                 }
                 Admitted::Valid(resource)
             }
             Err(errors) => {
                 let why = errors.to_string();
-                if let Some(last) = self.last_valid.get(&key) {
-                    Admitted::LastValid(Box::new(last.clone()), why)
+                let last = self.last_valid.get(&key).and_then(|json| {
+                    Resource::deserialize_as(key.0, &mut serde_json::Deserializer::from_slice(json))
+                        .ok()
+                });
+                if let Some(last) = last {
+                    Admitted::LastValid(Box::new(last), why)
                 } else if is_policy(key.0) {
                     Admitted::Unvalidated(resource, why)
                 } else {
