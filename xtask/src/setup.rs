@@ -2,6 +2,7 @@
 //! checks first, so a second run does nothing and takes a second or two.
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
@@ -9,7 +10,96 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cmd::Cmd, step, tools};
+use crate::{cmd::Cmd, step};
+
+/// One external program and the Debian package that provides it.
+pub(crate) struct Tool {
+    pub(crate) program: &'static str,
+    pub(crate) package: &'static str,
+    /// Who runs it, for the reader of a failure.
+    pub(crate) used_by: &'static str,
+}
+
+const fn tool(program: &'static str, package: &'static str, used_by: &'static str) -> Tool {
+    Tool {
+        program,
+        package,
+        used_by,
+    }
+}
+
+/// Every program run by the tests, benchmarks, demo and the product's own subprocesses.
+pub(crate) const TOOLS: &[Tool] = &[
+    tool("ip", "iproute2", "netns, veths, routes in every netns test"),
+    tool("ping", "iputils-ping", "reachability checks"),
+    tool(
+        "nc",
+        "netcat-openbsd",
+        "TCP listeners and probes (bpf_policy)",
+    ),
+    tool("sysctl", "procps", "per-namespace sysctls"),
+    tool("pkill", "procps", "multihost test clean-up"),
+    tool("etcd", "etcd-server", "the datastore of tests and demo"),
+    tool("etcdctl", "etcd-client", "datastore tests (compaction)"),
+    tool("bird", "bird2", "BGP daemon driven by the agent"),
+    tool("birdc", "bird2", "BIRD's control client"),
+    tool("nsenter", "util-linux", "dockerd in a network namespace"),
+    tool("tar", "tar", "the local busybox image"),
+    tool("openssl", "openssl", "TLS certificates for etcd tests"),
+    tool("podman", "podman", "a real runtime calling the CNI plugins"),
+    tool("runc", "runc", "podman's OCI runtime"),
+    tool(
+        "busybox",
+        "busybox-static",
+        "root filesystem of the test image",
+    ),
+    tool(
+        "dockerd",
+        "docker.io",
+        "a real dockerd calling the libnetwork driver",
+    ),
+    // By full path: the image may carry a newer client earlier on PATH.
+    tool(
+        "/usr/bin/docker",
+        "docker.io",
+        "the client of that dockerd (by full path)",
+    ),
+    tool("iperf3", "iperf3", "dataplane benchmark"),
+    tool(
+        "iptables-nft-restore",
+        "iptables",
+        "dataplane benchmark baseline",
+    ),
+    tool(
+        "iptables-legacy-restore",
+        "iptables",
+        "dataplane benchmark baseline",
+    ),
+    tool("bpftool", "bpftool", "inspecting loaded programs by hand"),
+    tool(
+        "llvm-objcopy",
+        "llvm",
+        "build-ebpf strips DWARF from the objects (BTF kept)",
+    ),
+];
+
+/// Packages the build needs that provide no program the tests run.
+pub(crate) const BUILD_PACKAGES: &[&str] = &[
+    "protobuf-compiler",           // etcd-client's build script
+    "libprotobuf-dev",             // well-known .proto files for etcd-client
+    "containernetworking-plugins", // reference CNI plugins (ptp, portmap) run by path
+];
+
+/// Every Debian package setup installs: the tools' packages and the build's, each once.
+pub(crate) fn packages() -> Vec<&'static str> {
+    let mut seen = BTreeSet::new();
+    TOOLS
+        .iter()
+        .map(|t| t.package)
+        .chain(BUILD_PACKAGES.iter().copied())
+        .filter(|p| seen.insert(*p))
+        .collect()
+}
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The LLVM major version of the machine's rustc; bpf-linker must link the very same LLVM.
@@ -30,7 +120,7 @@ fn is_root() -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let wanted = tools::apt_packages();
+    let wanted = packages();
     let missing: Vec<&str> = wanted
         .iter()
         .copied()

@@ -1,6 +1,6 @@
-//! The external programs that tests, benchmarks and the demo run, and the Debian package each
-//! comes from. Setup installs these packages; `cargo xtask test` then proves two things before
-//! any test runs:
+//! Checks on the external programs that tests, benchmarks and the demo run (listed with their
+//! Debian packages in `setup::TOOLS`, which setup installs). `cargo xtask test` proves two things
+//! before any test runs:
 //!
 //! * every program the sources run (`Command::new("…")`, `NetNs::exec("…")`, …) is listed here,
 //!   so a new dependency cannot slip in unnoticed because a developer machine happens to have it;
@@ -15,96 +15,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::Cmd;
-
-/// One external program and the Debian package that provides it.
-pub(crate) struct Tool {
-    pub(crate) program: &'static str,
-    pub(crate) package: &'static str,
-    /// Who runs it, for the reader of a failure.
-    pub(crate) used_by: &'static str,
-}
-
-const fn tool(program: &'static str, package: &'static str, used_by: &'static str) -> Tool {
-    Tool {
-        program,
-        package,
-        used_by,
-    }
-}
-
-/// Every program run by the tests, benchmarks, demo and the product's own subprocesses.
-pub(crate) const TOOLS: &[Tool] = &[
-    tool("ip", "iproute2", "netns, veths, routes in every netns test"),
-    tool("ping", "iputils-ping", "reachability checks"),
-    tool(
-        "nc",
-        "netcat-openbsd",
-        "TCP listeners and probes (bpf_policy)",
-    ),
-    tool("sysctl", "procps", "per-namespace sysctls"),
-    tool("pkill", "procps", "multihost test clean-up"),
-    tool("etcd", "etcd-server", "the datastore of tests and demo"),
-    tool("etcdctl", "etcd-client", "datastore tests (compaction)"),
-    tool("bird", "bird2", "BGP daemon driven by the agent"),
-    tool("birdc", "bird2", "BIRD's control client"),
-    tool("nsenter", "util-linux", "dockerd in a network namespace"),
-    tool("tar", "tar", "the local busybox image"),
-    tool("openssl", "openssl", "TLS certificates for etcd tests"),
-    tool("podman", "podman", "a real runtime calling the CNI plugins"),
-    tool("runc", "runc", "podman's OCI runtime"),
-    tool(
-        "busybox",
-        "busybox-static",
-        "root filesystem of the test image",
-    ),
-    tool(
-        "dockerd",
-        "docker.io",
-        "a real dockerd calling the libnetwork driver",
-    ),
-    // By full path: the image may carry a newer client earlier on PATH.
-    tool(
-        "/usr/bin/docker",
-        "docker.io",
-        "the client of that dockerd (by full path)",
-    ),
-    tool("iperf3", "iperf3", "dataplane benchmark"),
-    tool(
-        "iptables-nft-restore",
-        "iptables",
-        "dataplane benchmark baseline",
-    ),
-    tool(
-        "iptables-legacy-restore",
-        "iptables",
-        "dataplane benchmark baseline",
-    ),
-    tool("bpftool", "bpftool", "inspecting loaded programs by hand"),
-    tool(
-        "llvm-objcopy",
-        "llvm",
-        "build-ebpf strips DWARF from the objects (BTF kept)",
-    ),
-];
-
-/// Packages the build needs that provide no program the tests run.
-pub(crate) const BUILD_PACKAGES: &[&str] = &[
-    "protobuf-compiler",           // etcd-client's build script
-    "libprotobuf-dev",             // well-known .proto files for etcd-client
-    "containernetworking-plugins", // reference CNI plugins (ptp, portmap) run by path
-];
-
-/// Every Debian package setup installs: the tools' packages and the build's, each once.
-pub(crate) fn apt_packages() -> Vec<&'static str> {
-    let mut seen = BTreeSet::new();
-    TOOLS
-        .iter()
-        .map(|t| t.package)
-        .chain(BUILD_PACKAGES.iter().copied())
-        .filter(|p| seen.insert(*p))
-        .collect()
-}
+use crate::{
+    cmd::Cmd,
+    setup::{Tool, TOOLS},
+};
 
 /// Both checks; the error lists every problem found, not just the first.
 pub(crate) fn check(root: &Path) -> Result<()> {
@@ -113,7 +27,7 @@ pub(crate) fn check(root: &Path) -> Result<()> {
     for (program, file) in &used {
         if !TOOLS.iter().any(|t| t.program == program) {
             problems.push(format!(
-                "{file} runs `{program}`, which xtask/src/tools.rs does not list (add it with \
+                "{file} runs `{program}`, which TOOLS in xtask/src/setup.rs does not list (add it with \
                  its Debian package so setup installs it)"
             ));
         }
@@ -310,7 +224,7 @@ mod tests {
         let mut names = BTreeSet::new();
         for t in TOOLS {
             assert!(names.insert(t.program), "{} listed twice", t.program);
-            assert!(apt_packages().contains(&t.package));
+            assert!(crate::setup::packages().contains(&t.package));
         }
     }
 

@@ -134,13 +134,10 @@ async fn add(
     workload: &Workload,
     ipam_type: &str,
 ) -> Result<String, CniError> {
-    let veth = host_veth(store, workload, env).await?;
-    let wep_name = workload.endpoint_name();
+    let stored = stored_endpoint(store, workload).await?;
+    let veth = host_veth(store, workload, env, stored.as_ref()).await?;
     // A retried ADD for the same attachment answers with what is already there.
-    if let Ok(Resource::WorkloadEndpoint(existing)) = store
-        .get(Kind::WorkloadEndpoint, Some(&workload.namespace), &wep_name)
-        .await
-    {
+    if let Some(existing) = &stored {
         if existing.spec.container_id == env.container_id
             && wiring::host_link_exists(&veth).map_err(wiring_error)?
         {
@@ -293,23 +290,17 @@ async fn ensure_network_profile(store: &Datastore, network: &str) -> Result<(), 
 /// unless another live endpoint already has that veth (two container IDs sharing their first 11
 /// characters), else the alternate. So an ADD or DEL never takes over or deletes another
 /// attachment's veth.
-async fn host_veth(store: &Datastore, workload: &Workload, env: &Env) -> Result<String, CniError> {
-    let ours = |w: &calico_model::Object<calico_model::spec::WorkloadEndpointSpec>| {
+async fn host_veth(
+    store: &Datastore,
+    workload: &Workload,
+    env: &Env,
+    stored: Option<&StoredEndpoint>,
+) -> Result<String, CniError> {
+    let ours = |w: &StoredEndpoint| {
         w.spec.container_id == env.container_id && w.spec.endpoint == env.ifname
     };
-    match store
-        .get(
-            Kind::WorkloadEndpoint,
-            Some(&workload.namespace),
-            &workload.endpoint_name(),
-        )
-        .await
-    {
-        Ok(Resource::WorkloadEndpoint(w)) if ours(&w) && !w.spec.interface_name.is_empty() => {
-            return Ok(w.spec.interface_name.clone())
-        }
-        Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
-        Err(e) => return Err(datastore_error(e)),
+    if let Some(w) = stored.filter(|w| ours(w) && !w.spec.interface_name.is_empty()) {
+        return Ok(w.spec.interface_name.clone());
     }
     let preferred = workload.veth_name();
     // Kubernetes names hash the pod's namespace and name: no prefix can collide there.
@@ -331,6 +322,27 @@ async fn host_veth(store: &Datastore, workload: &Workload, env: &Env) -> Result<
     })
 }
 
+type StoredEndpoint = calico_model::Object<calico_model::spec::WorkloadEndpointSpec>;
+
+/// This attachment's WorkloadEndpoint as stored (whoever's it is now), read once per command.
+async fn stored_endpoint(
+    store: &Datastore,
+    workload: &Workload,
+) -> Result<Option<StoredEndpoint>, CniError> {
+    match store
+        .get(
+            Kind::WorkloadEndpoint,
+            Some(&workload.namespace),
+            &workload.endpoint_name(),
+        )
+        .await
+    {
+        Ok(Resource::WorkloadEndpoint(w)) => Ok(Some(w)),
+        Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(datastore_error(e)),
+    }
+}
+
 async fn del(
     env: &Env,
     _conf: &NetConf,
@@ -340,27 +352,23 @@ async fn del(
     ipam_type: &str,
 ) -> Result<(), CniError> {
     let netns = (!env.netns.is_empty()).then(|| PathBuf::from(&env.netns));
-    let veth = host_veth(store, workload, env).await?;
+    let stored = stored_endpoint(store, workload).await?;
+    let veth = host_veth(store, workload, env, stored.as_ref()).await?;
     wiring::unwire(&veth, netns.as_deref(), &env.ifname).map_err(wiring_error)?;
     delegate::run(env, ipam_type, "DEL", stdin)?;
-    let name = workload.endpoint_name();
+    // Gone already, or now belongs to a newer attachment: leave it.
+    if stored.is_none_or(|w| w.spec.container_id != env.container_id) {
+        return Ok(());
+    }
     match store
-        .get(Kind::WorkloadEndpoint, Some(&workload.namespace), &name)
+        .delete(
+            Kind::WorkloadEndpoint,
+            Some(&workload.namespace),
+            &workload.endpoint_name(),
+            None,
+        )
         .await
     {
-        Ok(Resource::WorkloadEndpoint(w)) if w.spec.container_id == env.container_id => match store
-            .delete(
-                Kind::WorkloadEndpoint,
-                Some(&workload.namespace),
-                &name,
-                None,
-            )
-            .await
-        {
-            Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(datastore_error(e)),
-        },
-        // Gone already, or now belongs to a newer attachment: leave it.
         Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(()),
         Err(e) => Err(datastore_error(e)),
     }
@@ -379,37 +387,26 @@ async fn check(
         .get("prevResult")
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
     let prev = CniResult::from_value(prev)?;
+    let stored = stored_endpoint(store, workload).await?;
     let plan = Plan {
-        host_veth: host_veth(store, workload, env).await?,
+        host_veth: host_veth(store, workload, env, stored.as_ref()).await?,
         netns: PathBuf::from(&env.netns),
         ifname: env.ifname.clone(),
         mtu: conf.mtu.unwrap_or(1500),
         addresses: prev.ips.iter().map(|i| i.address).collect(),
     };
     let mut problems = wiring::check(&plan).map_err(wiring_error)?;
-    match store
-        .get(
-            Kind::WorkloadEndpoint,
-            Some(&workload.namespace),
-            &workload.endpoint_name(),
-        )
-        .await
-    {
-        Ok(Resource::WorkloadEndpoint(w)) => {
-            if w.spec.container_id != env.container_id {
-                problems.push(format!(
-                    "endpoint {} belongs to container {}",
-                    workload.endpoint_name(),
-                    w.spec.container_id
-                ));
-            }
-        }
-        Ok(_) => {}
-        Err(DatastoreError::NotFound { .. }) => problems.push(format!(
+    match &stored {
+        Some(w) if w.spec.container_id != env.container_id => problems.push(format!(
+            "endpoint {} belongs to container {}",
+            workload.endpoint_name(),
+            w.spec.container_id
+        )),
+        Some(_) => {}
+        None => problems.push(format!(
             "workload endpoint {} does not exist",
             workload.endpoint_name()
         )),
-        Err(e) => return Err(datastore_error(e)),
     }
     if !problems.is_empty() {
         return Err(CniError::new(code::GENERIC, "CHECK failed").with_details(problems.join("; ")));
