@@ -119,7 +119,7 @@ fn world(n: usize, server: IpAddr) -> World {
         })
         .collect();
     ingress.push(Rule::new(Action::Allow));
-    w.policies.push(PolicyInfo {
+    w.put_policy(PolicyInfo {
         name: "bench".into(),
         namespace: None,
         tier: "default".into(),

@@ -173,7 +173,7 @@ fn compiled_policy_allows_and_denies_real_traffic() -> anyhow::Result<()> {
     dp.remove(ifindex, Hook::Egress)?;
     dp.remove(ifindex, Hook::Ingress)?;
     dropped_for_lack_of_policy(&dp, "ICMP after the policy was removed", || a.ns.ping(s.ip))?;
-    dp.forget_interface(ifindex)?;
+    host.run(move || dp.forget_interface(ifindex))??;
     assert!(
         a.ns.ping(s.ip)?,
         "traffic blocked after the interface was released"

@@ -257,17 +257,16 @@ impl Calculator {
                 if let Some(old) = self.members.get(&key) {
                     self.dirty.extend(old.iter().cloned());
                 }
-                self.world.policies.retain(|p| {
-                    (p.namespace.as_deref(), p.name.as_str())
-                        != (namespace.as_deref(), name.as_str())
-                });
+                self.world
+                    .policies
+                    .remove(&(namespace.clone(), name.clone()));
                 if let Some(p) = policy {
                     for id in &self.local {
                         if self.policy_may_select(&p, id) {
                             self.dirty.insert(id.clone());
                         }
                     }
-                    self.world.policies.push(p);
+                    self.world.put_policy(p);
                 }
             }
             Update::Profile { name, profile } => {
@@ -357,7 +356,7 @@ impl Calculator {
                 }
             }
             Update::Tier { name, tier } => {
-                for p in self.world.policies.iter().filter(|p| p.tier == name) {
+                for p in self.world.policies.values().filter(|p| p.tier == name) {
                     if let Some(m) = self
                         .members
                         .get(&policy_key(p.namespace.as_deref(), &p.name))

@@ -108,11 +108,9 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
             let name = format!("p{i}");
             // testing::policy(i) is named p{i}; its namespace varies, so delete both forms.
             let namespace = p.as_ref().and_then(|p| p.namespace.clone());
-            world
-                .policies
-                .retain(|q| !(q.name == name && q.namespace == namespace));
+            world.policies.remove(&(namespace.clone(), name.clone()));
             if let Some(p) = p {
-                world.policies.push((**p).clone());
+                world.put_policy((**p).clone());
             }
             Update::Policy {
                 namespace,
@@ -250,7 +248,7 @@ proptest! {
         for (id, info) in &world.endpoints {
             calc.apply(Update::Endpoint { id: id.clone(), endpoint: Some(info.clone()), local: locals.contains(id) });
         }
-        for p in &world.policies {
+        for p in world.policies.values() {
             calc.apply(Update::Policy { namespace: p.namespace.clone(), name: p.name.clone(), policy: Some(p.clone()) });
         }
         for (name, spec) in &world.profiles {

@@ -7,7 +7,7 @@ use calico_model::{
     Order,
 };
 
-use crate::{Direction, EndpointId, World};
+use crate::{world::PolicyKey, Direction, EndpointId, World};
 
 /// One policy's rules for one direction.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,28 +49,34 @@ impl World {
         let Some(info) = self.endpoints.get(endpoint) else {
             return PolicyProgram::default();
         };
-        let labels = self.effective_labels(endpoint);
+        let labels = self.endpoint_labels(endpoint, info);
         let wanted = match direction {
             Direction::Ingress => PolicyType::Ingress,
             Direction::Egress => PolicyType::Egress,
         };
-        let mut applicable: Vec<_> = self
+        // Global policies, then those of the endpoint's own namespace: the two ranges of the
+        // policy map (keyed by namespace first) that can apply.
+        let global = self
             .policies
-            .iter()
+            .range::<PolicyKey, _>(..(Some(String::new()), String::new()))
+            .map(|(_, p)| p);
+        let own = endpoint.namespace.iter().flat_map(|ns| {
+            self.policies
+                .range::<PolicyKey, _>((Some(ns.clone()), String::new())..)
+                .take_while(move |((n, _), _)| n.as_ref() == Some(ns))
+                .map(|(_, p)| p)
+        });
+        let mut applicable: Vec<_> = global
+            .chain(own)
             .filter(|p| p.effective_types().contains(&wanted))
-            .filter(|p| match &p.namespace {
-                Some(ns) => {
-                    endpoint.namespace.as_deref() == Some(ns) && p.selector.matches(&labels)
-                }
-                None => {
-                    p.selector.matches(&labels)
-                        && p.namespace_selector.as_ref().is_none_or(|sel| {
-                            endpoint
-                                .namespace
-                                .as_deref()
-                                .is_some_and(|ns| sel.matches(&self.namespace_labels(ns)))
-                        })
-                }
+            .filter(|p| {
+                p.selector.matches(&labels)
+                    && p.namespace_selector.as_ref().is_none_or(|sel| {
+                        endpoint
+                            .namespace
+                            .as_deref()
+                            .is_some_and(|ns| sel.matches(&self.namespace_labels(ns)))
+                    })
             })
             .collect();
         let display = |p: &crate::PolicyInfo| match &p.namespace {

@@ -254,7 +254,7 @@ pub fn world() -> impl Strategy<Value = World> {
             w.namespaces
                 .insert("blog".into(), [("team".to_owned(), "b".to_owned())].into());
             w.tiers.insert("t1".into(), (Some(Order(10.0)), t1_default));
-            w.policies = policies;
+            w.policies = policies.into_iter().map(|p| (p.key(), p)).collect();
             w.profiles.insert(
                 "prof".into(),
                 ProfileSpec {
@@ -346,7 +346,7 @@ pub fn deny_rules_then_allow(n: usize) -> World {
         })
         .collect();
     ingress.push(Rule::new(Action::Allow));
-    w.policies.push(PolicyInfo {
+    w.put_policy(PolicyInfo {
         name: "many".into(),
         namespace: None,
         tier: "default".into(),

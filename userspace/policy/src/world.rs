@@ -66,6 +66,9 @@ impl PolicyInfo {
     }
 }
 
+/// A policy's identity: namespace (None for a GlobalNetworkPolicy) and name.
+pub type PolicyKey = (Option<String>, String);
+
 /// Everything the calculation looks at.
 #[derive(Debug, Clone, Default)]
 pub struct World {
@@ -75,11 +78,87 @@ pub struct World {
     pub network_sets: Vec<NetworkSetInfo>,
     /// Tier name → (order, default action). The default tier exists implicitly.
     pub tiers: BTreeMap<String, (Option<Order>, TierDefaultAction)>,
-    pub policies: Vec<PolicyInfo>,
+    /// By (namespace, name): replacing or deleting one of 10,000 policies is a lookup.
+    pub policies: BTreeMap<PolicyKey, PolicyInfo>,
     pub profiles: BTreeMap<String, ProfileSpec>,
 }
 
+impl PolicyInfo {
+    pub fn key(&self) -> PolicyKey {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// An endpoint's labels as selectors see them, without copying any: its own, then those its
+/// profiles apply (in order), then the implicit `projectcalico.org/namespace`.
+pub struct EndpointLabels<'a> {
+    own: &'a BTreeMap<String, String>,
+    inherited: Vec<&'a BTreeMap<String, String>>,
+    namespace: Option<&'a str>,
+}
+
+impl calico_selector::Labels for EndpointLabels<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        BTreeMap::get(self.own, key)
+            .or_else(|| self.inherited.iter().find_map(|p| BTreeMap::get(p, key)))
+            .map(String::as_str)
+            .or_else(|| {
+                (key == "projectcalico.org/namespace")
+                    .then_some(self.namespace)
+                    .flatten()
+            })
+    }
+}
+
 impl World {
+    /// Adds or replaces a policy.
+    pub fn put_policy(&mut self, policy: PolicyInfo) {
+        self.policies.insert(policy.key(), policy);
+    }
+
+    /// The labels of endpoint `ep` (with id `id`) as a selector sees them; see
+    /// [`World::effective_labels`] for an owned copy.
+    pub fn endpoint_labels<'a>(
+        &'a self,
+        id: &'a EndpointId,
+        ep: &'a EndpointInfo,
+    ) -> EndpointLabels<'a> {
+        EndpointLabels {
+            own: &ep.labels,
+            inherited: ep
+                .profiles
+                .iter()
+                .filter_map(|p| self.profiles.get(p).map(|p| &p.labels_to_apply))
+                .collect(),
+            namespace: id.namespace.as_deref(),
+        }
+    }
+
+    /// The endpoints a selector in a policy of `policy_namespace` without a namespace
+    /// selector can see: that namespace's alone (a range of the map, ordered by namespace
+    /// first), or every one.
+    fn endpoints_visible(
+        &self,
+        namespace_selector: Option<&Selector>,
+        policy_namespace: Option<&str>,
+    ) -> Box<dyn Iterator<Item = (&EndpointId, &EndpointInfo)> + '_> {
+        match (namespace_selector, policy_namespace) {
+            (None, Some(ns)) => {
+                let from = EndpointId {
+                    namespace: Some(ns.to_owned()),
+                    name: String::new(),
+                };
+                let ns = ns.to_owned();
+                Box::new(
+                    self.endpoints
+                        .range(from..)
+                        .take_while(move |(id, _)| id.namespace.as_deref() == Some(ns.as_str())),
+                )
+            }
+            _ => Box::new(self.endpoints.iter()),
+        }
+    }
+
     /// An endpoint's labels with those it inherits from its profiles, plus the implicit
     /// `projectcalico.org/namespace` label, as selectors see them.
     pub fn effective_labels(&self, id: &EndpointId) -> BTreeMap<String, String> {
@@ -139,11 +218,13 @@ impl World {
         };
         let all = Selector::all();
         let selector = selector.unwrap_or(&all);
-        let by_endpoint = self.endpoints.iter().any(|(id, ep)| {
-            ep.addresses.contains(&ip)
-                && in_scope(id.namespace.as_deref())
-                && selector.matches(&self.effective_labels(id))
-        });
+        let by_endpoint = self
+            .endpoints_visible(namespace_selector, policy_namespace)
+            .any(|(id, ep)| {
+                ep.addresses.contains(&ip)
+                    && in_scope(id.namespace.as_deref())
+                    && selector.matches(&self.endpoint_labels(id, ep))
+            });
         by_endpoint
             || self.network_sets.iter().any(|set| {
                 set.nets.iter().any(|n| n.contains(&ip))
@@ -164,12 +245,14 @@ impl World {
         let all = Selector::all();
         let sel = selector.unwrap_or(&all);
         let mut out: Vec<IpNet> = Vec::new();
-        for (id, ep) in &self.endpoints {
-            if self.in_scope(
-                id.namespace.as_deref(),
-                namespace_selector,
-                policy_namespace,
-            ) && sel.matches(&self.effective_labels(id))
+        for (id, ep) in self.endpoints_visible(namespace_selector, policy_namespace) {
+            if !ep.addresses.is_empty()
+                && self.in_scope(
+                    id.namespace.as_deref(),
+                    namespace_selector,
+                    policy_namespace,
+                )
+                && sel.matches(&self.endpoint_labels(id, ep))
             {
                 out.extend(ep.addresses.iter().map(|a| IpNet::from(*a)));
             }
@@ -404,11 +487,7 @@ impl World {
             Item::Profile(name, spec) => {
                 self.profiles.insert(name, spec);
             }
-            Item::Policy(policy) => {
-                self.policies
-                    .retain(|p| (&p.namespace, &p.name) != (&policy.namespace, &policy.name));
-                self.policies.push(policy);
-            }
+            Item::Policy(policy) => self.put_policy(policy),
         }
     }
 

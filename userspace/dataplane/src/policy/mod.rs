@@ -117,6 +117,11 @@ pub struct PolicyDataplane {
 enum Attachment {
     Owned(#[allow(dead_code)] SchedClassifierLink),
     Pinned(PathBuf),
+    /// A clsact filter left in the kernel on purpose (it outlives the agent, as pins do).
+    Filter {
+        interface: String,
+        attach_type: aya::programs::TcAttachType,
+    },
 }
 
 /// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
