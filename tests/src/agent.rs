@@ -178,8 +178,15 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(host: &NetNs, address: Ipv4Addr) -> Result<Self> {
+        Self::with_host_prefix(host, address, "cali")
+    }
+
+    /// The same wiring with a host end named from `prefix`: with one other than `cali`, a
+    /// namespace the agent does not manage (a stand-in for a pod on another host, routed in
+    /// by the test).
+    pub fn with_host_prefix(host: &NetNs, address: Ipv4Addr, prefix: &str) -> Result<Self> {
         let ns = NetNs::new("wl")?;
-        let interface = unique_name("cali");
+        let interface = unique_name(prefix);
         run_ok(Command::new("ip").args([
             "link",
             "add",

@@ -38,6 +38,22 @@ pub fn cni(
     container: &str,
     ns: &NetNs,
 ) -> Result<serde_json::Value> {
+    cni_with_args(bin, host, etcd, node, command, container, ns, "")
+}
+
+/// [`cni`] with `CNI_ARGS` (e.g. `K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0`, which makes the
+/// plugin name and profile the endpoint as a Kubernetes pod's).
+#[allow(clippy::too_many_arguments)]
+pub fn cni_with_args(
+    bin: &Path,
+    host: &NetNs,
+    etcd: &str,
+    node: &str,
+    command: &str,
+    container: &str,
+    ns: &NetNs,
+    args: &str,
+) -> Result<serde_json::Value> {
     let conf = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "demo-net",
@@ -54,6 +70,7 @@ pub fn cni(
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", format!("/run/netns/{}", ns.name()))
         .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
         .env("CNI_PATH", bin.display().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

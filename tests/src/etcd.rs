@@ -93,6 +93,31 @@ impl Etcd {
         Ok(())
     }
 
+    /// Freezes etcd (SIGSTOP): its connections stay open but nothing answers, as with a hung
+    /// server or a black-holed path. [`Etcd::thaw`] resumes it.
+    pub fn freeze(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    pub fn thaw(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("sending etcd {signal}"))
+    }
+
+    /// etcd's own Prometheus counters (`/metrics` on the client port, plain HTTP only).
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = crate::http::get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port)),
+            "/metrics",
+        )?;
+        anyhow::ensure!(status == 200, "etcd /metrics answered {status}");
+        Ok(body)
+    }
+
     /// Starts etcd again on the same ports and data (after [`Etcd::kill`]).
     pub fn resume(&mut self) -> Result<()> {
         self.child = spawn(

@@ -13,7 +13,7 @@ mod requirements;
 mod store;
 
 pub use agent::{AgentProcess, Workload, HEALTH_PORT};
-pub use cni::{cni, cni_plugin_dir};
+pub use cni::{cni, cni_plugin_dir, cni_with_args};
 pub use etcd::{Etcd, TlsFiles};
 pub use forward::Forward;
 pub use image::busybox_rootfs_tar;

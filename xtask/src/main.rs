@@ -32,9 +32,11 @@ enum Task {
     Demo,
     /// Benchmarks (release builds), each printing a table against a baseline measured in the
     /// same run: `cni` (ADD latency vs the reference ptp plugin), `dataplane` (throughput,
-    /// packet rate and connection rate vs the plain path and iptables).
+    /// packet rate and connection rate vs the plain path and iptables), `agent` (update
+    /// latency, cold start and memory with 1,000 endpoints), `scale` (one node of a
+    /// 150,000-pod cluster).
     Bench {
-        /// Which benchmark: cni, dataplane or agent.
+        /// Which benchmark: cni, dataplane, agent or scale.
         #[arg(default_value = "cni")]
         which: String,
     },
@@ -143,10 +145,27 @@ fn bench(root: &Path, which: &str) -> Result<()> {
                 .args(["bench", "-p", "calico-node", "--bench", "agent"])
                 .run()
         }
+        "scale" => {
+            cargo(root)
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "calico-node",
+                    "-p",
+                    "calico-cni",
+                ])
+                .run()?;
+            cargo(root)
+                .args(["bench", "-p", "calico-node", "--bench", "scale"])
+                .run()
+        }
         "dataplane" => cargo(root)
             .args(["bench", "-p", "calico-tests", "--bench", "dataplane"])
             .run(),
-        other => anyhow::bail!("unknown benchmark `{other}` (known: cni, dataplane, agent)"),
+        other => {
+            anyhow::bail!("unknown benchmark `{other}` (known: cni, dataplane, agent, scale)")
+        }
     }
 }
 

@@ -166,13 +166,17 @@ fn run(log: &std::path::Path) -> Result<()> {
     let receiver = server.ns.run(move || UdpSocket::bind(target))??;
     receiver.set_read_timeout(Some(Duration::from_millis(50)))?;
     let last_arrival: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; 65536]));
+    let first_port: Arc<Mutex<Option<u16>>> = Arc::default();
+    let (sent_tx, fp) = (sent_at.clone(), first_port.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let armed = Arc::new(AtomicBool::new(false));
     let (arr, st) = (last_arrival.clone(), stop.clone());
     let recv_thread = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while !st.load(Ordering::Relaxed) {
-            if receiver.recv(&mut buf).is_ok() {
+            if let Ok((_, from)) = receiver.recv_from(&mut buf) {
+                *fp.lock().unwrap() = Some(from.port());
                 *arr.lock().unwrap() = Some(Instant::now());
             }
         }
@@ -192,7 +196,12 @@ fn run(log: &std::path::Path) -> Result<()> {
             }
             port = if port >= 60000 { 20000 } else { port + 1 };
             if let Ok(s) = UdpSocket::bind(("0.0.0.0", port)) {
-                let _ = s.send_to(b"probe", target);
+                let r = s.send_to(b"probe", target);
+                if r.is_ok() {
+                    sent_tx.lock().unwrap()[port as usize] = Some(Instant::now());
+                } else {
+                    eprintln!("send failed {r:?}");
+                }
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -261,6 +270,19 @@ fn run(log: &std::path::Path) -> Result<()> {
             };
             armed.store(false, Ordering::Relaxed);
             samples.push(arrived - t0);
+            if std::env::var_os("BENCH_TRACE").is_some() {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                let ago = |t: Instant| now.as_secs_f64() - t.elapsed().as_secs_f64();
+                let port = first_port.lock().unwrap().unwrap_or(0);
+                let sent = sent_at.lock().unwrap()[port as usize];
+                eprintln!(
+                    "trace t0={:.6} written={:.6} arrived={:.6} port={port} sent={:?}",
+                    ago(t0),
+                    ago(t0 + writes[writes.len() - 1]),
+                    ago(arrived),
+                    sent.map(|s| s.saturating_duration_since(t0))
+                );
+            }
             wait_update(before)?;
         }
         samples.sort();

@@ -78,6 +78,26 @@ async fn configured_map_sizes(etcd: &EtcdConfig, node: &str) -> Vec<(&'static st
     }
 }
 
+/// The profile calico-kube-controllers writes for each Kubernetes namespace, `kns.<name>`,
+/// carries the namespace's labels as `pcns.<key>` in `labelsToApply`: what `namespaceSelector`
+/// matches, as upstream resolves it.
+const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
+const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
+
+fn namespace_labels(
+    labels_to_apply: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    labels_to_apply
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.strip_prefix(NAMESPACE_LABEL_PREFIX)?.to_owned(),
+                v.clone(),
+            ))
+        })
+        .collect()
+}
+
 struct Agent {
     node: String,
     bird: Option<bird::Bird>,
@@ -304,8 +324,10 @@ impl Agent {
                     self.felix_node = None;
                     self.admission
                         .retain(&resources.iter().map(admission::key_of).collect());
-                    for r in &resources {
-                        self.put(r);
+                    // Consumed one by one: each object's memory is free for the calculation's
+                    // copy of it (a large cluster's snapshot is most of the agent's peak).
+                    for r in resources {
+                        self.put(&r);
                     }
                     snapshot_seen = true;
                 }
@@ -445,6 +467,14 @@ impl Agent {
             }
             _ => false,
         };
+        if let Resource::Profile(p) = resource {
+            if let Some(namespace) = p.metadata.name.strip_prefix(NAMESPACE_PROFILE_PREFIX) {
+                self.calc.apply(Update::Namespace {
+                    name: namespace.to_owned(),
+                    labels: Some(namespace_labels(&p.spec.labels_to_apply)),
+                });
+            }
+        }
         match Item::from_resource(resource) {
             Ok(Some(item)) => self.calc.apply(Update::upsert(item, local)),
             Ok(None) => {}
@@ -475,10 +505,18 @@ impl Agent {
                 name,
                 policy: None,
             },
-            Kind::Profile => Update::Profile {
-                name,
-                profile: None,
-            },
+            Kind::Profile => {
+                if let Some(namespace) = name.strip_prefix(NAMESPACE_PROFILE_PREFIX) {
+                    self.calc.apply(Update::Namespace {
+                        name: namespace.to_owned(),
+                        labels: None,
+                    });
+                }
+                Update::Profile {
+                    name,
+                    profile: None,
+                }
+            }
             Kind::NetworkSet | Kind::GlobalNetworkSet => Update::NetworkSet {
                 namespace,
                 name,

@@ -1,8 +1,8 @@
 //! The agent's link to the datastore: connects (retrying with backoff), registers this node,
 //! then lists and watches every v3 resource from a revision, watches this node's block
-//! affinities, and probes the datastore's health. etcd outages are ridden out by the watch (which resumes
-//! where it left off, or resyncs with a snapshot after a compaction); the dataplane keeps its
-//! last state meanwhile.
+//! affinities, and reports the watch's health for readiness. etcd outages are ridden out by
+//! the watch (which resumes where it left off, or resyncs with a snapshot after a compaction);
+//! the dataplane keeps its last state meanwhile.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -64,9 +64,9 @@ pub fn spawn(
                 }
             }
         }
-        tokio::spawn(probe(store.clone(), metrics));
         tokio::spawn(affinities(store.clone(), node.name.clone(), tx.clone()));
         let mut watch = store.watch(RESOURCES_PREFIX, None);
+        tokio::spawn(follow_liveness(watch.live(), metrics));
         while let Some(event) = watch.next().await {
             if tx
                 .send(SyncEvent::Watch(event, Instant::now()))
@@ -126,22 +126,20 @@ async fn register(store: &Datastore, node: &NodeRegistration) -> Result<(), Data
     .inspect(|()| tracing::info!(node = %node.name, "node registered"))
 }
 
-/// Every two seconds: is the datastore answering (one small request, whatever the cluster's
-/// size).
-async fn probe(store: Datastore, metrics: Arc<Metrics>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+/// Readiness follows the resource watch itself (established, and answering the connection's
+/// keepalive pings): an idle node makes no etcd request beyond its watches.
+async fn follow_liveness(mut live: tokio::sync::watch::Receiver<bool>, metrics: Arc<Metrics>) {
     loop {
-        tick.tick().await;
-        let up = matches!(
-            tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
-            Ok(Ok(()))
-        );
+        let up = *live.borrow_and_update();
         if metrics.set_datastore_connected(up) {
             if up {
-                tracing::info!("datastore reachable again");
+                tracing::info!("datastore watch established");
             } else {
-                tracing::warn!("datastore unreachable; the dataplane keeps its last state");
+                tracing::warn!("datastore watch lost; the dataplane keeps its last state");
             }
+        }
+        if live.changed().await.is_err() {
+            return;
         }
     }
 }

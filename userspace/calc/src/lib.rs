@@ -471,7 +471,10 @@ impl Calculator {
         if p.namespace.is_some() && p.namespace != id.namespace {
             return false;
         }
-        p.selector.matches(&self.world.effective_labels(id))
+        self.world
+            .endpoints
+            .get(id)
+            .is_some_and(|ep| p.selector.matches(&self.world.endpoint_labels(id, ep)))
     }
 
     /// Recomputes the dirty local endpoints; returns those whose policy changed.

@@ -25,6 +25,10 @@ pub(crate) const MAX_MESSAGE: usize = 64 << 20;
 /// `apply` re-reads and retries this many times when a concurrent writer wins.
 const APPLY_ATTEMPTS: u32 = 8;
 
+/// HTTP/2 keepalive of every connection (see [`Datastore::connect`]).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(8);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// A connection to the datastore. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct Datastore {
@@ -38,7 +42,11 @@ impl Datastore {
         let endpoints = config.endpoints_display();
         let mut options = ConnectOptions::new()
             .with_timeout(config.timeout)
-            .with_connect_timeout(config.connect_timeout);
+            .with_connect_timeout(config.connect_timeout)
+            // HTTP/2 pings, not etcd requests: a watch on a stalled etcd (or a dead path to
+            // it) fails within interval + timeout instead of waiting forever. etcd refuses
+            // pings more often than every 5 s (--grpc-keepalive-min-time).
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
         if let (Some(user), Some(password)) = (&config.username, &config.password) {
             options = options.with_user(user, password);
         }
@@ -343,8 +351,22 @@ impl Datastore {
         &self,
         prefix: &str,
     ) -> Result<(Vec<KeyValue>, i64), DatastoreError> {
-        let end = prefix_end(prefix.as_bytes());
         let mut all = Vec::new();
+        let revision = self
+            .read_prefix_pages(prefix, |page| all.extend(page))
+            .await?;
+        Ok((all, revision))
+    }
+
+    /// [`Datastore::read_prefix`] a page at a time, each handed to `each_page` as it arrives
+    /// (so a caller that decodes it need not hold a large cluster's raw bytes all at once);
+    /// returns the revision every page was read at.
+    pub(crate) async fn read_prefix_pages(
+        &self,
+        prefix: &str,
+        mut each_page: impl FnMut(Vec<KeyValue>),
+    ) -> Result<i64, DatastoreError> {
+        let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.as_bytes().to_vec();
         let mut revision = 0;
         loop {
@@ -364,9 +386,9 @@ impl Datastore {
                 let next = page.pop().expect("more than PAGE_KEYS");
                 from = next.key().to_vec();
             }
-            all.extend(page);
+            each_page(page);
             if !more {
-                return Ok((all, revision));
+                return Ok(revision);
             }
         }
     }

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use calico_model::{Kind, Resource};
 use etcd_client::{EventType, WatchOptions};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use crate::{etcd::decode, keys::parse_key, Backoff, Datastore, DatastoreError};
 
@@ -52,12 +55,20 @@ impl WatchEvent {
 pub struct Watch {
     events: mpsc::Receiver<WatchEvent>,
     task: JoinHandle<()>,
+    live: watch::Receiver<bool>,
 }
 
 impl Watch {
     /// The next event; `None` only after the watch task ended.
     pub async fn next(&mut self) -> Option<WatchEvent> {
         self.events.recv().await
+    }
+
+    /// Whether the watch is established and its connection answering: true from etcd's
+    /// "created" until the stream fails, ends, or stops answering HTTP/2 keepalive pings
+    /// (a stalled etcd); false while it reconnects. Costs no request of its own.
+    pub fn live(&self) -> watch::Receiver<bool> {
+        self.live.clone()
     }
 }
 
@@ -74,14 +85,15 @@ impl Datastore {
     /// where it left off; resyncs with a snapshot when that revision has been compacted.
     pub fn watch(&self, prefix: impl Into<String>, after_revision: Option<i64>) -> Watch {
         let (tx, events) = mpsc::channel(1024);
+        let (live_tx, live) = watch::channel(false);
         let store = self.clone();
         let prefix = prefix.into();
         let task = tokio::spawn(async move {
-            if let Err(Closed) = run(store, prefix, after_revision, tx).await {
+            if let Err(Closed) = run(store, prefix, after_revision, tx, live_tx).await {
                 tracing::debug!("watch receiver dropped; watch ends");
             }
         });
-        Watch { events, task }
+        Watch { events, task, live }
     }
 }
 
@@ -96,6 +108,7 @@ async fn run(
     prefix: String,
     after_revision: Option<i64>,
     tx: mpsc::Sender<WatchEvent>,
+    live: watch::Sender<bool>,
 ) -> Result<(), Closed> {
     let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     // The first revision not yet delivered.
@@ -115,11 +128,13 @@ async fn run(
         let (_watcher, mut stream) = match client.watch(prefix.as_str(), Some(options)).await {
             Ok(pair) => pair,
             Err(e) => {
+                live.send_replace(false);
                 tracing::warn!(error = %e, "etcd watch failed to start; retrying");
                 backoff.wait().await;
                 continue;
             }
         };
+        live.send_replace(true);
         loop {
             match stream.message().await {
                 Ok(Some(response)) => {
@@ -176,6 +191,7 @@ async fn run(
                 }
             }
         }
+        live.send_replace(false);
         backoff.wait().await;
     }
 }
@@ -209,18 +225,23 @@ async fn snapshot(
 }
 
 async fn list(store: &Datastore, prefix: &str) -> Result<(Vec<Resource>, i64), DatastoreError> {
-    // Paged, at one revision: a large cluster's snapshot is many messages, one consistent view.
-    let (kvs, revision) = store.read_prefix(prefix).await?;
-    let resources = kvs
-        .iter()
-        .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
-        .filter_map(|kv| match decode(kv) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(error = %e, "unreadable value left out of the snapshot");
-                None
-            }
+    // Paged, at one revision: a large cluster's snapshot is many messages, one consistent view,
+    // each page decoded (and its raw bytes let go) as it arrives.
+    let mut resources = Vec::new();
+    let revision = store
+        .read_prefix_pages(prefix, |page| {
+            resources.extend(
+                page.iter()
+                    .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
+                    .filter_map(|kv| match decode(kv) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::error!(error = %e, "unreadable value left out of the snapshot");
+                            None
+                        }
+                    }),
+            )
         })
-        .collect();
+        .await?;
     Ok((resources, revision))
 }

@@ -75,7 +75,7 @@ impl World {
                         endpoint
                             .namespace
                             .as_deref()
-                            .is_some_and(|ns| sel.matches(&self.namespace_labels(ns)))
+                            .is_some_and(|ns| sel.matches(&self.namespace_view(ns)))
                     })
             })
             .collect();

@@ -92,21 +92,63 @@ impl PolicyInfo {
 /// An endpoint's labels as selectors see them, without copying any: its own, then those its
 /// profiles apply (in order), then the implicit `projectcalico.org/namespace`.
 pub struct EndpointLabels<'a> {
+    world: &'a World,
     own: &'a BTreeMap<String, String>,
-    inherited: Vec<&'a BTreeMap<String, String>>,
+    profiles: &'a [String],
     namespace: Option<&'a str>,
 }
 
 impl calico_selector::Labels for EndpointLabels<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         BTreeMap::get(self.own, key)
-            .or_else(|| self.inherited.iter().find_map(|p| BTreeMap::get(p, key)))
+            .or_else(|| {
+                self.profiles.iter().find_map(|p| {
+                    self.world
+                        .profiles
+                        .get(p)
+                        .and_then(|p| BTreeMap::get(&p.labels_to_apply, key))
+                })
+            })
             .map(String::as_str)
             .or_else(|| {
                 (key == "projectcalico.org/namespace")
                     .then_some(self.namespace)
                     .flatten()
             })
+    }
+}
+
+/// A namespace's labels as a `namespaceSelector` sees them, without copying: its own plus
+/// the implicit `projectcalico.org/name`.
+pub struct NamespaceLabels<'a> {
+    own: Option<&'a BTreeMap<String, String>>,
+    name: &'a str,
+}
+
+impl calico_selector::Labels for NamespaceLabels<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        if key == "projectcalico.org/name" {
+            return Some(self.name);
+        }
+        self.own
+            .and_then(|l| BTreeMap::get(l, key))
+            .map(String::as_str)
+    }
+}
+
+/// The smallest namespace name after `ns`: where the next namespace's endpoints start in a
+/// map ordered by namespace first.
+fn after(ns: &str) -> EndpointId {
+    EndpointId {
+        namespace: Some(format!("{ns}\0")),
+        name: String::new(),
+    }
+}
+
+fn first_of(ns: &str) -> EndpointId {
+    EndpointId {
+        namespace: Some(ns.to_owned()),
+        name: String::new(),
     }
 }
 
@@ -124,38 +166,60 @@ impl World {
         ep: &'a EndpointInfo,
     ) -> EndpointLabels<'a> {
         EndpointLabels {
+            world: self,
             own: &ep.labels,
-            inherited: ep
-                .profiles
-                .iter()
-                .filter_map(|p| self.profiles.get(p).map(|p| &p.labels_to_apply))
-                .collect(),
+            profiles: &ep.profiles,
             namespace: id.namespace.as_deref(),
         }
     }
 
-    /// The endpoints a selector in a policy of `policy_namespace` without a namespace
-    /// selector can see: that namespace's alone (a range of the map, ordered by namespace
-    /// first), or every one.
+    /// Namespace `ns`'s labels as a `namespaceSelector` sees them.
+    pub fn namespace_view<'a>(&'a self, ns: &'a str) -> NamespaceLabels<'a> {
+        NamespaceLabels {
+            own: self.namespaces.get(ns),
+            name: ns,
+        }
+    }
+
+    /// The endpoints a selector with `namespace_selector` in a policy of `policy_namespace`
+    /// can see (exactly those [`World::in_scope`] admits), found by namespace: the policy's own
+    /// namespace is one range of the map (ordered by namespace first), a namespace selector
+    /// is evaluated once per namespace and the matching namespaces' ranges taken whole.
     fn endpoints_visible(
         &self,
         namespace_selector: Option<&Selector>,
         policy_namespace: Option<&str>,
-    ) -> Box<dyn Iterator<Item = (&EndpointId, &EndpointInfo)> + '_> {
+    ) -> Vec<(&EndpointId, &EndpointInfo)> {
+        fn namespace_of<'w>(
+            endpoints: &'w BTreeMap<EndpointId, EndpointInfo>,
+            ns: &str,
+        ) -> impl Iterator<Item = (&'w EndpointId, &'w EndpointInfo)> {
+            let first = first_of(ns);
+            let ns = first.namespace.clone();
+            endpoints
+                .range(first..)
+                .take_while(move |(id, _)| id.namespace == ns)
+        }
         match (namespace_selector, policy_namespace) {
-            (None, Some(ns)) => {
-                let from = EndpointId {
-                    namespace: Some(ns.to_owned()),
-                    name: String::new(),
-                };
-                let ns = ns.to_owned();
-                Box::new(
-                    self.endpoints
-                        .range(from..)
-                        .take_while(move |(id, _)| id.namespace.as_deref() == Some(ns.as_str())),
-                )
+            (Some(sel), _) if matches!(sel.expr(), calico_selector::Expr::Global) => self
+                .endpoints
+                .iter()
+                .take_while(|(id, _)| id.namespace.is_none())
+                .collect(),
+            (Some(sel), _) => {
+                let mut out = Vec::new();
+                let mut next = self.endpoints.range(first_of("")..).next();
+                while let Some((id, _)) = next {
+                    let ns = id.namespace.as_deref().unwrap_or_default();
+                    if sel.matches(&self.namespace_view(ns)) {
+                        out.extend(namespace_of(&self.endpoints, ns));
+                    }
+                    next = self.endpoints.range(after(ns)..).next();
+                }
+                out
             }
-            _ => Box::new(self.endpoints.iter()),
+            (None, Some(ns)) => namespace_of(&self.endpoints, ns).collect(),
+            (None, None) => self.endpoints.iter().collect(),
         }
     }
 
@@ -218,13 +282,13 @@ impl World {
         };
         let all = Selector::all();
         let selector = selector.unwrap_or(&all);
-        let by_endpoint = self
-            .endpoints_visible(namespace_selector, policy_namespace)
-            .any(|(id, ep)| {
-                ep.addresses.contains(&ip)
-                    && in_scope(id.namespace.as_deref())
-                    && selector.matches(&self.endpoint_labels(id, ep))
-            });
+        // Every endpoint, not the namespace walk `selected_prefixes` takes: this is the
+        // reference the compiled programs are checked against.
+        let by_endpoint = self.endpoints.iter().any(|(id, ep)| {
+            ep.addresses.contains(&ip)
+                && in_scope(id.namespace.as_deref())
+                && selector.matches(&self.endpoint_labels(id, ep))
+        });
         by_endpoint
             || self.network_sets.iter().any(|set| {
                 set.nets.iter().any(|n| n.contains(&ip))
@@ -246,14 +310,7 @@ impl World {
         let sel = selector.unwrap_or(&all);
         let mut out: Vec<IpNet> = Vec::new();
         for (id, ep) in self.endpoints_visible(namespace_selector, policy_namespace) {
-            if !ep.addresses.is_empty()
-                && self.in_scope(
-                    id.namespace.as_deref(),
-                    namespace_selector,
-                    policy_namespace,
-                )
-                && sel.matches(&self.endpoint_labels(id, ep))
-            {
+            if !ep.addresses.is_empty() && sel.matches(&self.endpoint_labels(id, ep)) {
                 out.extend(ep.addresses.iter().map(|a| IpNet::from(*a)));
             }
         }
@@ -295,7 +352,7 @@ impl World {
             Some(ns_sel) if matches!(ns_sel.expr(), calico_selector::Expr::Global) => {
                 namespace.is_none()
             }
-            Some(ns_sel) => namespace.is_some_and(|ns| ns_sel.matches(&self.namespace_labels(ns))),
+            Some(ns_sel) => namespace.is_some_and(|ns| ns_sel.matches(&self.namespace_view(ns))),
             None => match policy_namespace {
                 Some(own) => namespace == Some(own),
                 None => true,

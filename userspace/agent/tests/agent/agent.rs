@@ -427,6 +427,14 @@ fn restart_keeps_streams_and_outage_keeps_the_dataplane() -> Result<()> {
         .delete(Kind::GlobalNetworkPolicy, None, "close-5001")?;
     s.store.apply(DENY_CLIENT)?;
     s.wait_ping(false, Duration::from_secs(15))?;
+
+    // etcd hangs with its connections open (SIGSTOP): the watch's keepalive notices and
+    // readiness drops, with no request of the agent's own; it comes back with etcd.
+    s.etcd.freeze()?;
+    let frozen = s.agent.wait_ready(&s.host, false, Duration::from_secs(30));
+    s.etcd.thaw()?;
+    frozen.context("readiness with etcd frozen")?;
+    s.agent.wait_ready(&s.host, true, Duration::from_secs(30))?;
     Ok(())
 }
 
