@@ -2,11 +2,11 @@
 //! policy, how long from a datastore write to the first packet with the new verdict, how long
 //! a cold start takes to program everything, and the agent's memory.
 //!
-//! Latency: a "toggle" policy on the server is switched from Deny to no rules; the time from
-//! just before the datastore write to the first datagram that arrives is one sample. While a
-//! sample is measured, the client sends a UDP datagram from a fresh source port every 200 µs
-//! (fresh ports, so no tracked flow hides a verdict); it is quiet otherwise, so allowed flows
-//! do not pile up in conntrack. Before each sample the deny is confirmed programmed (the
+//! Latency: a "toggle" policy on the server is switched from denying the client to allowing its
+//! probe port; the time from just before the datastore write to the first datagram that arrives
+//! is one sample. While a sample is measured, the client sends a UDP datagram every 200 µs,
+//! each from a source port never used before in the run (a tracked flow would carry an old
+//! verdict: the benchmark stops rather than reuse a port); it is quiet otherwise. Before each sample the deny is confirmed programmed (the
 //! agent's update counter moved) and probed for 50 ms: datagrams that still get through are
 //! reported as leaks. Two cases: the 10,000 rules on the server itself
 //! (every toggle recompiles them) and the 10,000 rules on another endpoint.
@@ -44,11 +44,13 @@ fn big_policy(selector: &str) -> String {
     s
 }
 
+/// Deny the client, or allow its probes explicitly (a policy with no rules would deny too, at
+/// the end of its tier, wherever no later policy allows).
 fn toggle(deny: bool) -> String {
     let rules = if deny {
         "  ingress:\n  - action: Deny\n    source:\n      selector: role == 'client'\n"
     } else {
-        ""
+        "  ingress:\n  - action: Allow\n    protocol: UDP\n    source:\n      selector: role == 'client'\n    destination:\n      ports: [7000]\n"
     };
     format!("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: toggle\nspec:\n  order: 1\n  selector: role == 'server'\n  types: [Ingress]\n{rules}")
 }
@@ -166,17 +168,13 @@ fn run(log: &std::path::Path) -> Result<()> {
     let receiver = server.ns.run(move || UdpSocket::bind(target))??;
     receiver.set_read_timeout(Some(Duration::from_millis(50)))?;
     let last_arrival: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; 65536]));
-    let first_port: Arc<Mutex<Option<u16>>> = Arc::default();
-    let (sent_tx, fp) = (sent_at.clone(), first_port.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let armed = Arc::new(AtomicBool::new(false));
     let (arr, st) = (last_arrival.clone(), stop.clone());
     let recv_thread = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while !st.load(Ordering::Relaxed) {
-            if let Ok((_, from)) = receiver.recv_from(&mut buf) {
-                *fp.lock().unwrap() = Some(from.port());
+            if receiver.recv(&mut buf).is_ok() {
                 *arr.lock().unwrap() = Some(Instant::now());
             }
         }
@@ -187,24 +185,24 @@ fn run(log: &std::path::Path) -> Result<()> {
         let f = std::fs::File::open(&client_ns).expect("netns");
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         // Source ports in sequence, never one twice in a run: no datagram can ride on a
-        // flow an earlier allowed datagram left in conntrack.
-        let mut port: u16 = 20000;
-        while !st.load(Ordering::Relaxed) {
-            if !arm.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_micros(100));
-                continue;
-            }
-            port = if port >= 60000 { 20000 } else { port + 1 };
-            if let Ok(s) = UdpSocket::bind(("0.0.0.0", port)) {
-                let r = s.send_to(b"probe", target);
-                if r.is_ok() {
-                    sent_tx.lock().unwrap()[port as usize] = Some(Instant::now());
-                } else {
-                    eprintln!("send failed {r:?}");
+        // flow an earlier allowed datagram left in conntrack. When they run out the sender
+        // stops, and the sample waiting for it fails.
+        for port in 10000..=u16::MAX {
+            while !arm.load(Ordering::Relaxed) {
+                if st.load(Ordering::Relaxed) {
+                    return;
                 }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            if st.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Ok(s) = UdpSocket::bind(("0.0.0.0", port)) {
+                let _ = s.send_to(b"probe", target);
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        eprintln!("the probe ran out of fresh source ports");
     });
 
     let mut rows = Vec::new();
@@ -238,8 +236,19 @@ fn run(log: &std::path::Path) -> Result<()> {
             }
             Ok(())
         };
-        // Let the policy change above settle.
-        std::thread::sleep(Duration::from_millis(500));
+        // The policy change above is programmed once the agent has counted no update for
+        // 300 ms (at most 60 s): a sample must not wait behind it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = updates(&agent)?;
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(300) {
+            anyhow::ensure!(Instant::now() < deadline, "the agent never went quiet");
+            std::thread::sleep(Duration::from_millis(20));
+            let now = updates(&agent)?;
+            if now != seen {
+                (seen, quiet_since) = (now, Instant::now());
+            }
+        }
         for _ in 0..SAMPLES {
             let before = updates(&agent)?;
             store.apply(&toggle(true))?;
@@ -270,19 +279,6 @@ fn run(log: &std::path::Path) -> Result<()> {
             };
             armed.store(false, Ordering::Relaxed);
             samples.push(arrived - t0);
-            if std::env::var_os("BENCH_TRACE").is_some() {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-                let ago = |t: Instant| now.as_secs_f64() - t.elapsed().as_secs_f64();
-                let port = first_port.lock().unwrap().unwrap_or(0);
-                let sent = sent_at.lock().unwrap()[port as usize];
-                eprintln!(
-                    "trace t0={:.6} written={:.6} arrived={:.6} port={port} sent={:?}",
-                    ago(t0),
-                    ago(t0 + writes[writes.len() - 1]),
-                    ago(arrived),
-                    sent.map(|s| s.saturating_duration_since(t0))
-                );
-            }
             wait_update(before)?;
         }
         samples.sort();

@@ -20,7 +20,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     sync::{
-        atomic::{AtomicBool, AtomicU16, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -381,6 +381,9 @@ fn main() -> Result<()> {
     let metrics = agent.get(&host, "/metrics")?.1;
     let rss = rss_mib(&agent);
     probe.stop();
+    let log = std::env::temp_dir().join("calico-node-scale.log");
+    std::fs::write(&log, agent.log())?;
+    println!("(agent log: {})", log.display());
 
     println!("\ncalico-node at scale: {ENDPOINTS} endpoints in {NAMESPACES} namespaces on {NODES} nodes, {LOCAL} local ({programmed} programmed), {} policies / {} rules, {SAMPLES} samples per update row\n", policies + 1, rules + 1);
     println!("| measure | value | goal |");
@@ -482,7 +485,9 @@ struct Probe {
     arrivals: Arc<Mutex<BTreeMap<u16, Instant>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    next_port: Arc<AtomicU16>,
+    /// The next source port: each used once in a run (a tracked flow would carry an old
+    /// verdict), the probe stops when they run out.
+    next_port: Arc<AtomicU32>,
 }
 
 impl Probe {
@@ -509,7 +514,7 @@ impl Probe {
             arrivals,
             stop,
             threads,
-            next_port: Arc::new(AtomicU16::new(20000)),
+            next_port: Arc::new(AtomicU32::new(10000)),
         })
     }
 
@@ -537,8 +542,10 @@ impl Probe {
             let f = std::fs::File::open(&ns).expect("netns");
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             while !until.load(Ordering::Relaxed) {
-                let p = next.fetch_add(1, Ordering::Relaxed);
-                let p = if p < 20000 { p + 20000 } else { p };
+                let Ok(p) = u16::try_from(next.fetch_add(1, Ordering::Relaxed)) else {
+                    eprintln!("the probe ran out of fresh source ports");
+                    return;
+                };
                 if let Ok(s) = UdpSocket::bind(("0.0.0.0", p)) {
                     let _ = s.send_to(b"probe", target);
                 }
