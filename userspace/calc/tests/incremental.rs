@@ -77,7 +77,7 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
             match e {
                 Some((l, addrs, local)) => {
                     let info = EndpointInfo {
-                        labels: labels(l),
+                        labels: labels(l).into(),
                         profiles: vec!["prof".into()],
                         addresses: addrs
                             .iter()
@@ -281,7 +281,7 @@ fn label_change_recomputes_only_what_it_touches() {
                 name: format!("w{i}"),
             },
             endpoint: Some(EndpointInfo {
-                labels: labels(&[if i < 50 { "app=web" } else { "app=db" }]),
+                labels: labels(&[if i < 50 { "app=web" } else { "app=db" }]).into(),
                 profiles: vec![],
                 addresses: vec![format!("10.0.{}.{}", i / 200, i % 200 + 1).parse().unwrap()],
             }),
@@ -321,7 +321,7 @@ fn label_change_recomputes_only_what_it_touches() {
             name: "w3".into(),
         },
         endpoint: Some(EndpointInfo {
-            labels: labels(&["app=web", "tier=a"]),
+            labels: labels(&["app=web", "tier=a"]).into(),
             profiles: vec![],
             addresses: vec!["10.0.0.4".parse().unwrap()],
         }),
@@ -339,7 +339,7 @@ fn label_change_recomputes_only_what_it_touches() {
             name: "w3".into(),
         },
         endpoint: Some(EndpointInfo {
-            labels: labels(&["app=db"]),
+            labels: labels(&["app=db"]).into(),
             profiles: vec![],
             addresses: vec!["10.0.0.4".parse().unwrap()],
         }),

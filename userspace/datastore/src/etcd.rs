@@ -557,20 +557,30 @@ pub(crate) fn decode_value(
         message,
     };
     let info = parse_key(&key).ok_or_else(|| corrupt("not a Calico key".to_owned()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(value).map_err(|e| corrupt(format!("not JSON: {e}")))?;
-    let value = if is_ipam(info.kind) {
-        serde_json::json!({
+    let mut resource = if is_ipam(info.kind) {
+        let spec: serde_json::Value =
+            serde_json::from_slice(value).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+        let value = serde_json::json!({
             "apiVersion": API_VERSION,
             "kind": info.kind.as_str(),
             "metadata": { "name": info.name },
-            "spec": value,
-        })
+            "spec": spec,
+        });
+        Resource::deserialize_as(info.kind, value)
+            .map_err(|e| corrupt(format!("{}: {}", e.path(), e.inner())))?
     } else {
-        value
+        // Straight from the bytes: no intermediate JSON tree (most of a snapshot's decoding).
+        let mut json = serde_json::Deserializer::from_slice(value);
+        let resource = Resource::deserialize_as(info.kind, &mut json).map_err(|e| {
+            if e.inner().is_syntax() || e.inner().is_eof() {
+                corrupt(format!("not JSON: {}", e.inner()))
+            } else {
+                corrupt(format!("{}: {}", e.path(), e.inner()))
+            }
+        })?;
+        json.end().map_err(|e| corrupt(format!("not JSON: {e}")))?;
+        resource
     };
-    let mut resource = Resource::deserialize_as(info.kind, value)
-        .map_err(|e| corrupt(format!("{}: {}", e.path(), e.inner())))?;
     resource.metadata_mut().resource_version = Some(mod_revision.to_string());
     Ok(resource)
 }

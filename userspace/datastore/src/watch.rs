@@ -228,8 +228,11 @@ async fn list(store: &Datastore, prefix: &str) -> Result<(Vec<Resource>, i64), D
     // Paged, at one revision: a large cluster's snapshot is many messages, one consistent view,
     // each page decoded (and its raw bytes let go) as it arrives.
     let mut resources = Vec::new();
+    let (started, mut decoding, mut pages) = (std::time::Instant::now(), Duration::ZERO, 0);
     let revision = store
         .read_prefix_pages(prefix, |page| {
+            let t = std::time::Instant::now();
+            pages += 1;
             resources.extend(
                 page.iter()
                     .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
@@ -240,8 +243,17 @@ async fn list(store: &Datastore, prefix: &str) -> Result<(Vec<Resource>, i64), D
                             None
                         }
                     }),
-            )
+            );
+            decoding += t.elapsed();
         })
         .await?;
+    tracing::debug!(
+        prefix,
+        pages,
+        resources = resources.len(),
+        total_ms = started.elapsed().as_millis() as u64,
+        decoding_ms = decoding.as_millis() as u64,
+        "listed"
+    );
     Ok((resources, revision))
 }

@@ -235,7 +235,7 @@ pub fn world() -> impl Strategy<Value = World> {
                         name: (*name).into(),
                     },
                     EndpointInfo {
-                        labels,
+                        labels: labels.into(),
                         profiles: vec!["prof".into()],
                         addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
                     },
