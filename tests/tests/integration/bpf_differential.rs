@@ -285,3 +285,106 @@ fn identical_peer_tables_are_stored_once() -> anyhow::Result<()> {
     assert_eq!(peers(&dp), 0, "the last user left the table behind");
     Ok(())
 }
+
+/// A remote pod joining and leaving an IP set changes one peer entry in place: the program
+/// (and every other table) stays, and the decisions follow at once.
+#[test]
+fn an_ip_set_member_change_updates_the_peer_table_in_place() -> anyhow::Result<()> {
+    if !require(
+        "an_ip_set_member_change_updates_the_peer_table_in_place",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let world = |trusted: &[&str]| -> anyhow::Result<calico_policy::World> {
+        let mut text = String::from("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  - {action: Allow, protocol: TCP, source: {selector: trust == 'yes'}}\n---\napiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: server, namespace: shop, labels: {app: server}}\nspec: {node: n, ipNetworks: ['10.0.0.1/32']}\n");
+        for i in 2..=9 {
+            let trust = if trusted.contains(&format!("10.0.0.{i}").as_str()) {
+                "yes"
+            } else {
+                "no"
+            };
+            text.push_str(&format!("---\napiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: c{i}, namespace: shop, labels: {{trust: '{trust}'}}}}\nspec: {{node: other, ipNetworks: ['10.0.0.{i}/32']}}\n"));
+        }
+        calico_policy::World::from_resources(&calico_model::parse_documents(&text)?)
+            .map_err(anyhow::Error::msg)
+    };
+    let server = calico_policy::EndpointId {
+        namespace: Some("shop".into()),
+        name: "server".into(),
+    };
+    let install = |dp: &mut PolicyDataplane, w: &calico_policy::World| -> anyhow::Result<u32> {
+        let program = w.program(&server, Direction::Ingress);
+        let compiled =
+            CompiledProgram::compile(w, &program, &["10.0.0.1".parse()?], Direction::Ingress)?;
+        Ok(dp.install(LOOPBACK, Hook::Egress, &compiled)?)
+    };
+    let peers = |dp: &PolicyDataplane| {
+        dp.occupancy()
+            .into_iter()
+            .find(|(m, _)| *m == calico_bpf_common::POLICY_PEERS_MAP)
+            .map_or(0, |(_, n)| n)
+    };
+    let verdict = |dp: &mut PolicyDataplane, src: &str| -> anyhow::Result<i32> {
+        dp.clear_conntrack()?;
+        Ok(dp.test_run(
+            Hook::Egress,
+            &frame(&Packet {
+                src: src.parse()?,
+                dst: "10.0.0.1".parse()?,
+                protocol: 6,
+                src_port: 40000,
+                dst_port: 80,
+                icmp: None,
+            }),
+        )?)
+    };
+    let first = install(&mut dp, &world(&["10.0.0.2"])?)?;
+    let before = peers(&dp);
+    assert_eq!(
+        verdict(&mut dp, "10.0.0.2")?,
+        TC_ACT_PIPE,
+        "trusted pod allowed"
+    );
+    assert_eq!(
+        verdict(&mut dp, "10.0.0.3")?,
+        TC_ACT_SHOT,
+        "untrusted pod denied"
+    );
+
+    // 10.0.0.3 joins the set: same program, one entry more, allowed at once.
+    let joined = install(&mut dp, &world(&["10.0.0.2", "10.0.0.3"])?)?;
+    assert_eq!(joined, first, "a member change wrote a whole new program");
+    assert_eq!(peers(&dp), before + 1);
+    assert_eq!(
+        verdict(&mut dp, "10.0.0.3")?,
+        TC_ACT_PIPE,
+        "the new member is allowed"
+    );
+    assert_eq!(
+        verdict(&mut dp, "10.0.0.4")?,
+        TC_ACT_SHOT,
+        "others still denied"
+    );
+
+    // And leaves again.
+    let left = install(&mut dp, &world(&["10.0.0.2"])?)?;
+    assert_eq!(left, first);
+    assert_eq!(peers(&dp), before);
+    assert_eq!(
+        verdict(&mut dp, "10.0.0.3")?,
+        TC_ACT_SHOT,
+        "the member that left is denied"
+    );
+    assert_eq!(
+        verdict(&mut dp, "10.0.0.2")?,
+        TC_ACT_PIPE,
+        "the remaining member still allowed"
+    );
+
+    // A change that is more than membership (a new rule) takes the full path.
+    dp.remove(LOOPBACK, Hook::Egress)?;
+    assert_eq!(peers(&dp), 0);
+    Ok(())
+}

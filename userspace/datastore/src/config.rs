@@ -16,6 +16,10 @@ pub struct EtcdConfig {
     pub timeout: Duration,
     /// Deadline for establishing a connection.
     pub connect_timeout: Duration,
+    /// The largest answer accepted (one page of a listing, one watch message): well above
+    /// gRPC's 4 MiB default, as a policy of thousands of rules is hundreds of KB. A listing
+    /// page over it is asked for again at half the size.
+    pub max_message_bytes: usize,
 }
 
 impl Default for EtcdConfig {
@@ -29,6 +33,7 @@ impl Default for EtcdConfig {
             password: None,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            max_message_bytes: 64 << 20,
         }
     }
 }

@@ -124,7 +124,7 @@ async fn run(
         let mut client = store
             .etcd()
             .watch_client()
-            .max_decoding_message_size(crate::etcd::MAX_MESSAGE);
+            .max_decoding_message_size(store.max_message);
         let (_watcher, mut stream) = match client.watch(prefix.as_str(), Some(options)).await {
             Ok(pair) => pair,
             Err(e) => {

@@ -463,6 +463,26 @@ impl CompiledProgram {
             });
             peer_prefixes.push((*net, class));
         }
+        // Classes numbered by what they mean (their key's rank), not by where their first
+        // address sorts: a member joining or leaving a class that exists then changes the peer
+        // prefixes alone, and the dataplane can update them in place.
+        let rank: Vec<u32> = {
+            let mut by_first_seen = vec![0u32; peer_classes.len()];
+            for (rank, first_seen) in peer_classes.values().enumerate() {
+                by_first_seen[*first_seen as usize] = rank as u32;
+            }
+            by_first_seen
+        };
+        for (_, class) in &mut peer_prefixes {
+            *class = rank[*class as usize];
+        }
+        let mut ranked: Vec<(u32, (bool, Vec<u32>))> = peer_sets
+            .into_iter()
+            .enumerate()
+            .map(|(first_seen, set)| (rank[first_seen], set))
+            .collect();
+        ranked.sort_by_key(|(rank, _)| *rank);
+        let peer_sets: Vec<(bool, Vec<u32>)> = ranked.into_iter().map(|(_, set)| set).collect();
 
         // Local addresses: the endpoint's own.
         let mut local_classes: BTreeMap<(bool, Vec<bool>), u32> = BTreeMap::new();

@@ -66,6 +66,9 @@ impl Hook {
 struct Written {
     /// The peer table the program reads (shared; see `PeerTable`).
     peers: Option<PeerPrefixes>,
+    /// The program as compiled, less its peer prefixes: a new version that differs only in
+    /// those updates the peer table in place.
+    shape: Option<Box<calico_policy::CompiledProgram>>,
     locals: Vec<LocalKey>,
     protos: Vec<ProtoKey>,
     sports: Vec<Key<PortKeyData>>,

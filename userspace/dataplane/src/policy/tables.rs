@@ -16,6 +16,32 @@ use ipnet::IpNet;
 use super::{map_err, mapped, Hook, PeerPrefixes, PeerTable, PolicyDataplane, Written};
 use crate::{object::key_missing, DataplaneError};
 
+/// The `POLICY_PEERS` key of `net` in peer table `table`.
+fn peer_key(table: u32, net: &IpNet) -> Key<PeerKeyData> {
+    let len = match net {
+        IpNet::V4(n) => 32 + 96 + u32::from(n.prefix_len()),
+        IpNet::V6(n) => 32 + u32::from(n.prefix_len()),
+    };
+    Key::new(
+        len,
+        PeerKeyData {
+            table: table.to_be_bytes(),
+            addr: mapped(net.network()),
+        },
+    )
+}
+
+/// Whether two compiled programs differ in their peer prefixes at most.
+fn same_but_peers(a: &CompiledProgram, b: &CompiledProgram) -> bool {
+    a.direction == b.direction
+        && a.local_addresses == b.local_addresses
+        && a.protocols == b.protocols
+        && a.other_protocol == b.other_protocol
+        && a.source_ports == b.source_ports
+        && a.cells == b.cells
+        && a.verdicts == b.verdicts
+}
+
 fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
     u16::try_from(class).map_err(|_| DataplaneError::TooLarge { what, value: class })
 }
@@ -131,6 +157,13 @@ impl PolicyDataplane {
             ifindex,
             hook: hook.code(),
         };
+        if let Some(program) = self.update_peers_in_place((key.ifindex, key.hook), compiled) {
+            return Ok(program);
+        }
+        written.shape = Some(Box::new(CompiledProgram {
+            peer_prefixes: Vec::new(),
+            ..compiled.clone()
+        }));
         let prefixes: PeerPrefixes = std::sync::Arc::new(compiled.peer_prefixes.clone());
         let switched = self
             .check_room(compiled, &prefixes)
@@ -186,6 +219,68 @@ impl PolicyDataplane {
         Ok(())
     }
 
+    /// When `compiled` differs from what `slot` runs only in its peer prefixes (a member
+    /// joined or left an IP set, and no new class arose) and that peer table is this program's
+    /// alone: the table is brought to the new prefixes in place, entry by entry (each address
+    /// switches atomically, as upstream's IP set updates do), and the program stays. O(changed
+    /// members) instead of a whole new set of tables. `None` when the full path is needed
+    /// (also when an entry cannot be written: the full path then replaces the table).
+    fn update_peers_in_place(
+        &mut self,
+        slot: (u32, u32),
+        compiled: &CompiledProgram,
+    ) -> Option<u32> {
+        let (program, written) = self.installed.get(&slot)?;
+        let (program, old) = (*program, written.peers.clone()?);
+        if !written
+            .shape
+            .as_deref()
+            .is_some_and(|s| same_but_peers(s, compiled))
+        {
+            return None;
+        }
+        if *old == compiled.peer_prefixes {
+            return Some(program);
+        }
+        let new: PeerPrefixes = std::sync::Arc::new(compiled.peer_prefixes.clone());
+        let table = self.peer_tables.get(&old)?;
+        if table.users != 1 || self.peer_tables.contains_key(&new) {
+            return None;
+        }
+        let id = table.id;
+        let before: std::collections::HashMap<IpNet, u32> = old.iter().copied().collect();
+        let after: std::collections::HashMap<IpNet, u32> = new.iter().copied().collect();
+        let grows = new.iter().filter(|(n, _)| !before.contains_key(n)).count();
+        let capacity = self
+            .capacity
+            .get(POLICY_PEERS_MAP)
+            .copied()
+            .unwrap_or(u32::MAX) as usize;
+        let in_use: usize = self.peer_tables.values().map(|t| t.keys.len()).sum();
+        if in_use + grows > capacity {
+            return None;
+        }
+        for (net, class) in new.iter() {
+            if before.get(net) != Some(class)
+                && self.peers.insert(&peer_key(id, net), class, 0).is_err()
+            {
+                return None;
+            }
+        }
+        for (net, _) in old.iter() {
+            if !after.contains_key(net) {
+                let _ = self.peers.remove(&peer_key(id, net));
+            }
+        }
+        let mut table = self.peer_tables.remove(&old)?;
+        table.keys = new.iter().map(|(net, _)| peer_key(id, net)).collect();
+        self.peer_tables.insert(new.clone(), table);
+        if let Some((_, written)) = self.installed.get_mut(&slot) {
+            written.peers = Some(new);
+        }
+        Some(program)
+    }
+
     /// The peer table holding `prefixes`: an existing one gains a user, or a new one is
     /// written. Returns its id.
     fn acquire_peers(
@@ -206,17 +301,7 @@ impl PolicyDataplane {
             users: 1,
         };
         for (net, class) in prefixes.iter() {
-            let len = match net {
-                IpNet::V4(n) => 32 + 96 + u32::from(n.prefix_len()),
-                IpNet::V6(n) => 32 + u32::from(n.prefix_len()),
-            };
-            let key = Key::new(
-                len,
-                PeerKeyData {
-                    table: id.to_be_bytes(),
-                    addr: mapped(net.network()),
-                },
-            );
+            let key = peer_key(id, net);
             if let Err(source) = self.peers.insert(&key, class, 0) {
                 for k in &table.keys {
                     let _ = self.peers.remove(k);
