@@ -306,6 +306,7 @@ async fn watch_delivers_every_change_in_order() -> anyhow::Result<()> {
     else {
         panic!("a watch without a revision starts with a snapshot");
     };
+    let resources = resources.decode_all();
     assert_eq!(
         resources.iter().map(Resource::name).collect::<Vec<_>>(),
         ["before"]
@@ -397,6 +398,7 @@ async fn watch_from_a_compacted_revision_resyncs_with_a_snapshot() -> anyhow::Re
             resources,
             revision,
         } => {
+            let resources = resources.decode_all();
             assert!(revision >= now);
             let mut names: Vec<&str> = resources.iter().map(Resource::name).collect();
             names.sort();

@@ -322,10 +322,8 @@ impl Agent {
                     }
                     self.felix_global = None;
                     self.felix_node = None;
-                    self.admission
-                        .retain(&resources.iter().map(admission::key_of).collect());
-                    // Consumed one by one: each object's memory is free for the calculation's
-                    // copy of it (a large cluster's snapshot is most of the agent's peak).
+                    self.admission.retain(&resources.keys().collect());
+                    // Decoded one by one as they are applied (see `SnapshotObjects`).
                     for r in resources {
                         self.put(&r);
                     }

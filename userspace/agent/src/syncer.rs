@@ -167,8 +167,8 @@ async fn affinities(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>)
         match event {
             WatchEvent::Snapshot { resources, .. } => {
                 confirmed.clear();
-                for r in &resources {
-                    put(&mut confirmed, r);
+                for r in resources {
+                    put(&mut confirmed, &r);
                 }
             }
             WatchEvent::Put { resource, .. } => put(&mut confirmed, &resource),

@@ -23,4 +23,4 @@ pub use batch::{BatchFailure, BatchWrite};
 pub use config::EtcdConfig;
 pub use error::DatastoreError;
 pub use etcd::Datastore;
-pub use watch::{Watch, WatchEvent};
+pub use watch::{SnapshotObjects, Watch, WatchEvent};
