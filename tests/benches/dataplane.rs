@@ -130,8 +130,8 @@ fn world(n: usize, server: IpAddr) -> World {
             calico_model::spec::PolicyType::Ingress,
             calico_model::spec::PolicyType::Egress,
         ],
-        ingress,
-        egress: vec![Rule::new(Action::Allow)],
+        ingress: ingress.into(),
+        egress: vec![Rule::new(Action::Allow)].into(),
     });
     w
 }

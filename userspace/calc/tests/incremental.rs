@@ -303,8 +303,9 @@ fn label_change_recomputes_only_what_it_touches() {
                 ..Default::default()
             },
             ..calico_model::spec::Rule::new(calico_model::spec::Action::Allow)
-        }],
-        egress: vec![],
+        }]
+        .into(),
+        egress: Default::default(),
     };
     calc.apply(Update::Policy {
         namespace: Some("ns".into()),

@@ -23,5 +23,5 @@ pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
 pub use world::{
     EndpointId, EndpointInfo, EndpointLabels, IpSetSource, Item, LabelSet, NetworkSetInfo,
-    PolicyInfo, PolicyKey, SelectorScope, World,
+    PolicyInfo, PolicyKey, Rules, SelectorScope, World,
 };

@@ -93,8 +93,8 @@ impl World {
         let mut tiers: Vec<ProgramTier> = Vec::new();
         for p in applicable {
             let rules = match direction {
-                Direction::Ingress => p.ingress.clone(),
-                Direction::Egress => p.egress.clone(),
+                Direction::Ingress => p.ingress.to_vec(),
+                Direction::Egress => p.egress.to_vec(),
             };
             let policy = ProgramPolicy {
                 name: display(p),

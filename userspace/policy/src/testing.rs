@@ -190,8 +190,8 @@ pub fn policy(index: usize) -> impl Strategy<Value = PolicyInfo> {
                     2 => vec![PolicyType::Egress],
                     _ => vec![PolicyType::Ingress, PolicyType::Egress],
                 },
-                ingress,
-                egress,
+                ingress: ingress.into(),
+                egress: egress.into(),
             },
         )
 }
@@ -354,8 +354,8 @@ pub fn deny_rules_then_allow(n: usize) -> World {
         selector: Selector::all(),
         namespace_selector: None,
         types: vec![],
-        ingress,
-        egress: vec![],
+        ingress: ingress.into(),
+        egress: Default::default(),
     });
     w
 }

@@ -103,9 +103,14 @@ pub struct PolicyInfo {
     /// GlobalNetworkPolicy only: restricts by the endpoint's namespace labels.
     pub namespace_selector: Option<Selector>,
     pub types: Vec<PolicyType>,
-    pub ingress: Vec<Rule>,
-    pub egress: Vec<Rule>,
+    /// Shared: policies with the same rules (a template applied in every namespace, whose
+    /// selectors read relative to each) hold one copy (see [`World::put_policy`]).
+    pub ingress: Rules,
+    pub egress: Rules,
 }
+
+/// A policy's rules for one direction, shared between policies that have the same ones.
+pub type Rules = std::sync::Arc<Vec<Rule>>;
 
 impl PolicyInfo {
     /// Upstream's default when `types` is empty: Ingress, plus Egress when there are egress
@@ -137,6 +142,9 @@ pub struct World {
     /// By (namespace, name): replacing or deleting one of 10,000 policies is a lookup.
     pub policies: BTreeMap<PolicyKey, PolicyInfo>,
     pub profiles: BTreeMap<String, ProfileSpec>,
+    /// Rule lists by their JSON, so that equal ones are stored once; entries whose lists are
+    /// gone are swept as the map grows.
+    shared_rules: std::collections::HashMap<String, std::sync::Weak<Vec<Rule>>>,
 }
 
 impl PolicyInfo {
@@ -210,9 +218,34 @@ fn first_of(ns: &str) -> EndpointId {
 }
 
 impl World {
-    /// Adds or replaces a policy.
-    pub fn put_policy(&mut self, policy: PolicyInfo) {
+    /// Adds or replaces a policy. Its rule lists are shared with any equal ones already held:
+    /// 10,000 policies from a few templates keep a few lists, not 100,000 rules.
+    pub fn put_policy(&mut self, mut policy: PolicyInfo) {
+        policy.ingress = self.share(policy.ingress);
+        policy.egress = self.share(policy.egress);
         self.policies.insert(policy.key(), policy);
+    }
+
+    fn share(&mut self, rules: Rules) -> Rules {
+        if rules.is_empty() {
+            return rules;
+        }
+        let Ok(key) = serde_json::to_string(&*rules) else {
+            return rules;
+        };
+        if let Some(held) = self
+            .shared_rules
+            .get(&key)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return held;
+        }
+        if self.shared_rules.len() >= 1024 && self.shared_rules.len() >= 2 * self.policies.len() {
+            self.shared_rules.retain(|_, w| w.strong_count() > 0);
+        }
+        self.shared_rules
+            .insert(key, std::sync::Arc::downgrade(&rules));
+        rules
     }
 
     /// The labels of endpoint `ep` (with id `id`) as a selector sees them; see
@@ -561,8 +594,8 @@ impl Item {
                     selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
                     namespace_selector: None,
                     types: p.spec.types.clone(),
-                    ingress: p.spec.ingress.clone(),
-                    egress: p.spec.egress.clone(),
+                    ingress: Rules::new(p.spec.ingress.clone()),
+                    egress: Rules::new(p.spec.egress.clone()),
                 })
             }
             Resource::GlobalNetworkPolicy(p) => {
@@ -575,8 +608,8 @@ impl Item {
                     selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
                     namespace_selector: parse(&what, &p.spec.namespace_selector)?,
                     types: p.spec.types.clone(),
-                    ingress: p.spec.ingress.clone(),
-                    egress: p.spec.egress.clone(),
+                    ingress: Rules::new(p.spec.ingress.clone()),
+                    egress: Rules::new(p.spec.egress.clone()),
                 })
             }
             _ => return Ok(None),
@@ -616,5 +649,63 @@ impl World {
             }
         }
         Ok(world)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(namespace: &str, port: i64) -> PolicyInfo {
+        let text = format!(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: same-namespace, namespace: {namespace}}}\nspec:\n  selector: all()\n  ingress:\n  - {{action: Allow, protocol: TCP, source: {{selector: app == 'web'}}, destination: {{ports: [{port}]}}}}\n"
+        );
+        let resource = calico_model::parse_documents(&text)
+            .expect("test policy")
+            .remove(0);
+        match Item::from_resource(&resource) {
+            Ok(Some(Item::Policy(p))) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn equal_rule_lists_are_held_once() {
+        let mut world = World::default();
+        for ns in ["a", "b", "c"] {
+            world.put_policy(policy(ns, 80));
+        }
+        world.put_policy(policy("d", 443));
+        let ingress = |world: &World, ns: &str| {
+            world.policies[&(Some(ns.to_owned()), "same-namespace".to_owned())]
+                .ingress
+                .clone()
+        };
+        assert!(std::sync::Arc::ptr_eq(
+            &ingress(&world, "a"),
+            &ingress(&world, "b")
+        ));
+        assert!(std::sync::Arc::ptr_eq(
+            &ingress(&world, "a"),
+            &ingress(&world, "c")
+        ));
+        assert!(!std::sync::Arc::ptr_eq(
+            &ingress(&world, "a"),
+            &ingress(&world, "d")
+        ));
+        assert_eq!(ingress(&world, "d")[0].destination.ports.len(), 1);
+        // Held by three policies and this test's copy.
+        assert_eq!(std::sync::Arc::strong_count(&ingress(&world, "a")), 4);
+
+        // Replaced with other rules, a policy stops sharing; the others keep theirs.
+        world.put_policy(policy("b", 443));
+        assert!(std::sync::Arc::ptr_eq(
+            &ingress(&world, "b"),
+            &ingress(&world, "d")
+        ));
+        assert!(std::sync::Arc::ptr_eq(
+            &ingress(&world, "a"),
+            &ingress(&world, "c")
+        ));
     }
 }
