@@ -583,6 +583,54 @@ async fn snapshots_larger_than_one_message_arrive_whole() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// An object larger than the client's message limit is reported as that, naming the key and
+/// the limit, not as etcd being unavailable; a listing that cannot shrink its page further
+/// says the same.
+#[tokio::test]
+async fn an_answer_over_the_message_limit_is_named_as_such() -> anyhow::Result<()> {
+    if !require(
+        "an_answer_over_the_message_limit_is_named_as_such",
+        &[Requirement::Etcd],
+    ) {
+        return Ok(());
+    }
+    let etcd = Etcd::start()?;
+    let store = connect(&etcd).await?;
+    let nets: Vec<String> = (0..4000)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    store
+        .apply(doc(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: big\nspec:\n  nets: [{}]\n",
+            nets.join(", ")
+        )))
+        .await?;
+    let small = Datastore::connect(&EtcdConfig {
+        max_message_bytes: 16 << 10,
+        ..EtcdConfig::with_endpoints([etcd.endpoint()])
+    })
+    .await?;
+    // Positive control: the same client reads a small object.
+    store.apply(pool("small", "10.9.0.0/16")).await?;
+    assert!(small.get(Kind::IPPool, None, "small").await.is_ok());
+    for err in [
+        small
+            .get(Kind::GlobalNetworkSet, None, "big")
+            .await
+            .map(drop),
+        small.list(Kind::GlobalNetworkSet, None).await.map(drop),
+    ] {
+        match err {
+            Err(e @ DatastoreError::TooLarge { limit: 16384, .. }) => {
+                assert!(!e.is_transient());
+                assert!(e.to_string().contains("globalnetworksets/"), "{e}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 /// Several endpoints with one member down: every connection finds the live one, in either
 /// order, and works (etcd's own clients fail over the same way).
 #[tokio::test]

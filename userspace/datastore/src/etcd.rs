@@ -387,9 +387,7 @@ impl Datastore {
             }
             let (mut page, read_at) = match self.read_bytes(&from, Some(options)).await {
                 Ok(read) => read,
-                Err(DatastoreError::Unavailable { source, .. })
-                    if too_large(&source) && page_keys > 1 =>
-                {
+                Err(DatastoreError::TooLarge { .. }) if page_keys > 1 => {
                     page_keys /= 2;
                     tracing::debug!(
                         page_keys,
@@ -461,8 +459,13 @@ impl Datastore {
                     let revision = response.header().map_or(0, |h| h.revision());
                     return Ok((response.take_kvs(), revision));
                 }
-                // Not transient: the caller asks for less (see `read_prefix_pages`).
-                Err(e) if too_large(&e) => return Err(self.unavailable(e)),
+                // Not transient: a listing asks for less (see `read_prefix_pages`).
+                Err(e) if too_large(&e) => {
+                    return Err(DatastoreError::TooLarge {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        limit: self.max_message,
+                    })
+                }
                 Err(e) if attempt < READ_ATTEMPTS => {
                     let key = String::from_utf8_lossy(key);
                     tracing::warn!(%key, attempt, error = %e, "etcd read failed; retrying");
