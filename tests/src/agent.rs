@@ -116,6 +116,25 @@ impl AgentProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The agent's resident set size in MiB (`VmRSS`; nsenter execs the agent in place, so
+    /// the child's pid is the agent's), 0 when it is not running.
+    pub fn rss_mib(&self) -> f64 {
+        self.pid()
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmRSS:")?
+                        .trim()
+                        .trim_end_matches(" kB")
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()

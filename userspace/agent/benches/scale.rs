@@ -310,7 +310,7 @@ fn main() -> Result<()> {
         return Err(e);
     }
     let programmed = agent.metric(&host, "felix_active_local_endpoints")?;
-    let rss_after_start = rss_mib(&agent);
+    let rss_after_start = agent.rss_mib();
 
     let probe = Probe::new(&server)?;
 
@@ -379,7 +379,7 @@ fn main() -> Result<()> {
     let idle_rate = (after - before) / idle.as_secs_f64();
 
     let metrics = agent.get(&host, "/metrics")?.1;
-    let rss = rss_mib(&agent);
+    let rss = agent.rss_mib();
     probe.stop();
     let log = std::env::temp_dir().join("calico-node-scale.log");
     std::fs::write(&log, agent.log())?;
@@ -429,20 +429,6 @@ fn main() -> Result<()> {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn rss_mib(agent: &AgentProcess) -> f64 {
-    agent
-        .pid()
-        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")
-                    .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
-            })
-        })
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 /// Unary gRPC requests etcd has started (everything but the watch and lease streams).
