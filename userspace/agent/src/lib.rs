@@ -534,3 +534,29 @@ impl Agent {
         self.calc.apply(update);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_labels_are_the_pcns_keys_of_a_kns_profile() {
+        // As calico-kube-controllers writes them for namespace `shop` labelled team=a.
+        let applied = std::collections::BTreeMap::from([
+            ("pcns.projectcalico.org/name".to_owned(), "shop".to_owned()),
+            ("pcns.team".to_owned(), "a".to_owned()),
+            ("app".to_owned(), "not a namespace label".to_owned()),
+        ]);
+        assert_eq!(
+            namespace_labels(&applied),
+            std::collections::BTreeMap::from([
+                ("projectcalico.org/name".to_owned(), "shop".to_owned()),
+                ("team".to_owned(), "a".to_owned()),
+            ])
+        );
+        assert_eq!(
+            "kns.shop".strip_prefix(NAMESPACE_PROFILE_PREFIX),
+            Some("shop")
+        );
+    }
+}
