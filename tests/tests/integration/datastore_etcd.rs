@@ -77,6 +77,15 @@ async fn crud_follows_calico_semantics() -> anyhow::Result<()> {
         "uid must survive updates"
     );
 
+    // A resourceVersion that is no revision is a malformed request, not a stale one.
+    let mut garbled = changed.clone();
+    garbled.metadata_mut().resource_version = Some("not-a-revision".into());
+    let malformed = store.update(garbled).await;
+    assert!(
+        matches!(&malformed, Err(DatastoreError::BadRequest { message, .. }) if message.contains("not a revision")),
+        "{malformed:?}"
+    );
+
     // Update with the stale version is a conflict and leaves the stored object alone.
     let stale = store.update(changed).await;
     assert!(

@@ -146,6 +146,16 @@ impl Datastore {
     /// the stored `uid` and `creationTimestamp`.
     pub async fn update(&self, resource: Resource) -> Result<Resource, DatastoreError> {
         check(&resource)?;
+        // A version that is no revision at all is a malformed request, not a stale one.
+        if let Some(rv) = &resource.metadata().resource_version {
+            if rv.parse::<i64>().map_or(true, |r| r <= 0) {
+                return Err(DatastoreError::BadRequest {
+                    kind: resource.kind(),
+                    name: display_name(&resource),
+                    message: format!("resourceVersion `{rv}` is not a revision number"),
+                });
+            }
+        }
         let current = self.get_resource_like(&resource).await?;
         let stored = current
             .metadata()
