@@ -32,11 +32,6 @@ const fn tool(program: &'static str, package: &'static str, used_by: &'static st
 pub(crate) const TOOLS: &[Tool] = &[
     tool("ip", "iproute2", "netns, veths, routes in every netns test"),
     tool("ping", "iputils-ping", "reachability checks"),
-    tool(
-        "nc",
-        "netcat-openbsd",
-        "TCP listeners and probes (bpf_policy)",
-    ),
     tool("sysctl", "procps", "per-namespace sysctls"),
     tool("pkill", "procps", "multihost test clean-up"),
     tool("etcd", "etcd-server", "the datastore of tests and demo"),

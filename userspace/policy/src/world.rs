@@ -9,7 +9,7 @@ use calico_model::{
     spec::{PolicyType, ProfileSpec, Rule, TierDefaultAction, DEFAULT_TIER},
     Order,
 };
-use calico_selector::{InheritedLabels, Selector};
+use calico_selector::Selector;
 use ipnet::IpNet;
 
 /// A workload or host endpoint: namespace (None for host endpoints) and name.
@@ -50,12 +50,6 @@ impl LabelSet {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-
-    pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
     }
 }
 
@@ -319,31 +313,21 @@ impl World {
         let Some(ep) = self.endpoints.get(id) else {
             return BTreeMap::new();
         };
-        let own = ep.labels.to_map();
-        let inherited: Vec<&BTreeMap<String, String>> = ep
-            .profiles
-            .iter()
-            .filter_map(|p| self.profiles.get(p).map(|p| &p.labels_to_apply))
-            .collect();
-        let view = InheritedLabels {
-            own: &own,
-            inherited: &inherited,
-        };
-        let mut keys: BTreeSet<&String> = own.keys().collect();
-        for p in &inherited {
-            keys.extend(p.keys());
+        // The keys any source has, each read through the one view selectors use (own labels
+        // first, then profiles in order, then the implicit namespace label).
+        let view = self.endpoint_labels(id, ep);
+        let mut keys: BTreeSet<&str> = ep.labels.iter().map(|(k, _)| k).collect();
+        for p in ep.profiles.iter().filter_map(|p| self.profiles.get(p)) {
+            keys.extend(p.labels_to_apply.keys().map(String::as_str));
         }
-        let mut out: BTreeMap<String, String> = keys
-            .into_iter()
+        if id.namespace.is_some() {
+            keys.insert("projectcalico.org/namespace");
+        }
+        keys.into_iter()
             .filter_map(|k| {
-                calico_selector::Labels::get(&view, k).map(|v| (k.clone(), v.to_owned()))
+                calico_selector::Labels::get(&view, k).map(|v| (k.to_owned(), v.to_owned()))
             })
-            .collect();
-        if let Some(ns) = &id.namespace {
-            out.entry("projectcalico.org/namespace".into())
-                .or_insert_with(|| ns.clone());
-        }
-        out
+            .collect()
     }
 
     /// Tier order and default action; the default tier sorts last unless given an order.
@@ -449,13 +433,6 @@ impl World {
                 None => true,
             },
         }
-    }
-
-    /// A namespace's labels with the implicit `projectcalico.org/name`.
-    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
-        let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
-        labels.insert("projectcalico.org/name".into(), ns.to_owned());
-        labels
     }
 }
 
