@@ -2,6 +2,7 @@
 
 mod build_ebpf;
 mod cmd;
+mod fuzz;
 mod setup;
 mod tools;
 
@@ -40,6 +41,15 @@ enum Task {
         #[arg(default_value = "cni")]
         which: String,
     },
+    /// Fuzz the parsers of hostile input (CNI config + environment, calicoctl documents,
+    /// Docker driver calls, selectors) for a bounded time each, from the committed corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +62,10 @@ fn main() -> Result<()> {
         Task::Test => test(&root),
         Task::Demo => demo(&root),
         Task::Bench { which } => bench(&root, &which),
+        Task::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(&root, seconds, &targets)
+        }
     }
 }
 
@@ -63,6 +77,9 @@ fn test(root: &Path) -> Result<()> {
     step("cargo fmt --check");
     cargo(root).args(["fmt", "--all", "--", "--check"]).run()?;
     build_ebpf::cargo_in_programs(root, &["fmt", "--", "--check"])?;
+    cargo(root)
+        .args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
+        .run()?;
     step("clippy -D warnings (host workspace)");
     cargo(root)
         .args([
@@ -76,6 +93,9 @@ fn test(root: &Path) -> Result<()> {
         .run()?;
     step("clippy -D warnings (eBPF programs)");
     build_ebpf::clippy(root)?;
+    // A short run: the targets build on a fresh machine and nothing in the corpus, or near
+    // it, panics. `cargo xtask fuzz` runs longer.
+    fuzz::run(root, 10, &[])?;
     step("cargo test --workspace");
     // --show-output prints what passing tests printed, so the log shows that the privileged
     // tests ran (and any SKIPPED line outside CI).

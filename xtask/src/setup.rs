@@ -105,6 +105,7 @@ pub(crate) fn run() -> Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     println!("setup: everything is in place");
     Ok(())
@@ -159,6 +160,25 @@ fn rust_src() -> Result<()> {
     }
     Cmd::new("rustup")
         .args(["component", "add", "rust-src"])
+        .run()
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz drives `cargo xtask fuzz` (and its short run in `cargo xtask test`).
+fn cargo_fuzz() -> Result<()> {
+    let version = Cmd::new("cargo").args(["fuzz", "--version"]).output();
+    if version
+        .as_deref()
+        .is_ok_and(|v| v.trim().ends_with(CARGO_FUZZ_VERSION))
+    {
+        println!("cargo-fuzz {CARGO_FUZZ_VERSION}: present");
+        return Ok(());
+    }
+    println!("cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about a minute)");
+    Cmd::new("cargo")
+        .args(["install", "--force", "--locked"])
+        .args([format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")])
         .run()
 }
 

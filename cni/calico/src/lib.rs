@@ -14,6 +14,8 @@ mod calico_plugin;
 mod delegate;
 mod ipam_plugin;
 
+pub use ipam_plugin::valid_attachments;
+
 use std::{io::Read, process::ExitCode};
 
 use protocol::{check_version, code, version_result, CniError, Command, Env};
@@ -65,35 +67,83 @@ pub fn main(plugin: Plugin) -> ExitCode {
     }
 }
 
+/// One plugin call, read from the environment and stdin and checked before anything on the
+/// host or in the datastore is touched.
+#[derive(Debug)]
+pub enum Invocation {
+    /// VERSION: answered from the requested version alone; it needs no valid configuration.
+    Version(String),
+    Network(Box<NetworkCall>),
+}
+
+/// Every command but VERSION: a valid network configuration and the variables it needs.
+#[derive(Debug)]
+pub struct NetworkCall {
+    pub command: Command,
+    pub env: Env,
+    pub conf: netconf::NetConf,
+    /// The configuration as sent (plugins pass it on to IPAM and read GC's attachment list).
+    pub raw: serde_json::Value,
+    pub version: String,
+}
+
+impl Invocation {
+    /// Reads a call. Pure: no file, socket or interface is touched, so hostile input can be
+    /// explored (the fuzz target `cni_invocation` drives this).
+    pub fn read(
+        lookup: impl Fn(&str) -> Option<String>,
+        stdin: &[u8],
+    ) -> Result<Invocation, CniError> {
+        let (command, env) = Env::read(lookup)?;
+        if command == Command::Version {
+            let version = serde_json::from_slice::<serde_json::Value>(stdin)
+                .ok()
+                .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "1.1.0".to_owned());
+            return Ok(Invocation::Version(version));
+        }
+        let (conf, raw) = netconf::NetConf::parse(stdin)?;
+        let version = check_version(&conf.cni_version)?;
+        conf.require_network()?;
+        if matches!(command, Command::Status | Command::Gc) && !version.starts_with("1.1") {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("{command:?} needs cniVersion 1.1.0 (got {version})"),
+            ));
+        }
+        Ok(Invocation::Network(Box::new(NetworkCall {
+            command,
+            env,
+            conf,
+            raw,
+            version,
+        })))
+    }
+}
+
 fn run(plugin: Plugin, stdin: &[u8]) -> Result<Option<String>, CniError> {
-    let (command, env) = Env::read(|k| std::env::var(k).ok())?;
-    if command == Command::Version {
-        let version = serde_json::from_slice::<serde_json::Value>(stdin)
-            .ok()
-            .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| "1.1.0".to_owned());
-        return Ok(Some(version_result(&version)));
-    }
-    let (conf, raw) = netconf::NetConf::parse(stdin)?;
-    let version = check_version(&conf.cni_version)?;
-    conf.require_network()?;
-    init_logging(&conf);
-    if matches!(command, Command::Status | Command::Gc) && !version.starts_with("1.1") {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!("{command:?} needs cniVersion 1.1.0 (got {version})"),
-        ));
-    }
+    let call = match Invocation::read(|k| std::env::var(k).ok(), stdin)? {
+        Invocation::Version(version) => return Ok(Some(version_result(&version))),
+        Invocation::Network(call) => call,
+    };
+    init_logging(&call.conf);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| {
             CniError::new(code::GENERIC, "cannot start a runtime").with_details(e.to_string())
         })?;
+    let NetworkCall {
+        command,
+        env,
+        conf,
+        raw,
+        version,
+    } = &*call;
     runtime.block_on(async {
         match plugin {
-            Plugin::Calico => calico_plugin::run(command, &env, &conf, &raw, stdin, &version).await,
-            Plugin::CalicoIpam => ipam_plugin::run(command, &env, &conf, &raw, &version).await,
+            Plugin::Calico => calico_plugin::run(*command, env, conf, raw, stdin, version).await,
+            Plugin::CalicoIpam => ipam_plugin::run(*command, env, conf, raw, version).await,
         }
     })
 }

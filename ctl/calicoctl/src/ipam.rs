@@ -29,9 +29,21 @@ pub enum IpamCommand {
         #[arg(long)]
         ip: Option<IpAddr>,
     },
-    /// Look for leaked addresses and inconsistent IPAM data; exits 1 unless clean.
-    #[command(after_help = "Examples:\n  calicoctl ipam check")]
-    Check,
+    /// Look for leaked addresses and inconsistent IPAM data, and on this host for workload
+    /// interfaces no endpoint uses (and endpoints whose interface is gone); exits 1 unless
+    /// clean.
+    #[command(
+        after_help = "Examples:\n  calicoctl ipam check\n  calicoctl ipam check --node node1 --interface-prefix cali"
+    )]
+    Check {
+        /// The node this host is, whose workload interfaces are checked (default: $NODENAME,
+        /// else /var/lib/calico/nodename; with neither, interfaces are not checked).
+        #[arg(long)]
+        node: Option<String>,
+        /// Prefix of workload interface names (FelixConfiguration interfacePrefix).
+        #[arg(long, default_value = "cali")]
+        interface_prefix: String,
+    },
     /// Release an address back to its pool. An address a workload endpoint still uses is
     /// refused: another workload would get it. `--force` releases it anyway.
     #[command(after_help = "Examples:\n  calicoctl ipam release --ip=10.244.0.5")]
@@ -48,7 +60,17 @@ pub async fn run(config: Option<&Path>, cmd: IpamCommand) -> Result<ExitCode> {
     let store = connect(config).await?;
     match cmd {
         IpamCommand::Show { show_blocks, ip } => show(&store, show_blocks, ip).await,
-        IpamCommand::Check => check(&store).await,
+        IpamCommand::Check {
+            node,
+            interface_prefix,
+        } => {
+            check(
+                &store,
+                node.or_else(this_node).as_deref(),
+                &interface_prefix,
+            )
+            .await
+        }
         IpamCommand::Release { ip, force } => release(&store, ip, force).await,
     }
 }
@@ -147,7 +169,61 @@ async fn show(store: &Datastore, show_blocks: bool, ip: Option<IpAddr>) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
-async fn check(store: &Datastore) -> Result<ExitCode> {
+/// The node this host is, when it says so (calico-node's environment or its nodename file).
+/// Not the hostname: run from an admin machine, `ipam check` checks the datastore only.
+fn this_node() -> Option<String> {
+    std::env::var("NODENAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/var/lib/calico/nodename")
+                .ok()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+        })
+}
+
+/// Workload interfaces of this host against the endpoints of `node`: a veth no endpoint
+/// names is an orphan (a crashed or interrupted ADD, a DEL that never came); an endpoint
+/// whose veth is gone is stale.
+async fn check_interfaces(
+    endpoints: &[Resource],
+    node: &str,
+    prefix: &str,
+    problems: &mut Vec<String>,
+) -> Result<usize> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(conn);
+    let veths = calico_hostlink::veth_names(&handle, prefix).await;
+    task.abort();
+    let veths: BTreeSet<String> = veths?.into_iter().collect();
+    let mut named = BTreeSet::new();
+    for r in endpoints {
+        let Resource::WorkloadEndpoint(w) = r else {
+            continue;
+        };
+        if w.spec.node != node || w.spec.interface_name.is_empty() {
+            continue;
+        }
+        named.insert(w.spec.interface_name.clone());
+        if !veths.contains(&w.spec.interface_name) {
+            problems.push(format!(
+                "endpoint {}/{}: its interface {} is not on this host (node {node})",
+                w.metadata.namespace.as_deref().unwrap_or("default"),
+                w.metadata.name,
+                w.spec.interface_name
+            ));
+        }
+    }
+    for veth in veths.difference(&named) {
+        problems.push(format!(
+            "interface {veth}: no workload endpoint of node {node} uses it (orphan veth)"
+        ));
+    }
+    Ok(veths.len())
+}
+
+async fn check(store: &Datastore, node: Option<&str>, prefix: &str) -> Result<ExitCode> {
     let (block_objects, _) = store.list(Kind::IPAMBlock, None).await?;
     let (handles, _) = store.list(Kind::IPAMHandle, None).await?;
     let (endpoints, _) = store.list(Kind::WorkloadEndpoint, None).await?;
@@ -236,8 +312,15 @@ async fn check(store: &Datastore) -> Result<ExitCode> {
             ));
         }
     }
+    let interfaces = match node {
+        Some(node) => {
+            let n = check_interfaces(&endpoints, node, prefix, &mut problems).await?;
+            format!(", {n} `{prefix}*` interface(s) of node {node}")
+        }
+        None => String::new(),
+    };
     println!(
-        "Checked {} block(s), {allocations} allocation(s), {} handle(s), {} workload endpoint address(es)",
+        "Checked {} block(s), {allocations} allocation(s), {} handle(s), {} workload endpoint address(es){interfaces}",
         blocks.len(),
         handle_counts.len(),
         endpoint_ips.len()

@@ -87,6 +87,36 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>, H
     }
 }
 
+/// Names of the veths in the handle's namespace whose name starts with `prefix` (the host
+/// ends of workload interfaces, and any a crashed writer left behind).
+pub async fn veth_names(handle: &Handle, prefix: &str) -> Result<Vec<String>, HostLinkError> {
+    let mut links = handle.link().get().execute();
+    let mut names = Vec::new();
+    while let Some(link) = links.try_next().await.map_err(failed("listing links"))? {
+        let mut name = None;
+        let mut veth = false;
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    veth |= infos.iter().any(|i| {
+                        matches!(
+                            i,
+                            rtnetlink::packet_route::link::LinkInfo::Kind(InfoKind::Veth)
+                        )
+                    });
+                }
+                _ => {}
+            }
+        }
+        if let Some(name) = name.filter(|n| veth && n.starts_with(prefix)) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Deletes link `name` if it exists; says whether it did.
 pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, HostLinkError> {
     match link_by_name(handle, name).await? {

@@ -560,6 +560,29 @@ impl Ipam {
         Ok(released)
     }
 
+    /// The handle that holds `ip`, or `None` when it is not allocated.
+    pub async fn handle_of(&self, ip: IpAddr) -> Result<Option<String>, IpamError> {
+        let (blocks, _) = self.store.list(Kind::IPAMBlock, None).await?;
+        Ok(blocks
+            .iter()
+            .filter_map(|r| match r {
+                Resource::IPAMBlock(b) => Some(b),
+                _ => None,
+            })
+            .filter_map(|b| Some((b.spec.cidr.parse::<IpNet>().ok()?, &b.spec)))
+            .find(|(cidr, _)| cidr.contains(&ip))
+            .and_then(|(cidr, spec)| {
+                let attr = spec.allocations.get(block::ordinal(&cidr, ip)?)?.as_ref()?;
+                Some(
+                    spec.attributes
+                        .get(*attr)?
+                        .handle_id
+                        .clone()
+                        .unwrap_or_default(),
+                )
+            }))
+    }
+
     /// Releases `ips`; returns the ones that were not allocated.
     pub async fn release_ips(&self, ips: &[IpAddr]) -> Result<Vec<IpAddr>, IpamError> {
         let (all, _) = self.store.list(Kind::IPAMBlock, None).await?;

@@ -20,6 +20,8 @@ use ipnet::IpNet;
 use rtnetlink::Handle;
 use serde_json::{json, Value};
 
+use crate::request::Request;
+
 pub const POOL_ID_V4: &str = "CalicoPoolIPv4";
 pub const POOL_ID_V6: &str = "CalicoPoolIPv6";
 pub const ORCHESTRATOR: &str = "libnetwork";
@@ -46,27 +48,6 @@ pub struct Driver {
     netlink: Handle,
     node: String,
     interface_prefix: String,
-}
-
-fn field<'a>(call: &str, body: &'a Value, name: &str) -> Result<&'a str, DriverError> {
-    body.get(name)
-        .and_then(Value::as_str)
-        .ok_or_else(|| DriverError::Malformed {
-            call: call.to_owned(),
-            reason: format!("field `{name}` is missing or not a string"),
-        })
-}
-
-/// An address as Docker writes it (`10.0.0.1` or `10.0.0.1/24`) in request field `what`.
-fn parse_address(call: &str, what: &str, text: &str) -> Result<IpAddr, DriverError> {
-    text.split('/')
-        .next()
-        .unwrap_or("")
-        .parse()
-        .map_err(|_| DriverError::Malformed {
-            call: call.to_owned(),
-            reason: format!("{what} `{text}` is not an address"),
-        })
 }
 
 /// Names of an endpoint's pieces, from Docker's endpoint ID (upstream's scheme).
@@ -98,17 +79,18 @@ pub fn network_profile(network_id: &str) -> (String, String) {
 
 /// Which pool a `RequestPool` gets: Docker's `--subnet` must be exactly a calico IPPool's
 /// CIDR; without one, addresses come from any pool of the family.
-pub fn choose_pool(requested: &str, v6: bool, pools: &[IpNet]) -> Result<(String, String), String> {
-    if requested.is_empty() {
+pub fn choose_pool(
+    requested: Option<IpNet>,
+    v6: bool,
+    pools: &[IpNet],
+) -> Result<(String, String), String> {
+    let Some(net) = requested else {
         return Ok(if v6 {
             (POOL_ID_V6.into(), "::/0".into())
         } else {
             (POOL_ID_V4.into(), "0.0.0.0/0".into())
         });
-    }
-    let net: IpNet = requested
-        .parse()
-        .map_err(|_| format!("the requested subnet `{requested}` is not a CIDR"))?;
+    };
     if pools.iter().any(|p| p.trunc() == net.trunc()) {
         Ok((net.to_string(), net.to_string()))
     } else {
@@ -119,6 +101,9 @@ pub fn choose_pool(requested: &str, v6: bool, pools: &[IpNet]) -> Result<(String
     }
 }
 
+/// Every IPAM handle this driver makes starts so; it releases no address held by another.
+const HANDLE_PREFIX: &str = "libnetwork.";
+
 fn handle_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -126,7 +111,7 @@ fn handle_id() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!(
-        "libnetwork.{nanos:x}.{}",
+        "{HANDLE_PREFIX}{nanos:x}.{}",
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
@@ -144,16 +129,8 @@ impl Driver {
 
     /// Answers one call; errors become `{"Err": "..."}` so Docker shows them.
     pub async fn handle(&self, call: &str, body: &[u8]) -> Value {
-        let parsed: Result<Value, DriverError> = if body.is_empty() {
-            Ok(json!({}))
-        } else {
-            serde_json::from_slice(body).map_err(|e| DriverError::Malformed {
-                call: call.to_owned(),
-                reason: e.to_string(),
-            })
-        };
-        let result = match parsed {
-            Ok(b) => self.dispatch(call, &b).await,
+        let result = match Request::parse(call, body) {
+            Ok(request) => self.dispatch(request).await,
             Err(e) => Err(e),
         };
         match result {
@@ -165,41 +142,33 @@ impl Driver {
         }
     }
 
-    async fn dispatch(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
-        match call {
-            "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
-            "NetworkDriver.GetCapabilities" => {
+    async fn dispatch(&self, request: Request) -> Result<Value, DriverError> {
+        match request {
+            Request::Activate => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
+            Request::NetworkCapabilities => {
                 Ok(json!({ "Scope": "local", "ConnectivityScope": "global" }))
             }
-            "IpamDriver.GetCapabilities" => {
+            Request::IpamCapabilities => {
                 Ok(json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false }))
             }
-            "IpamDriver.GetDefaultAddressSpaces" => Ok(json!({
+            Request::DefaultAddressSpaces => Ok(json!({
                 "LocalDefaultAddressSpace": "CalicoLocalAddressSpace",
                 "GlobalDefaultAddressSpace": "CalicoGlobalAddressSpace",
             })),
-            "IpamDriver.RequestPool" => self.request_pool(call, b).await,
-            "IpamDriver.ReleasePool" => Ok(json!({})),
-            "IpamDriver.RequestAddress" => self.request_address(call, b).await,
-            "IpamDriver.ReleaseAddress" => {
-                let address = field(call, b, "Address")?;
-                let ip = parse_address(call, "Address", address)?;
-                self.ipam.release_ips(&[ip]).await?;
-                Ok(json!({}))
+            Request::RequestPool { pool, v6 } => self.request_pool(pool, v6).await,
+            Request::ReleasePool | Request::Acknowledge => Ok(json!({})),
+            Request::RequestAddress { pool_id, address } => {
+                self.request_address(&pool_id, address).await
             }
-            "NetworkDriver.CreateNetwork" => {
-                let id = field(call, b, "NetworkID")?;
-                let v6 = b
-                    .get("IPv6Data")
-                    .and_then(Value::as_array)
-                    .is_some_and(|a| !a.is_empty());
+            Request::ReleaseAddress { address } => self.release_address(address).await,
+            Request::CreateNetwork { network_id, v6 } => {
                 if v6 {
                     tracing::info!(
-                        network = id,
+                        network = network_id,
                         "IPv6 data given; endpoints get IPv4 and IPv6 as docker requests them"
                     );
                 }
-                let (name, label) = network_profile(id);
+                let (name, label) = network_profile(&network_id);
                 let profile = Resource::Profile(Object {
                     api_version: API_VERSION.into(),
                     kind: Kind::Profile.as_str().into(),
@@ -215,47 +184,31 @@ impl Driver {
                     Err(e) => Err(e.into()),
                 }
             }
-            "NetworkDriver.DeleteNetwork" => {
-                let id = field(call, b, "NetworkID")?;
+            Request::DeleteNetwork { network_id } => {
                 match self
                     .store
-                    .delete(Kind::Profile, None, &network_profile(id).0, None)
+                    .delete(Kind::Profile, None, &network_profile(&network_id).0, None)
                     .await
                 {
                     Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(json!({})),
                     Err(e) => Err(e.into()),
                 }
             }
-            "NetworkDriver.CreateEndpoint" => self.create_endpoint(call, b).await,
-            "NetworkDriver.DeleteEndpoint" => {
-                let endpoint = field(call, b, "EndpointID")?;
-                let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint);
-                self.delete_link(&names.host_veth).await?;
-                match self
-                    .store
-                    .delete(
-                        Kind::WorkloadEndpoint,
-                        Some(NAMESPACE),
-                        &names.workload_endpoint,
-                        None,
-                    )
+            Request::CreateEndpoint {
+                network_id,
+                endpoint_id,
+                addresses,
+            } => {
+                self.create_endpoint(&network_id, &endpoint_id, &addresses)
                     .await
-                {
-                    Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(json!({})),
-                    Err(e) => Err(e.into()),
-                }
             }
-            "NetworkDriver.EndpointOperInfo" => {
-                field(call, b, "EndpointID")?;
-                Ok(json!({ "Value": {} }))
-            }
-            "NetworkDriver.Join" => {
-                let endpoint = field(call, b, "EndpointID")?;
-                field(call, b, "SandboxKey")?;
-                let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint);
+            Request::DeleteEndpoint { endpoint_id } => self.delete_endpoint(&endpoint_id).await,
+            Request::EndpointOperInfo => Ok(json!({ "Value": {} })),
+            Request::Join { endpoint_id } => {
+                let names = EndpointNames::new(&self.node, &self.interface_prefix, &endpoint_id);
                 if self.link_index(&names.temp_veth).await?.is_none() {
                     return Err(DriverError::Refused(format!(
-                        "endpoint {endpoint} has no interface {} (was it created by this driver?)",
+                        "endpoint {endpoint_id} has no interface {} (was it created by this driver?)",
                         names.temp_veth
                     )));
                 }
@@ -266,12 +219,65 @@ impl Driver {
                     "StaticRoutes": [{ "Destination": format!("{GATEWAY_V4}/32"), "RouteType": 1, "NextHop": "" }],
                 }))
             }
-            "NetworkDriver.Leave"
-            | "NetworkDriver.DiscoverNew"
-            | "NetworkDriver.DiscoverDelete"
-            | "NetworkDriver.ProgramExternalConnectivity"
-            | "NetworkDriver.RevokeExternalConnectivity" => Ok(json!({})),
-            other => Err(DriverError::Refused(format!("unknown call `{other}`"))),
+        }
+    }
+
+    /// Releases an address this driver handed out. One held by another component (the CNI
+    /// plugin, a different runtime) is refused: Docker's view of the address is stale.
+    async fn release_address(&self, ip: IpAddr) -> Result<Value, DriverError> {
+        match self.ipam.handle_of(ip).await? {
+            None => Ok(json!({})),
+            Some(handle) if handle.starts_with(HANDLE_PREFIX) => {
+                self.ipam.release_ips(&[ip]).await?;
+                Ok(json!({}))
+            }
+            Some(handle) => Err(DriverError::Refused(format!(
+                "address {ip} is held by IPAM handle `{handle}`, not by this driver; not released"
+            ))),
+        }
+    }
+
+    /// Removes an endpoint this driver made: its WorkloadEndpoint, and the host veth only
+    /// when that endpoint names it (or the pair is still half-made, its temporary end on the
+    /// host), so a `cali*` interface of another component is never touched.
+    async fn delete_endpoint(&self, endpoint_id: &str) -> Result<Value, DriverError> {
+        let names = EndpointNames::new(&self.node, &self.interface_prefix, endpoint_id);
+        let ours = match self
+            .store
+            .get(
+                Kind::WorkloadEndpoint,
+                Some(NAMESPACE),
+                &names.workload_endpoint,
+            )
+            .await
+        {
+            Ok(Resource::WorkloadEndpoint(w)) => {
+                w.spec.orchestrator == ORCHESTRATOR && w.spec.interface_name == names.host_veth
+            }
+            Ok(_) | Err(DatastoreError::NotFound { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if ours || self.link_index(&names.temp_veth).await?.is_some() {
+            self.delete_link(&names.host_veth).await?;
+        } else if self.link_index(&names.host_veth).await?.is_some() {
+            tracing::warn!(
+                endpoint = endpoint_id,
+                interface = names.host_veth,
+                "no endpoint of this driver names the interface; left alone"
+            );
+        }
+        match self
+            .store
+            .delete(
+                Kind::WorkloadEndpoint,
+                Some(NAMESPACE),
+                &names.workload_endpoint,
+                None,
+            )
+            .await
+        {
+            Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(json!({})),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -286,47 +292,26 @@ impl Driver {
             .collect())
     }
 
-    async fn request_pool(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
-        if b.get("SubPool")
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty())
-        {
-            return Err(DriverError::Refused(
-                "calico IPAM does not support --ip-range (a sub pool); configure calico IP pools instead".into(),
-            ));
-        }
-        let requested = b.get("Pool").and_then(Value::as_str).unwrap_or("");
-        let v6 = b.get("V6").and_then(Value::as_bool).unwrap_or(false);
-        let pools = if requested.is_empty() {
-            Vec::new()
-        } else {
-            self.pools().await?
+    async fn request_pool(&self, requested: Option<IpNet>, v6: bool) -> Result<Value, DriverError> {
+        let pools = match requested {
+            None => Vec::new(),
+            Some(_) => self.pools().await?,
         };
         let (id, pool) = choose_pool(requested, v6, &pools).map_err(DriverError::Refused)?;
-        let _ = call;
         // The dummy gateway keeps libnetwork from asking for one: workloads route via
         // 169.254.1.1, answered by the host.
         let gateway = if v6 { "::/0" } else { "0.0.0.0/0" };
         Ok(json!({ "PoolID": id, "Pool": pool, "Data": { "com.docker.network.gateway": gateway } }))
     }
 
-    async fn request_address(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
-        let pool_id = field(call, b, "PoolID")?;
-        let options = b.get("Options");
-        if options
-            .and_then(|o| o.get("RequestAddressType"))
-            .and_then(Value::as_str)
-            == Some("com.docker.network.gateway")
-        {
-            return Err(DriverError::Refused(
-                "calico IPAM does not support choosing a gateway".into(),
-            ));
-        }
-        let requested = b.get("Address").and_then(Value::as_str).unwrap_or("");
+    async fn request_address(
+        &self,
+        pool_id: &str,
+        requested: Option<IpAddr>,
+    ) -> Result<Value, DriverError> {
         let handle = handle_id();
         let attrs = BTreeMap::from([("node".to_owned(), self.node.clone())]);
-        let ip: IpAddr = if !requested.is_empty() {
-            let ip = parse_address(call, "Address", requested)?;
+        let ip: IpAddr = if let Some(ip) = requested {
             self.ipam.assign_ip(ip, &handle, &attrs).await?;
             ip
         } else {
@@ -365,26 +350,21 @@ impl Driver {
         Ok(json!({ "Address": format!("{ip}/{len}"), "Data": {} }))
     }
 
-    async fn create_endpoint(&self, call: &str, b: &Value) -> Result<Value, DriverError> {
-        let network = field(call, b, "NetworkID")?;
-        let endpoint = field(call, b, "EndpointID")?;
-        let interface = b.get("Interface").cloned().unwrap_or(json!({}));
-        let mut networks = Vec::new();
-        for key in ["Address", "AddressIPv6"] {
-            if let Some(a) = interface
-                .get(key)
-                .and_then(Value::as_str)
-                .filter(|a| !a.is_empty())
-            {
-                let ip = parse_address(call, &format!("Interface.{key}"), a)?;
-                networks.push(IpNet::from(ip).to_string());
-            }
-        }
-        if networks.is_empty() {
+    async fn create_endpoint(
+        &self,
+        network: &str,
+        endpoint: &str,
+        addresses: &[IpAddr],
+    ) -> Result<Value, DriverError> {
+        if addresses.is_empty() {
             return Err(DriverError::Refused(
                 "the endpoint has no address (use --ipam-driver calico-ipam)".into(),
             ));
         }
+        let networks = addresses
+            .iter()
+            .map(|ip| IpNet::from(*ip).to_string())
+            .collect();
         let (profile, _) = network_profile(network);
         match self.store.get(Kind::Profile, None, &profile).await {
             Ok(_) => {}
@@ -469,25 +449,24 @@ mod tests {
     fn subnet_must_be_a_pool() {
         let pools: Vec<IpNet> = vec!["10.60.0.0/24".parse().unwrap()];
         assert_eq!(
-            choose_pool("", false, &pools).unwrap(),
+            choose_pool(None, false, &pools).unwrap(),
             (POOL_ID_V4.into(), "0.0.0.0/0".into())
         );
         assert_eq!(
-            choose_pool("", true, &pools).unwrap(),
+            choose_pool(None, true, &pools).unwrap(),
             (POOL_ID_V6.into(), "::/0".into())
         );
         assert_eq!(
-            choose_pool("10.60.0.0/24", false, &pools).unwrap().0,
+            choose_pool(Some("10.60.0.0/24".parse().unwrap()), false, &pools)
+                .unwrap()
+                .0,
             "10.60.0.0/24"
         );
-        let err = choose_pool("10.61.0.0/24", false, &pools).unwrap_err();
+        let err = choose_pool(Some("10.61.0.0/24".parse().unwrap()), false, &pools).unwrap_err();
         assert!(
             err.contains("must match the CIDR of a configured calico IPPool"),
             "{err}"
         );
-        assert!(choose_pool("nonsense", false, &pools)
-            .unwrap_err()
-            .contains("not a CIDR"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod driver;
 pub mod http;
 pub mod logging;
+pub mod request;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

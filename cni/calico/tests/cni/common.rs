@@ -6,7 +6,7 @@
 use std::{
     io::Write,
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -64,7 +64,34 @@ pub fn call(
     conf: &Value,
 ) -> Out {
     let start = Instant::now();
-    let mut child = Command::new(binary)
+    let child = spawn(None, binary, command, container, netns, ifname, args, conf);
+    wait(child, start)
+}
+
+/// Starts plugin `binary` as a runtime does; in the network namespace `host` (a node that is
+/// not this test's namespace) when given. The caller waits for it, or kills it.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn(
+    host: Option<&NetNs>,
+    binary: &str,
+    command: &str,
+    container: &str,
+    netns: &str,
+    ifname: &str,
+    args: &str,
+    conf: &Value,
+) -> Child {
+    let mut cmd = match host {
+        Some(host) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", host.name()))
+                .arg("--")
+                .arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", netns)
@@ -83,6 +110,11 @@ pub fn call(
         .unwrap()
         .write_all(conf.to_string().as_bytes())
         .unwrap();
+    child
+}
+
+/// What a plugin started at `start` answered.
+pub fn wait(child: Child, start: Instant) -> Out {
     let out = child.wait_with_output().unwrap();
     Out {
         code: out.status.code().unwrap_or(-1),

@@ -358,13 +358,87 @@ fn dockerd_runs_containers_on_a_calico_network() -> Result<()> {
     // An exhausted pool: a /30 pool of four addresses, asked for five.
     store.apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: tiny\nspec:\n  cidr: 10.71.0.0/30\n  blockSize: 30\n")?;
     let request = r#"{"PoolID":"10.71.0.0/30","Address":"","Options":{}}"#;
+    let mut handed_out = Vec::new();
     for _ in 0..4 {
         let (code, body) = call("IpamDriver.RequestAddress", request)?;
         assert_eq!(code, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body)?;
+        handed_out.push(answer["Address"].as_str().unwrap_or_default().to_owned());
     }
     let (code, body) = call("IpamDriver.RequestAddress", request)?;
     assert_eq!(code, 500);
     assert!(body.contains("no free address"), "{body}");
+
+    // The driver acts on its own addresses and interfaces only. An address another component
+    // holds (the CNI plugin's handle) is not released; one the driver handed out is.
+    let ipam = calico_ipam::Ipam::new(store.ds.clone(), node.clone());
+    let foreign: IpAddr = "10.70.0.200".parse()?;
+    rt.block_on(ipam.assign_ip(foreign, "k8s-pod-network.0123456789ab", &Default::default()))?;
+    let (code, body) = call(
+        "IpamDriver.ReleaseAddress",
+        r#"{"PoolID":"10.70.0.0/24","Address":"10.70.0.200/32"}"#,
+    )?;
+    assert_eq!(code, 500, "{body}");
+    assert!(
+        body.contains("held by IPAM handle `k8s-pod-network.0123456789ab`"),
+        "{body}"
+    );
+    assert_eq!(
+        rt.block_on(ipam.handle_of(foreign))?.as_deref(),
+        Some("k8s-pod-network.0123456789ab"),
+        "another component's address was released"
+    );
+    let own = handed_out[0]
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse::<IpAddr>()?;
+    let (code, body) = call(
+        "IpamDriver.ReleaseAddress",
+        &format!(
+            r#"{{"PoolID":"10.71.0.0/30","Address":"{}"}}"#,
+            handed_out[0]
+        ),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        rt.block_on(ipam.handle_of(own))?,
+        None,
+        "its own address stays held"
+    );
+    // A `cali*` veth that no endpoint of the driver names survives a DeleteEndpoint whose ID
+    // maps to its name; the driver's own endpoints lost theirs above (`docker rm`).
+    host.exec_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "califoreign0abc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "foreignpeer0",
+        ],
+    )?;
+    let (code, body) = call(
+        "NetworkDriver.DeleteEndpoint",
+        r#"{"NetworkID":"n","EndpointID":"foreign0abcdef0123"}"#,
+    )?;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        host.exec("ip", &["link", "show", "califoreign0abc"])?
+            .status
+            .success(),
+        "DeleteEndpoint removed an interface the driver did not make"
+    );
+    // A refused ID: nothing that could not be Docker's reaches a name.
+    let (code, body) = call(
+        "NetworkDriver.DeleteEndpoint",
+        r#"{"NetworkID":"n","EndpointID":"../eth0"}"#,
+    )?;
+    assert_eq!(code, 500);
+    assert!(body.contains("is not an ID"), "{body}");
     // The same bound on the plugin socket.
     const ENDLESS: usize = 64 << 20;
     let stream =
