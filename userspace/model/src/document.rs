@@ -34,6 +34,7 @@ pub enum DocumentError {
 /// Reads every resource in `text` (YAML or JSON). Empty documents are skipped; a list expands to
 /// its items. Fails on the first document that is not a valid resource.
 pub fn parse_documents(text: &str) -> Result<Vec<Resource>, DocumentError> {
+    check_nesting(text)?;
     let starts = document_start_lines(text);
     let mut resources = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -190,6 +191,78 @@ fn syntax_error(err: &serde_yaml_ng::Error) -> DocumentError {
         column,
         message: clean_message(&err.to_string()),
     }
+}
+
+/// Deepest nesting a document may have. Calico's resources nest about ten levels; the YAML
+/// parser's own limit (128) applies only after it has read the whole document, which takes
+/// quadratic time on deep nesting.
+pub const MAX_NESTING: usize = 100;
+
+/// Refuses text nested deeper than [`MAX_NESTING`] in one linear pass, before the parser sees
+/// it: flow collections (`[`, `{` outside quotes and comments) and compact block sequences
+/// (`- - - x`) count a level each.
+fn check_nesting(text: &str) -> Result<(), DocumentError> {
+    let too_deep = |line: usize, column: usize| DocumentError::Syntax {
+        line,
+        column,
+        message: format!("nested deeper than {MAX_NESTING} levels"),
+    };
+    let mut flow = 0usize;
+    let mut quote: Option<char> = None;
+    for (index, line) in text.lines().enumerate() {
+        let mut chars = line.char_indices().peekable();
+        let mut at_line_start = quote.is_none();
+        let mut compact = 0usize;
+        let mut previous = ' ';
+        // Last character outside quotes and blanks: a quote opens a scalar only where one can
+        // start, so an apostrophe in plain text (`it's`) hides nothing from the count.
+        let mut significant = ' ';
+        while let Some((column, c)) = chars.next() {
+            match quote {
+                Some('"') if c == '\\' => {
+                    chars.next();
+                }
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    ' ' | '\t' if at_line_start => {}
+                    '-' if at_line_start && chars.peek().is_some_and(|(_, n)| *n == ' ') => {
+                        compact += 1;
+                        chars.next();
+                        if flow + compact > MAX_NESTING {
+                            return Err(too_deep(index + 1, column + 1));
+                        }
+                    }
+                    '#' if previous == ' ' || previous == '\t' || column == 0 => break,
+                    '"' | '\''
+                        if at_line_start
+                            || matches!(significant, ':' | '-' | '[' | '{' | ',' | '?') =>
+                    {
+                        at_line_start = false;
+                        quote = Some(c);
+                    }
+                    '[' | '{' => {
+                        at_line_start = false;
+                        flow += 1;
+                        if flow + compact > MAX_NESTING {
+                            return Err(too_deep(index + 1, column + 1));
+                        }
+                    }
+                    ']' | '}' => {
+                        at_line_start = false;
+                        flow = flow.saturating_sub(1);
+                    }
+                    _ => at_line_start = false,
+                },
+            }
+            if quote.is_none() && !matches!(c, ' ' | '\t') {
+                significant = c;
+            }
+            previous = c;
+        }
+        // (A quoted scalar may span lines: `quote` carries over.)
+    }
+    Ok(())
 }
 
 /// 1-based line on which each `---`-separated document starts.

@@ -186,3 +186,63 @@ fn syntax_errors_carry_line_and_column_of_later_documents() {
         other => panic!("expected a schema error at the second document, got {other:?}"),
     }
 }
+
+/// Deep nesting is refused by a linear scan before the YAML parser reads the document (whose
+/// own recursion limit applies only after a quadratic read): the error names the line and
+/// column where the limit is crossed, in flow and compact block form, and nesting that
+/// quotes or comments only appear to have is not counted.
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let deep = 200_000;
+    for (text, line) in [
+        (
+            policy(&format!(
+                "selector: {}{}",
+                "[".repeat(deep),
+                "]".repeat(deep)
+            )),
+            6,
+        ),
+        (
+            policy(&format!(
+                "selector: {}1{}",
+                "{a: ".repeat(deep),
+                "}".repeat(deep)
+            )),
+            6,
+        ),
+        (format!("{}x\n", "- ".repeat(deep)), 1),
+        // An apostrophe in plain text opens no quote that could hide what follows.
+        (
+            policy(&format!("note: it's\nselector: {}", "[".repeat(deep))),
+            7,
+        ),
+    ] {
+        let problems = problems(&text);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (at, message) = &problems[0];
+        assert!(
+            at.starts_with(&format!("{line}:"))
+                && message.contains("nested deeper than 100 levels"),
+            "{at}: {message}"
+        );
+    }
+    // Positive controls: what only looks deep, and real nesting within the limit, parse.
+    let brackets = "[".repeat(150);
+    for text in [
+        policy(&format!("selector: \"{brackets}\" == 'x'")),
+        policy(&format!("selector: has(a) # {brackets}")),
+    ] {
+        let problems = problems(&text);
+        assert!(
+            !problems.iter().any(|(_, m)| m.contains("nested deeper")),
+            "{text}: {problems:?}"
+        );
+    }
+    let within = format!("{}1{}", "[".repeat(90), "]".repeat(90));
+    let problems = problems(&policy(&format!("selector: has(a)\ntypes: {within}")));
+    assert!(
+        !problems.iter().any(|(_, m)| m.contains("nested deeper")),
+        "{problems:?}"
+    );
+}
