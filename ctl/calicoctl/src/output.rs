@@ -1,7 +1,7 @@
 //! Printing resources: yaml, json, tables (`ps`, `wide`) and `custom-columns=`.
 
 use anyhow::{bail, Result};
-use calico_model::{to_json, to_yaml, Kind, Resource};
+use calico_model::{list_to_json, list_to_yaml, to_json, to_yaml, Kind, Resource};
 use serde_json::Value;
 
 /// How `get` prints.
@@ -138,16 +138,27 @@ fn lookup(value: &Value, path: &str) -> String {
     }
 }
 
+/// How `get` was asked: for one named object (printed bare in yaml/json) or for a list (a
+/// `<Kind>List`, however many objects it holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    One,
+    List,
+}
+
 /// Renders `resources` of `kind`; `show_namespace` adds a NAMESPACE column first.
 pub fn render(
     kind: Kind,
     resources: &[Resource],
     format: &Format,
     show_namespace: bool,
+    request: Request,
 ) -> Result<String> {
-    match format {
-        Format::Yaml => return Ok(to_yaml(resources)),
-        Format::Json => return Ok(to_json(resources)),
+    match (format, request) {
+        (Format::Yaml, Request::One) => return Ok(to_yaml(resources)),
+        (Format::Json, Request::One) => return Ok(to_json(resources)),
+        (Format::Yaml, Request::List) => return Ok(list_to_yaml(kind, resources)),
+        (Format::Json, Request::List) => return Ok(list_to_json(kind, resources)),
         _ => {}
     }
     let all = columns(kind);

@@ -276,8 +276,17 @@ pub async fn get(
             }
         }
     }
-    if !found.is_empty() || names.is_empty() {
-        print!("{}", output::render(kind, &found, format, all_namespaces)?);
+    // One name asks for an object; no name or several ask for a list (even of one or none).
+    let request = if names.len() == 1 {
+        output::Request::One
+    } else {
+        output::Request::List
+    };
+    if !found.is_empty() || request == output::Request::List {
+        print!(
+            "{}",
+            output::render(kind, &found, format, all_namespaces, request)?
+        );
     }
     Ok(if missing {
         ExitCode::FAILURE

@@ -300,6 +300,27 @@ fn output_formats() {
     let one: serde_json::Value =
         serde_json::from_str(&ctl.ok(&["get", "bgppeer", "some.name", "-o", "json"])).unwrap();
     assert_eq!(one["spec"]["peerIP"], "192.168.1.1");
+    // A list request answers with the kind's list whatever the count (upstream's shape); one
+    // name, with the object.
+    for (args, kind, count) in [
+        (&["get", "bgppeers", "-o", "json"][..], "BGPPeerList", 2),
+        (
+            &["get", "hostendpoints", "-o", "json"][..],
+            "HostEndpointList",
+            0,
+        ),
+        (
+            &["get", "ippool", "my.ippool-1", "ipv6-pool", "-o", "json"][..],
+            "IPPoolList",
+            2,
+        ),
+    ] {
+        let list: serde_json::Value = serde_json::from_str(&ctl.ok(args)).unwrap();
+        assert_eq!(list["kind"], kind, "{args:?}");
+        assert_eq!(list["items"].as_array().unwrap().len(), count, "{args:?}");
+    }
+    let yaml = ctl.ok(&["get", "bgppeers", "-o", "yaml"]);
+    assert!(yaml.contains("kind: BGPPeerList"), "{yaml}");
     let bad_format = ctl.run(&["get", "ippools", "-o", "xml"]);
     assert_eq!(bad_format.code, 2, "{bad_format:?}");
     assert!(bad_format.stderr.contains("unknown output format `xml`"));

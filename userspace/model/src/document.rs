@@ -295,6 +295,18 @@ pub fn to_json(resources: &[Resource]) -> String {
     serde_json::to_string_pretty(&as_document(resources)).unwrap_or_default() + "\n"
 }
 
+/// Writes resources of `kind` as a `<Kind>List` whatever their number (none, one or many), as
+/// `calicoctl get <kind> -o yaml` answers a list request.
+pub fn list_to_yaml(kind: Kind, resources: &[Resource]) -> String {
+    serde_yaml_ng::to_string(&as_list(&format!("{kind}List"), resources)).unwrap_or_default()
+}
+
+/// [`list_to_yaml`] in pretty JSON.
+pub fn list_to_json(kind: Kind, resources: &[Resource]) -> String {
+    serde_json::to_string_pretty(&as_list(&format!("{kind}List"), resources)).unwrap_or_default()
+        + "\n"
+}
+
 fn as_document(resources: &[Resource]) -> serde_json::Value {
     if let [one] = resources {
         return serde_json::to_value(one).unwrap_or_default();
@@ -304,6 +316,10 @@ fn as_document(resources: &[Resource]) -> serde_json::Value {
         Some(kind) if kinds.len() == 1 => format!("{kind}List"),
         _ => "List".to_owned(),
     };
+    as_list(&list_kind, resources)
+}
+
+fn as_list(list_kind: &str, resources: &[Resource]) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": API_VERSION,
         "kind": list_kind,

@@ -17,7 +17,7 @@ mod validate;
 
 pub mod spec;
 
-pub use document::{parse_documents, to_json, to_yaml, DocumentError};
+pub use document::{list_to_json, list_to_yaml, parse_documents, to_json, to_yaml, DocumentError};
 pub use meta::ObjectMeta;
 pub use numorstring::{AsNumber, Order, Port, Protocol};
 pub use resource::{Kind, Object, Resource, API_VERSION};
