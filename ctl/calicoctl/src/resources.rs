@@ -216,6 +216,10 @@ pub async fn delete_named(
     for name in names {
         match store.delete(kind, ns.as_deref(), name, None).await {
             Ok(_) => deleted += 1,
+            Err(e @ DatastoreError::DeletedUnreadable { .. }) => {
+                eprintln!("warning: {e}");
+                deleted += 1;
+            }
             Err(DatastoreError::NotFound { .. }) if skip_not_exists => deleted += 1,
             Err(DatastoreError::NotFound { .. }) => {
                 failed = true;
@@ -258,7 +262,18 @@ pub async fn get(
     let mut missing = false;
     if names.is_empty() {
         let scope = if all_namespaces { None } else { ns.as_deref() };
-        let (mut list, _) = store.list(kind, scope).await?;
+        // A value that cannot be read is named, and hides none of the others.
+        let (each, _) = store.list_each(kind, scope).await?;
+        let mut list = Vec::new();
+        for item in each {
+            match item {
+                Ok(resource) => list.push(resource),
+                Err(e) => {
+                    missing = true;
+                    eprintln!("{e}");
+                }
+            }
+        }
         list.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
         found = list;
     } else {

@@ -770,3 +770,47 @@ fn nix_is_root() -> bool {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
 }
+
+/// One value in etcd that is not a resource (another tool's write, a torn restore) hides
+/// nothing else of its kind from `get`, is named by its key, and `delete` removes it and says
+/// so, instead of reporting a failure for a delete that happened.
+#[test]
+fn a_corrupt_value_is_named_hides_nothing_and_can_be_deleted() {
+    let Some(ctl) = Ctl::start() else { return };
+    let good = ctl.file(
+        "good.yaml",
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: good}\nspec: {selector: all()}\n",
+    );
+    ctl.ok(&["apply", "-f", &good]);
+    let key = "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/bad";
+    let put = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &ctl.etcd.endpoint(), "put", key, "{not json"])
+        .output()
+        .expect("etcdctl runs (Debian etcd-client)");
+    assert!(put.status.success(), "{put:?}");
+
+    let got = ctl.run(&["get", "globalnetworkpolicies"]);
+    assert_eq!(got.code, 1, "a bad value is a failure: {got:?}");
+    assert!(
+        got.stdout.contains("good"),
+        "the good policy is listed: {got:?}"
+    );
+    assert!(
+        got.stderr
+            .contains(&format!("stored value at {key} cannot be read")),
+        "{got:?}"
+    );
+    let deleted = ctl.run(&["delete", "globalnetworkpolicy", "bad"]);
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert!(
+        deleted.stdout.contains("Successfully deleted 1")
+            && deleted
+                .stderr
+                .contains("whose stored value could not be read"),
+        "{deleted:?}"
+    );
+    let after = ctl.run(&["get", "globalnetworkpolicies"]);
+    assert_eq!(after.code, 0, "{after:?}");
+    assert!(after.stdout.contains("good"), "{after:?}");
+}

@@ -38,6 +38,10 @@ pub enum DatastoreError {
     Config(String),
     #[error("stored value at {key} cannot be read: {message}")]
     Corrupt { key: String, message: String },
+    /// A delete that succeeded, of a value that could not be read: the key is gone, there is
+    /// just no object to return.
+    #[error("deleted {key}, whose stored value could not be read: {message}")]
+    DeletedUnreadable { key: String, message: String },
     /// etcd's answer was larger than this client accepts (`EtcdConfig::max_message_bytes`):
     /// not an outage, and retrying will not help.
     #[error("etcd's answer for {key} is larger than this client's {limit}-byte message limit")]

@@ -302,8 +302,13 @@ impl Datastore {
             TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
             _ => None,
         });
-        match deleted {
-            Some(kv) => decode(&kv),
+        match deleted.map(|kv| decode(&kv)) {
+            Some(Ok(resource)) => Ok(resource),
+            // The delete happened: say so, not that it failed.
+            Some(Err(DatastoreError::Corrupt { key, message })) => {
+                Err(DatastoreError::DeletedUnreadable { key, message })
+            }
+            Some(Err(e)) => Err(e),
             None => Err(DatastoreError::NotFound { kind, name: what }),
         }
     }
@@ -343,6 +348,25 @@ impl Datastore {
             .map(decode)
             .collect::<Result<Vec<_>, _>>()?;
         Ok((resources, revision))
+    }
+
+    /// [`Datastore::list`], with a value that cannot be read returned as an error in its place
+    /// rather than failing the whole list (what `calicoctl get` shows: every good object, and
+    /// each bad key by name).
+    pub async fn list_each(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<Result<Resource, DatastoreError>>, i64), DatastoreError> {
+        let (all, revision) = self.list_prefix(&prefix_for(kind, namespace)).await?;
+        let of_kind = all
+            .into_iter()
+            .filter(|r| match r {
+                Ok(resource) => resource.kind() == kind,
+                Err(_) => true,
+            })
+            .collect();
+        Ok((of_kind, revision))
     }
 
     /// Reads every object under `prefix` (any kinds), with the revision it was read at. Values
