@@ -136,7 +136,9 @@ async fn add(
 ) -> Result<String, CniError> {
     let stored = stored_endpoint(store, workload).await?;
     let veth = host_veth(store, workload, env, stored.as_ref()).await?;
-    // A retried ADD for the same attachment answers with what is already there.
+    // A retried ADD for the same attachment answers with what is already there, if it is
+    // there: in this call's namespace, with its addresses and routes. A container whose
+    // namespace was replaced (same ID, new CNI_NETNS) is wired again, keeping its addresses.
     if let Some(existing) = &stored {
         if existing.spec.container_id == env.container_id
             && wiring::host_link_exists(&veth).map_err(wiring_error)?
@@ -147,9 +149,30 @@ async fn add(
                 .iter()
                 .filter_map(|n| n.parse().ok())
                 .collect();
-            let mac = existing.spec.mac.clone().unwrap_or_default();
-            let host_mac = "ee:ee:ee:ee:ee:ee";
-            return Ok(build_result(conf, env, &veth, host_mac, &mac, &ips).to_json(version));
+            let in_place = Plan {
+                host_veth: veth.clone(),
+                netns: PathBuf::from(&env.netns),
+                ifname: env.ifname.clone(),
+                mtu: conf.mtu.unwrap_or(1500),
+                addresses: ips.clone(),
+            };
+            match wiring::check(&in_place) {
+                Ok(problems) if problems.is_empty() => {
+                    let mac = existing.spec.mac.clone().unwrap_or_default();
+                    let host_mac = "ee:ee:ee:ee:ee:ee";
+                    return Ok(
+                        build_result(conf, env, &veth, host_mac, &mac, &ips).to_json(version)
+                    );
+                }
+                Ok(problems) => tracing::info!(
+                    ?problems,
+                    "repeated ADD finds the attachment not in place; wiring it again"
+                ),
+                Err(e) => tracing::info!(
+                    error = %e,
+                    "repeated ADD cannot see the attachment; wiring it again"
+                ),
+            }
         }
     }
 

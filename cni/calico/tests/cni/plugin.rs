@@ -235,6 +235,30 @@ async fn older_versions_dual_stack_and_idempotent_retries() -> anyhow::Result<()
     ok(&again, "second ADD");
     assert_eq!(again.json()["ips"], r["ips"]);
     assert_eq!(ipam_usage(&etcd).await?, (2, 1));
+    // The same container ID in a new namespace (a sandbox re-created under the same ID) is
+    // wired there, with the same addresses, not answered with the old namespace's result.
+    let fresh = harness::NetNs::new("wl2")?;
+    let fresh_path = format!("/run/netns/{}", fresh.name());
+    let moved = call(
+        calico(),
+        "ADD",
+        &w.container,
+        &fresh_path,
+        "eth0",
+        "",
+        &w.conf,
+    );
+    ok(&moved, "ADD in a new netns");
+    let m = moved.json();
+    assert_eq!(m["ips"], r["ips"], "addresses kept");
+    assert_eq!(m["interfaces"][1]["sandbox"], fresh_path.as_str(), "{m}");
+    let v4 = r["ips"][0]["address"].as_str().unwrap().to_owned();
+    let inside = fresh.exec_ok("ip", &["-o", "addr", "show", "dev", "eth0"])?;
+    assert!(
+        inside.contains(&v4),
+        "{v4} not on eth0 in the new netns: {inside}"
+    );
+    assert_eq!(ipam_usage(&etcd).await?, (2, 1), "nothing more allocated");
     for v in ["0.3.0", "0.4.0", "1.1.0"] {
         let mut c = w.conf.clone();
         c["cniVersion"] = json!(v);
