@@ -604,6 +604,34 @@ fn a_burst_of_300_interfaces_all_get_programmed() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The veths go (a runtime tore them down before the endpoints were deleted): the gauge of
+    // programmed endpoints follows the interfaces, not the datastore.
+    let batch: String = (0..BURST)
+        .map(|i| format!("link del {}\n", name(i)))
+        .collect();
+    let mut ip = std::process::Command::new("ip")
+        .args(["-n", s.host.name(), "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    ip.stdin
+        .take()
+        .context("stdin")?
+        .write_all(batch.as_bytes())?;
+    anyhow::ensure!(ip.wait()?.success(), "ip -batch failed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let programmed = s.agent.metric(&s.host, "felix_active_local_endpoints")?;
+        if programmed as usize == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "felix_active_local_endpoints stays at {programmed} after the burst's veths went; agent log:\n{}",
+                s.agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The earlier workloads are unaffected.
     s.wait_ping(true, Duration::from_secs(10))
 }
