@@ -136,9 +136,10 @@ pub struct World {
     /// By (namespace, name): replacing or deleting one of 10,000 policies is a lookup.
     pub policies: BTreeMap<PolicyKey, PolicyInfo>,
     pub profiles: BTreeMap<String, ProfileSpec>,
-    /// Rule lists by their JSON, so that equal ones are stored once; entries whose lists are
-    /// gone are swept as the map grows.
-    shared_rules: std::collections::HashMap<String, std::sync::Weak<Vec<Rule>>>,
+    /// Rule lists by a hash of their JSON (the JSON itself would hold a copy as large as the
+    /// rules), so that equal ones are stored once; entries whose lists are gone are swept as
+    /// the map grows.
+    shared_rules: std::collections::HashMap<u64, Vec<std::sync::Weak<Vec<Rule>>>>,
 }
 
 impl PolicyInfo {
@@ -221,24 +222,35 @@ impl World {
     }
 
     fn share(&mut self, rules: Rules) -> Rules {
+        use std::hash::{Hash, Hasher};
         if rules.is_empty() {
             return rules;
         }
-        let Ok(key) = serde_json::to_string(&*rules) else {
+        let Ok(json) = serde_json::to_vec(&*rules) else {
             return rules;
         };
-        if let Some(held) = self
-            .shared_rules
-            .get(&key)
-            .and_then(std::sync::Weak::upgrade)
-        {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        json.hash(&mut hasher);
+        drop(json);
+        let key = hasher.finish();
+        // Equal hashes are compared whole: a collision never shares unequal rules.
+        if let Some(held) = self.shared_rules.get(&key).and_then(|list| {
+            list.iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .find(|held| **held == *rules)
+        }) {
             return held;
         }
-        if self.shared_rules.len() >= 1024 && self.shared_rules.len() >= 2 * self.policies.len() {
-            self.shared_rules.retain(|_, w| w.strong_count() > 0);
+        if self.shared_rules.len() >= 64 + 2 * self.policies.len() {
+            self.shared_rules.retain(|_, list| {
+                list.retain(|w| w.strong_count() > 0);
+                !list.is_empty()
+            });
         }
         self.shared_rules
-            .insert(key, std::sync::Arc::downgrade(&rules));
+            .entry(key)
+            .or_default()
+            .push(std::sync::Arc::downgrade(&rules));
         rules
     }
 
