@@ -32,6 +32,26 @@ pub enum Expr {
     Or(Vec<Expr>),
 }
 
+impl Expr {
+    /// `!self`, with a double negation taken away (`!!e` is `e`, as upstream prints it).
+    pub fn negate(self) -> Expr {
+        match self {
+            Expr::Not(inner) => *inner,
+            other => Expr::Not(Box::new(other)),
+        }
+    }
+
+    /// The expression with every double negation taken away.
+    fn canonical(self) -> Expr {
+        match self {
+            Expr::Not(inner) => inner.canonical().negate(),
+            Expr::And(ops) => Expr::And(ops.into_iter().map(Expr::canonical).collect()),
+            Expr::Or(ops) => Expr::Or(ops.into_iter().map(Expr::canonical).collect()),
+            leaf => leaf,
+        }
+    }
+}
+
 /// A selector: its expression and its canonical text.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Selector {
@@ -44,9 +64,12 @@ impl Selector {
         Self { expr: Expr::All }
     }
 
-    /// Wraps an expression (for building selectors in code).
+    /// Wraps an expression (for building selectors in code), in the form parsing gives it:
+    /// `!!e` is `e`.
     pub fn from_expr(expr: Expr) -> Self {
-        Self { expr }
+        Self {
+            expr: expr.canonical(),
+        }
     }
 
     pub fn expr(&self) -> &Expr {

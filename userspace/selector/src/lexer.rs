@@ -58,6 +58,9 @@ impl Tok {
     }
 }
 
+/// The longest label name upstream's tokenizer reads (`[a-zA-Z0-9_./-]{1,512}`).
+pub const MAX_LABEL: usize = 512;
+
 pub(crate) fn is_label_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'/' | b'-')
 }
@@ -102,17 +105,24 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    fn label(&mut self) -> Option<String> {
+    /// A label name (1 to [`MAX_LABEL`] label characters), `None` when there is none here.
+    fn label(&mut self) -> Result<Option<String>, SelectorError> {
         let len = self
             .rest()
             .bytes()
             .take_while(|&c| is_label_char(c))
             .count();
-        (len > 0).then(|| {
+        if len > MAX_LABEL {
+            return Err(self.err(
+                self.pos,
+                format!("label name longer than {MAX_LABEL} characters ({len})"),
+            ));
+        }
+        Ok((len > 0).then(|| {
             let label = self.rest()[..len].to_owned();
             self.pos += len;
             label
-        })
+        }))
     }
 
     /// After `name(`, optional spaces then `)`.
@@ -132,8 +142,11 @@ impl<'a> Lexer<'a> {
     /// The operator after a label.
     fn operator(&mut self, label: &str) -> Result<Tok, SelectorError> {
         let start = self.pos;
+        // As upstream's tokenizer: the words may be written together (`startswith`,
+        // `endswith`, `notin`) or apart.
         let two_words = |lexer: &mut Self, first: &str, second: &str, tok: Tok| {
-            if lexer.eat_word(first) {
+            if lexer.rest().starts_with(first) {
+                lexer.pos += first.len();
                 lexer.skip_space();
                 if lexer.eat_word(second) {
                     return Some(Ok(tok));
@@ -256,7 +269,7 @@ pub(crate) fn lex(input: &str) -> Result<Vec<(usize, Tok)>, SelectorError> {
             _ if lx.rest().starts_with("has(") => {
                 lx.pos += "has(".len();
                 lx.skip_space();
-                let Some(label) = lx.label() else {
+                let Some(label) = lx.label()? else {
                     return Err(lx.err(lx.pos, "expected a label name in 'has(…)'"));
                 };
                 lx.close_paren("has", start)?;
@@ -272,7 +285,7 @@ pub(crate) fn lex(input: &str) -> Result<Vec<(usize, Tok)>, SelectorError> {
                 lx.close_paren("global", start)?;
                 Tok::Global
             }
-            _ => match lx.label() {
+            _ => match lx.label()? {
                 Some(label) => Tok::Label(label),
                 None => {
                     let ch = lx.rest().chars().next().unwrap_or('?');

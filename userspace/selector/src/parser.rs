@@ -122,7 +122,7 @@ impl Parser {
         }
         let start = self.offset();
         match self.bump() {
-            Tok::Not => Ok(Expr::Not(Box::new(self.unary(depth + 1)?))),
+            Tok::Not => Ok(self.unary(depth + 1)?.negate()),
             Tok::LParen => {
                 let inner = self.or_expr(depth + 1)?;
                 let close_offset = self.offset();
@@ -224,6 +224,11 @@ impl Parser {
             }
             let offset = self.offset();
             match self.bump() {
+                // A trailing comma before `}` is allowed, as upstream allows it.
+                Tok::Comma if self.peek() == &Tok::RBrace => {
+                    self.bump();
+                    return Ok(values);
+                }
                 Tok::Comma => {}
                 Tok::RBrace => return Ok(values),
                 tok => {

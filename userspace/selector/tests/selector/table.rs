@@ -124,6 +124,15 @@ const CANONICAL: &[(&str, &str)] = &[
     ("((a == 'b'))", "a == \"b\""),
     ("(a == 'b' || c == 'd') && has(e)", "((a == \"b\" || c == \"d\") && has(e))"),
     ("!(a == 'b' && global())", "!(a == \"b\" && global())"),
+    // Upstream's spellings: operator words written together, a trailing comma in a set,
+    // double negation dropped.
+    ("a startswith 'x'", "a starts with \"x\""),
+    ("a endswith 'x'", "a ends with \"x\""),
+    ("a notin {'x'}", "a not in {\"x\"}"),
+    ("a in {'x', 'y',}", "a in {\"x\", \"y\"}"),
+    ("!!has(a)", "has(a)"),
+    ("!!!has(a)", "!has(a)"),
+    ("!(!(a == 'b' || has(c)))", "(a == \"b\" || has(c))"),
 ];
 
 #[test]
@@ -157,7 +166,8 @@ const SYNTAX_ERRORS: &[(&str, usize, &str)] = &[
     ("a not 'b'", 6, "expected 'in' after 'not'"),
     ("a in 'b'", 5, "expected '{' to open a set"),
     ("a in {'b' 'c'}", 10, "expected ',' or '}' in the set"),
-    ("a in {'b',}", 10, "expected a quoted string in the set"),
+    ("a in {'b',,}", 10, "expected a quoted string in the set"),
+    ("a in {,}", 6, "expected a quoted string in the set"),
     ("a in {b}", 6, "expected a quoted string in the set"),
     ("a in {'b'", 9, "expected ',' or '}' in the set"),
     ("has(a", 5, "expected ')' to close 'has('"),
@@ -226,5 +236,24 @@ fn profile_labels_are_inherited_with_endpoint_labels_winning() {
     ] {
         let selector = Selector::parse(text).unwrap();
         assert_eq!(selector.matches(&inherited), expected, "`{text}`");
+    }
+}
+
+/// Label names are at most 512 characters, as upstream's tokenizer reads them: in a
+/// comparison and in `has(…)`; 512 itself is fine.
+#[test]
+fn label_names_longer_than_512_characters_are_refused() {
+    let long = "k".repeat(513);
+    for text in [format!("{long} == 'v'"), format!("has({long})")] {
+        let err = Selector::parse(&text).expect_err("a 513-character label");
+        assert!(
+            err.message
+                .contains("label name longer than 512 characters"),
+            "{err}"
+        );
+    }
+    let limit = "k".repeat(512);
+    for text in [format!("{limit} == 'v'"), format!("has({limit})")] {
+        Selector::parse(&text).unwrap_or_else(|e| panic!("512 characters: {e}"));
     }
 }
