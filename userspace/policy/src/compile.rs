@@ -90,7 +90,7 @@ fn check_supported(policy: &str, index: usize, rule: &Rule) -> Result<(), Compil
         if e.service_accounts.is_some() {
             return Err(err(
                 &format!("{side}.serviceAccounts"),
-                "service account matching is not supported yet",
+                "serviceAccounts must be folded into the selector first (Item::from_resource does)",
             ));
         }
         // A selector that does not parse refuses the rule (and so the program): read any other

@@ -503,6 +503,90 @@ pub enum Item {
     Policy(PolicyInfo),
 }
 
+/// The label upstream puts on a Kubernetes endpoint naming its service account.
+pub const SERVICE_ACCOUNT_LABEL: &str = "projectcalico.org/serviceaccount";
+/// The prefix of the labels endpoints inherit from their service account's `ksa.*` profile.
+pub const SERVICE_ACCOUNT_PREFIX: &str = "pcsa.";
+
+/// A `serviceAccounts` match as the selector upstream turns it into: the account's labels
+/// (prefixed) and its name among `names`.
+fn service_account_expr(
+    m: &calico_model::spec::ServiceAccountMatch,
+) -> Result<calico_selector::Expr, String> {
+    let mut expr = calico_selector::Expr::All;
+    if let Some(selector) = &m.selector {
+        let parsed =
+            Selector::parse(selector).map_err(|e| format!("serviceAccounts.selector: {e}"))?;
+        expr = expr.and(parsed.expr().clone().with_prefix(SERVICE_ACCOUNT_PREFIX));
+    }
+    if !m.names.is_empty() {
+        expr = expr.and(calico_selector::Expr::In(
+            SERVICE_ACCOUNT_LABEL.to_owned(),
+            m.names.iter().cloned().collect(),
+        ));
+    }
+    Ok(expr)
+}
+
+/// Rules with their `serviceAccounts` matches folded into `selector` (ANDed), as upstream
+/// converts them, so everything after reads one selector.
+fn fold_service_accounts(rules: &[Rule]) -> Result<Vec<Rule>, String> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let mut rule = rule.clone();
+            for (side, e) in [
+                ("source", &mut rule.source),
+                ("destination", &mut rule.destination),
+            ] {
+                let Some(m) = e.service_accounts.take() else {
+                    continue;
+                };
+                let accounts =
+                    service_account_expr(&m).map_err(|err| format!("rule {i} {side}.{err}"))?;
+                if accounts == calico_selector::Expr::All {
+                    continue;
+                }
+                let own = match &e.selector {
+                    Some(text) => Selector::parse(text)
+                        .map_err(|err| format!("rule {i} {side}.selector: {err}"))?
+                        .expr()
+                        .clone(),
+                    None => calico_selector::Expr::All,
+                };
+                e.selector = Some(Selector::from_expr(own.and(accounts)).to_string());
+            }
+            Ok(rule)
+        })
+        .collect()
+}
+
+/// A policy's `selector` with its `serviceAccountSelector` ANDed in (prefixed), as upstream.
+fn policy_selector(
+    what: &str,
+    selector: &Option<String>,
+    service_account_selector: &Option<String>,
+) -> Result<Selector, String> {
+    let parse =
+        |field: &str, s: &str| Selector::parse(s).map_err(|e| format!("{what}: {field}: {e}"));
+    let own = match selector {
+        Some(s) => parse("selector", s)?,
+        None => Selector::all(),
+    };
+    Ok(match service_account_selector {
+        Some(s) => Selector::from_expr(
+            own.expr().clone().and(
+                parse("serviceAccountSelector", s)?
+                    .expr()
+                    .clone()
+                    .with_prefix(SERVICE_ACCOUNT_PREFIX),
+            ),
+        ),
+        None => own,
+    })
+}
+
 impl Item {
     /// What the calculation needs of `resource`; `None` for kinds it does not look at.
     /// Policies without a selector select everything; without a tier they belong to
@@ -575,30 +659,48 @@ impl Item {
             Resource::Profile(p) => Item::Profile(p.metadata.name.clone(), p.spec.clone()),
             Resource::NetworkPolicy(p) => {
                 let what = format!("NetworkPolicy {}", p.metadata.name);
+                let rules = |r: &[Rule]| {
+                    fold_service_accounts(r)
+                        .map(Rules::new)
+                        .map_err(|e| format!("{what}: {e}"))
+                };
                 Item::Policy(PolicyInfo {
                     name: p.metadata.name.clone(),
                     namespace: p.metadata.namespace.clone(),
                     tier: tier(&p.spec.tier),
                     order: p.spec.order,
-                    selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
+                    selector: policy_selector(
+                        &what,
+                        &p.spec.selector,
+                        &p.spec.service_account_selector,
+                    )?,
                     namespace_selector: None,
                     types: p.spec.types.clone(),
-                    ingress: Rules::new(p.spec.ingress.clone()),
-                    egress: Rules::new(p.spec.egress.clone()),
+                    ingress: rules(&p.spec.ingress)?,
+                    egress: rules(&p.spec.egress)?,
                 })
             }
             Resource::GlobalNetworkPolicy(p) => {
                 let what = format!("GlobalNetworkPolicy {}", p.metadata.name);
+                let rules = |r: &[Rule]| {
+                    fold_service_accounts(r)
+                        .map(Rules::new)
+                        .map_err(|e| format!("{what}: {e}"))
+                };
                 Item::Policy(PolicyInfo {
                     name: p.metadata.name.clone(),
                     namespace: None,
                     tier: tier(&p.spec.tier),
                     order: p.spec.order,
-                    selector: parse(&what, &p.spec.selector)?.unwrap_or_else(Selector::all),
+                    selector: policy_selector(
+                        &what,
+                        &p.spec.selector,
+                        &p.spec.service_account_selector,
+                    )?,
                     namespace_selector: parse(&what, &p.spec.namespace_selector)?,
                     types: p.spec.types.clone(),
-                    ingress: Rules::new(p.spec.ingress.clone()),
-                    egress: Rules::new(p.spec.egress.clone()),
+                    ingress: rules(&p.spec.ingress)?,
+                    egress: rules(&p.spec.egress)?,
                 })
             }
             _ => return Ok(None),

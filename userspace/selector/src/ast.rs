@@ -41,6 +41,44 @@ impl Expr {
         }
     }
 
+    /// The expression with `prefix` before every label name (`pcsa.` turns a service-account
+    /// selector into one over the labels endpoints inherit from their `ksa.*` profile).
+    pub fn with_prefix(self, prefix: &str) -> Expr {
+        let p = |k: String| format!("{prefix}{k}");
+        match self {
+            Expr::All => Expr::All,
+            Expr::Global => Expr::Global,
+            Expr::Has(k) => Expr::Has(p(k)),
+            Expr::Eq(k, v) => Expr::Eq(p(k), v),
+            Expr::Ne(k, v) => Expr::Ne(p(k), v),
+            Expr::In(k, s) => Expr::In(p(k), s),
+            Expr::NotIn(k, s) => Expr::NotIn(p(k), s),
+            Expr::Contains(k, v) => Expr::Contains(p(k), v),
+            Expr::StartsWith(k, v) => Expr::StartsWith(p(k), v),
+            Expr::EndsWith(k, v) => Expr::EndsWith(p(k), v),
+            Expr::Not(e) => Expr::Not(Box::new(e.with_prefix(prefix))),
+            Expr::And(ops) => Expr::And(ops.into_iter().map(|e| e.with_prefix(prefix)).collect()),
+            Expr::Or(ops) => Expr::Or(ops.into_iter().map(|e| e.with_prefix(prefix)).collect()),
+        }
+    }
+
+    /// `a && b`, flattened, with `all()` dropped from it.
+    pub fn and(self, other: Expr) -> Expr {
+        let mut ops = Vec::new();
+        for e in [self, other] {
+            match e {
+                Expr::All => {}
+                Expr::And(inner) => ops.extend(inner),
+                e => ops.push(e),
+            }
+        }
+        match ops.len() {
+            0 => Expr::All,
+            1 => ops.pop().expect("one operand"),
+            _ => Expr::And(ops),
+        }
+    }
+
     /// The expression with every double negation taken away.
     fn canonical(self) -> Expr {
         match self {

@@ -311,3 +311,124 @@ spec:
     let unrelated: IpAddr = "10.0.5.5".parse().unwrap();
     assert!(allowed(tcp(&unrelated.to_string(), "10.0.0.2", 5432)));
 }
+
+/// Service accounts, as upstream resolves them: an endpoint's account is its
+/// `projectcalico.org/serviceaccount` label, the account's labels are the `pcsa.*` labels its
+/// `ksa.<namespace>.<name>` profile applies. `serviceAccountSelector` narrows which endpoints a
+/// policy applies to; a rule's `serviceAccounts` (names and/or selector) narrows its peers.
+#[test]
+fn service_accounts_select_endpoints_and_peers() {
+    let w = world(
+        "
+apiVersion: projectcalico.org/v3
+kind: Profile
+metadata: {name: ksa.shop.frontend}
+spec:
+  labelsToApply: {pcsa.projectcalico.org/name: frontend, pcsa.role: edge}
+---
+apiVersion: projectcalico.org/v3
+kind: Profile
+metadata: {name: ksa.shop.batch}
+spec:
+  labelsToApply: {pcsa.projectcalico.org/name: batch, pcsa.role: worker}
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: fe-1, namespace: shop, labels: {app: fe, projectcalico.org/serviceaccount: frontend}}
+spec: {node: n1, ipNetworks: [10.0.0.11/32], profiles: [ksa.shop.frontend]}
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: job-1, namespace: shop, labels: {app: job, projectcalico.org/serviceaccount: batch}}
+spec: {node: n1, ipNetworks: [10.0.0.12/32], profiles: [ksa.shop.batch]}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: db-from-edge, namespace: shop}
+spec:
+  selector: app == 'db'
+  ingress:
+  - action: Allow
+    source: {serviceAccounts: {selector: role == 'edge'}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: by-name, namespace: shop}
+spec:
+  selector: app == 'db'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {ports: [6000]}
+    source: {serviceAccounts: {names: [batch]}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: workers-only, namespace: shop}
+spec:
+  selector: all()
+  serviceAccountSelector: role == 'worker'
+  types: [Egress]
+  egress:
+  - action: Deny
+",
+    );
+    let db = ep("shop", "db-1");
+    // By the account's labels: the frontend (role edge) in, the batch job (worker) not.
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.0.11", "10.0.0.2", 5432)
+        ),
+        Verdict::Allow(rule(Some("default"), "shop/db-from-edge", 0))
+    );
+    assert!(matches!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.0.12", "10.0.0.2", 5432)
+        ),
+        Verdict::Deny(_)
+    ));
+    // By name: the batch account on its port, and not the frontend's by that rule.
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.0.12", "10.0.0.2", 6000)
+        ),
+        Verdict::Allow(rule(Some("default"), "shop/by-name", 0))
+    );
+    assert_eq!(
+        verdict(
+            &w,
+            &db,
+            Direction::Ingress,
+            tcp("10.0.0.11", "10.0.0.2", 6000)
+        ),
+        Verdict::Allow(rule(Some("default"), "shop/db-from-edge", 0))
+    );
+    // serviceAccountSelector: the policy applies to the worker's endpoint alone.
+    let job = ep("shop", "job-1");
+    let fe = ep("shop", "fe-1");
+    assert_eq!(
+        verdict(
+            &w,
+            &job,
+            Direction::Egress,
+            tcp("10.0.0.12", "10.0.0.2", 5432)
+        ),
+        Verdict::Deny(rule(Some("default"), "shop/workers-only", 0))
+    );
+    assert!(
+        !matches!(
+            verdict(&w, &fe, Direction::Egress, tcp("10.0.0.11", "10.0.0.2", 5432)),
+            Verdict::Deny(RuleRef::Rule { ref policy, .. }) if policy == "shop/workers-only"
+        ),
+        "workers-only applies to the frontend"
+    );
+}
