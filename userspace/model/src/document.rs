@@ -45,7 +45,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, DocumentError> {
         }
         read_value(value, line, &mut resources)?;
     }
+    resources.iter_mut().for_each(normalise);
     Ok(resources)
+}
+
+/// The form upstream's clients store: an IPPool's CIDR as its network (`10.0.0.5/24` is
+/// `10.0.0.0/24`), so that every reader agrees on what the pool holds.
+fn normalise(resource: &mut Resource) {
+    if let Resource::IPPool(pool) = resource {
+        if let Ok(net) = pool.spec.cidr.parse::<ipnet::IpNet>() {
+            let network = net.trunc().to_string();
+            if network != pool.spec.cidr {
+                pool.spec.cidr = network;
+            }
+        }
+    }
 }
 
 fn read_value(value: Value, line: usize, out: &mut Vec<Resource>) -> Result<(), DocumentError> {

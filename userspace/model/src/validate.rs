@@ -670,14 +670,28 @@ impl Validator {
                     ),
                 );
             }
-            let link_local: IpNet = if v4 { "169.254.0.0/16" } else { "fe80::/10" }
-                .parse()
-                .expect("constant");
-            if link_local.contains(&net.network()) || net.contains(&link_local.network()) {
-                self.err(
-                    "spec.cidr",
-                    format!("{net} overlaps the link-local range {link_local}"),
-                );
+            // Ranges no workload address may come from.
+            let reserved: &[(&str, &str)] = if v4 {
+                &[
+                    ("169.254.0.0/16", "link-local"),
+                    ("127.0.0.0/8", "loopback"),
+                    ("224.0.0.0/4", "multicast"),
+                ]
+            } else {
+                &[
+                    ("fe80::/10", "link-local"),
+                    ("::1/128", "loopback"),
+                    ("ff00::/8", "multicast"),
+                ]
+            };
+            for (range, what) in reserved {
+                let range: IpNet = range.parse().expect("constant");
+                if range.contains(&net.network()) || net.contains(&range.network()) {
+                    self.err(
+                        "spec.cidr",
+                        format!("{net} overlaps the {what} range {range}"),
+                    );
+                }
             }
             let encapsulated =
                 |m: Option<EncapsulationMode>| m.is_some_and(|m| m != EncapsulationMode::Never);

@@ -107,6 +107,11 @@ fn bad_inputs_name_their_field() {
         (kind("IPPool", "x", "cidr: fd00::/64\nipipMode: Always"), "spec.ipipMode", "not supported for IPv6"),
         (kind("IPPool", "x", "cidr: 10.0.0.0/16\nipipMode: Always\nvxlanMode: Always"), "spec.vxlanMode", "cannot both be enabled"),
         (kind("IPPool", "x", "cidr: 169.254.0.0/24"), "spec.cidr", "link-local"),
+        (kind("IPPool", "x", "cidr: 127.0.0.0/24"), "spec.cidr", "overlaps the loopback range 127.0.0.0/8"),
+        (kind("IPPool", "x", "cidr: 0.0.0.0/0\nblockSize: 26"), "spec.cidr", "loopback"),
+        (kind("IPPool", "x", "cidr: 224.0.0.0/24"), "spec.cidr", "overlaps the multicast range 224.0.0.0/4"),
+        (kind("IPPool", "x", "cidr: '::1/128'"), "spec.cidr", "loopback"),
+        (kind("IPPool", "x", "cidr: 'ff02::/120'"), "spec.cidr", "multicast"),
         (kind("IPPool", "x", "cidr: 10.0.0.0/16\nnodeSelector: \"rack = 'a'\""), "spec.nodeSelector", "expected '=='"),
         (kind("BGPPeer", "x", "peerIP: not-an-ip\nasNumber: 64512"), "spec.peerIP", "is not an IP address"),
         (kind("BGPPeer", "x", "peerIP: 10.0.0.1\nasNumber: 0"), "spec.asNumber", "reserved"),
@@ -245,4 +250,25 @@ fn deep_nesting_is_refused_before_parsing() {
         !problems.iter().any(|(_, m)| m.contains("nested deeper")),
         "{problems:?}"
     );
+}
+
+/// An IPPool CIDR with host bits set is stored as its network, as upstream's client stores
+/// it (so every reader agrees on the pool); a pool beside the reserved ranges is accepted.
+#[test]
+fn pool_cidrs_are_stored_as_their_network() {
+    let text = kind("IPPool", "x", "cidr: 10.0.0.5/24");
+    let resources = parse_documents(&text).unwrap();
+    let calico_model::Resource::IPPool(pool) = &resources[0] else {
+        panic!("{resources:?}")
+    };
+    assert_eq!(pool.spec.cidr, "10.0.0.0/24");
+    assert!(problems(&text).is_empty(), "{:?}", problems(&text));
+    for fine in [
+        "cidr: 126.0.0.0/8",
+        "cidr: 223.255.0.0/16",
+        "cidr: 'fd00::/120'",
+    ] {
+        let text = kind("IPPool", "x", fine);
+        assert!(problems(&text).is_empty(), "{fine}: {:?}", problems(&text));
+    }
 }
