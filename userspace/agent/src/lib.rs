@@ -78,26 +78,6 @@ async fn configured_map_sizes(etcd: &EtcdConfig, node: &str) -> Vec<(&'static st
     }
 }
 
-/// The profile calico-kube-controllers writes for each Kubernetes namespace, `kns.<name>`,
-/// carries the namespace's labels as `pcns.<key>` in `labelsToApply`: what `namespaceSelector`
-/// matches, as upstream resolves it.
-const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
-const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
-
-fn namespace_labels(
-    labels_to_apply: &std::collections::BTreeMap<String, String>,
-) -> std::collections::BTreeMap<String, String> {
-    labels_to_apply
-        .iter()
-        .filter_map(|(k, v)| {
-            Some((
-                k.strip_prefix(NAMESPACE_LABEL_PREFIX)?.to_owned(),
-                v.clone(),
-            ))
-        })
-        .collect()
-}
-
 struct Agent {
     node: String,
     bird: Option<bird::Bird>,
@@ -466,10 +446,12 @@ impl Agent {
             _ => false,
         };
         if let Resource::Profile(p) = resource {
-            if let Some(namespace) = p.metadata.name.strip_prefix(NAMESPACE_PROFILE_PREFIX) {
+            if let Some((namespace, labels)) =
+                calico_policy::namespace_of_profile(&p.metadata.name, &p.spec.labels_to_apply)
+            {
                 self.calc.apply(Update::Namespace {
-                    name: namespace.to_owned(),
-                    labels: Some(namespace_labels(&p.spec.labels_to_apply)),
+                    name: namespace,
+                    labels: Some(labels),
                 });
             }
         }
@@ -504,7 +486,8 @@ impl Agent {
                 policy: None,
             },
             Kind::Profile => {
-                if let Some(namespace) = name.strip_prefix(NAMESPACE_PROFILE_PREFIX) {
+                if let Some(namespace) = name.strip_prefix(calico_policy::NAMESPACE_PROFILE_PREFIX)
+                {
                     self.calc.apply(Update::Namespace {
                         name: namespace.to_owned(),
                         labels: None,
@@ -532,31 +515,5 @@ impl Agent {
             _ => return,
         };
         self.calc.apply(update);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn namespace_labels_are_the_pcns_keys_of_a_kns_profile() {
-        // As calico-kube-controllers writes them for namespace `shop` labelled team=a.
-        let applied = std::collections::BTreeMap::from([
-            ("pcns.projectcalico.org/name".to_owned(), "shop".to_owned()),
-            ("pcns.team".to_owned(), "a".to_owned()),
-            ("app".to_owned(), "not a namespace label".to_owned()),
-        ]);
-        assert_eq!(
-            namespace_labels(&applied),
-            std::collections::BTreeMap::from([
-                ("projectcalico.org/name".to_owned(), "shop".to_owned()),
-                ("team".to_owned(), "a".to_owned()),
-            ])
-        );
-        assert_eq!(
-            "kns.shop".strip_prefix(NAMESPACE_PROFILE_PREFIX),
-            Some("shop")
-        );
     }
 }

@@ -22,6 +22,6 @@ pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram};
 pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
 pub use world::{
-    EndpointId, EndpointInfo, EndpointLabels, IpSetSource, Item, LabelSet, NetworkSetInfo,
-    PolicyInfo, PolicyKey, Rules, SelectorScope, World,
+    namespace_of_profile, EndpointId, EndpointInfo, EndpointLabels, IpSetSource, Item, LabelSet,
+    NetworkSetInfo, PolicyInfo, PolicyKey, Rules, SelectorScope, World, NAMESPACE_PROFILE_PREFIX,
 };

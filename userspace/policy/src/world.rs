@@ -503,6 +503,30 @@ pub enum Item {
     Policy(PolicyInfo),
 }
 
+/// The profile calico-kube-controllers writes for each Kubernetes namespace, `kns.<name>`,
+/// carries the namespace's labels as `pcns.<key>` in `labelsToApply`: what `namespaceSelector`
+/// matches, as upstream resolves it.
+pub const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
+pub const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
+
+/// The namespace a profile describes and its labels, for a `kns.<namespace>` profile.
+pub fn namespace_of_profile(
+    name: &str,
+    labels_to_apply: &BTreeMap<String, String>,
+) -> Option<(String, BTreeMap<String, String>)> {
+    let namespace = name.strip_prefix(NAMESPACE_PROFILE_PREFIX)?;
+    let labels = labels_to_apply
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.strip_prefix(NAMESPACE_LABEL_PREFIX)?.to_owned(),
+                v.clone(),
+            ))
+        })
+        .collect();
+    Some((namespace.to_owned(), labels))
+}
+
 /// The label upstream puts on a Kubernetes endpoint naming its service account.
 pub const SERVICE_ACCOUNT_LABEL: &str = "projectcalico.org/serviceaccount";
 /// The prefix of the labels endpoints inherit from their service account's `ksa.*` profile.
@@ -735,6 +759,13 @@ impl World {
     pub fn from_resources(resources: &[calico_model::Resource]) -> Result<World, String> {
         let mut world = World::default();
         for r in resources {
+            if let calico_model::Resource::Profile(p) = r {
+                if let Some((namespace, labels)) =
+                    namespace_of_profile(&p.metadata.name, &p.spec.labels_to_apply)
+                {
+                    world.namespaces.insert(namespace, labels);
+                }
+            }
             if let Some(item) = Item::from_resource(r)? {
                 world.insert(item);
             }
@@ -746,6 +777,27 @@ impl World {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespace_labels_are_the_pcns_keys_of_a_kns_profile() {
+        // As calico-kube-controllers writes them for namespace `shop` labelled team=a.
+        let applied = BTreeMap::from([
+            ("pcns.projectcalico.org/name".to_owned(), "shop".to_owned()),
+            ("pcns.team".to_owned(), "a".to_owned()),
+            ("app".to_owned(), "not a namespace label".to_owned()),
+        ]);
+        assert_eq!(
+            namespace_of_profile("kns.shop", &applied),
+            Some((
+                "shop".to_owned(),
+                BTreeMap::from([
+                    ("projectcalico.org/name".to_owned(), "shop".to_owned()),
+                    ("team".to_owned(), "a".to_owned()),
+                ])
+            ))
+        );
+        assert_eq!(namespace_of_profile("ksa.shop.default", &applied), None);
+    }
 
     fn policy(namespace: &str, port: i64) -> PolicyInfo {
         let text = format!(
