@@ -8,6 +8,7 @@ mod ipam;
 mod node;
 mod output;
 mod resources;
+mod trace;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -140,6 +141,12 @@ enum Command {
         after_help = "Examples:\n  calicoctl ipam show --show-blocks\n  calicoctl ipam check\n  calicoctl ipam release --ip=10.244.0.5"
     )]
     Ipam(ipam::IpamCommand),
+    /// Policy tools: trace one packet through an endpoint's policy.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  calicoctl policy trace shop/db-1 10.0.0.11 tcp/5432"
+    )]
+    Policy(trace::PolicyCommand),
     /// Node status and system checks.
     #[command(
         subcommand,
@@ -309,5 +316,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ipam(cmd) => ipam::run(config, cmd).await,
         Command::Node(cmd) => node::run(config, cmd).await,
+        Command::Policy(cmd) => trace::run(config, cmd).await,
     }
 }

@@ -814,3 +814,90 @@ fn a_corrupt_value_is_named_hides_nothing_and_can_be_deleted() {
     assert_eq!(after.code, 0, "{after:?}");
     assert!(after.stdout.contains("good"), "{after:?}");
 }
+
+/// `calicoctl policy trace`: an allowed packet, one denied by a rule, one dropped at the end of
+/// a tier whose policy selects but does not decide, and one decided by a profile, each with
+/// the tiers and policies in order and the deciding rule named.
+#[test]
+fn policy_trace_names_what_decides() {
+    let Some(ctl) = Ctl::start() else { return };
+    let path = ctl.file(
+        "trace.yaml",
+        "apiVersion: projectcalico.org/v3
+kind: Profile
+metadata: {name: kns.shop}
+spec:
+  labelsToApply: {pcns.team: a}
+  ingress: [{action: Allow, protocol: UDP}]
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {node: n1, ipNetworks: [10.0.0.2/32], profiles: [kns.shop]}
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {node: n1, ipNetworks: [10.0.0.1/32], profiles: [kns.shop]}
+---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 10}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.quarantine}
+spec:
+  tier: security
+  selector: app == 'db'
+  types: [Ingress]
+  ingress:
+  - {action: Deny, protocol: TCP, destination: {ports: [22]}}
+  - {action: Pass, protocol: TCP, source: {namespaceSelector: team == 'a'}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: app == 'db'
+  types: [Ingress]
+  ingress:
+  - {action: Allow, protocol: TCP, source: {selector: app == 'web'}, destination: {ports: [5432]}}
+",
+    );
+    ctl.ok(&["apply", "-f", &path]);
+    for (args, verdict, because) in [
+        (
+            vec!["shop/db-1", "shop/web-1", "tcp/5432"],
+            "verdict: ALLOW by rule 0 of policy shop/db-from-web in tier default",
+            "1. shop/db-from-web (1 rule(s))  ← rule 0 decides",
+        ),
+        (
+            vec!["shop/db-1", "10.0.0.1", "tcp/22"],
+            "verdict: DENY by rule 0 of policy security.quarantine in tier security",
+            "1. security.quarantine (2 rule(s))  ← rule 0 decides",
+        ),
+        (
+            vec!["db-1", "-n", "shop", "192.0.2.9", "tcp/5432"],
+            "verdict: DENY by end of tier security",
+            "tier security",
+        ),
+        (
+            vec!["shop/web-1", "shop/db-1", "udp/53"],
+            "verdict: ALLOW by rule 0 of profile kns.shop",
+            "kns.shop (1 rule(s))  ← rule 0 decides",
+        ),
+    ] {
+        let mut full = vec!["policy", "trace"];
+        full.extend(args.iter());
+        let out = ctl.ok(&full);
+        assert!(out.contains(verdict), "{args:?}:\n{out}");
+        assert!(out.contains(because), "{args:?}:\n{out}");
+    }
+    let bad = ctl.run(&["policy", "trace", "shop/nobody", "10.0.0.1", "tcp/1"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("no endpoint `shop/nobody`"), "{bad:?}");
+    let bad = ctl.run(&["policy", "trace", "shop/db-1", "10.0.0.1", "tcp"]);
+    assert!(bad.stderr.contains("give the destination port"), "{bad:?}");
+}

@@ -90,6 +90,34 @@ impl Setup {
         &self.workloads[1]
     }
 
+    /// `calicoctl policy trace` of the client's ping (ICMP echo) into the server.
+    fn trace_ping(&self) -> Result<String> {
+        let calicoctl =
+            std::path::Path::new(env!("CARGO_BIN_EXE_calico-node")).with_file_name("calicoctl");
+        anyhow::ensure!(
+            calicoctl.exists(),
+            "{} is not built (cargo test --workspace builds it)",
+            calicoctl.display()
+        );
+        let server = format!("default/{}-cni-server-eth0", self.agent.node);
+        let out = std::process::Command::new(&calicoctl)
+            .args([
+                "policy",
+                "trace",
+                &server,
+                &self.client().address.to_string(),
+                "icmp/8",
+            ])
+            .env("ETCD_ENDPOINTS", self.etcd.endpoint())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "calicoctl policy trace: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Polls until ping from client to server gives `expected`.
     fn wait_ping(&self, expected: bool, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -157,6 +185,12 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
     s.store.apply(DENY_CLIENT)?;
     s.wait_ping(false, Duration::from_secs(5))?;
     assert!(s.agent.metric(&s.host, "felix_bpf_packets_denied_total")? > 0.0);
+    // `calicoctl policy trace` agrees with what the dataplane just did to the same packet.
+    let trace = s.trace_ping()?;
+    assert!(
+        trace.contains("verdict: DENY by rule 0 of policy deny-client in tier default"),
+        "{trace}"
+    );
     // The programs' debug lines are off by default and switched on at run time through
     // FelixConfiguration, without reloading anything.
     assert!(
@@ -178,6 +212,11 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
     s.store
         .delete(Kind::GlobalNetworkPolicy, None, "deny-client")?;
     s.wait_ping(true, Duration::from_secs(5))?;
+    let trace = s.trace_ping()?;
+    assert!(
+        trace.contains("verdict: ALLOW by rule 0 of profile net1"),
+        "{trace}"
+    );
 
     // A label change moves the client out of the policy's source set.
     s.store.apply(DENY_CLIENT)?;
@@ -185,6 +224,11 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
     s.store
         .apply(&workload_yaml(&s.agent.node, "client", s.client(), "other"))?;
     s.wait_ping(true, Duration::from_secs(5))?;
+    let trace = s.trace_ping()?;
+    assert!(
+        trace.contains("verdict: ALLOW by rule 1 of policy deny-client in tier default"),
+        "{trace}"
+    );
 
     // A request line that never ends is refused after a bounded read (hyper's header limit),
     // not buffered until the agent runs out of memory; the agent answers afterwards.
