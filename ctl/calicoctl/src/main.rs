@@ -3,6 +3,7 @@
 
 mod config;
 mod convert;
+mod dryrun;
 mod input;
 mod ipam;
 mod node;
@@ -85,6 +86,9 @@ enum Command {
         /// Treat resources that do not exist as deleted.
         #[arg(long)]
         skip_not_exists: bool,
+        /// Show what would be deleted, deleting nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show resources.
     #[command(
@@ -182,6 +186,9 @@ struct FileArgs {
     /// Namespace for namespaced resources that name none (default `default`).
     #[arg(short = 'n', long)]
     namespace: Option<String>,
+    /// Validate and show what would change (create, update, delete), writing nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -218,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &files.filename,
                 files.namespace.as_deref(),
                 skip_exists,
+                files.dry_run,
             )
             .await
         }
@@ -228,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &files.filename,
                 files.namespace.as_deref(),
                 false,
+                files.dry_run,
             )
             .await
         }
@@ -238,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &files.filename,
                 files.namespace.as_deref(),
                 false,
+                files.dry_run,
             )
             .await
         }
@@ -247,6 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filename,
             namespace,
             skip_not_exists,
+            dry_run,
         } => match (filename, kind) {
             (Some(f), None) => {
                 resources::write(
@@ -255,6 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &f,
                     namespace.as_deref(),
                     skip_not_exists,
+                    dry_run,
                 )
                 .await
             }
@@ -265,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &names,
                     namespace.as_deref(),
                     skip_not_exists,
+                    dry_run,
                 )
                 .await
             }

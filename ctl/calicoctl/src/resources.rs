@@ -7,7 +7,7 @@ use calico_datastore::{BatchWrite, Datastore, DatastoreError};
 use calico_model::{validate, Kind, Resource};
 
 use crate::{
-    config,
+    config, dryrun,
     input::{self, describe},
     output::{self, Format},
 };
@@ -58,6 +58,7 @@ pub async fn write(
     path: &str,
     namespace: Option<&str>,
     skip: bool,
+    dry_run: bool,
 ) -> Result<ExitCode> {
     // Everything is read and validated before anything is written.
     let docs = input::load(path, namespace)?;
@@ -68,6 +69,13 @@ pub async fn write(
     let kinds: BTreeSet<Kind> = docs.iter().map(|d| d.resource.kind()).collect();
     if action != Action::Delete && kinds.contains(&Kind::IPPool) {
         check_pool_overlaps(&store, &docs).await?;
+    }
+    if dry_run {
+        let resources: Vec<(String, Resource)> = docs
+            .iter()
+            .map(|d| (d.source.clone(), d.resource.clone()))
+            .collect();
+        return dryrun::preview(&store, action, &resources, skip).await;
     }
     let noun = match kinds.iter().next() {
         Some(k) if kinds.len() == 1 => format!("'{k}' resource(s)"),
@@ -207,10 +215,14 @@ pub async fn delete_named(
     names: &[String],
     namespace: Option<&str>,
     skip_not_exists: bool,
+    dry_run: bool,
 ) -> Result<ExitCode> {
     let kind = parse_kind(kind)?;
     let store = connect(config_path).await?;
     let ns = namespace_for(kind, namespace);
+    if dry_run {
+        return dryrun::preview_delete(&store, kind, ns.as_deref(), names, skip_not_exists).await;
+    }
     let mut failed = false;
     let mut deleted = 0;
     for name in names {

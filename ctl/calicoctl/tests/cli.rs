@@ -901,3 +901,59 @@ spec:
     let bad = ctl.run(&["policy", "trace", "shop/db-1", "10.0.0.1", "tcp"]);
     assert!(bad.stderr.contains("give the destination port"), "{bad:?}");
 }
+
+/// `--dry-run` validates as a real run does and shows what would be created, updated (with the
+/// changed fields), left unchanged, deleted or refused, and writes nothing: the datastore
+/// reads the same after it, and a real run then does what the dry run said.
+#[test]
+fn dry_run_shows_changes_and_writes_nothing() {
+    let Some(ctl) = Ctl::start() else { return };
+    let tier = |name: &str, order: u32| {
+        format!("apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: {name}}}\nspec: {{order: {order}}}\n")
+    };
+    let first = ctl.file(
+        "first.yaml",
+        &format!("{}---\n{}", tier("a", 1), tier("b", 2)),
+    );
+    ctl.ok(&["apply", "-f", &first]);
+    let before = ctl.ok(&["get", "tiers", "-o", "yaml"]);
+
+    let next = ctl.file(
+        "next.yaml",
+        &format!("{}---\n{}---\n{}", tier("a", 1), tier("b", 5), tier("c", 3)),
+    );
+    let out = ctl.ok(&["apply", "-f", &next, "--dry-run"]);
+    assert!(out.contains("unchanged Tier 'a'"), "{out}");
+    assert!(
+        out.contains("would update Tier 'b'") && out.contains(": spec.order"),
+        "{out}"
+    );
+    assert!(out.contains("would create Tier 'c'"), "{out}");
+    assert!(
+        out.contains("1 to create, 1 to update, 0 to delete, 1 unchanged, 0 would fail"),
+        "{out}"
+    );
+    let refused = ctl.run(&["create", "-f", &next, "--dry-run"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stdout.contains("would fail Tier 'a'") && refused.stdout.contains("already exists"),
+        "{refused:?}"
+    );
+    let deleting = ctl.ok(&["delete", "tier", "a", "--dry-run"]);
+    assert!(deleting.contains("would delete Tier 'a'"), "{deleting}");
+    let invalid = ctl.file("bad.yaml", &tier("Bad_Name", 1));
+    assert_eq!(ctl.run(&["apply", "-f", &invalid, "--dry-run"]).code, 1);
+    assert_eq!(
+        ctl.ok(&["get", "tiers", "-o", "yaml"]),
+        before,
+        "a dry run wrote"
+    );
+
+    // The real run does what the dry run said.
+    ctl.ok(&["apply", "-f", &next]);
+    let after = ctl.ok(&["get", "tiers", "-o", "yaml"]);
+    assert!(
+        after.contains("name: c") && after.contains("order: 5"),
+        "{after}"
+    );
+}
