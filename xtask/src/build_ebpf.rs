@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::{cmd::cargo, cmd::Cmd, step};
 
@@ -37,9 +37,28 @@ pub(crate) fn run(root: &Path) -> Result<PathBuf> {
                 .arg_path(&out)
                 .run()?;
         }
+        // Cargo rebuilt it as needed; an object whose own sources did not change is current
+        // all the same, and says so to the userspace build's staleness check (which cannot
+        // tell which sources belong to which object).
+        if modified(&out) < newest_source(root) {
+            std::fs::File::options()
+                .write(true)
+                .open(&out)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .with_context(|| format!("touching {}", out.display()))?;
+        }
         stripped.push(out);
     }
     Ok(stripped.swap_remove(0))
+}
+
+/// The newest modification time among the eBPF crates' sources.
+fn newest_source(root: &Path) -> Option<std::time::SystemTime> {
+    ["ebpf/programs/src", "ebpf/common/src"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(root.join(dir)).into_iter().flatten())
+        .filter_map(|entry| modified(&entry.ok()?.path()))
+        .max()
 }
 
 fn modified(path: &Path) -> Option<std::time::SystemTime> {

@@ -381,7 +381,10 @@ fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
     };
     fib.ifindex = ifindex;
     fib.l4_protocol = flow.protocol;
-    fib.__bindgen_anon_1.tot_len = ctx.len() as u16;
+    // 0: the kernel checks the skb against the egress MTU itself (GSO-aware). The frame's
+    // length would count the Ethernet header and GSO super-packets, and every full-size
+    // packet would come back "fragmentation needed" and leave the BPF path.
+    fib.__bindgen_anon_1.tot_len = 0;
     if v4 {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src =

@@ -180,6 +180,41 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
         assert!(Instant::now() < deadline, "nothing was forwarded in BPF");
         s.client().ns.ping(s.server().address.into())?;
     }
+    // Full-size datagrams (1,500-byte IP packets) too: the FIB lookup's MTU check is the
+    // kernel's own (with the frame's length it answered "fragmentation needed" and they fell
+    // back to the host's path).
+    let target = std::net::SocketAddr::from((s.server().address, 7100));
+    let listener = s
+        .server()
+        .ns
+        .run(move || std::net::UdpSocket::bind(target))??;
+    listener.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let sender = s
+        .client()
+        .ns
+        .run(|| std::net::UdpSocket::bind(("0.0.0.0", 0)))??;
+    let forwarded = || s.agent.metric(&s.host, "felix_bpf_packets_forwarded_total");
+    let before = forwarded()?;
+    const FULL: usize = 1500 - 20 - 8;
+    for _ in 0..20 {
+        sender.send_to(&[7u8; FULL], target)?;
+    }
+    let mut buf = [0u8; 2048];
+    for i in 0..20 {
+        let n = listener
+            .recv(&mut buf)
+            .with_context(|| format!("full-size datagram {i} never arrived"))?;
+        assert_eq!(n, FULL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while forwarded()? < before + 20.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 20 full-size datagrams forwarded in BPF",
+            forwarded()? - before
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // A policy in the datastore denies, deleting it allows again.
     s.store.apply(DENY_CLIENT)?;
