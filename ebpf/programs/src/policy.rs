@@ -9,8 +9,9 @@
 //! Parsing: Ethernet; IPv4 with options; IPv6 with up to four extension headers (hop-by-hop,
 //! routing, destination options, fragment). Non-IP frames (ARP) pass. A non-first fragment
 //! carries no transport header: it is judged with ports 0 and no ICMP type, so rules that name
-//! ports never allow it (fail closed). IPv6 neighbour discovery (ICMPv6 133-137) always passes,
-//! or no workload could resolve its gateway.
+//! ports never allow it (fail closed). IPv6 neighbour discovery passes as far as a workload and
+//! its host need it (solicitations and advertisements of neighbours; router solicitations out,
+//! advertisements in); router advertisements and redirects from a workload are dropped.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
@@ -587,8 +588,22 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
             return TC_ACT_SHOT;
         }
     }
+    // IPv6 neighbour discovery, limited to what a workload and its host need of each other
+    // (as upstream): from the workload router solicitations and neighbour solicitations and
+    // advertisements; to it router and neighbour advertisements and solicitations. A workload
+    // sends no router advertisement or redirect, and receives no redirect.
     if scratch.flow.protocol == 58 && (133..=137).contains(&(scratch.flow.dim >> 8)) {
-        return TC_ACT_PIPE;
+        let icmp_type = scratch.flow.dim >> 8;
+        let needed = if hook == TC_INGRESS {
+            matches!(icmp_type, 133 | 135 | 136)
+        } else {
+            matches!(icmp_type, 134..=136)
+        };
+        if needed {
+            return TC_ACT_PIPE;
+        }
+        count(PolicyStat::Denied);
+        return TC_ACT_SHOT;
     }
     // Fail closed: no program for this interface and hook means nothing is allowed yet.
     let Some(program) = program else {

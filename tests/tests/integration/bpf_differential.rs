@@ -388,3 +388,54 @@ fn an_ip_set_member_change_updates_the_peer_table_in_place() -> anyhow::Result<(
     assert_eq!(peers(&dp), 0);
     Ok(())
 }
+
+/// IPv6 neighbour discovery passes only as far as a workload and its host need it: from the
+/// workload router solicitations and neighbour solicitations/advertisements, to it router and
+/// neighbour advertisements and neighbour solicitations. A router advertisement or redirect a
+/// workload sends is dropped (and counted as denied); no policy is needed for the rest, which
+/// pass on the same hook beside it.
+#[test]
+fn neighbour_discovery_passes_only_what_the_host_needs() -> anyhow::Result<()> {
+    if !require(
+        "neighbour_discovery_passes_only_what_the_host_needs",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let nd = |icmp_type: u8| Packet {
+        src: "fe80::1".parse().unwrap(),
+        dst: "ff02::1".parse().unwrap(),
+        protocol: 58,
+        src_port: 0,
+        dst_port: 0,
+        icmp: Some((icmp_type, 0)),
+    };
+    // (hook, ICMPv6 type, passes): Ingress sees what the workload sends.
+    for (hook, icmp_type, passes) in [
+        (Hook::Ingress, 133, true),
+        (Hook::Ingress, 134, false),
+        (Hook::Ingress, 135, true),
+        (Hook::Ingress, 136, true),
+        (Hook::Ingress, 137, false),
+        (Hook::Egress, 133, false),
+        (Hook::Egress, 134, true),
+        (Hook::Egress, 135, true),
+        (Hook::Egress, 136, true),
+        (Hook::Egress, 137, false),
+    ] {
+        let denied = dp.counters()?.denied;
+        let code = dp.test_run(hook, &frame(&nd(icmp_type)))?;
+        assert_eq!(
+            code,
+            if passes { TC_ACT_PIPE } else { TC_ACT_SHOT },
+            "ICMPv6 type {icmp_type} at {hook:?}"
+        );
+        assert_eq!(
+            dp.counters()?.denied - denied,
+            u64::from(!passes),
+            "denied counter for ICMPv6 type {icmp_type} at {hook:?}"
+        );
+    }
+    Ok(())
+}
