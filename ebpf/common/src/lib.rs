@@ -296,6 +296,24 @@ pub struct CtKey {
     pub port_hi: u16,
 }
 
+/// LRU hash, `FragKey` → the rule that allowed the datagram's first fragment: its later
+/// fragments (no transport header, so no ports to judge) follow that verdict.
+pub const FRAGMENTS_MAP: &str = "POLICY_FRAGMENTS";
+pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
+
+/// One fragmented datagram at one interface and hook: addresses, protocol and IP id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub ifindex: u32,
+    pub hook: u32,
+    pub protocol: u32,
+    /// IPv4's 16-bit identification, or IPv6's fragment header identification.
+    pub id: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
 /// TCP saw a FIN from the low side / the high side.
 pub const CT_FIN_LO: u32 = 1;
 pub const CT_FIN_HI: u32 = 2;

@@ -7,11 +7,17 @@
 //! hook drops IP traffic (fail closed: between attach and install, after a failed install).
 //!
 //! Parsing: Ethernet; IPv4 with options; IPv6 with up to four extension headers (hop-by-hop,
-//! routing, destination options, fragment). Non-IP frames (ARP) pass. A non-first fragment
-//! carries no transport header: it is judged with ports 0 and no ICMP type, so rules that name
-//! ports never allow it (fail closed). IPv6 neighbour discovery passes as far as a workload and
+//! routing, destination options, fragment). Non-IP frames (ARP) pass. A later fragment carries
+//! no transport header: it follows the verdict its datagram's first fragment got at the same
+//! interface and hook, and is dropped when that was not seen or not allowed (`fragment_gate`;
+//! behind other IPv6 extension headers it is judged with ports 0, so rules that name ports
+//! never allow it: fail closed). IPv6 neighbour discovery passes as far as a workload and
 //! its host need it (solicitations and advertisements of neighbours; router solicitations out,
 //! advertisements in); router advertisements and redirects from a workload are dropped.
+
+// Map keys kept in the scratch slot are passed by reference: a copy would go on the 512-byte
+// stack, which the judging's frame all but fills.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
@@ -25,11 +31,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use calico_bpf_common::{
-    CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData, ProgramRef,
-    ProtoKey, RuleStatKey, RuleStatValue, VerdictEvent, VerdictKeyData, VerdictValue, ACTION_ALLOW,
-    CONNTRACK_MAX_ENTRIES, CT_FIN_HI, CT_FIN_LO, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS,
-    POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS,
-    VERDICT_FIXED_BITS,
+    CtKey, CtValue, EndpointKey, FragKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData,
+    ProgramRef, ProtoKey, RuleStatKey, RuleStatValue, VerdictEvent, VerdictKeyData, VerdictValue,
+    ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_FIN_HI, CT_FIN_LO, FRAGMENTS_MAX_ENTRIES,
+    POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS,
+    POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
 };
 
 #[map(name = "POLICY_EPS")]
@@ -57,6 +63,9 @@ static POLICY_VERDICTS: LpmTrie<VerdictKeyData, VerdictValue> =
 #[map(name = "CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX_ENTRIES, 0);
+
+#[map(name = "POLICY_FRAGMENTS")]
+static FRAGMENTS: LruHashMap<FragKey, u32> = LruHashMap::with_max_entries(FRAGMENTS_MAX_ENTRIES, 0);
 
 #[map(name = "POLICY_STATS")]
 static POLICY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(POLICY_STAT_COUNT, 0);
@@ -86,6 +95,12 @@ struct Scratch {
     /// For an ICMP error: the flow of the packet it is about.
     inner: Tuple,
     has_inner: bool,
+    peer_key: Key<PeerKeyData>,
+    local_key: LocalKey,
+    verdict_key: Key<VerdictKeyData>,
+    /// The packet is the first fragment of a datagram (`frag_key` names the datagram).
+    first_fragment: bool,
+    frag_key: FragKey,
     key: CtKey,
     /// The packet was parsed and judged (not passed unparsed).
     judged: bool,
@@ -302,30 +317,32 @@ fn count(stat: PolicyStat) {
     }
 }
 
-/// The verdict of the compiled program for `flow`; `None` when a table has no answer (which
-/// only happens for a program that is not fully written: fail closed).
+/// The verdict of the compiled program for the packet in `scratch`; `None` when a table has no
+/// answer (which only happens for a program that is not fully written: fail closed). The
+/// lookup keys are built in the scratch slot: the stack has no room for them beside the
+/// judging's frame.
 #[inline(always)]
 fn decide(
     program: &ProgramRef,
-    flow: &Flow,
-    peer_addr: [u8; 16],
-    local_addr: [u8; 16],
+    scratch: &mut Scratch,
+    from_workload: bool,
 ) -> Option<VerdictValue> {
     let id = program.program;
-    let peer = *POLICY_PEERS.get(Key::new(
-        160,
-        PeerKeyData {
-            table: program.peers.to_be_bytes(),
-            addr: peer_addr,
-        },
-    ))?;
-    // SAFETY: the value is copied out at once.
-    let local = unsafe {
-        *POLICY_LOCALS.get(LocalKey {
-            program: id,
-            addr: local_addr,
-        })?
+    // From the workload (tc ingress) the workload is the source; to it, the destination.
+    let (peer_addr, local_addr) = if from_workload {
+        (&scratch.flow.dst, &scratch.flow.src)
+    } else {
+        (&scratch.flow.src, &scratch.flow.dst)
     };
+    scratch.peer_key.prefix_len = 160;
+    scratch.peer_key.data.table = program.peers.to_be_bytes();
+    scratch.peer_key.data.addr = *peer_addr;
+    scratch.local_key.program = id;
+    scratch.local_key.addr = *local_addr;
+    let peer = *POLICY_PEERS.get(&scratch.peer_key)?;
+    // SAFETY: the value is copied out at once.
+    let local = unsafe { *POLICY_LOCALS.get(&scratch.local_key)? };
+    let flow = &scratch.flow;
     let protocol = unsafe {
         POLICY_PROTOS.get(ProtoKey {
             program: id,
@@ -341,16 +358,17 @@ fn decide(
             port: flow.src_port.to_be_bytes(),
         },
     ))?;
-    let mut bytes = [0u8; 16];
+    let dim = flow.dim;
+    let key = &mut scratch.verdict_key;
+    key.prefix_len = VERDICT_FIXED_BITS + 16;
+    let bytes = &mut key.data.bytes;
     bytes[0..4].copy_from_slice(&id.to_be_bytes());
     bytes[4..8].copy_from_slice(&peer.to_be_bytes());
     bytes[8..10].copy_from_slice(&(local as u16).to_be_bytes());
     bytes[10..12].copy_from_slice(&(protocol as u16).to_be_bytes());
     bytes[12..14].copy_from_slice(&(sport as u16).to_be_bytes());
-    bytes[14..16].copy_from_slice(&flow.dim.to_be_bytes());
-    POLICY_VERDICTS
-        .get(Key::new(VERDICT_FIXED_BITS + 16, VerdictKeyData { bytes }))
-        .copied()
+    bytes[14..16].copy_from_slice(&dim.to_be_bytes());
+    POLICY_VERDICTS.get(&scratch.verdict_key).copied()
 }
 
 const AF_INET: u8 = 2;
@@ -551,6 +569,13 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     unsafe {
         (*scratch).judged = false;
         (*scratch).decided = false;
+        (*scratch).first_fragment = false;
+    }
+    // Fragments first, in a frame of their own beside the judging's (the two would not fit
+    // 512 bytes together).
+    let gated = fragment_gate(ctx, hook);
+    if gated != UNDECIDED {
+        return gated;
     }
     let verdict = if hook == TC_INGRESS {
         judge_from_workload(ctx)
@@ -563,6 +588,9 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     let scratch = unsafe { &mut *scratch };
     if scratch.decided {
         record(ctx, scratch, ifindex, hook);
+    }
+    if verdict == TC_ACT_PIPE && scratch.first_fragment {
+        remember_fragment();
     }
     if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged {
         return verdict;
@@ -650,13 +678,7 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         count(PolicyStat::Tracked);
         return TC_ACT_PIPE;
     }
-    // From the workload (tc ingress) the workload is the source; to it, the destination.
-    let (peer, local) = if hook == TC_INGRESS {
-        (flow.dst, flow.src)
-    } else {
-        (flow.src, flow.dst)
-    };
-    let decision = decide(&program, flow, peer, local);
+    let decision = decide(&program, scratch, hook == TC_INGRESS);
     scratch.decided = true;
     scratch.program = program.program;
     (scratch.verdict, scratch.action) = match decision {
@@ -684,6 +706,84 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// What [`fragment_gate`] answers for a packet it leaves to the judging (a plain integer, not
+/// an `Option`: the entry's frame has no room for one).
+const UNDECIDED: i32 = -1;
+
+/// A fragmented datagram's later fragments carry no transport header, so no ports to judge:
+/// they follow the verdict its first fragment got at this interface and hook. Notes the first
+/// fragment (for [`remember_fragment`]); for a later one, the verdict: passed when its first
+/// fragment passed here, else dropped (fail closed). [`UNDECIDED`] for everything else.
+#[inline(never)]
+fn fragment_gate(ctx: &TcContext, hook: u32) -> i32 {
+    fragment_verdict(ctx, hook).unwrap_or(UNDECIDED)
+}
+
+#[inline(always)]
+fn fragment_verdict(ctx: &TcContext, hook: u32) -> Option<i32> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let scratch = unsafe { &mut *scratch };
+    let ether: [u8; 2] = ctx.load(12).ok()?;
+    let key = &mut scratch.frag_key;
+    let later = match u16::from_be_bytes(ether) {
+        ETH_P_IP => {
+            let frags: [u8; 4] = ctx.load(ETH_HLEN + 4).ok()?;
+            let flags = u16::from_be_bytes([frags[2], frags[3]]);
+            if flags & 0x3fff == 0 {
+                return None;
+            }
+            key.id = u32::from(u16::from_be_bytes([frags[0], frags[1]]));
+            key.protocol = u32::from(ctx.load::<u8>(ETH_HLEN + 9).ok()?);
+            key.src = mapped_v4(ctx.load(ETH_HLEN + 12).ok()?);
+            key.dst = mapped_v4(ctx.load(ETH_HLEN + 16).ok()?);
+            flags & 0x1fff != 0
+        }
+        ETH_P_IPV6 => {
+            // A fragment header right after the fixed header (where the kernel puts it for
+            // what it fragments); behind other extension headers the judging treats it.
+            if ctx.load::<u8>(ETH_HLEN + 6).ok()? != 44 {
+                return None;
+            }
+            let h: [u8; 8] = ctx.load(ETH_HLEN + 40).ok()?;
+            key.id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            key.protocol = u32::from(h[0]);
+            key.src = ctx.load(ETH_HLEN + 8).ok()?;
+            key.dst = ctx.load(ETH_HLEN + 24).ok()?;
+            u16::from_be_bytes([h[2], h[3]]) >> 3 != 0
+        }
+        _ => return None,
+    };
+    // SAFETY: the kernel passes a valid __sk_buff.
+    key.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    key.hook = hook;
+    if !later {
+        scratch.first_fragment = true;
+        return None;
+    }
+    // SAFETY: the value is only tested for presence.
+    let seen = unsafe { FRAGMENTS.get(&scratch.frag_key) }.is_some();
+    Some(if seen {
+        count(PolicyStat::Tracked);
+        TC_ACT_PIPE
+    } else {
+        count(PolicyStat::Denied);
+        TC_ACT_SHOT
+    })
+}
+
+/// A first fragment that passed (allowed, or on a tracked flow) lets its datagram's later
+/// fragments pass after it.
+#[inline(never)]
+fn remember_fragment() {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in fragment_gate; the verdict is the rule that allowed (or u32::MAX).
+    let scratch = unsafe { &*scratch };
+    let _ = FRAGMENTS.insert(&scratch.frag_key, &scratch.verdict, 0);
 }
 
 #[classifier]

@@ -439,3 +439,109 @@ fn neighbour_discovery_passes_only_what_the_host_needs() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A fragmented datagram (IPv4 and IPv6): its later fragments carry no ports, and follow the
+/// verdict its first fragment got at the same hook. A datagram to an allowed port passes
+/// whole; one to a denied port is dropped whole; a later fragment whose first was never seen
+/// is dropped (fail closed).
+#[test]
+fn later_fragments_follow_their_first_fragment() -> anyhow::Result<()> {
+    if !require(
+        "later_fragments_follow_their_first_fragment",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let docs = calico_model::parse_documents(
+        "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: dns, namespace: default, labels: {app: dns}}
+spec: {node: n1, ipNetworks: [10.0.0.1/32, 'fd00::1/128']}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: dns-only}
+spec:
+  selector: app == 'dns'
+  ingress: [{action: Allow, protocol: UDP, destination: {ports: [53]}}]
+",
+    )?;
+    let w = calico_policy::World::from_resources(&docs).map_err(anyhow::Error::msg)?;
+    let id = w.endpoints.keys().next().unwrap().clone();
+    let addresses = w.endpoints[&id].addresses.clone();
+    let program = w.program(&id, Direction::Ingress);
+    let compiled = CompiledProgram::compile(&w, &program, &addresses, Direction::Ingress)?;
+    dp.install(LOOPBACK, Hook::Egress, &compiled)?;
+
+    let udp = |src: &str, dst: &str, port: u16| Packet {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        protocol: 17,
+        src_port: 40_000,
+        dst_port: port,
+        icmp: None,
+    };
+    // A fragment of `p`'s datagram `id`: the first (with the UDP header) or a later one.
+    let fragment = |p: &Packet, id: u32, first: bool| -> Vec<u8> {
+        let mut f = frame(p);
+        match p.src {
+            IpAddr::V4(_) => {
+                f[18..20].copy_from_slice(&(id as u16).to_be_bytes());
+                let flags: u16 = if first { 0x2000 } else { 185 };
+                f[20..22].copy_from_slice(&flags.to_be_bytes());
+            }
+            IpAddr::V6(_) => {
+                let len = u16::from_be_bytes([f[18], f[19]]) + 8;
+                f[18..20].copy_from_slice(&len.to_be_bytes());
+                f[20] = 44;
+                let offset: u16 = if first { 1 } else { 185 << 3 };
+                let mut header = vec![17, 0];
+                header.extend(offset.to_be_bytes());
+                header.extend(id.to_be_bytes());
+                f.splice(54..54, header);
+            }
+        }
+        f
+    };
+    for (src, dst) in [("192.0.2.7", "10.0.0.1"), ("2001:db8::7", "fd00::1")] {
+        dp.clear_conntrack()?;
+        let allowed = udp(src, dst, 53);
+        let denied = udp(src, dst, 54);
+        let cases = [
+            (
+                fragment(&allowed, 0x1234, true),
+                TC_ACT_PIPE,
+                "first fragment to 53",
+            ),
+            (
+                fragment(&allowed, 0x1234, false),
+                TC_ACT_PIPE,
+                "its later fragment",
+            ),
+            (
+                fragment(&allowed, 0x7777, false),
+                TC_ACT_SHOT,
+                "a later fragment never begun",
+            ),
+            (
+                fragment(&denied, 0x5555, true),
+                TC_ACT_SHOT,
+                "first fragment to 54",
+            ),
+            (
+                fragment(&denied, 0x5555, false),
+                TC_ACT_SHOT,
+                "its later fragment",
+            ),
+        ];
+        for (frame, expected, what) in cases {
+            assert_eq!(
+                dp.test_run(Hook::Egress, &frame)?,
+                expected,
+                "{src}: {what}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -334,7 +334,7 @@ fn udp_allow_deny_established_and_reply() -> anyhow::Result<()> {
         }
     });
     let (mut dp, ifindex) = policy_dataplane_on(&host, &s)?;
-    let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: UDP, source: {selector: app == 'b'}, destination: {ports: [5353]}}\n";
+    let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: UDP, source: {selector: app == 'b'}, destination: {ports: [5353]}}\n    - {action: Allow, protocol: UDP, source: {selector: app == 'b'}, destination: {ports: [5355]}}\n";
     install(&mut dp, &world(policy, s.ip, a.ip, b.ip), ifindex, s.ip)?;
 
     let client = |ns: &NetNs| -> anyhow::Result<UdpSocket> {
@@ -367,6 +367,23 @@ fn udp_allow_deny_established_and_reply() -> anyhow::Result<()> {
         echoed(&from_b, b"three")?,
         "b's flow stopped after the denials"
     );
+    // A datagram larger than the path MTU goes in fragments; the later ones carry no ports and
+    // follow their first fragment's verdict: delivered whole where policy allows it (b), and
+    // not at all where it does not (a).
+    const BIG: usize = 4000;
+    let big_sink = s.ns.run(|| UdpSocket::bind((s.ip, 5355)))??;
+    big_sink.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut big = vec![0u8; BIG + 1];
+    from_b.send_to(&[5u8; BIG], SocketAddr::new(s.ip, 5355))?;
+    let (n, _) = big_sink
+        .recv_from(&mut big)
+        .map_err(|e| anyhow::anyhow!("the fragmented datagram from b never arrived: {e}"))?;
+    assert_eq!(n, BIG, "fragmented datagram delivered whole");
+    big_sink.set_read_timeout(Some(Duration::from_millis(500)))?;
+    denied_by_program(&dp, "fragmented UDP from a", || {
+        from_a.send_to(&[6u8; BIG], SocketAddr::new(s.ip, 5355))?;
+        Ok(big_sink.recv_from(&mut big).is_ok())
+    })?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = echoer.join();
     Ok(())
