@@ -144,7 +144,9 @@ fn mapped_v4(a: [u8; 4]) -> [u8; 16] {
 }
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// What an IP header says: (source, destination, protocol, transport offset, first
 /// fragment).
@@ -661,7 +663,16 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     ct_key(ifindex, &tuple, &mut scratch.key);
     let flow = &scratch.flow;
     let key = &scratch.key;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+    // A SYN starts a connection: policy judges it even where an entry for the same ports
+    // exists (a reused port, an entry from before a policy change). The entry stays for the
+    // packets of the connection that had it; an allowed SYN renews it.
+    let opens = flow.protocol == 6 && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let tracked = if opens {
+        None
+    } else {
+        CONNTRACK.get_ptr_mut(key)
+    };
+    if let Some(entry) = tracked {
         if flow.tcp_flags & TCP_RST != 0 {
             // A reset ends the flow; the next packet is judged afresh.
             let _ = CONNTRACK.remove(key);

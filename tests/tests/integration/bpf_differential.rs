@@ -545,3 +545,83 @@ spec:
     }
     Ok(())
 }
+
+/// A SYN is judged by policy even when conntrack has an entry for its ports: after a policy
+/// change that denies the flow, the established connection's packets still pass (tracked)
+/// but a new SYN on the same ports is dropped; while policy allows, a SYN passes.
+#[test]
+fn a_syn_on_a_tracked_flow_is_judged_by_policy() -> anyhow::Result<()> {
+    if !require(
+        "a_syn_on_a_tracked_flow_is_judged_by_policy",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let policy = |action: &str| -> anyhow::Result<CompiledProgram> {
+        let docs = calico_model::parse_documents(&format!(
+            "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {{name: web, namespace: default, labels: {{app: web}}}}
+spec: {{node: n1, ipNetworks: [10.0.0.1/32]}}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: web}}
+spec:
+  selector: app == 'web'
+  ingress: [{{action: {action}, protocol: TCP, destination: {{ports: [80]}}}}]
+"
+        ))?;
+        let w = calico_policy::World::from_resources(&docs).map_err(anyhow::Error::msg)?;
+        let id = w.endpoints.keys().next().unwrap().clone();
+        let addresses = w.endpoints[&id].addresses.clone();
+        let program = w.program(&id, Direction::Ingress);
+        Ok(CompiledProgram::compile(
+            &w,
+            &program,
+            &addresses,
+            Direction::Ingress,
+        )?)
+    };
+    let p = Packet {
+        src: "192.0.2.1".parse().unwrap(),
+        dst: "10.0.0.1".parse().unwrap(),
+        protocol: 6,
+        src_port: 40_000,
+        dst_port: 80,
+        icmp: None,
+    };
+    let syn = frame(&p);
+    let mut ack = syn.clone();
+    ack[14 + 20 + 13] = 0x10;
+    dp.clear_conntrack()?;
+    dp.install(LOOPBACK, Hook::Egress, &policy("Allow")?)?;
+    assert_eq!(dp.test_run(Hook::Egress, &syn)?, TC_ACT_PIPE, "allowed SYN");
+    assert_eq!(
+        dp.test_run(Hook::Egress, &syn)?,
+        TC_ACT_PIPE,
+        "its retransmission"
+    );
+    dp.install(LOOPBACK, Hook::Egress, &policy("Deny")?)?;
+    let tracked = dp.counters()?.tracked;
+    assert_eq!(
+        dp.test_run(Hook::Egress, &ack)?,
+        TC_ACT_PIPE,
+        "the established flow goes on"
+    );
+    assert!(dp.counters()?.tracked > tracked, "…as a tracked flow");
+    let denied = dp.counters()?.denied;
+    assert_eq!(
+        dp.test_run(Hook::Egress, &syn)?,
+        TC_ACT_SHOT,
+        "a new SYN on the same ports"
+    );
+    assert!(dp.counters()?.denied > denied, "…denied by policy");
+    assert_eq!(
+        dp.test_run(Hook::Egress, &ack)?,
+        TC_ACT_PIPE,
+        "and the flow it did not start goes on"
+    );
+    Ok(())
+}
