@@ -55,7 +55,15 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::WorkloadEndpoint(o) => v.workload_endpoint(&o.spec),
         Resource::HostEndpoint(o) => v.host_endpoint(&o.spec),
         Resource::NetworkSet(o) | Resource::GlobalNetworkSet(o) => {
-            v.nets("spec.nets", &o.spec.nets, None)
+            v.nets("spec.nets", &o.spec.nets, None);
+            for key in o.metadata.labels.keys() {
+                if key.starts_with("projectcalico.org/") {
+                    v.err(
+                        format!("metadata.labels.{key}"),
+                        "the projectcalico.org/ prefix is reserved for labels Calico sets",
+                    );
+                }
+            }
         }
         Resource::Node(o) => v.node(&o.spec),
         Resource::IPPool(o) => v.ip_pool(&o.spec),
@@ -240,11 +248,11 @@ impl Validator {
         for (i, port) in ports.iter().enumerate() {
             let item = format!("{path}[{i}]");
             match port {
-                Port::Number(n) if !(0..=65535).contains(n) => {
-                    self.err(item, format!("port {n} is out of range 0-65535"))
+                Port::Number(n) if !(1..=65535).contains(n) => {
+                    self.err(item, format!("port {n} is out of range 1-65535"))
                 }
-                Port::Range(a, b) if !(0..=65535).contains(a) || !(0..=65535).contains(b) => {
-                    self.err(item, format!("port range {a}:{b} is out of range 0-65535"))
+                Port::Range(a, b) if !(1..=65535).contains(a) || !(1..=65535).contains(b) => {
+                    self.err(item, format!("port range {a}:{b} is out of range 1-65535"))
                 }
                 Port::Range(a, b) if a > b => {
                     self.err(item, format!("port range {a}:{b} is reversed"))
@@ -460,6 +468,15 @@ impl Validator {
         }
         self.entity(&format!("{path}.source"), &rule.source, rule);
         self.entity(&format!("{path}.destination"), &rule.destination, rule);
+        let families: std::collections::BTreeSet<bool> = [&rule.source, &rule.destination]
+            .into_iter()
+            .flat_map(|e| e.nets.iter().chain(&e.not_nets))
+            .filter_map(|n| parse_net(n))
+            .map(|n| n.addr().is_ipv4())
+            .collect();
+        if families.len() > 1 {
+            self.err(path, "rule contains both IPv4 and IPv6 CIDRs");
+        }
         if rule.http.is_some() {
             self.err(
                 format!("{path}.http"),
@@ -471,6 +488,14 @@ impl Validator {
     fn entity(&mut self, path: &str, e: &EntityRule, rule: &Rule) {
         self.nets(&format!("{path}.nets"), &e.nets, rule.ip_version);
         self.nets(&format!("{path}.notNets"), &e.not_nets, rule.ip_version);
+        for (i, text) in e.not_nets.iter().enumerate() {
+            if parse_net(text).is_some_and(|n| n.prefix_len() == 0) {
+                self.err(
+                    format!("{path}.notNets[{i}]"),
+                    format!("`{text}` excludes every address: the rule could never match"),
+                );
+            }
+        }
         self.selector(&format!("{path}.selector"), &e.selector, false);
         self.selector(&format!("{path}.notSelector"), &e.not_selector, false);
         self.selector(
@@ -529,7 +554,15 @@ impl Validator {
             self.err("spec.node", "required");
         }
         for (i, net) in spec.ip_networks.iter().enumerate() {
-            self.cidr(&format!("spec.ipNetworks[{i}]"), net);
+            let path = format!("spec.ipNetworks[{i}]");
+            if let Some(n) = self.cidr(&path, net) {
+                if n.prefix_len() != n.max_prefix_len() {
+                    self.err(
+                        path,
+                        format!("`{net}`: IP network contains multiple addresses (a workload's addresses are /32 or /128)"),
+                    );
+                }
+            }
         }
         for (i, nat) in spec.ip_nats.iter().enumerate() {
             self.ip(&format!("spec.ipNATs[{i}].internalIP"), &nat.internal_ip);
@@ -546,6 +579,18 @@ impl Validator {
                 self.err(
                     "spec.interfaceName",
                     format!("`{}` {why}", spec.interface_name),
+                );
+            } else if !spec
+                .interface_name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+            {
+                self.err(
+                    "spec.interfaceName",
+                    format!(
+                        "`{}` may hold only letters, digits, `_`, `.` and `-`",
+                        spec.interface_name
+                    ),
                 );
             }
         }

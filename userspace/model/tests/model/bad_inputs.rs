@@ -133,6 +133,14 @@ fn bad_inputs_name_their_field() {
         (kind("HostEndpoint", "h", "node: n"), "spec.interfaceName", "one of interfaceName or expectedIPs"),
         (kind("HostEndpoint", "h", "node: n\nexpectedIPs: [1.2.3.999]"), "spec.expectedIPs[0]", "not a valid IP"),
         (kind("GlobalNetworkSet", "s", "nets: [10.0.0.0/99]"), "spec.nets[0]", "not a valid CIDR"),
+        // --- issue 17: what upstream refuses
+        ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, ipNetworks: [10.0.0.0/24]}\n".into(), "spec.ipNetworks[0]", "contains multiple addresses"),
+        ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, interfaceName: 'cali+x'}\n".into(), "spec.interfaceName", "only letters, digits"),
+        ("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: s, labels: {projectcalico.org/name: x}}\nspec: {nets: [10.0.0.0/8]}\n".into(), "metadata.labels.projectcalico.org/name", "reserved"),
+        (rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: [0]"), "spec.ingress[0].destination.ports[0]", "out of range 1-65535"),
+        (rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: ['0:80']"), "spec.ingress[0].destination.ports[0]", "out of range 1-65535"),
+        (rule("action: Allow\nsource:\n  nets: [10.0.0.0/8]\ndestination:\n  nets: ['fd00::/64']"), "spec.ingress[0]", "both IPv4 and IPv6"),
+        (rule("action: Allow\nsource:\n  notNets: [0.0.0.0/0]"), "spec.ingress[0].source.notNets[0]", "excludes every address"),
         (kind("FelixConfiguration", "default", "healthPort: 70000"), "spec.healthPort", "out of range"),
         (kind("FelixConfiguration", "default", "failsafeInboundHostPorts: [{protocol: ICMP, port: 22}]"), "spec.failsafeInboundHostPorts[0].protocol", "not TCP, UDP or SCTP"),
         (kind("FelixConfiguration", "default", "bpfLogLevel: Verbose"), "spec.bpfLogLevel", "not one of Off, Info, Debug"),
@@ -270,5 +278,19 @@ fn pool_cidrs_are_stored_as_their_network() {
     ] {
         let text = kind("IPPool", "x", fine);
         assert!(problems(&text).is_empty(), "{fine}: {:?}", problems(&text));
+    }
+}
+
+/// Beside each refusal added for upstream's rules, the nearest valid form is accepted.
+#[test]
+fn upstream_rules_accept_the_nearest_valid_form() {
+    for text in [
+        "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, interfaceName: cali-a.b_c, ipNetworks: [10.0.0.1/32, 'fd00::1/128']}\n".to_owned(),
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: s, labels: {example.org/name: x}}\nspec: {nets: [10.0.0.0/8]}\n".to_owned(),
+        rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: [1, '1:80', 65535]"),
+        rule("action: Allow\nsource:\n  nets: [10.0.0.0/8]\ndestination:\n  nets: [192.0.2.0/24]"),
+        rule("action: Allow\nsource:\n  notNets: [10.0.0.0/8]"),
+    ] {
+        assert!(problems(&text).is_empty(), "{text}: {:?}", problems(&text));
     }
 }
