@@ -101,6 +101,7 @@ fn world(n: usize, server: IpAddr) -> World {
         },
         EndpointInfo {
             addresses: vec![server],
+            ports: Vec::new(),
             ..Default::default()
         },
     );

@@ -83,6 +83,7 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
                             .iter()
                             .map(|a| testing::ADDRESSES[*a].parse().unwrap())
                             .collect(),
+                        ports: Vec::new(),
                     };
                     world.endpoints.insert(id.clone(), info.clone());
                     if *local {
@@ -284,6 +285,7 @@ fn label_change_recomputes_only_what_it_touches() {
                 labels: labels(&[if i < 50 { "app=web" } else { "app=db" }]).into(),
                 profiles: vec![],
                 addresses: vec![format!("10.0.{}.{}", i / 200, i % 200 + 1).parse().unwrap()],
+                ports: Vec::new(),
             }),
             local: true,
         });
@@ -325,6 +327,7 @@ fn label_change_recomputes_only_what_it_touches() {
             labels: labels(&["app=web", "tier=a"]).into(),
             profiles: vec![],
             addresses: vec!["10.0.0.4".parse().unwrap()],
+            ports: Vec::new(),
         }),
         local: true,
     });
@@ -343,6 +346,7 @@ fn label_change_recomputes_only_what_it_touches() {
             labels: labels(&["app=db"]).into(),
             profiles: vec![],
             addresses: vec!["10.0.0.4".parse().unwrap()],
+            ports: Vec::new(),
         }),
         local: true,
     });

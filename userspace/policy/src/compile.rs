@@ -67,7 +67,12 @@ pub struct CompiledProgram {
 }
 
 /// Rejects what cannot be compiled, naming the rule and field.
-fn check_supported(policy: &str, index: usize, rule: &Rule) -> Result<(), CompileError> {
+fn check_supported(
+    policy: &str,
+    index: usize,
+    rule: &Rule,
+    direction: Direction,
+) -> Result<(), CompileError> {
     let err = |field: &str, reason: &str| CompileError {
         policy: policy.to_owned(),
         index,
@@ -107,11 +112,18 @@ fn check_supported(policy: &str, index: usize, rule: &Rule) -> Result<(), Compil
                 ));
             }
         }
+        // Named ports on the endpoint's own side were resolved with its program (a name it
+        // does not have matches no port); on the peer's side they would need per-peer port
+        // sets.
+        let peer_side = match direction {
+            Direction::Ingress => side == "source",
+            Direction::Egress => side == "destination",
+        };
         for (field, ports) in [("ports", &e.ports), ("notPorts", &e.not_ports)] {
-            if ports.iter().any(|p| matches!(p, Port::Named(_))) {
+            if peer_side && ports.iter().any(|p| matches!(p, Port::Named(_))) {
                 return Err(err(
                     &format!("{side}.{field}"),
-                    "named ports are not supported yet",
+                    "named ports of the peers are not supported yet (the endpoint's own are)",
                 ));
             }
         }
@@ -308,7 +320,7 @@ impl CompiledProgram {
             });
             for p in &tier.policies {
                 for (i, r) in p.rules.iter().enumerate() {
-                    check_supported(&p.name, i, r)?;
+                    check_supported(&p.name, i, r, direction)?;
                     rules.push(FlatRule {
                         rule: r,
                         namespace: p.namespace.as_deref(),
@@ -326,7 +338,7 @@ impl CompiledProgram {
             let g = groups.len();
             groups.push(Group { tier_default: None });
             for (i, r) in profile_rules.iter().enumerate() {
-                check_supported(name, i, r)?;
+                check_supported(name, i, r, direction)?;
                 rules.push(FlatRule {
                     rule: r,
                     namespace: None,
@@ -1012,7 +1024,7 @@ mod tests {
             },
             ..Rule::new(Action::Allow)
         };
-        assert_eq!(check_supported("p", 0, &good), Ok(()));
+        assert_eq!(check_supported("p", 0, &good, Direction::Ingress), Ok(()));
         for (side, field) in [
             ("source", "selector"),
             ("source", "notSelector"),
@@ -1030,7 +1042,7 @@ mod tests {
                 "notSelector" => entity.not_selector = broken,
                 _ => entity.namespace_selector = broken,
             }
-            let e = check_supported("p", 3, &bad).unwrap_err();
+            let e = check_supported("p", 3, &bad, Direction::Ingress).unwrap_err();
             assert_eq!(
                 (e.index, e.field.as_str()),
                 (3, format!("{side}.{field}").as_str())

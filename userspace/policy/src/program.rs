@@ -4,10 +4,13 @@ use std::cmp::Ordering;
 
 use calico_model::{
     spec::{PolicyType, Rule, TierDefaultAction},
-    Order,
+    Order, Port,
 };
 
-use crate::{world::PolicyKey, Direction, EndpointId, World};
+use crate::{
+    world::{NamedPort, PolicyKey},
+    Direction, EndpointId, World,
+};
 
 /// One policy's rules for one direction.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,9 +96,10 @@ impl World {
         let mut tiers: Vec<ProgramTier> = Vec::new();
         for p in applicable {
             let rules = match direction {
-                Direction::Ingress => p.ingress.to_vec(),
-                Direction::Egress => p.egress.to_vec(),
+                Direction::Ingress => &p.ingress,
+                Direction::Egress => &p.egress,
             };
+            let rules = with_local_ports(rules, direction, &info.ports);
             let policy = ProgramPolicy {
                 name: display(p),
                 namespace: p.namespace.clone(),
@@ -116,15 +120,68 @@ impl World {
             .filter_map(|name| {
                 self.profiles.get(name).map(|spec| {
                     let rules = match direction {
-                        Direction::Ingress => spec.ingress.clone(),
-                        Direction::Egress => spec.egress.clone(),
+                        Direction::Ingress => &spec.ingress,
+                        Direction::Egress => &spec.egress,
                     };
-                    (name.clone(), rules)
+                    (
+                        name.clone(),
+                        with_local_ports(rules, direction, &info.ports),
+                    )
                 })
             })
             .collect();
         PolicyProgram { tiers, profiles }
     }
+}
+
+/// `rules` with the named ports on the endpoint's own side (the destination of an ingress
+/// rule, the source of an egress rule) resolved to the endpoint's port numbers of that name
+/// and the rule's protocol, as upstream resolves them. A name the endpoint does not have stays
+/// as it is, and matches no port. (Named ports on the peer side are refused at compile time.)
+fn with_local_ports(rules: &[Rule], direction: Direction, ports: &[NamedPort]) -> Vec<Rule> {
+    rules
+        .iter()
+        .map(|rule| {
+            let named = |list: &[Port]| list.iter().any(|p| matches!(p, Port::Named(_)));
+            let local = match direction {
+                Direction::Ingress => &rule.destination,
+                Direction::Egress => &rule.source,
+            };
+            if ports.is_empty() || !(named(&local.ports) || named(&local.not_ports)) {
+                return rule.clone();
+            }
+            let mut rule = rule.clone();
+            let protocol = rule.protocol.as_ref().and_then(|p| p.number());
+            let local = match direction {
+                Direction::Ingress => &mut rule.destination,
+                Direction::Egress => &mut rule.source,
+            };
+            for list in [&mut local.ports, &mut local.not_ports] {
+                *list = list
+                    .drain(..)
+                    .flat_map(|p| match p {
+                        Port::Named(name) => {
+                            let found: Vec<Port> = ports
+                                .iter()
+                                .filter(|np| {
+                                    np.name == name
+                                        && (protocol.is_none() || np.protocol == protocol)
+                                })
+                                .map(|np| Port::Number(i64::from(np.port)))
+                                .collect();
+                            if found.is_empty() {
+                                vec![Port::Named(name)]
+                            } else {
+                                found
+                            }
+                        }
+                        other => vec![other],
+                    })
+                    .collect();
+            }
+            rule
+        })
+        .collect()
 }
 
 impl PolicyProgram {

@@ -238,6 +238,7 @@ pub fn world() -> impl Strategy<Value = World> {
                         labels: labels.into(),
                         profiles: vec!["prof".into()],
                         addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+                        ports: Vec::new(),
                     },
                 );
             }
@@ -323,6 +324,7 @@ pub fn deny_rules_then_allow(n: usize) -> World {
         },
         EndpointInfo {
             addresses: vec!["10.0.0.1".parse().unwrap()],
+            ports: Vec::new(),
             ..Default::default()
         },
     );

@@ -24,6 +24,17 @@ pub struct EndpointInfo {
     pub labels: LabelSet,
     pub profiles: Vec<String>,
     pub addresses: Vec<IpAddr>,
+    /// Its named ports (`spec.ports`), which rules' named ports on its own side resolve to.
+    pub ports: Vec<NamedPort>,
+}
+
+/// One of an endpoint's named ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: String,
+    /// The protocol number (TCP 6, UDP 17, SCTP 132, UDPLite 136).
+    pub protocol: Option<u8>,
+    pub port: u16,
 }
 
 /// An endpoint's own labels, compact: sorted `(key, value)` pairs in one allocation of boxed
@@ -527,6 +538,14 @@ pub fn namespace_of_profile(
     Some((namespace.to_owned(), labels))
 }
 
+fn named_port(name: &str, protocol: &calico_model::Protocol, port: i64) -> Option<NamedPort> {
+    Some(NamedPort {
+        name: name.to_owned(),
+        protocol: protocol.number(),
+        port: u16::try_from(port).ok()?,
+    })
+}
+
 /// The label upstream puts on a Kubernetes endpoint naming its service account.
 pub const SERVICE_ACCOUNT_LABEL: &str = "projectcalico.org/serviceaccount";
 /// The prefix of the labels endpoints inherit from their service account's `ksa.*` profile.
@@ -643,6 +662,12 @@ impl Item {
                     labels: w.metadata.labels.clone().into(),
                     profiles: w.spec.profiles.clone(),
                     addresses: addresses(&w.spec.ip_networks),
+                    ports: w
+                        .spec
+                        .ports
+                        .iter()
+                        .filter_map(|p| named_port(&p.name, &p.protocol, p.port))
+                        .collect(),
                 },
             ),
             Resource::HostEndpoint(h) => Item::Endpoint(
@@ -654,6 +679,12 @@ impl Item {
                     labels: h.metadata.labels.clone().into(),
                     profiles: h.spec.profiles.clone(),
                     addresses: addresses(&h.spec.expected_ips),
+                    ports: h
+                        .spec
+                        .ports
+                        .iter()
+                        .filter_map(|p| named_port(&p.name, &p.protocol, p.port))
+                        .collect(),
                 },
             ),
             Resource::NetworkSet(s) | Resource::GlobalNetworkSet(s) => {

@@ -432,3 +432,91 @@ spec:
         "workers-only applies to the frontend"
     );
 }
+
+/// Named ports on the endpoint's own side (the destination of an ingress rule, the source of
+/// an egress rule) resolve to its `spec.ports` of that name and the rule's protocol; a name it
+/// does not have matches no port. The compiled tables agree with the reference evaluator, and
+/// a named port on the peers' side is still refused by the compiler, naming the field.
+#[test]
+fn named_ports_of_the_endpoint_itself() {
+    use calico_policy::CompiledProgram;
+    let w = world(
+        "
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec:
+  node: n1
+  ipNetworks: [10.0.0.9/32]
+  ports:
+  - {name: http, protocol: TCP, port: 8080}
+  - {name: metrics, protocol: UDP, port: 9100}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  selector: app == 'api'
+  types: [Ingress]
+  ingress:
+  - {action: Allow, protocol: TCP, destination: {ports: [http, 443]}}
+  - {action: Allow, protocol: TCP, destination: {ports: [metrics]}}
+  - {action: Allow, protocol: UDP, destination: {ports: [nosuch]}}
+",
+    );
+    let api = ep("shop", "api-1");
+    let udp = |dport| Packet {
+        protocol: 17,
+        ..tcp("10.0.0.1", "10.0.0.9", dport)
+    };
+    let cases = [
+        (tcp("10.0.0.1", "10.0.0.9", 8080), true),
+        (tcp("10.0.0.1", "10.0.0.9", 443), true),
+        (tcp("10.0.0.1", "10.0.0.9", 80), false),
+        // `metrics` is a UDP port: a TCP rule naming it matches nothing.
+        (tcp("10.0.0.1", "10.0.0.9", 9100), false),
+        // A name the endpoint does not have matches nothing (never "any port").
+        (udp(9100), false),
+        (udp(53), false),
+    ];
+    let program = w.program(&api, Direction::Ingress);
+    let compiled = CompiledProgram::compile(
+        &w,
+        &program,
+        &["10.0.0.9".parse().unwrap()],
+        Direction::Ingress,
+    )
+    .expect("the endpoint's own named ports compile");
+    for (packet, allowed) in cases {
+        let reference = evaluate(&w, &program, &packet);
+        assert_eq!(reference.allowed(), allowed, "{packet:?}: {reference:?}");
+        assert_eq!(
+            compiled.lookup(&packet).map(Verdict::allowed),
+            Some(allowed),
+            "compiled tables for {packet:?}"
+        );
+    }
+    // The peers' named ports: an egress rule's destination.
+    let peer_side = world(
+        "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: out, namespace: shop}
+spec:
+  selector: app == 'web'
+  types: [Egress]
+  egress:
+  - {action: Allow, protocol: TCP, destination: {ports: [http]}}
+",
+    );
+    let web = ep("shop", "web-1");
+    let program = peer_side.program(&web, Direction::Egress);
+    let err = CompiledProgram::compile(
+        &peer_side,
+        &program,
+        &["10.0.0.1".parse().unwrap()],
+        Direction::Egress,
+    )
+    .expect_err("peer-side named port");
+    assert_eq!(err.field, "destination.ports", "{err}");
+}
