@@ -149,13 +149,7 @@ async fn add(
                 .iter()
                 .filter_map(|n| n.parse().ok())
                 .collect();
-            let in_place = Plan {
-                host_veth: veth.clone(),
-                netns: PathBuf::from(&env.netns),
-                ifname: env.ifname.clone(),
-                mtu: conf.mtu.unwrap_or(1500),
-                addresses: ips.clone(),
-            };
+            let in_place = plan(env, conf, &veth, &ips);
             match wiring::check(&in_place) {
                 Ok(problems) if problems.is_empty() => {
                     let mac = existing.spec.mac.clone().unwrap_or_default();
@@ -189,13 +183,7 @@ async fn add(
             format!("IPAM plugin {ipam_type} assigned no address"),
         ));
     }
-    let plan = Plan {
-        host_veth: veth.clone(),
-        netns: PathBuf::from(&env.netns),
-        ifname: env.ifname.clone(),
-        mtu: conf.mtu.unwrap_or(1500),
-        addresses: addresses.clone(),
-    };
+    let plan = plan(env, conf, &veth, &addresses);
     let wired = match wiring::wire(&plan) {
         Ok(w) => w,
         Err(e) => {
@@ -233,6 +221,17 @@ async fn add(
         &addresses,
     )
     .to_json(version))
+}
+
+/// The wiring of this attachment: host veth `veth`, the call's namespace and interface.
+fn plan(env: &Env, conf: &NetConf, veth: &str, addresses: &[IpNet]) -> Plan {
+    Plan {
+        host_veth: veth.to_owned(),
+        netns: PathBuf::from(&env.netns),
+        ifname: env.ifname.clone(),
+        mtu: conf.mtu.unwrap_or(1500),
+        addresses: addresses.to_vec(),
+    }
 }
 
 fn endpoint(
@@ -411,13 +410,9 @@ async fn check(
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
     let prev = CniResult::from_value(prev)?;
     let stored = stored_endpoint(store, workload).await?;
-    let plan = Plan {
-        host_veth: host_veth(store, workload, env, stored.as_ref()).await?,
-        netns: PathBuf::from(&env.netns),
-        ifname: env.ifname.clone(),
-        mtu: conf.mtu.unwrap_or(1500),
-        addresses: prev.ips.iter().map(|i| i.address).collect(),
-    };
+    let veth = host_veth(store, workload, env, stored.as_ref()).await?;
+    let addresses: Vec<IpNet> = prev.ips.iter().map(|i| i.address).collect();
+    let plan = plan(env, conf, &veth, &addresses);
     let mut problems = wiring::check(&plan).map_err(wiring_error)?;
     match &stored {
         Some(w) if w.spec.container_id != env.container_id => problems.push(format!(

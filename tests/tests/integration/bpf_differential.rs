@@ -440,6 +440,20 @@ fn neighbour_discovery_passes_only_what_the_host_needs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The compiled ingress policy of the one endpoint among `docs`.
+fn ingress_of_the_endpoint(docs: &[calico_model::Resource]) -> anyhow::Result<CompiledProgram> {
+    let w = calico_policy::World::from_resources(docs).map_err(anyhow::Error::msg)?;
+    let id = w.endpoints.keys().next().expect("one endpoint").clone();
+    let addresses = w.endpoints[&id].addresses.clone();
+    let program = w.program(&id, Direction::Ingress);
+    Ok(CompiledProgram::compile(
+        &w,
+        &program,
+        &addresses,
+        Direction::Ingress,
+    )?)
+}
+
 /// A fragmented datagram (IPv4 and IPv6): its later fragments carry no ports, and follow the
 /// verdict its first fragment got at the same hook. A datagram to an allowed port passes
 /// whole; one to a denied port is dropped whole; a later fragment whose first was never seen
@@ -467,12 +481,7 @@ spec:
   ingress: [{action: Allow, protocol: UDP, destination: {ports: [53]}}]
 ",
     )?;
-    let w = calico_policy::World::from_resources(&docs).map_err(anyhow::Error::msg)?;
-    let id = w.endpoints.keys().next().unwrap().clone();
-    let addresses = w.endpoints[&id].addresses.clone();
-    let program = w.program(&id, Direction::Ingress);
-    let compiled = CompiledProgram::compile(&w, &program, &addresses, Direction::Ingress)?;
-    dp.install(LOOPBACK, Hook::Egress, &compiled)?;
+    dp.install(LOOPBACK, Hook::Egress, &ingress_of_the_endpoint(&docs)?)?;
 
     let udp = |src: &str, dst: &str, port: u16| Packet {
         src: src.parse().unwrap(),
@@ -573,16 +582,7 @@ spec:
   ingress: [{{action: {action}, protocol: TCP, destination: {{ports: [80]}}}}]
 "
         ))?;
-        let w = calico_policy::World::from_resources(&docs).map_err(anyhow::Error::msg)?;
-        let id = w.endpoints.keys().next().unwrap().clone();
-        let addresses = w.endpoints[&id].addresses.clone();
-        let program = w.program(&id, Direction::Ingress);
-        Ok(CompiledProgram::compile(
-            &w,
-            &program,
-            &addresses,
-            Direction::Ingress,
-        )?)
+        ingress_of_the_endpoint(&docs)
     };
     let p = Packet {
         src: "192.0.2.1".parse().unwrap(),

@@ -497,17 +497,25 @@ impl Ipam {
         })
     }
 
-    /// Addresses `handle` holds.
-    pub async fn ips_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+    /// Every block of the cluster, as (CIDR, spec).
+    async fn all_blocks(&self) -> Result<Vec<(IpNet, IpamBlockSpec)>, IpamError> {
         let (blocks, _) = self.store.list(Kind::IPAMBlock, None).await?;
         Ok(blocks
-            .iter()
+            .into_iter()
             .filter_map(|r| match r {
-                Resource::IPAMBlock(b) => Some(b),
+                Resource::IPAMBlock(b) => Some((b.spec.cidr.parse::<IpNet>().ok()?, b.spec)),
                 _ => None,
             })
-            .filter_map(|b| Some((b.spec.cidr.parse::<IpNet>().ok()?, &b.spec)))
-            .flat_map(|(cidr, spec)| block::held_by(spec, &cidr, handle))
+            .collect())
+    }
+
+    /// Addresses `handle` holds.
+    pub async fn ips_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        Ok(self
+            .all_blocks()
+            .await?
+            .iter()
+            .flat_map(|(cidr, spec)| block::held_by(spec, cidr, handle))
             .collect())
     }
 
@@ -562,17 +570,13 @@ impl Ipam {
 
     /// The handle that holds `ip`, or `None` when it is not allocated.
     pub async fn handle_of(&self, ip: IpAddr) -> Result<Option<String>, IpamError> {
-        let (blocks, _) = self.store.list(Kind::IPAMBlock, None).await?;
-        Ok(blocks
+        Ok(self
+            .all_blocks()
+            .await?
             .iter()
-            .filter_map(|r| match r {
-                Resource::IPAMBlock(b) => Some(b),
-                _ => None,
-            })
-            .filter_map(|b| Some((b.spec.cidr.parse::<IpNet>().ok()?, &b.spec)))
             .find(|(cidr, _)| cidr.contains(&ip))
             .and_then(|(cidr, spec)| {
-                let attr = spec.allocations.get(block::ordinal(&cidr, ip)?)?.as_ref()?;
+                let attr = spec.allocations.get(block::ordinal(cidr, ip)?)?.as_ref()?;
                 Some(
                     spec.attributes
                         .get(*attr)?

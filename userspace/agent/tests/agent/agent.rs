@@ -118,6 +118,26 @@ impl Setup {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Polls until the agent reports `count` programmed local endpoints.
+    fn wait_programmed(&self, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let programmed = self
+                .agent
+                .metric(&self.host, "felix_active_local_endpoints")?;
+            if programmed as usize == count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{programmed} endpoints programmed, expected {count}; agent log:\n{}",
+                    self.agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Polls until ping from client to server gives `expected`.
     fn wait_ping(&self, expected: bool, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -655,41 +675,27 @@ fn a_burst_of_300_interfaces_all_get_programmed() -> Result<()> {
     s.store.apply(&endpoints)?;
     // All the veths in one netlink batch (the peers stay in the host namespace: the agent
     // only cares about the `cali` ends).
-    let batch: String = (0..BURST)
-        .map(|i| format!("link add {} type veth peer name peer{i:04}\n", name(i)))
-        .collect();
-    let mut ip = std::process::Command::new("ip")
-        .args(["-n", s.host.name(), "-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    ip.stdin
-        .take()
-        .context("stdin")?
-        .write_all(batch.as_bytes())?;
-    anyhow::ensure!(ip.wait()?.success(), "ip -batch failed");
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let programmed = s.agent.metric(&s.host, "felix_active_local_endpoints")?;
-        if programmed as usize == BURST + 2 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{programmed} of {} endpoints programmed; agent log:\n{}",
-                BURST + 2,
-                s.agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    ip_batch(
+        &s.host,
+        (0..BURST).map(|i| format!("link add {} type veth peer name peer{i:04}\n", name(i))),
+    )?;
+    s.wait_programmed(BURST + 2, Duration::from_secs(120))?;
     // The veths go (a runtime tore them down before the endpoints were deleted): the gauge of
     // programmed endpoints follows the interfaces, not the datastore.
-    let batch: String = (0..BURST)
-        .map(|i| format!("link del {}\n", name(i)))
-        .collect();
+    ip_batch(
+        &s.host,
+        (0..BURST).map(|i| format!("link del {}\n", name(i))),
+    )?;
+    s.wait_programmed(2, Duration::from_secs(60))?;
+    // The earlier workloads are unaffected.
+    s.wait_ping(true, Duration::from_secs(10))
+}
+
+/// Runs `ip -batch` in `host` with `lines` (one netlink request for many links).
+fn ip_batch(host: &NetNs, lines: impl Iterator<Item = String>) -> Result<()> {
+    let batch: String = lines.collect();
     let mut ip = std::process::Command::new("ip")
-        .args(["-n", s.host.name(), "-batch", "-"])
+        .args(["-n", host.name(), "-batch", "-"])
         .stdin(std::process::Stdio::piped())
         .spawn()?;
     ip.stdin
@@ -697,20 +703,5 @@ fn a_burst_of_300_interfaces_all_get_programmed() -> Result<()> {
         .context("stdin")?
         .write_all(batch.as_bytes())?;
     anyhow::ensure!(ip.wait()?.success(), "ip -batch failed");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let programmed = s.agent.metric(&s.host, "felix_active_local_endpoints")?;
-        if programmed as usize == 2 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "felix_active_local_endpoints stays at {programmed} after the burst's veths went; agent log:\n{}",
-                s.agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // The earlier workloads are unaffected.
-    s.wait_ping(true, Duration::from_secs(10))
+    Ok(())
 }
