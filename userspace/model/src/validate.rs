@@ -287,15 +287,27 @@ impl Validator {
     }
 
     fn tier_prefix(&mut self, name: &str, tier: &Option<String>) {
-        let Some(tier) = tier else { return };
+        let tier = tier.as_deref().unwrap_or(DEFAULT_TIER);
         if let Err(why) = dns_label(tier) {
             self.err("spec.tier", format!("`{tier}` {why}"));
             return;
         }
-        if tier != DEFAULT_TIER && !name.starts_with(&format!("{tier}.")) {
+        let own = name.strip_prefix(&format!("{tier}."));
+        if tier != DEFAULT_TIER && own.is_none() {
             self.err(
                 "metadata.name",
                 format!("a policy in tier `{tier}` must be named `{tier}.<name>` (got `{name}`)"),
+            );
+            return;
+        }
+        // As upstream: the name proper is a DNS label, so the tier's is the only dot (a
+        // Kubernetes NetworkPolicy's Calico form, `knp.default.<name>`, keeps its own).
+        if !name.starts_with("knp.default.") && own.unwrap_or(name).contains('.') {
+            self.err(
+                "metadata.name",
+                format!(
+                    "`{name}`: a policy name is `<tier>.<name>` or `<name>`, with no other dot"
+                ),
             );
         }
     }

@@ -134,6 +134,8 @@ fn bad_inputs_name_their_field() {
         (kind("HostEndpoint", "h", "node: n\nexpectedIPs: [1.2.3.999]"), "spec.expectedIPs[0]", "not a valid IP"),
         (kind("GlobalNetworkSet", "s", "nets: [10.0.0.0/99]"), "spec.nets[0]", "not a valid CIDR"),
         // --- issue 17: what upstream refuses
+        ("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: a.b}\nspec: {selector: all()}\n".into(), "metadata.name", "no other dot"),
+        ("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: security.a.b}\nspec: {tier: security, selector: all()}\n".into(), "metadata.name", "no other dot"),
         ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, ipNetworks: [10.0.0.0/24]}\n".into(), "spec.ipNetworks[0]", "contains multiple addresses"),
         ("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: w, namespace: default}\nspec: {node: n, interfaceName: 'cali+x'}\n".into(), "spec.interfaceName", "only letters, digits"),
         ("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: s, labels: {projectcalico.org/name: x}}\nspec: {nets: [10.0.0.0/8]}\n".into(), "metadata.labels.projectcalico.org/name", "reserved"),
@@ -290,6 +292,9 @@ fn upstream_rules_accept_the_nearest_valid_form() {
         rule("action: Allow\nprotocol: TCP\ndestination:\n  ports: [1, '1:80', 65535]"),
         rule("action: Allow\nsource:\n  nets: [10.0.0.0/8]\ndestination:\n  nets: [192.0.2.0/24]"),
         rule("action: Allow\nsource:\n  notNets: [10.0.0.0/8]"),
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: security.a}\nspec: {tier: security, selector: all()}\n".to_owned(),
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: default.a}\nspec: {selector: all()}\n".to_owned(),
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: knp.default.allow.web, namespace: x}\nspec: {selector: all()}\n".to_owned(),
     ] {
         assert!(problems(&text).is_empty(), "{text}: {:?}", problems(&text));
     }
