@@ -272,6 +272,22 @@ impl Validator {
         }
     }
 
+    /// A log severity, in any case (as upstream reads them: `info` is `Info`).
+    fn severity(&mut self, path: &str, value: &Option<String>) {
+        if let Some(v) = value
+            .as_deref()
+            .filter(|v| !LOG_SEVERITIES.iter().any(|s| s.eq_ignore_ascii_case(v)))
+        {
+            self.err(
+                path,
+                format!(
+                    "`{v}` is not one of {} (any case)",
+                    LOG_SEVERITIES.join(", ")
+                ),
+            );
+        }
+    }
+
     fn one_of(&mut self, path: &str, value: &Option<String>, allowed: &[&str]) {
         if let Some(v) = value.as_deref().filter(|v| !allowed.contains(v)) {
             self.err(path, format!("`{v}` is not one of {}", allowed.join(", ")));
@@ -775,11 +791,7 @@ impl Validator {
 
     fn bgp_configuration(&mut self, name: &str, spec: &BgpConfigurationSpec) {
         let global = self.config_name(name);
-        self.one_of(
-            "spec.logSeverityScreen",
-            &spec.log_severity_screen,
-            LOG_SEVERITIES,
-        );
+        self.severity("spec.logSeverityScreen", &spec.log_severity_screen);
         self.port_number("spec.listenPort", spec.listen_port);
         self.as_number("spec.asNumber", spec.as_number);
         if !global {
@@ -887,7 +899,7 @@ impl Validator {
             ("logSeverityFile", &spec.log_severity_file),
             ("logSeveritySys", &spec.log_severity_sys),
         ] {
-            self.one_of(&format!("spec.{field}"), value, LOG_SEVERITIES);
+            self.severity(&format!("spec.{field}"), value);
         }
         self.one_of(
             "spec.defaultEndpointToHostAction",

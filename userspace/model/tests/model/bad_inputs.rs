@@ -294,6 +294,8 @@ fn upstream_rules_accept_the_nearest_valid_form() {
         rule("action: Allow\nsource:\n  notNets: [10.0.0.0/8]"),
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: security.a}\nspec: {tier: security, selector: all()}\n".to_owned(),
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: default.a}\nspec: {selector: all()}\n".to_owned(),
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: info, logSeverityFile: WARNING}\n".to_owned(),
+        "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: debug}\n".to_owned(),
         "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: knp.default.allow.web, namespace: x}\nspec: {selector: all()}\n".to_owned(),
     ] {
         assert!(problems(&text).is_empty(), "{text}: {:?}", problems(&text));
