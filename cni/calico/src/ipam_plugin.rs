@@ -111,9 +111,10 @@ pub async fn run(
     let handle = Workload::handle(&conf.name, &env.container_id);
     match command {
         Command::Add => {
-            let held = ipam.ips_by_handle(&handle).await.map_err(ipam_error)?;
+            let held = ipam.adopt_held(&handle).await.map_err(ipam_error)?;
             if !held.is_empty() {
-                // A retried ADD: answer with what this attachment already holds.
+                // A retried ADD: answer with what this attachment already holds (its handle
+                // record restored if a failed attempt lost it).
                 return Ok(Some(result_for(&held).to_json(version)));
             }
             let workload = Workload::new(&node, &env.container_id, &env.ifname, &env.args);

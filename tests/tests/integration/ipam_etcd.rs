@@ -248,3 +248,48 @@ async fn an_unstorable_handle_fails_before_anything_is_written() -> anyhow::Resu
     assert_eq!(got.len(), 1);
     Ok(())
 }
+
+/// An allocation whose handle record was lost (an ADD that failed, or was killed, between the
+/// block write and the handle write, with no rollback after it) is adopted when the handle
+/// asks again: the record is restored with the allocation's block, so release by handle and
+/// `ipam check` see it. (Found by the CNI chaos test: a retried ADD answered with the address
+/// and left it unrecorded.)
+#[tokio::test]
+async fn a_retried_assignment_adopts_an_allocation_whose_handle_was_lost() -> anyhow::Result<()> {
+    let Some((_etcd, store)) = setup(&pool("p", "10.22.0.0/30", 30)).await? else {
+        return Ok(());
+    };
+    let ipam = Ipam::new(store.clone(), "node-a");
+    let got = ipam.auto_assign(&request("net1.lost", 1, 0)).await?;
+    store
+        .delete(Kind::IPAMHandle, None, "net1.lost", None)
+        .await?;
+    assert!(
+        store
+            .get(Kind::IPAMHandle, None, "net1.lost")
+            .await
+            .is_err(),
+        "the handle record is gone"
+    );
+    let held = ipam.adopt_held("net1.lost").await?;
+    assert_eq!(held, vec![got[0].addr()], "the allocation is found");
+    let Resource::IPAMHandle(h) = store.get(Kind::IPAMHandle, None, "net1.lost").await? else {
+        panic!("not a handle")
+    };
+    assert_eq!(
+        h.spec.block.values().sum::<usize>(),
+        1,
+        "the record counts the address: {:?}",
+        h.spec.block
+    );
+    // Positive control: a handle that holds nothing gets no record.
+    assert!(ipam.adopt_held("net1.nothing").await?.is_empty());
+    assert!(store
+        .get(Kind::IPAMHandle, None, "net1.nothing")
+        .await
+        .is_err());
+    // And the adopted address is released with its handle.
+    ipam.release_by_handle("net1.lost").await?;
+    assert!(ipam.ips_by_handle("net1.lost").await?.is_empty());
+    Ok(())
+}

@@ -568,6 +568,55 @@ impl Ipam {
         Ok(released)
     }
 
+    /// What `handle` holds, with its handle record brought to say so. An allocation whose
+    /// handle write was lost (an ADD killed, or failed with etcd gone before its rollback
+    /// could run) is adopted by the retried ADD instead of staying unrecorded.
+    pub async fn adopt_held(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let mut per_block: BTreeMap<String, usize> = BTreeMap::new();
+        let mut held = Vec::new();
+        for (cidr, spec) in self.all_blocks().await? {
+            let ips = block::held_by(&spec, &cidr, handle);
+            if !ips.is_empty() {
+                per_block.insert(cidr.to_string(), ips.len());
+                held.extend(ips);
+            }
+        }
+        if held.is_empty() {
+            return Ok(held);
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let result = match self.store.get(Kind::IPAMHandle, None, handle).await {
+                Ok(Resource::IPAMHandle(h)) if h.spec.block == per_block => return Ok(held),
+                Ok(mut resource) => {
+                    if let Resource::IPAMHandle(h) = &mut resource {
+                        h.spec.block = per_block.clone();
+                    }
+                    self.store.update(resource).await.map(drop)
+                }
+                Err(DatastoreError::NotFound { .. }) => {
+                    tracing::warn!(handle, addresses = ?held, "allocation without its handle record; adopting it");
+                    let spec = IpamHandleSpec {
+                        handle_id: handle.to_owned(),
+                        block: per_block.clone(),
+                        deleted: false,
+                    };
+                    self.store.create(handle_resource(spec)).await.map(drop)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match result {
+                Ok(()) => return Ok(held),
+                Err(DatastoreError::Conflict { .. } | DatastoreError::AlreadyExists { .. }) => {
+                    contended().await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("handle {handle}"),
+        })
+    }
+
     /// The handle that holds `ip`, or `None` when it is not allocated.
     pub async fn handle_of(&self, ip: IpAddr) -> Result<Option<String>, IpamError> {
         Ok(self

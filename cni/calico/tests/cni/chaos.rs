@@ -118,11 +118,20 @@ async fn chaos_of_kills_leaves_ipam_and_host_consistent() -> anyhow::Result<()> 
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as u64
-        | 1;
-    println!("chaos seed {seed}");
+    // CHAOS_SEED replays a run's choices of what to kill and when (timings still vary).
+    let seed = match std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(seed) => seed,
+        None => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64
+                | 1
+        }
+    };
+    println!("chaos seed {seed} (CHAOS_SEED={seed} replays it)");
     let chaos = Chaos {
         host: &host,
         conf: &conf,

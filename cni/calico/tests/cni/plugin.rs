@@ -547,3 +547,52 @@ async fn attachments_sharing_a_name_prefix_keep_their_own_veths() -> anyhow::Res
     assert_eq!(host_name(&again), veth_a);
     Ok(())
 }
+
+/// An ADD that failed between the IPAM plugin's two writes (the block's allocation, then the
+/// handle record: etcd killed in between, and no rollback could run) leaves an address with
+/// no handle record; the runtime's retried ADD gets that address and restores the record, so
+/// the address is not unaccounted for while the workload runs. (Found by the chaos test.)
+#[tokio::test]
+async fn a_retried_add_restores_a_lost_handle_record() -> anyhow::Result<()> {
+    if !require("a_retried_add_restores_a_lost_handle_record", NEEDS) {
+        return Ok(());
+    }
+    let etcd = etcd_with_pools(&[("p4", "198.18.26.0/24")]).await?;
+    let w = Attachment::new(netconf(&etcd, "net1", "1.0.0", "node1"));
+    // The IPAM half of a first attempt, as the network plugin runs it.
+    let ipam = std::path::Path::new(calico()).with_file_name("calico-ipam");
+    let first = call(
+        &ipam.display().to_string(),
+        "ADD",
+        &w.container,
+        &w.netns_path(),
+        "eth0",
+        "",
+        &w.conf,
+    );
+    ok(&first, "calico-ipam ADD");
+    let address = first.json()["ips"][0]["address"].clone();
+    let store =
+        calico_datastore::Datastore::connect(&calico_datastore::EtcdConfig::with_endpoints([
+            etcd.endpoint()
+        ]))
+        .await?;
+    store
+        .delete(
+            calico_model::Kind::IPAMHandle,
+            None,
+            &format!("net1.{}", w.container),
+            None,
+        )
+        .await?;
+    assert_eq!(ipam_usage(&etcd).await?, (1, 0), "the record was lost");
+    let add = w.run("ADD");
+    ok(&add, "the runtime's retried ADD");
+    assert_eq!(add.json()["ips"][0]["address"], address, "the same address");
+    assert_eq!(
+        ipam_usage(&etcd).await?,
+        (1, 1),
+        "the handle record is back"
+    );
+    Ok(())
+}
