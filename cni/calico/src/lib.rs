@@ -48,9 +48,7 @@ pub fn main(plugin: Plugin) -> ExitCode {
     let mut stdin = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut stdin);
     // Errors are written in the version the caller asked for, when it could be read.
-    let requested = serde_json::from_slice::<serde_json::Value>(&stdin)
-        .ok()
-        .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+    let requested = requested_version(&stdin)
         .filter(|v| protocol::SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".to_owned());
     match run(plugin, &stdin) {
@@ -65,6 +63,13 @@ pub fn main(plugin: Plugin) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `cniVersion` stdin asks for, when it is JSON that names one.
+fn requested_version(stdin: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
 }
 
 /// One plugin call, read from the environment and stdin and checked before anything on the
@@ -96,10 +101,7 @@ impl Invocation {
     ) -> Result<Invocation, CniError> {
         let (command, env) = Env::read(lookup)?;
         if command == Command::Version {
-            let version = serde_json::from_slice::<serde_json::Value>(stdin)
-                .ok()
-                .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| "1.1.0".to_owned());
+            let version = requested_version(stdin).unwrap_or_else(|| "1.1.0".to_owned());
             return Ok(Invocation::Version(version));
         }
         let (conf, raw) = netconf::NetConf::parse(stdin)?;

@@ -5,7 +5,7 @@
 use std::{net::IpAddr, path::Path, process::ExitCode};
 
 use anyhow::{anyhow, bail, Context, Result};
-use calico_model::Kind;
+use calico_model::{Kind, Protocol};
 use calico_policy::{evaluate, Direction, EndpointId, Packet, RuleRef, Verdict, World};
 use clap::{Subcommand, ValueEnum};
 
@@ -235,8 +235,10 @@ fn address_of(world: &World, id: &EndpointId, v4: bool) -> Result<IpAddr> {
 
 /// The protocol part of a trace: `tcp/80`, `icmp/8/0`, `47`.
 struct Traffic {
-    protocol: Option<u8>,
+    /// As written (for messages).
     name: String,
+    /// Resolved by the model's protocol names, as policy rules resolve theirs.
+    protocol: Protocol,
     port: u16,
     icmp: Option<(u8, u8)>,
 }
@@ -244,7 +246,7 @@ struct Traffic {
 impl Traffic {
     fn parse(text: &str) -> Result<Self> {
         let mut parts = text.split('/');
-        let name = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let name = parts.next().unwrap_or_default().to_owned();
         let rest: Vec<&str> = parts.collect();
         let number = |what: &str, s: &str| -> Result<u16> {
             s.parse()
@@ -254,49 +256,57 @@ impl Traffic {
             s.parse()
                 .map_err(|_| anyhow!("`{text}`: {what} `{s}` is not 0-255"))
         };
-        let protocol = match name.as_str() {
-            "tcp" => Some(6),
-            "udp" => Some(17),
-            "sctp" => Some(132),
-            "udplite" => Some(136),
-            "icmp" | "icmpv6" => None,
-            other => Some(byte("protocol", other)?),
+        let protocol = match name.parse::<i64>() {
+            Ok(n) => Protocol::Number(n),
+            Err(_) => Protocol::Name(name.clone()),
+        };
+        let Some(number_of) = protocol.number() else {
+            bail!(
+                "`{text}`: `{name}` is not a protocol name ({}) or number 1-255",
+                Protocol::NAMES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         };
         let mut traffic = Traffic {
+            name,
             protocol,
-            name: name.clone(),
             port: 0,
             icmp: None,
         };
-        match (name.as_str(), rest.as_slice()) {
-            ("tcp" | "udp" | "sctp" | "udplite", [port]) => traffic.port = number("port", port)?,
-            ("tcp" | "udp" | "sctp" | "udplite", _) => {
-                bail!("`{text}`: give the destination port, e.g. {name}/80")
+        match rest.as_slice() {
+            [port] if traffic.protocol.has_ports() => traffic.port = number("port", port)?,
+            _ if traffic.protocol.has_ports() => {
+                bail!(
+                    "`{text}`: give the destination port, e.g. {}/80",
+                    traffic.name
+                )
             }
-            ("icmp" | "icmpv6", []) => {
-                traffic.icmp = Some((if name == "icmp" { 8 } else { 128 }, 0))
+            [] if traffic.protocol.is_icmp() => {
+                traffic.icmp = Some((if number_of == 1 { 8 } else { 128 }, 0))
             }
-            ("icmp" | "icmpv6", [t]) => traffic.icmp = Some((byte("type", t)?, 0)),
-            ("icmp" | "icmpv6", [t, c]) => {
+            [t] if traffic.protocol.is_icmp() => traffic.icmp = Some((byte("type", t)?, 0)),
+            [t, c] if traffic.protocol.is_icmp() => {
                 traffic.icmp = Some((byte("type", t)?, byte("code", c)?))
             }
-            (_, []) => {}
+            [] => {}
             _ => bail!("`{text}` is not PROTOCOL/PORT, icmp[/TYPE[/CODE]] or a protocol number"),
         }
         Ok(traffic)
     }
 
     fn packet(&self, src: IpAddr, dst: IpAddr, source_port: u16) -> Result<Packet> {
-        let protocol = match (self.protocol, self.name.as_str(), src.is_ipv4()) {
-            (Some(p), _, _) => p,
-            (None, "icmp", true) => 1,
-            (None, "icmpv6", false) => 58,
-            (None, name, _) => bail!(
-                "{name} does not go between IPv{} addresses",
+        let protocol = self.protocol.number().expect("checked when parsed");
+        if (protocol == 1 && !src.is_ipv4()) || (protocol == 58 && src.is_ipv4()) {
+            bail!(
+                "{} does not go between IPv{} addresses",
+                self.name,
                 if src.is_ipv4() { 4 } else { 6 }
-            ),
-        };
-        let ports = matches!(protocol, 6 | 17 | 132 | 136);
+            );
+        }
+        let ports = self.protocol.has_ports();
         Ok(Packet {
             src,
             dst,

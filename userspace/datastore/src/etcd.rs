@@ -9,7 +9,7 @@ use etcd_client::{
 };
 
 use crate::{
-    keys::{key_for, key_for_name, parse_key, prefix_for},
+    keys::{key_for, key_for_name, parse_key, prefix_for, KeyInfo},
     Backoff, DatastoreError, EtcdConfig,
 };
 
@@ -338,16 +338,8 @@ impl Datastore {
         kind: Kind,
         namespace: Option<&str>,
     ) -> Result<(Vec<Resource>, i64), DatastoreError> {
-        let prefix = prefix_for(kind, namespace);
-        let (kvs, revision) = self.read_prefix(&prefix).await?;
-        let resources = kvs
-            .iter()
-            .filter(|kv| {
-                parse_key(kv.key_str().unwrap_or_default()).is_some_and(|k| k.kind == kind)
-            })
-            .map(decode)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((resources, revision))
+        let (each, revision) = self.list_each(kind, namespace).await?;
+        Ok((each.into_iter().collect::<Result<Vec<_>, _>>()?, revision))
     }
 
     /// [`Datastore::list`], with a value that cannot be read returned as an error in its place
@@ -358,15 +350,8 @@ impl Datastore {
         kind: Kind,
         namespace: Option<&str>,
     ) -> Result<(Vec<Result<Resource, DatastoreError>>, i64), DatastoreError> {
-        let (all, revision) = self.list_prefix(&prefix_for(kind, namespace)).await?;
-        let of_kind = all
-            .into_iter()
-            .filter(|r| match r {
-                Ok(resource) => resource.kind() == kind,
-                Err(_) => true,
-            })
-            .collect();
-        Ok((of_kind, revision))
+        self.read_decoded(&prefix_for(kind, namespace), |k| k.kind == kind)
+            .await
     }
 
     /// Reads every object under `prefix` (any kinds), with the revision it was read at. Values
@@ -375,10 +360,20 @@ impl Datastore {
         &self,
         prefix: &str,
     ) -> Result<(Vec<Result<Resource, DatastoreError>>, i64), DatastoreError> {
+        self.read_decoded(prefix, |_| true).await
+    }
+
+    /// The objects under `prefix` whose keys `keep` accepts (keys outside the layout are
+    /// skipped), each decoded or the error that says why it cannot be.
+    async fn read_decoded(
+        &self,
+        prefix: &str,
+        keep: impl Fn(&KeyInfo) -> bool,
+    ) -> Result<(Vec<Result<Resource, DatastoreError>>, i64), DatastoreError> {
         let (kvs, revision) = self.read_prefix(prefix).await?;
         let resources = kvs
             .iter()
-            .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some())
+            .filter(|kv| parse_key(kv.key_str().unwrap_or_default()).is_some_and(|k| keep(&k)))
             .map(decode)
             .collect();
         Ok((resources, revision))

@@ -115,10 +115,7 @@ fn check_supported(
         // Named ports on the endpoint's own side were resolved with its program (a name it
         // does not have matches no port); on the peer's side they would need per-peer port
         // sets.
-        let peer_side = match direction {
-            Direction::Ingress => side == "source",
-            Direction::Egress => side == "destination",
-        };
+        let peer_side = std::ptr::eq(e, peer_entity(rule, direction));
         for (field, ports) in [("ports", &e.ports), ("notPorts", &e.not_ports)] {
             if peer_side && ports.iter().any(|p| matches!(p, Port::Named(_))) {
                 return Err(err(
@@ -950,10 +947,18 @@ fn local_matches(
 }
 
 /// The side of a rule that describes the endpoint itself.
-fn local_entity(r: &Rule, direction: Direction) -> &EntityRule {
+pub(crate) fn local_entity(r: &Rule, direction: Direction) -> &EntityRule {
     match direction {
         Direction::Ingress => &r.destination,
         Direction::Egress => &r.source,
+    }
+}
+
+/// [`local_entity`], to change (the endpoint's own named ports resolved with its program).
+pub(crate) fn local_entity_mut(r: &mut Rule, direction: Direction) -> &mut EntityRule {
+    match direction {
+        Direction::Ingress => &mut r.destination,
+        Direction::Egress => &mut r.source,
     }
 }
 

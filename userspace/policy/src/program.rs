@@ -8,6 +8,7 @@ use calico_model::{
 };
 
 use crate::{
+    compile::{local_entity, local_entity_mut},
     world::{NamedPort, PolicyKey},
     Direction, EndpointId, World,
 };
@@ -143,19 +144,13 @@ fn with_local_ports(rules: &[Rule], direction: Direction, ports: &[NamedPort]) -
         .iter()
         .map(|rule| {
             let named = |list: &[Port]| list.iter().any(|p| matches!(p, Port::Named(_)));
-            let local = match direction {
-                Direction::Ingress => &rule.destination,
-                Direction::Egress => &rule.source,
-            };
+            let local = local_entity(rule, direction);
             if ports.is_empty() || !(named(&local.ports) || named(&local.not_ports)) {
                 return rule.clone();
             }
             let mut rule = rule.clone();
             let protocol = rule.protocol.as_ref().and_then(|p| p.number());
-            let local = match direction {
-                Direction::Ingress => &mut rule.destination,
-                Direction::Egress => &mut rule.source,
-            };
+            let local = local_entity_mut(&mut rule, direction);
             for list in [&mut local.ports, &mut local.not_ports] {
                 *list = list
                     .drain(..)
