@@ -64,15 +64,25 @@ mod tests {
 
 // ---------------------------------------------------------------------------------------------
 // Policy: the tables calico-policy's compiler produces, in map form. A packet's verdict is a
-// handful of lookups whatever the number of rules: endpoint → program; peer address, local
-// address, protocol and source port → classes; classes + destination port (or ICMP type/code)
-// → verdict. Programs are identified by a number so that a new version can be written beside
-// the old one and switched to with a single map update.
+// handful of lookups whatever the number of rules: endpoint → program; peer address → the
+// class of the rules' own nets it falls in, and its membership of each IP set the program's
+// selectors name (one shared set per selector, as upstream's `cali_v4_ip_sets`); those two →
+// peer class; local address, protocol and source port → classes; classes + destination port
+// (or ICMP type/code) → verdict. Programs are identified by a number so that a new version can
+// be written beside the old one and switched to with a single map update.
 
 /// `EndpointKey` → `ProgramRef`: which compiled program guards an interface and direction.
 pub const POLICY_ENDPOINTS_MAP: &str = "POLICY_EPS";
-/// LPM trie, `PeerKeyData` → peer class.
-pub const POLICY_PEERS_MAP: &str = "POLICY_PEERS";
+/// LPM trie, `PeerKeyData` (nets table id, address) → net class: the rules' own `nets` and
+/// `notNets`, per table (shared by content).
+pub const POLICY_NETS_MAP: &str = "POLICY_NETS";
+/// LPM trie, `PeerKeyData` (IP set id, address) → 1: the members of every IP set a program's
+/// selectors stand for, each set stored once whatever the number of programs reading it.
+pub const POLICY_IP_SETS_MAP: &str = "POLICY_IP_SETS";
+/// Hash, program id → `SetList`: the IP sets a program consults, in mask bit order.
+pub const POLICY_SET_LISTS_MAP: &str = "POLICY_SET_LISTS";
+/// Hash, `PeerClassKey` → peer class (absent: the combination cannot occur; fail closed).
+pub const POLICY_PEER_CLASSES_MAP: &str = "POLICY_PEER_CLASSES";
 /// Hash, `LocalKey` → local class.
 pub const POLICY_LOCALS_MAP: &str = "POLICY_LOCALS";
 /// Hash, `ProtoKey` → protocol class (absent: `ProgramRef::other_protocol`).
@@ -105,19 +115,47 @@ pub struct ProgramRef {
     pub program: u32,
     /// Class of protocols no rule names.
     pub other_protocol: u32,
-    /// The peer table (in `POLICY_PEERS`) the program reads. Tables are shared by content:
-    /// every program whose peer prefixes and classes are the same (the endpoints a namespace's
-    /// policies select alike) reads one copy, so an IP set is stored once, not per endpoint.
-    pub peers: u32,
+    /// The nets table (in `POLICY_NETS`) the program reads, shared by every program whose
+    /// rules name the same nets.
+    pub nets: u32,
+    /// How many IP sets its `SetList` names (0: no lookup at all).
+    pub sets: u32,
 }
 
-/// LPM data: peer table id (big-endian, always fully matched; see [`ProgramRef::peers`]) then
-/// the address as IPv6 (IPv4 mapped to ::ffff:a.b.c.d).
+/// LPM data: a nets table id or an IP set id (big-endian, always fully matched) then the
+/// address as IPv6 (IPv4 mapped to ::ffff:a.b.c.d).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerKeyData {
     pub table: [u8; 4],
     pub addr: [u8; 16],
+}
+
+/// Most IP sets one program consults (the bits of `PeerClassKey::mask`).
+pub const POLICY_MAX_PROGRAM_SETS: usize = 64;
+
+/// The IP sets of one program: bit `i` of a peer's membership mask is `ids[i]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetList {
+    pub ids: [u32; POLICY_MAX_PROGRAM_SETS],
+}
+
+impl Default for SetList {
+    fn default() -> Self {
+        Self {
+            ids: [0; POLICY_MAX_PROGRAM_SETS],
+        }
+    }
+}
+
+/// A peer's net class and IP set memberships in one program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerClassKey {
+    pub program: u32,
+    pub net_class: u32,
+    pub mask: u64,
 }
 
 #[repr(C)]
@@ -170,6 +208,7 @@ pub struct VerdictValue {
 pub const POLICY_MAX_ENDPOINTS: u32 = 16_384;
 pub const POLICY_MAX_CLASSES: u32 = 262_144;
 pub const POLICY_MAX_VERDICTS: u32 = 1_048_576;
+pub const POLICY_MAX_IP_SET_MEMBERS: u32 = 1_048_576;
 
 /// Packets and bytes each verdict of each program decided (per-CPU hash `POLICY_RULE_STATS`);
 /// userspace maps `verdict` back to the deciding rule of the program it compiled.
@@ -250,6 +289,8 @@ mod pod {
     unsafe impl aya::Pod for super::VerdictEvent {}
     unsafe impl aya::Pod for super::ProgramRef {}
     unsafe impl aya::Pod for super::PeerKeyData {}
+    unsafe impl aya::Pod for super::SetList {}
+    unsafe impl aya::Pod for super::PeerClassKey {}
     unsafe impl aya::Pod for super::LocalKey {}
     unsafe impl aya::Pod for super::ProtoKey {}
     unsafe impl aya::Pod for super::PortKeyData {}
@@ -265,8 +306,10 @@ mod policy_layout {
     fn policy_map_types_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<ProgramRef>(), 12);
+        assert_eq!(size_of::<ProgramRef>(), 16);
         assert_eq!(size_of::<PeerKeyData>(), 20);
+        assert_eq!(size_of::<SetList>(), 4 * POLICY_MAX_PROGRAM_SETS);
+        assert_eq!(size_of::<PeerClassKey>(), 16);
         assert_eq!(size_of::<LocalKey>(), 20);
         assert_eq!(size_of::<ProtoKey>(), 8);
         assert_eq!(size_of::<PortKeyData>(), 6);

@@ -31,20 +31,32 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use calico_bpf_common::{
-    CtKey, CtValue, EndpointKey, FragKey, LocalKey, PeerKeyData, PolicyStat, PortKeyData,
-    ProgramRef, ProtoKey, RuleStatKey, RuleStatValue, VerdictEvent, VerdictKeyData, VerdictValue,
-    ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_FIN_HI, CT_FIN_LO, FRAGMENTS_MAX_ENTRIES,
-    POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS,
-    POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
+    CtKey, CtValue, EndpointKey, FragKey, LocalKey, PeerClassKey, PeerKeyData, PolicyStat,
+    PortKeyData, ProgramRef, ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictEvent,
+    VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_FIN_HI, CT_FIN_LO,
+    FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS,
+    POLICY_MAX_PROGRAM_SETS, POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT,
+    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
 };
 
 #[map(name = "POLICY_EPS")]
 static POLICY_EPS: HashMap<EndpointKey, ProgramRef> =
     HashMap::with_max_entries(POLICY_MAX_ENDPOINTS, 0);
 
-#[map(name = "POLICY_PEERS")]
-static POLICY_PEERS: LpmTrie<PeerKeyData, u32> =
+#[map(name = "POLICY_NETS")]
+static POLICY_NETS: LpmTrie<PeerKeyData, u32> =
     LpmTrie::with_max_entries(POLICY_MAX_CLASSES, BPF_F_NO_PREALLOC);
+
+#[map(name = "POLICY_IP_SETS")]
+static POLICY_IP_SETS: LpmTrie<PeerKeyData, u32> =
+    LpmTrie::with_max_entries(POLICY_MAX_IP_SET_MEMBERS, BPF_F_NO_PREALLOC);
+
+#[map(name = "POLICY_SET_LISTS")]
+static POLICY_SET_LISTS: HashMap<u32, SetList> = HashMap::with_max_entries(POLICY_MAX_ENDPOINTS, 0);
+
+#[map(name = "POLICY_PEER_CLASSES")]
+static POLICY_PEER_CLASSES: HashMap<PeerClassKey, u32> =
+    HashMap::with_max_entries(POLICY_MAX_CLASSES, 0);
 
 #[map(name = "POLICY_LOCALS")]
 static POLICY_LOCALS: HashMap<LocalKey, u32> = HashMap::with_max_entries(POLICY_MAX_CLASSES, 0);
@@ -96,6 +108,7 @@ struct Scratch {
     inner: Tuple,
     has_inner: bool,
     peer_key: Key<PeerKeyData>,
+    class_key: PeerClassKey,
     local_key: LocalKey,
     verdict_key: Key<VerdictKeyData>,
     /// The packet is the first fragment of a datagram (`frag_key` names the datagram).
@@ -337,11 +350,32 @@ fn decide(
         (&scratch.flow.src, &scratch.flow.dst)
     };
     scratch.peer_key.prefix_len = 160;
-    scratch.peer_key.data.table = program.peers.to_be_bytes();
+    scratch.peer_key.data.table = program.nets.to_be_bytes();
     scratch.peer_key.data.addr = *peer_addr;
     scratch.local_key.program = id;
     scratch.local_key.addr = *local_addr;
-    let peer = *POLICY_PEERS.get(&scratch.peer_key)?;
+    scratch.class_key.program = id;
+    scratch.class_key.net_class = *POLICY_NETS.get(&scratch.peer_key)?;
+    // The peer's membership of each IP set the program consults: one lookup per set in the
+    // shared set map (the sets are stored once, not per program).
+    let mut mask = 0u64;
+    if program.sets > 0 {
+        // SAFETY: the value is read while the program runs; a concurrent replacement is
+        // written whole before the program that reads it is switched to.
+        let list = unsafe { POLICY_SET_LISTS.get(&id) }?;
+        for i in 0..POLICY_MAX_PROGRAM_SETS {
+            if i as u32 >= program.sets {
+                break;
+            }
+            scratch.peer_key.data.table = list.ids[i].to_be_bytes();
+            if POLICY_IP_SETS.get(&scratch.peer_key).is_some() {
+                mask |= 1 << i;
+            }
+        }
+    }
+    scratch.class_key.mask = mask;
+    // SAFETY: the value is copied out at once.
+    let peer = unsafe { *POLICY_PEER_CLASSES.get(&scratch.class_key)? };
     // SAFETY: the value is copied out at once.
     let local = unsafe { *POLICY_LOCALS.get(&scratch.local_key)? };
     let flow = &scratch.flow;

@@ -225,13 +225,13 @@ fn fifty_thousand_rules_load_and_decide_correctly() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Programs with the same peer prefixes read one shared peer table: installing the same
-/// program for a second endpoint writes no peer entries, removing one endpoint keeps the other
-/// deciding correctly, and the last one out takes the table with it.
+/// Programs with the same rule nets read one shared nets table: installing the same program
+/// for a second endpoint writes no nets entries, removing one endpoint keeps the other deciding
+/// correctly, and the last one out takes the table with it.
 #[test]
-fn identical_peer_tables_are_stored_once() -> anyhow::Result<()> {
+fn identical_nets_tables_are_stored_once() -> anyhow::Result<()> {
     if !require(
-        "identical_peer_tables_are_stored_once",
+        "identical_nets_tables_are_stored_once",
         &[Requirement::Root, Requirement::Bpf],
     ) {
         return Ok(());
@@ -243,17 +243,13 @@ fn identical_peer_tables_are_stored_once() -> anyhow::Result<()> {
     let program = w.program(&id, Direction::Ingress);
     let compiled =
         CompiledProgram::compile(&w, &program, &["10.0.0.1".parse()?], Direction::Ingress)?;
-    let peers = |dp: &PolicyDataplane| {
-        dp.occupancy()
-            .into_iter()
-            .find(|(m, _)| *m == calico_bpf_common::POLICY_PEERS_MAP)
-            .map_or(0, |(_, n)| n)
-    };
+    let peers = |dp: &PolicyDataplane| entries(dp, calico_bpf_common::POLICY_NETS_MAP);
     dp.install(LOOPBACK, Hook::Egress, &compiled)?;
     let one = peers(&dp);
-    assert_eq!(one, compiled.peer_prefixes.len());
+    assert_eq!(one, compiled.peer_nets.len());
+    assert!(one > 100, "{one}");
     dp.install(OTHER_ENDPOINT, Hook::Egress, &compiled)?;
-    assert_eq!(peers(&dp), one, "the second endpoint copied the peer table");
+    assert_eq!(peers(&dp), one, "the second endpoint copied the nets table");
 
     dp.remove(OTHER_ENDPOINT, Hook::Egress)?;
     assert_eq!(
@@ -286,12 +282,12 @@ fn identical_peer_tables_are_stored_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A remote pod joining and leaving an IP set changes one peer entry in place: the program
+/// A remote pod joining and leaving an IP set changes one set entry in place: the program
 /// (and every other table) stays, and the decisions follow at once.
 #[test]
-fn an_ip_set_member_change_updates_the_peer_table_in_place() -> anyhow::Result<()> {
+fn an_ip_set_member_change_updates_the_set_in_place() -> anyhow::Result<()> {
     if !require(
-        "an_ip_set_member_change_updates_the_peer_table_in_place",
+        "an_ip_set_member_change_updates_the_set_in_place",
         &[Requirement::Root, Requirement::Bpf],
     ) {
         return Ok(());
@@ -320,12 +316,7 @@ fn an_ip_set_member_change_updates_the_peer_table_in_place() -> anyhow::Result<(
             CompiledProgram::compile(w, &program, &["10.0.0.1".parse()?], Direction::Ingress)?;
         Ok(dp.install(LOOPBACK, Hook::Egress, &compiled)?)
     };
-    let peers = |dp: &PolicyDataplane| {
-        dp.occupancy()
-            .into_iter()
-            .find(|(m, _)| *m == calico_bpf_common::POLICY_PEERS_MAP)
-            .map_or(0, |(_, n)| n)
-    };
+    let peers = |dp: &PolicyDataplane| entries(dp, calico_bpf_common::POLICY_IP_SETS_MAP);
     let verdict = |dp: &mut PolicyDataplane, src: &str| -> anyhow::Result<i32> {
         dp.clear_conntrack()?;
         Ok(dp.test_run(
@@ -386,6 +377,123 @@ fn an_ip_set_member_change_updates_the_peer_table_in_place() -> anyhow::Result<(
     // A change that is more than membership (a new rule) takes the full path.
     dp.remove(LOOPBACK, Hook::Egress)?;
     assert_eq!(peers(&dp), 0);
+    Ok(())
+}
+
+/// Entries the dataplane holds in `map`.
+fn entries(dp: &PolicyDataplane, map: &str) -> usize {
+    dp.occupancy()
+        .into_iter()
+        .find(|(m, _)| *m == map)
+        .map_or(0, |(_, n)| n)
+}
+
+/// An IP set is stored once however many programs consult it: two endpoints whose programs
+/// differ (their own addresses, their other rules) but name the same selector share its
+/// members; each decides by it; a member change written for one is seen by both; the set goes
+/// with its last user.
+#[test]
+fn an_ip_set_is_stored_once_for_every_program_that_names_it() -> anyhow::Result<()> {
+    if !require(
+        "an_ip_set_is_stored_once_for_every_program_that_names_it",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    const SECOND: u32 = 999_998;
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    // Two servers in different namespaces; each namespace's policy allows TCP from the
+    // cross-namespace set `role == 'client'` (one scope), the second also UDP from anyone.
+    let world = |clients: usize| -> anyhow::Result<calico_policy::World> {
+        let mut text = String::new();
+        for (ns, extra) in [("a", ""), ("b", "\n  - {action: Allow, protocol: UDP}")] {
+            text.push_str(&format!("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: {ns}}}\nspec:\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  - {{action: Allow, protocol: TCP, source: {{namespaceSelector: all(), selector: role == 'client'}}}}{extra}\n---\napiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: server, namespace: {ns}, labels: {{app: server}}}}\nspec: {{node: n, ipNetworks: ['10.0.{}.1/32']}}\n---\n", ns.len()));
+        }
+        for i in 0..clients {
+            text.push_str(&format!("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: c{i}, namespace: c, labels: {{role: client}}}}\nspec: {{node: other, ipNetworks: ['10.9.{}.{}/32']}}\n---\n", i / 200, i % 200 + 1));
+        }
+        text.push_str("apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {name: stranger, namespace: c}\nspec: {node: other, ipNetworks: ['10.8.0.1/32']}\n");
+        calico_policy::World::from_resources(&calico_model::parse_documents(&text)?)
+            .map_err(anyhow::Error::msg)
+    };
+    let server = |ns: &str| calico_policy::EndpointId {
+        namespace: Some(ns.into()),
+        name: "server".into(),
+    };
+    let compile = |w: &calico_policy::World, ns: &str| -> anyhow::Result<CompiledProgram> {
+        let id = server(ns);
+        let addresses = w.endpoints[&id].addresses.clone();
+        Ok(CompiledProgram::compile(
+            w,
+            &w.program(&id, Direction::Ingress),
+            &addresses,
+            Direction::Ingress,
+        )?)
+    };
+    let verdict = |dp: &mut PolicyDataplane,
+                   ifindex_hook: Hook,
+                   src: &str,
+                   dst: &str,
+                   protocol: u8|
+     -> anyhow::Result<i32> {
+        dp.clear_conntrack()?;
+        Ok(dp.test_run(
+            ifindex_hook,
+            &frame(&Packet {
+                src: src.parse()?,
+                dst: dst.parse()?,
+                protocol,
+                src_port: 40000,
+                dst_port: 80,
+                icmp: None,
+            }),
+        )?)
+    };
+    let sets = |dp: &PolicyDataplane| entries(dp, calico_bpf_common::POLICY_IP_SETS_MAP);
+
+    let w = world(300)?;
+    let (a, b) = (compile(&w, "a")?, compile(&w, "b")?);
+    assert_ne!(a.verdicts, b.verdicts, "the two programs differ");
+    assert_eq!(a.peer_sets, b.peer_sets, "one scope, one set");
+    dp.install(LOOPBACK, Hook::Egress, &a)?;
+    assert_eq!(sets(&dp), 300);
+    dp.install(SECOND, Hook::Egress, &b)?;
+    assert_eq!(sets(&dp), 300, "the second program copied the set");
+    // The first program decides by the shared set (test runs use the loopback interface).
+    assert_eq!(
+        verdict(&mut dp, Hook::Egress, "10.9.0.7", "10.0.1.1", 6)?,
+        TC_ACT_PIPE,
+        "a client is allowed"
+    );
+    assert_eq!(
+        verdict(&mut dp, Hook::Egress, "10.8.0.1", "10.0.1.1", 6)?,
+        TC_ACT_SHOT,
+        "a stranger is denied"
+    );
+
+    // The set shrinks through the second endpoint's install; the first reads the new members.
+    let w = world(100)?;
+    dp.install(SECOND, Hook::Egress, &compile(&w, "b")?)?;
+    assert_eq!(sets(&dp), 100);
+    assert_eq!(
+        verdict(&mut dp, Hook::Egress, "10.9.0.7", "10.0.1.1", 6)?,
+        TC_ACT_PIPE,
+        "still a client"
+    );
+    assert_eq!(
+        verdict(&mut dp, Hook::Egress, "10.9.1.7", "10.0.1.1", 6)?,
+        TC_ACT_SHOT,
+        "no longer a client: denied"
+    );
+
+    dp.remove(LOOPBACK, Hook::Egress)?;
+    assert_eq!(
+        sets(&dp),
+        100,
+        "the set went while the second endpoint still reads it"
+    );
+    dp.remove(SECOND, Hook::Egress)?;
+    assert_eq!(sets(&dp), 0, "the last user left the set behind");
     Ok(())
 }
 

@@ -80,6 +80,34 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
         String::from_utf8_lossy(&created.stderr)
     );
 
+    // ... and the per-program peer table layout 3 had (layout 4 has nets tables and shared
+    // IP sets instead).
+    let retired = dir.0.join("POLICY_PEERS");
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&retired)
+        .args([
+            "type",
+            "lpm_trie",
+            "key",
+            "20",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "POLICY_PEERS",
+            "flags",
+            "1",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        created.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    assert!(retired.exists());
+
     // "This release", asked for a bigger conntrack (bpfMapSizeConntrack).
     let (dp, _) = PolicyDataplane::load(&LoadOptions {
         pin_path: Some(dir.0.clone()),
@@ -102,7 +130,8 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
         std::mem::size_of::<EndpointKey>(),
         "the endpoint map kept the old key"
     );
-    assert!(dir.0.join("layout-v3").is_dir(), "no layout version marker");
+    assert!(dir.0.join("layout-v4").is_dir(), "no layout version marker");
+    assert!(!retired.exists(), "the retired map's pin stayed");
     // A restart that does not know the configured size (etcd unreachable) keeps it.
     drop(dp);
     let (dp, _) = PolicyDataplane::load(&LoadOptions {

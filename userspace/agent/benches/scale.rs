@@ -41,9 +41,6 @@ const TEAMS: usize = 50;
 const APPS: usize = 5;
 const GLOBAL_POLICIES: usize = 10;
 const SAMPLES: usize = 30;
-/// The map sizes FelixConfiguration asks for (upstream's `bpfMapSizeIPSets` and
-/// `bpfMapSizeConntrack` names): this cluster's IP sets do not fit the defaults.
-const IPSETS_MAP_SIZE: u32 = 4 << 20;
 
 /// Cluster endpoint `i`'s address: 10.128.0.0/9 upwards.
 fn address(i: usize) -> Ipv4Addr {
@@ -184,7 +181,8 @@ fn main() -> Result<()> {
     // The cluster.
     let written = Instant::now();
     let mut objects: Vec<Resource> = Vec::new();
-    objects.push(resource(&format!("apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\nspec:\n  bpfMapSizeIPSets: {IPSETS_MAP_SIZE}\n")));
+    // No FelixConfiguration: the default map sizes hold this cluster's IP sets (each stored
+    // once, however many local endpoints consult it).
     objects.push(resource(
         "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: platform}\nspec: {order: 100}\n",
     ));

@@ -180,7 +180,7 @@ impl FelixSettings {
                 (
                     "spec.bpfMapSizeIPSets",
                     spec.bpf_map_size_ip_sets,
-                    calico_bpf_common::POLICY_PEERS_MAP,
+                    calico_bpf_common::POLICY_IP_SETS_MAP,
                 ),
             ] {
                 let Some(value) = value else { continue };
@@ -211,7 +211,7 @@ impl FelixSettings {
 
 #[cfg(test)]
 mod tests {
-    use calico_bpf_common::{CONNTRACK_MAP, POLICY_PEERS_MAP};
+    use calico_bpf_common::{CONNTRACK_MAP, POLICY_IP_SETS_MAP};
 
     use super::*;
 
@@ -229,7 +229,7 @@ mod tests {
         let s = FelixSettings::resolve(Some(&global), Some(&node)).unwrap();
         assert_eq!(
             s.map_sizes,
-            [(POLICY_PEERS_MAP, 500_000), (CONNTRACK_MAP, 2_000_000)]
+            [(POLICY_IP_SETS_MAP, 500_000), (CONNTRACK_MAP, 2_000_000)]
         );
         for bad in [0, 99_999_999_999] {
             let spec = FelixConfigurationSpec {

@@ -263,7 +263,7 @@ mod tests {
         let m = Metrics::default();
         Metrics::set_total(&m.denied, 42);
         m.resyncs.inc();
-        m.set_occupancy(vec![("POLICY_PEERS", 7)]);
+        m.set_occupancy(vec![("POLICY_IP_SETS", 7)]);
         assert!(m.set_datastore_connected(true));
         assert!(!m.set_datastore_connected(true));
         m.in_sync.set(1);
@@ -272,7 +272,7 @@ mod tests {
         for line in [
             "felix_bpf_packets_denied_total 42",
             "felix_resyncs_total 1",
-            "felix_bpf_map_entries{map=\"POLICY_PEERS\"} 7",
+            "felix_bpf_map_entries{map=\"POLICY_IP_SETS\"} 7",
             "felix_datastore_connected 1",
         ] {
             assert!(text.contains(line), "no `{line}` in:\n{text}");

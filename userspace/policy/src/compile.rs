@@ -51,8 +51,15 @@ pub struct Cell {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CompiledProgram {
     pub direction: Option<Direction>,
-    /// Longest prefix wins; every family has a /0 entry.
-    pub peer_prefixes: Vec<(IpNet, u32)>,
+    /// The rules' own nets and notNets → net class; longest prefix wins; every family has a
+    /// /0 entry.
+    pub peer_nets: Vec<(IpNet, u32)>,
+    /// The IP sets the rules' selectors stand for (at most [`MAX_PEER_SETS`]): bit `i` of a
+    /// peer's membership mask is `peer_sets[i]`.
+    pub peer_sets: Vec<PeerSet>,
+    /// (net class, membership mask) → peer class, for every combination an address can have
+    /// with these sets; any other combination has no class (fail closed).
+    pub peer_classes: Vec<(u32, u64, u32)>,
     /// The endpoint's own addresses; anything else does not belong to it.
     pub local_addresses: Vec<(IpAddr, u32)>,
     /// Protocols some rule names; all others are `other_protocol`.
@@ -64,6 +71,18 @@ pub struct CompiledProgram {
     /// `type << 8 | code`), each with an index into `verdicts`.
     pub cells: BTreeMap<Cell, Vec<(u16, u16, u32)>>,
     pub verdicts: Vec<Verdict>,
+}
+
+/// Most distinct peer selectors (IP sets) one endpoint's policy in one direction may name: the
+/// bits of the dataplane's membership mask.
+pub const MAX_PEER_SETS: usize = 64;
+
+/// An IP set a program consults: its identity (the rule selector with its namespace) and
+/// members, sorted. The dataplane stores each scope once, shared by every program naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSet {
+    pub scope: SelectorScope,
+    pub members: std::sync::Arc<Vec<IpNet>>,
 }
 
 /// Rejects what cannot be compiled, naming the rule and field.
@@ -190,12 +209,23 @@ struct Group {
     tier_default: Option<(TierDefaultAction, String)>,
 }
 
-/// The peer-address part of a rule: what an address must be inside (each list: any of its
-/// prefixes) and must not be inside.
+/// The peer-address part of a rule: what an address must be inside (any of the nets; a
+/// member of the selected set) and must not be inside (any of the notNets; a member of the
+/// excluded set).
 struct PeerPredicate {
     nets: Option<Vec<IpNet>>,
-    selected: Option<Vec<IpNet>>,
-    excluded: Vec<IpNet>,
+    not_nets: Vec<IpNet>,
+    selected: Option<usize>,
+    excluded: Option<usize>,
+}
+
+/// A region's marks merged per rule, sorted by rule.
+fn merged(marks: &[(u32, u8)]) -> Vec<(u32, u8)> {
+    let mut bits: BTreeMap<u32, u8> = BTreeMap::new();
+    for (r, b) in marks {
+        *bits.entry(*r).or_default() |= b;
+    }
+    bits.into_iter().collect()
 }
 
 impl PeerPredicate {
@@ -218,6 +248,15 @@ impl PrefixIndex {
         let mut sorted: Vec<IpNet> = prefixes.into_iter().collect();
         sorted.sort_by_key(family_key);
         Self { sorted }
+    }
+
+    /// Marks `rule` with `bit` on every region inside `q`.
+    fn mark(&self, q: &IpNet, marks: &mut [Vec<(u32, u8)>], rule: u32, bit: u8) {
+        for i in self.inside(q) {
+            if self.sorted[i].prefix_len() >= q.prefix_len() {
+                marks[i].push((rule, bit));
+            }
+        }
     }
 
     /// Indices of the listed prefixes inside `q` (including `q` itself when listed).
@@ -349,7 +388,7 @@ impl CompiledProgram {
             }
         }
 
-        // What each rule asks of the peer's address, with selector results cached.
+        // Selector results for the endpoint's own side (its addresses are matched against them).
         let mut cache: BTreeMap<SelectorScope, Vec<IpNet>> = BTreeMap::new();
         let mut selected =
             |sel: Option<&str>, ns_sel: Option<&str>, ns: Option<&str>| -> Vec<IpNet> {
@@ -361,83 +400,160 @@ impl CompiledProgram {
                 cache.insert(scope, prefixes.clone());
                 prefixes
             };
-        let peers: Vec<PeerPredicate> = rules
-            .iter()
-            .map(|f| {
-                let e = peer_entity(f.rule, direction);
-                let nets = (!e.nets.is_empty())
-                    .then(|| parse_nets(&e.nets).iter().map(IpNet::trunc).collect());
-                let has_sel = e.selector.is_some() || e.namespace_selector.is_some();
-                let sel = has_sel.then(|| {
-                    selected(
-                        e.selector.as_deref(),
-                        e.namespace_selector.as_deref(),
-                        f.namespace,
-                    )
+        // What each rule asks of the peer's address. Selectors stand for IP sets, each
+        // distinct scope once (bit `i` of a peer's membership mask is `peer_sets[i]`); the
+        // rules' own nets go into the nets partition.
+        let mut set_index: BTreeMap<SelectorScope, usize> = BTreeMap::new();
+        let mut peer_sets: Vec<PeerSet> = Vec::new();
+        let mut set_of = |f: &FlatRule<'_>,
+                          sel: Option<&str>,
+                          ns_sel: Option<&str>|
+         -> Result<usize, CompileError> {
+            let scope = SelectorScope::new(sel, ns_sel, f.namespace);
+            if let Some(&i) = set_index.get(&scope) {
+                return Ok(i);
+            }
+            if peer_sets.len() == MAX_PEER_SETS {
+                let (policy, index) = match &f.at {
+                    RuleRef::Rule { policy, index, .. } => (policy.clone(), *index),
+                    _ => (String::new(), 0),
+                };
+                return Err(CompileError {
+                    policy,
+                    index,
+                    field: "selector".into(),
+                    reason: format!(
+                        "the endpoint's policy names more than {MAX_PEER_SETS} distinct peer selectors"
+                    ),
                 });
-                let mut excluded: Vec<IpNet> =
-                    parse_nets(&e.not_nets).iter().map(IpNet::trunc).collect();
-                if let Some(not) = &e.not_selector {
-                    excluded.extend(selected(
-                        Some(not),
-                        e.namespace_selector.as_deref(),
-                        f.namespace,
-                    ));
-                }
-                PeerPredicate {
-                    nets,
-                    selected: sel,
-                    excluded,
-                }
-            })
-            .collect();
-
-        // The prefix partition of peer addresses.
-        let mut listed: BTreeSet<IpNet> = BTreeSet::new();
-        listed.insert("0.0.0.0/0".parse().expect("constant"));
-        listed.insert("::/0".parse().expect("constant"));
-        for p in &peers {
-            listed.extend(p.nets.iter().flatten());
-            listed.extend(p.selected.iter().flatten());
-            listed.extend(p.excluded.iter());
+            }
+            let mut members = ipsets.prefixes(&scope);
+            members.sort_unstable();
+            members.dedup();
+            set_index.insert(scope.clone(), peer_sets.len());
+            peer_sets.push(PeerSet {
+                scope,
+                members: std::sync::Arc::new(members),
+            });
+            Ok(peer_sets.len() - 1)
+        };
+        let mut peers: Vec<PeerPredicate> = Vec::with_capacity(rules.len());
+        for f in &rules {
+            let e = peer_entity(f.rule, direction);
+            let nets = (!e.nets.is_empty())
+                .then(|| parse_nets(&e.nets).iter().map(IpNet::trunc).collect());
+            let has_sel = e.selector.is_some() || e.namespace_selector.is_some();
+            let selected_set = if has_sel {
+                Some(set_of(
+                    f,
+                    e.selector.as_deref(),
+                    e.namespace_selector.as_deref(),
+                )?)
+            } else {
+                None
+            };
+            let excluded_set = match &e.not_selector {
+                Some(not) => Some(set_of(f, Some(not), e.namespace_selector.as_deref())?),
+                None => None,
+            };
+            peers.push(PeerPredicate {
+                nets,
+                not_nets: parse_nets(&e.not_nets).iter().map(IpNet::trunc).collect(),
+                selected: selected_set,
+                excluded: excluded_set,
+            });
         }
-        let index = PrefixIndex::new(listed);
-        let n_regions = index.sorted.len();
-        // marks[region] = (rule, bits): 1 inside nets, 2 inside selected, 4 excluded.
-        let mut marks: Vec<Vec<(u32, u8)>> = vec![Vec::new(); n_regions];
-        let mut mark = |q: &IpNet, rule: u32, bit: u8| {
-            for i in index.inside(q) {
-                if index.sorted[i].prefix_len() >= q.prefix_len() {
-                    marks[i].push((rule, bit));
+        // Which rules each set bit speaks for: (rule, 2) selected by it, (rule, 4) excluded.
+        let mut set_users: Vec<Vec<(u32, u8)>> = vec![Vec::new(); peer_sets.len()];
+        for (r, p) in peers.iter().enumerate() {
+            if let Some(s) = p.selected {
+                set_users[s].push((r as u32, 2));
+            }
+            if let Some(s) = p.excluded {
+                set_users[s].push((r as u32, 4));
+            }
+        }
+
+        // The nets partition: the rules' own prefixes alone, each region a net class named
+        // by which rules' nets (1) and notNets (4) hold it.
+        let mut literal: BTreeSet<IpNet> = BTreeSet::new();
+        literal.insert("0.0.0.0/0".parse().expect("constant"));
+        literal.insert("::/0".parse().expect("constant"));
+        for p in &peers {
+            literal.extend(p.nets.iter().flatten());
+            literal.extend(p.not_nets.iter());
+        }
+        let mark_literal = |index: &PrefixIndex, marks: &mut Vec<Vec<(u32, u8)>>| {
+            for (r, p) in peers.iter().enumerate() {
+                for q in p.nets.iter().flatten() {
+                    index.mark(q, marks, r as u32, 1);
+                }
+                for q in &p.not_nets {
+                    index.mark(q, marks, r as u32, 4);
                 }
             }
         };
-        let mut wildcards = Vec::new();
-        for (r, p) in peers.iter().enumerate() {
-            let r32 = r as u32;
-            if p.is_wildcard() {
-                wildcards.push(r32);
+        let literal_index = PrefixIndex::new(literal.clone());
+        let mut literal_marks = vec![Vec::new(); literal_index.sorted.len()];
+        mark_literal(&literal_index, &mut literal_marks);
+        let mut net_classes: BTreeMap<(bool, Vec<(u32, u8)>), u32> = BTreeMap::new();
+        let mut peer_nets = Vec::new();
+        for (i, net) in literal_index.sorted.iter().enumerate() {
+            if literal_index.region_empty(i) {
+                continue;
             }
-            for q in p.nets.iter().flatten() {
-                mark(q, r32, 1);
-            }
-            for q in p.selected.iter().flatten() {
-                mark(q, r32, 2);
-            }
-            for q in &p.excluded {
-                mark(q, r32, 4);
+            let key = (net.addr().is_ipv4(), merged(&literal_marks[i]));
+            let next = net_classes.len() as u32;
+            let class = *net_classes.entry(key).or_insert(next);
+            peer_nets.push((*net, class));
+        }
+
+        // The full partition: nets and set members together. Each region's net class and
+        // set mask together decide which rules its addresses satisfy: its peer class.
+        let mut listed = literal;
+        for set in &peer_sets {
+            listed.extend(set.members.iter());
+        }
+        let index = PrefixIndex::new(listed);
+        let mut marks: Vec<Vec<(u32, u8)>> = vec![Vec::new(); index.sorted.len()];
+        mark_literal(&index, &mut marks);
+        let mut masks = vec![0u64; index.sorted.len()];
+        for (s, set) in peer_sets.iter().enumerate() {
+            for q in set.members.iter() {
+                for i in index.inside(q) {
+                    if index.sorted[i].prefix_len() >= q.prefix_len() {
+                        masks[i] |= 1 << s;
+                    }
+                }
             }
         }
+        let wildcards: Vec<u32> = peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.is_wildcard())
+            .map(|(r, _)| r as u32)
+            .collect();
         let mut peer_classes: BTreeMap<(bool, Vec<u32>, Vec<u32>), u32> = BTreeMap::new();
-        let mut peer_sets: Vec<(bool, Vec<u32>)> = Vec::new();
-        let mut peer_prefixes = Vec::new();
+        let mut peer_rule_sets: Vec<(bool, Vec<u32>)> = Vec::new();
+        let mut combos: BTreeMap<(u32, u64), u32> = BTreeMap::new();
         for (i, net) in index.sorted.iter().enumerate() {
             if index.region_empty(i) {
                 continue;
             }
-            let mut bits: BTreeMap<u32, u8> = BTreeMap::new();
-            for (r, b) in &marks[i] {
-                *bits.entry(*r).or_default() |= b;
+            let v4 = net.addr().is_ipv4();
+            let literal_bits = merged(&marks[i]);
+            let net_class = net_classes[&(v4, literal_bits.clone())];
+            let mask = masks[i];
+            if combos.contains_key(&(net_class, mask)) {
+                continue;
+            }
+            let mut bits: BTreeMap<u32, u8> = literal_bits.into_iter().collect();
+            for (s, users) in set_users.iter().enumerate() {
+                if mask & (1 << s) != 0 {
+                    for (r, b) in users {
+                        *bits.entry(*r).or_default() |= b;
+                    }
+                }
             }
             let mut specific = Vec::new();
             let mut excluded_wild = Vec::new();
@@ -458,7 +574,6 @@ impl CompiledProgram {
                     specific.push(*r);
                 }
             }
-            let v4 = net.addr().is_ipv4();
             let key = (v4, specific, excluded_wild);
             let next = peer_classes.len() as u32;
             let class = *peer_classes.entry(key.clone()).or_insert_with(|| {
@@ -467,14 +582,14 @@ impl CompiledProgram {
                 let mut all: Vec<u32> = key.1.clone();
                 all.extend(wildcards.iter().filter(|w| key.2.binary_search(w).is_err()));
                 all.sort_unstable();
-                peer_sets.push((v4, all));
+                peer_rule_sets.push((v4, all));
                 next
             });
-            peer_prefixes.push((*net, class));
+            combos.insert((net_class, mask), class);
         }
         // Classes numbered by what they mean (their key's rank), not by where their first
-        // address sorts: a member joining or leaving a class that exists then changes the peer
-        // prefixes alone, and the dataplane can update them in place.
+        // address sorts: a member joining or leaving a class that exists then changes the
+        // sets and combinations alone, and the dataplane can update them in place.
         let rank: Vec<u32> = {
             let mut by_first_seen = vec![0u32; peer_classes.len()];
             for (rank, first_seen) in peer_classes.values().enumerate() {
@@ -482,16 +597,18 @@ impl CompiledProgram {
             }
             by_first_seen
         };
-        for (_, class) in &mut peer_prefixes {
-            *class = rank[*class as usize];
-        }
-        let mut ranked: Vec<(u32, (bool, Vec<u32>))> = peer_sets
+        let peer_classes_out: Vec<(u32, u64, u32)> = combos
+            .into_iter()
+            .map(|((net_class, mask), class)| (net_class, mask, rank[class as usize]))
+            .collect();
+        let mut ranked: Vec<(u32, (bool, Vec<u32>))> = peer_rule_sets
             .into_iter()
             .enumerate()
             .map(|(first_seen, set)| (rank[first_seen], set))
             .collect();
         ranked.sort_by_key(|(rank, _)| *rank);
-        let peer_sets: Vec<(bool, Vec<u32>)> = ranked.into_iter().map(|(_, set)| set).collect();
+        let peer_sets_by_class: Vec<(bool, Vec<u32>)> =
+            ranked.into_iter().map(|(_, set)| set).collect();
 
         // Local addresses: the endpoint's own.
         let mut local_classes: BTreeMap<(bool, Vec<bool>), u32> = BTreeMap::new();
@@ -589,7 +706,7 @@ impl CompiledProgram {
         let mut verdict_ids: BTreeMap<Verdict, u32> = BTreeMap::new();
         let mut verdicts = Vec::new();
         let mut cells = BTreeMap::new();
-        for (peer, (peer_v4, peer_rules)) in peer_sets.iter().enumerate() {
+        for (peer, (peer_v4, peer_rules)) in peer_sets_by_class.iter().enumerate() {
             for (local, (local_v4, local_sig)) in local_sets.iter().enumerate() {
                 if peer_v4 != local_v4 {
                     continue;
@@ -638,7 +755,9 @@ impl CompiledProgram {
         }
         Ok(CompiledProgram {
             direction: Some(direction),
-            peer_prefixes,
+            peer_nets,
+            peer_sets,
+            peer_classes: peer_classes_out,
             local_addresses,
             protocols,
             other_protocol,
@@ -656,12 +775,23 @@ impl CompiledProgram {
             Direction::Ingress => (packet.src, packet.dst),
             Direction::Egress => (packet.dst, packet.src),
         };
-        let peer = self
-            .peer_prefixes
+        let net_class = self
+            .peer_nets
             .iter()
             .filter(|(n, _)| n.contains(&peer_ip))
             .max_by_key(|(n, _)| n.prefix_len())?
             .1;
+        let mask = self
+            .peer_sets
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.members.iter().any(|n| n.contains(&peer_ip)))
+            .fold(0u64, |m, (i, _)| m | 1 << i);
+        let peer = self
+            .peer_classes
+            .iter()
+            .find(|(n, m, _)| *n == net_class && *m == mask)?
+            .2;
         let local = self.local_addresses.iter().find(|(a, _)| *a == local_ip)?.1;
         let protocol = self
             .protocols

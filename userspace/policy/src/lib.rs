@@ -18,7 +18,7 @@ mod program;
 pub mod testing;
 mod world;
 
-pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram};
+pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram, PeerSet, MAX_PEER_SETS};
 pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
 pub use world::{

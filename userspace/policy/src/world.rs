@@ -460,7 +460,9 @@ impl World {
 }
 
 /// A rule's selector pair with the namespace it is evaluated in (the policy's, None for
-/// global policies and profiles): the key of an IP set.
+/// global policies and profiles): the key of an IP set. With a `namespaceSelector` the
+/// policy's namespace plays no part (the rule looks across namespaces), so it is left out and
+/// the same rule in every namespace names one set.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SelectorScope {
     pub selector: Option<String>,
@@ -477,7 +479,9 @@ impl SelectorScope {
         Self {
             selector: selector.map(str::to_owned),
             namespace_selector: namespace_selector.map(str::to_owned),
-            namespace: namespace.map(str::to_owned),
+            namespace: namespace
+                .filter(|_| namespace_selector.is_none())
+                .map(str::to_owned),
         }
     }
 }

@@ -5,14 +5,16 @@
 //! switched to it with one map update, and the old program's entries are deleted. A packet
 //! therefore sees either the old tables or the new ones, never a mix.
 //!
-//! One job a file: loading (here), [`attach`]ing and adopting pinned links, writing
-//! [`tables`], [`sweep`]ing a previous run's entries, [`conntrack`], and [`observe`] (counters,
-//! events, the log switch, test runs).
+//! One job a file: loading (here), [`attach`]ing and adopting pinned links, writing a
+//! program's [`tables`], the tables programs share ([`shared`]: nets tables and IP sets,
+//! stored once), [`sweep`]ing a previous run's entries, [`conntrack`], and [`observe`]
+//! (counters, events, the log switch, test runs).
 
 mod attach;
 mod conntrack;
 mod observe;
 mod pins;
+mod shared;
 mod sweep;
 mod tables;
 
@@ -27,16 +29,19 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use calico_bpf_common::{
-    CtKey, CtValue, EndpointKey, LocalKey, PeerKeyData, PortKeyData, ProgramRef, ProtoKey,
-    RuleStatKey, RuleStatValue, VerdictKeyData, VerdictValue, CONNTRACK_MAP, POLICY_EGRESS_PROG,
-    POLICY_ENDPOINTS_MAP, POLICY_EVENTS_MAP, POLICY_INGRESS_PROG, POLICY_LOCALS_MAP,
-    POLICY_LOG_MAP, POLICY_PEERS_MAP, POLICY_PROTOS_MAP, POLICY_RULE_STATS_MAP, POLICY_SPORTS_MAP,
-    POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS, TC_INGRESS,
+    CtKey, CtValue, EndpointKey, LocalKey, PeerClassKey, PeerKeyData, PortKeyData, ProgramRef,
+    ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictKeyData, VerdictValue, CONNTRACK_MAP,
+    POLICY_EGRESS_PROG, POLICY_ENDPOINTS_MAP, POLICY_EVENTS_MAP, POLICY_INGRESS_PROG,
+    POLICY_IP_SETS_MAP, POLICY_LOCALS_MAP, POLICY_LOG_MAP, POLICY_NETS_MAP,
+    POLICY_PEER_CLASSES_MAP, POLICY_PROTOS_MAP, POLICY_RULE_STATS_MAP, POLICY_SET_LISTS_MAP,
+    POLICY_SPORTS_MAP, POLICY_STATS_MAP, POLICY_VERDICTS_MAP, TC_EGRESS, TC_INGRESS,
 };
 use calico_policy::Verdict;
 
 pub use conntrack::{ConntrackExpirer, ConntrackTimeouts, TrackedFlow};
 pub use observe::{PolicyCounters, RuleCounter};
+
+use shared::{IpSets, NetPrefixes, NetsTable};
 
 use crate::{
     object::{classifier, map_err, take},
@@ -64,10 +69,16 @@ impl Hook {
 /// Everything written for one installed program, so it can be deleted again.
 #[derive(Default)]
 struct Written {
-    /// The peer table the program reads (shared; see `PeerTable`).
-    peers: Option<PeerPrefixes>,
-    /// The program as compiled, less its peer prefixes: a new version that differs only in
-    /// those updates the peer table in place.
+    /// The nets table the program reads (shared; see `shared`).
+    nets: Option<NetPrefixes>,
+    /// The IP sets it reads (shared), in mask bit order.
+    sets: Vec<calico_policy::SelectorScope>,
+    /// Its `POLICY_SET_LISTS` entry was written (under its program id).
+    set_list: bool,
+    /// Its (net class, mask) → peer class entries.
+    classes: Vec<PeerClassKey>,
+    /// The program as compiled, less its set members and peer class entries: a new version
+    /// that differs only in those updates them in place.
     shape: Option<Box<calico_policy::CompiledProgram>>,
     locals: Vec<LocalKey>,
     protos: Vec<ProtoKey>,
@@ -75,20 +86,13 @@ struct Written {
     verdicts: Vec<Key<VerdictKeyData>>,
 }
 
-/// A program's peer prefixes with their classes: the identity of a shared peer table.
-type PeerPrefixes = std::sync::Arc<Vec<(ipnet::IpNet, u32)>>;
-
-/// One peer table in `POLICY_PEERS`: its id, its keys, and how many installed programs read it.
-struct PeerTable {
-    id: u32,
-    keys: Vec<Key<PeerKeyData>>,
-    users: usize,
-}
-
 pub struct PolicyDataplane {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, EndpointKey, ProgramRef>,
-    peers: LpmTrie<MapData, PeerKeyData, u32>,
+    nets: LpmTrie<MapData, PeerKeyData, u32>,
+    ip_set_members: LpmTrie<MapData, PeerKeyData, u32>,
+    set_lists: HashMap<MapData, u32, SetList>,
+    peer_classes: HashMap<MapData, PeerClassKey, u32>,
     locals: HashMap<MapData, LocalKey, u32>,
     protos: HashMap<MapData, ProtoKey, u32>,
     sports: LpmTrie<MapData, PortKeyData, u32>,
@@ -101,9 +105,12 @@ pub struct PolicyDataplane {
     /// Each installed program's verdicts (what its verdict indices stand for).
     verdicts_of: BTreeMap<u32, Vec<Verdict>>,
     next_program: u32,
-    /// Peer tables by content, shared by every program with the same peer prefixes.
-    peer_tables: std::collections::HashMap<PeerPrefixes, PeerTable>,
-    next_peer_table: u32,
+    /// Nets tables by content, shared by every program with the same nets.
+    nets_tables: std::collections::HashMap<NetPrefixes, NetsTable>,
+    next_nets_table: u32,
+    /// IP sets by scope, shared by every program whose selectors name them.
+    ip_sets: IpSets,
+    next_ip_set: u32,
     installed: BTreeMap<(u32, u32), (u32, Written)>,
     /// Where maps and links are pinned, if anywhere.
     pin_path: Option<PathBuf>,
@@ -129,10 +136,13 @@ enum Attachment {
 
 /// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
 /// need to).
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 12] = [
     POLICY_RULE_STATS_MAP,
     POLICY_ENDPOINTS_MAP,
-    POLICY_PEERS_MAP,
+    POLICY_NETS_MAP,
+    POLICY_IP_SETS_MAP,
+    POLICY_SET_LISTS_MAP,
+    POLICY_PEER_CLASSES_MAP,
     POLICY_LOCALS_MAP,
     POLICY_PROTOS_MAP,
     POLICY_SPORTS_MAP,
@@ -213,7 +223,10 @@ impl PolicyDataplane {
         let mut dataplane = Self {
             capacity,
             endpoints: take(&mut ebpf, POLICY_ENDPOINTS_MAP)?,
-            peers: take(&mut ebpf, POLICY_PEERS_MAP)?,
+            nets: take(&mut ebpf, POLICY_NETS_MAP)?,
+            ip_set_members: take(&mut ebpf, POLICY_IP_SETS_MAP)?,
+            set_lists: take(&mut ebpf, POLICY_SET_LISTS_MAP)?,
+            peer_classes: take(&mut ebpf, POLICY_PEER_CLASSES_MAP)?,
             locals: take(&mut ebpf, POLICY_LOCALS_MAP)?,
             protos: take(&mut ebpf, POLICY_PROTOS_MAP)?,
             sports: take(&mut ebpf, POLICY_SPORTS_MAP)?,
@@ -226,8 +239,10 @@ impl PolicyDataplane {
             verdicts_of: BTreeMap::new(),
             ebpf,
             next_program: 1,
-            peer_tables: Default::default(),
-            next_peer_table: 1,
+            nets_tables: Default::default(),
+            next_nets_table: 1,
+            ip_sets: Default::default(),
+            next_ip_set: 1,
             installed: BTreeMap::new(),
             pin_path: options.pin_path.clone(),
             links: BTreeMap::new(),
@@ -249,8 +264,17 @@ impl PolicyDataplane {
         if let Some(max) = adopted.values().map(|r| r.program).max() {
             dataplane.next_program = max.wrapping_add(1).max(1);
         }
-        if let Some(max) = adopted.values().map(|r| r.peers).max() {
-            dataplane.next_peer_table = max.wrapping_add(1).max(1);
+        if let Some(max) = adopted.values().map(|r| r.nets).max() {
+            dataplane.next_nets_table = max.wrapping_add(1).max(1);
+        }
+        if let Some(max) = dataplane
+            .set_lists
+            .iter()
+            .filter_map(Result::ok)
+            .flat_map(|(_, list)| list.ids)
+            .max()
+        {
+            dataplane.next_ip_set = max.wrapping_add(1).max(1);
         }
         Ok((dataplane, logger))
     }

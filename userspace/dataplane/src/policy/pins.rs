@@ -19,8 +19,12 @@ use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP};
 use crate::DataplaneError;
 
 /// Bump when a pinned map's meaning changes in a way its sizes do not show.
-pub(super) const LAYOUT_VERSION: u32 = 3;
+pub(super) const LAYOUT_VERSION: u32 = 4;
 const VERSION_PREFIX: &str = "layout-v";
+
+/// Maps earlier layouts pinned that this one no longer has (v3's per-program peer tables,
+/// replaced by nets tables and shared IP sets): their pins go.
+const RETIRED_MAPS: [&str; 1] = ["POLICY_PEERS"];
 
 /// A map's layout as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +148,16 @@ pub(super) fn prepare(
             Decision::Recreate => unpin(&pin)?,
         }
         tracing::warn!(map = name, ?found, wanted = ?want, same_version, ?decision, "pinned map layout differs from this release's");
+    }
+    for name in RETIRED_MAPS {
+        let pin = dir.join(name);
+        if pin.exists() {
+            unpin(&pin)?;
+            tracing::info!(
+                map = name,
+                "removed the pin of a map this release no longer has"
+            );
+        }
     }
     // The pins now follow this release's layout: only its marker stays.
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {

@@ -65,15 +65,25 @@ impl PolicyDataplane {
             .map(|r| r.program)
             .collect();
         let dead = |program: u32| !live.contains(&program);
-        let live_tables: BTreeSet<u32> = self
-            .endpoint_programs()?
-            .values()
-            .map(|r| r.peers)
-            .collect();
+        let live_tables: BTreeSet<u32> =
+            self.endpoint_programs()?.values().map(|r| r.nets).collect();
         let dead_table = |table: u32| !live_tables.contains(&table);
+        // Sets live while a live program's list names them.
+        let live_sets: BTreeSet<u32> = self
+            .set_lists
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(program, _)| live.contains(program))
+            .flat_map(|(_, list)| list.ids)
+            .filter(|id| *id != 0)
+            .collect();
+        let dead_set = |set: u32| !live_sets.contains(&set);
         let be = |b: [u8; 4]| u32::from_be_bytes(b);
         Ok(
-            sweep_table(&mut self.peers, |k| be(k.data().table), &dead_table)
+            sweep_table(&mut self.nets, |k| be(k.data().table), &dead_table)
+                + sweep_table(&mut self.ip_set_members, |k| be(k.data().table), &dead_set)
+                + sweep_table(&mut self.set_lists, |k| *k, &dead)
+                + sweep_table(&mut self.peer_classes, |k| k.program, &dead)
                 + sweep_table(&mut self.locals, |k| k.program, &dead)
                 + sweep_table(&mut self.protos, |k| k.program, &dead)
                 + sweep_table(&mut self.sports, |k| be(k.data().program), &dead)

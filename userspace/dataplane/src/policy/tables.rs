@@ -5,41 +5,67 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
 use calico_bpf_common::{
-    EndpointKey, LocalKey, PeerKeyData, PortKeyData, ProgramRef, ProtoKey, RuleStatKey,
+    EndpointKey, LocalKey, PeerClassKey, PortKeyData, ProgramRef, ProtoKey, RuleStatKey, SetList,
     VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, CONNTRACK_MAP, POLICY_ENDPOINTS_MAP,
-    POLICY_LOCALS_MAP, POLICY_PEERS_MAP, POLICY_PROTOS_MAP, POLICY_SPORTS_MAP, POLICY_VERDICTS_MAP,
+    POLICY_IP_SETS_MAP, POLICY_LOCALS_MAP, POLICY_NETS_MAP, POLICY_PEER_CLASSES_MAP,
+    POLICY_PROTOS_MAP, POLICY_SET_LISTS_MAP, POLICY_SPORTS_MAP, POLICY_VERDICTS_MAP,
     VERDICT_FIXED_BITS,
 };
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
-use ipnet::IpNet;
 
-use super::{map_err, mapped, Hook, PeerPrefixes, PeerTable, PolicyDataplane, Written};
+use super::{map_err, mapped, Hook, NetPrefixes, PolicyDataplane, Written};
 use crate::{object::key_missing, DataplaneError};
 
-/// The `POLICY_PEERS` key of `net` in peer table `table`.
-fn peer_key(table: u32, net: &IpNet) -> Key<PeerKeyData> {
-    let len = match net {
-        IpNet::V4(n) => 32 + 96 + u32::from(n.prefix_len()),
-        IpNet::V6(n) => 32 + u32::from(n.prefix_len()),
-    };
-    Key::new(
-        len,
-        PeerKeyData {
-            table: table.to_be_bytes(),
-            addr: mapped(net.network()),
-        },
-    )
-}
-
-/// Whether two compiled programs differ in their peer prefixes at most.
-fn same_but_peers(a: &CompiledProgram, b: &CompiledProgram) -> bool {
+/// Whether two compiled programs differ at most in their IP sets' members and peer class
+/// entries (the sets they name, in the same order, and everything else the same).
+fn same_but_set_members(a: &CompiledProgram, b: &CompiledProgram) -> bool {
     a.direction == b.direction
+        && a.peer_nets == b.peer_nets
+        && a.peer_sets.len() == b.peer_sets.len()
+        && a.peer_sets
+            .iter()
+            .zip(&b.peer_sets)
+            .all(|(x, y)| x.scope == y.scope)
         && a.local_addresses == b.local_addresses
         && a.protocols == b.protocols
         && a.other_protocol == b.other_protocol
         && a.source_ports == b.source_ports
         && a.cells == b.cells
         && a.verdicts == b.verdicts
+}
+
+/// A program's `POLICY_PEER_CLASSES` entries.
+fn class_entries(program: u32, c: &CompiledProgram) -> Vec<(PeerClassKey, u32)> {
+    c.peer_classes
+        .iter()
+        .map(|&(net_class, mask, class)| {
+            (
+                PeerClassKey {
+                    program,
+                    net_class,
+                    mask,
+                },
+                class,
+            )
+        })
+        .collect()
+}
+
+/// What an installed program keeps of its compiled form to recognise an update of set
+/// members alone: all of it but the members (held once, by the sets) and the class entries.
+fn shape_of(c: &CompiledProgram) -> CompiledProgram {
+    CompiledProgram {
+        peer_sets: c
+            .peer_sets
+            .iter()
+            .map(|s| calico_policy::PeerSet {
+                scope: s.scope.clone(),
+                members: Default::default(),
+            })
+            .collect(),
+        peer_classes: Vec::new(),
+        ..c.clone()
+    }
 }
 
 fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
@@ -65,9 +91,15 @@ impl PolicyDataplane {
         vec![
             (POLICY_ENDPOINTS_MAP, self.installed.len()),
             (
-                POLICY_PEERS_MAP,
-                self.peer_tables.values().map(|t| t.keys.len()).sum(),
+                POLICY_NETS_MAP,
+                self.nets_tables.values().map(|t| t.keys.len()).sum(),
             ),
+            (POLICY_IP_SETS_MAP, self.ip_set_entries()),
+            (
+                POLICY_SET_LISTS_MAP,
+                self.installed.values().filter(|(_, w)| w.set_list).count(),
+            ),
+            (POLICY_PEER_CLASSES_MAP, sum(|w| w.classes.len())),
             (POLICY_LOCALS_MAP, sum(|w| w.locals.len())),
             (POLICY_PROTOS_MAP, sum(|w| w.protos.len())),
             (POLICY_SPORTS_MAP, sum(|w| w.sports.len())),
@@ -90,22 +122,28 @@ impl PolicyDataplane {
     fn check_room(
         &self,
         compiled: &CompiledProgram,
-        prefixes: &PeerPrefixes,
+        prefixes: &NetPrefixes,
     ) -> Result<(), DataplaneError> {
         let port_prefixes = |ranges: &mut dyn Iterator<Item = (u16, u16)>| -> usize {
             ranges.map(|(lo, hi)| range_to_prefixes(lo, hi).len()).sum()
         };
         let needed = [
             (POLICY_ENDPOINTS_MAP, 1),
-            // A shared table that exists already costs nothing more.
+            // A shared table or set that exists already costs nothing more.
             (
-                POLICY_PEERS_MAP,
-                if self.peer_tables.contains_key(prefixes) {
+                POLICY_NETS_MAP,
+                if self.nets_tables.contains_key(prefixes) {
                     0
                 } else {
                     prefixes.len()
                 },
             ),
+            (POLICY_IP_SETS_MAP, self.ip_set_growth(&compiled.peer_sets)),
+            (
+                POLICY_SET_LISTS_MAP,
+                usize::from(!compiled.peer_sets.is_empty()),
+            ),
+            (POLICY_PEER_CLASSES_MAP, compiled.peer_classes.len()),
             (POLICY_LOCALS_MAP, compiled.local_addresses.len()),
             (POLICY_PROTOS_MAP, compiled.protocols.len()),
             (
@@ -157,26 +195,33 @@ impl PolicyDataplane {
             ifindex,
             hook: hook.code(),
         };
-        if let Some(program) = self.update_peers_in_place((key.ifindex, key.hook), compiled) {
+        if let Some(program) = self.update_sets_in_place((key.ifindex, key.hook), compiled) {
             return Ok(program);
         }
-        written.shape = Some(Box::new(CompiledProgram {
-            peer_prefixes: Vec::new(),
-            ..compiled.clone()
-        }));
-        let prefixes: PeerPrefixes = std::sync::Arc::new(compiled.peer_prefixes.clone());
+        written.shape = Some(Box::new(shape_of(compiled)));
+        let prefixes: NetPrefixes = std::sync::Arc::new(compiled.peer_nets.clone());
         let switched = self
             .check_room(compiled, &prefixes)
-            .and_then(|()| self.acquire_peers(&prefixes, &mut written))
-            .and_then(|peers| {
-                self.write(program, compiled, &mut written)?;
+            .and_then(|()| {
+                let nets = self.acquire_nets(&prefixes)?;
+                written.nets = Some(prefixes.clone());
+                Ok(nets)
+            })
+            .and_then(|nets| {
+                let ids = self.acquire_sets(&compiled.peer_sets)?;
+                written.sets = compiled.peer_sets.iter().map(|s| s.scope.clone()).collect();
+                Ok((nets, ids))
+            })
+            .and_then(|(nets, ids)| {
+                self.write(program, compiled, &ids, &mut written)?;
                 self.endpoints
                     .insert(
                         key,
                         ProgramRef {
                             program,
                             other_protocol: compiled.other_protocol,
-                            peers,
+                            nets,
+                            sets: ids.len() as u32,
                         },
                         0,
                     )
@@ -185,7 +230,7 @@ impl PolicyDataplane {
         if let Err(e) = switched {
             // Nothing points at a half-written program; take back what was written, and
             // leave the hook denying rather than on its previous policy.
-            self.delete(written);
+            self.delete(written, program);
             self.remove(ifindex, hook)?;
             return Err(e);
         }
@@ -194,7 +239,7 @@ impl PolicyDataplane {
             .installed
             .insert((key.ifindex, key.hook), (program, written))
         {
-            self.delete(old);
+            self.delete(old, old_program);
             self.forget_program(old_program);
         }
         Ok(program)
@@ -213,130 +258,94 @@ impl PolicyDataplane {
             Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
         }
         if let Some((old_program, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
-            self.delete(old);
+            self.delete(old, old_program);
             self.forget_program(old_program);
         }
         Ok(())
     }
 
-    /// When `compiled` differs from what `slot` runs only in its peer prefixes (a member
-    /// joined or left an IP set, and no new class arose) and that peer table is this program's
-    /// alone: the table is brought to the new prefixes in place, entry by entry (each address
-    /// switches atomically, as upstream's IP set updates do), and the program stays. O(changed
-    /// members) instead of a whole new set of tables. `None` when the full path is needed
-    /// (also when an entry cannot be written: the full path then replaces the table).
-    fn update_peers_in_place(
+    /// When `compiled` differs from what `slot` runs only in its IP sets' members (members
+    /// joined or left, and no new class arose): the new (net class, mask) combinations go in,
+    /// the shared sets are brought to their new members in place, and combinations that can
+    /// no longer occur go; the program stays. O(changed members) instead of a whole new set of
+    /// tables. `None` when the full path is needed (also when an entry cannot be written: the
+    /// full path then replaces the tables).
+    fn update_sets_in_place(
         &mut self,
         slot: (u32, u32),
         compiled: &CompiledProgram,
     ) -> Option<u32> {
         let (program, written) = self.installed.get(&slot)?;
-        let (program, old) = (*program, written.peers.clone()?);
+        let program = *program;
         if !written
             .shape
             .as_deref()
-            .is_some_and(|s| same_but_peers(s, compiled))
+            .is_some_and(|s| same_but_set_members(s, compiled))
         {
             return None;
         }
-        if *old == compiled.peer_prefixes {
-            return Some(program);
-        }
-        let new: PeerPrefixes = std::sync::Arc::new(compiled.peer_prefixes.clone());
-        let table = self.peer_tables.get(&old)?;
-        if table.users != 1 || self.peer_tables.contains_key(&new) {
+        let old: std::collections::HashSet<PeerClassKey> =
+            written.classes.iter().copied().collect();
+        let entries = class_entries(program, compiled);
+        let new: std::collections::HashSet<PeerClassKey> =
+            entries.iter().map(|(k, _)| *k).collect();
+        let grows = entries.iter().filter(|(k, _)| !old.contains(k)).count();
+        let room = |map: &str, in_use: usize, more: usize| {
+            let capacity = self.capacity.get(map).copied().unwrap_or(u32::MAX) as usize;
+            in_use + more <= capacity
+        };
+        let classes_in_use: usize = self.installed.values().map(|(_, w)| w.classes.len()).sum();
+        if !room(POLICY_PEER_CLASSES_MAP, classes_in_use, grows)
+            || !room(
+                POLICY_IP_SETS_MAP,
+                self.ip_set_entries(),
+                self.ip_set_growth(&compiled.peer_sets),
+            )
+        {
             return None;
         }
-        let id = table.id;
-        let before: std::collections::HashMap<IpNet, u32> = old.iter().copied().collect();
-        let after: std::collections::HashMap<IpNet, u32> = new.iter().copied().collect();
-        let grows = new.iter().filter(|(n, _)| !before.contains_key(n)).count();
-        let capacity = self
-            .capacity
-            .get(POLICY_PEERS_MAP)
-            .copied()
-            .unwrap_or(u32::MAX) as usize;
-        let in_use: usize = self.peer_tables.values().map(|t| t.keys.len()).sum();
-        if in_use + grows > capacity {
-            return None;
-        }
-        for (net, class) in new.iter() {
-            if before.get(net) != Some(class)
-                && self.peers.insert(&peer_key(id, net), class, 0).is_err()
-            {
+        for (key, class) in &entries {
+            // An existing combination keeps its class (the classes are the same).
+            if !old.contains(key) && self.peer_classes.insert(key, class, 0).is_err() {
                 return None;
             }
         }
-        for (net, _) in old.iter() {
-            if !after.contains_key(net) {
-                let _ = self.peers.remove(&peer_key(id, net));
+        for set in &compiled.peer_sets {
+            if self.update_set(&set.scope, &set.members).is_err() {
+                return None;
             }
         }
-        let mut table = self.peer_tables.remove(&old)?;
-        table.keys = new.iter().map(|(net, _)| peer_key(id, net)).collect();
-        self.peer_tables.insert(new.clone(), table);
+        for key in old.difference(&new) {
+            let _ = self.peer_classes.remove(key);
+        }
         if let Some((_, written)) = self.installed.get_mut(&slot) {
-            written.peers = Some(new);
+            written.classes = entries.into_iter().map(|(k, _)| k).collect();
         }
         Some(program)
-    }
-
-    /// The peer table holding `prefixes`: an existing one gains a user, or a new one is
-    /// written. Returns its id.
-    fn acquire_peers(
-        &mut self,
-        prefixes: &PeerPrefixes,
-        w: &mut Written,
-    ) -> Result<u32, DataplaneError> {
-        if let Some(table) = self.peer_tables.get_mut(prefixes) {
-            table.users += 1;
-            w.peers = Some(prefixes.clone());
-            return Ok(table.id);
-        }
-        let id = self.next_peer_table;
-        self.next_peer_table = self.next_peer_table.wrapping_add(1).max(1);
-        let mut table = PeerTable {
-            id,
-            keys: Vec::with_capacity(prefixes.len()),
-            users: 1,
-        };
-        for (net, class) in prefixes.iter() {
-            let key = peer_key(id, net);
-            if let Err(source) = self.peers.insert(&key, class, 0) {
-                for k in &table.keys {
-                    let _ = self.peers.remove(k);
-                }
-                return Err(map_err(POLICY_PEERS_MAP, "insert")(source));
-            }
-            table.keys.push(key);
-        }
-        self.peer_tables.insert(prefixes.clone(), table);
-        w.peers = Some(prefixes.clone());
-        Ok(id)
-    }
-
-    /// A program stops reading a peer table; the last one out deletes it.
-    fn release_peers(&mut self, prefixes: &PeerPrefixes) {
-        let Some(table) = self.peer_tables.get_mut(prefixes) else {
-            return;
-        };
-        table.users -= 1;
-        if table.users == 0 {
-            if let Some(table) = self.peer_tables.remove(prefixes) {
-                for k in &table.keys {
-                    let _ = self.peers.remove(k);
-                }
-            }
-        }
     }
 
     fn write(
         &mut self,
         program: u32,
         c: &CompiledProgram,
+        set_ids: &[u32],
         w: &mut Written,
     ) -> Result<(), DataplaneError> {
         let id = program.to_be_bytes();
+        if !set_ids.is_empty() {
+            let mut list = SetList::default();
+            list.ids[..set_ids.len()].copy_from_slice(set_ids);
+            self.set_lists
+                .insert(program, list, 0)
+                .map_err(map_err(POLICY_SET_LISTS_MAP, "insert"))?;
+            w.set_list = true;
+        }
+        for (key, class) in class_entries(program, c) {
+            self.peer_classes
+                .insert(key, class, 0)
+                .map_err(map_err(POLICY_PEER_CLASSES_MAP, "insert"))?;
+            w.classes.push(key);
+        }
         for (addr, class) in &c.local_addresses {
             let key = LocalKey {
                 program,
@@ -405,9 +414,18 @@ impl PolicyDataplane {
     }
 
     /// Deletes a program's entries (best effort: they are unreachable once switched away).
-    fn delete(&mut self, w: Written) {
-        if let Some(prefixes) = &w.peers {
-            self.release_peers(prefixes);
+    fn delete(&mut self, w: Written, program: u32) {
+        if let Some(prefixes) = &w.nets {
+            self.release_nets(prefixes);
+        }
+        for scope in &w.sets {
+            self.release_set(scope);
+        }
+        if w.set_list {
+            let _ = self.set_lists.remove(&program);
+        }
+        for k in &w.classes {
+            let _ = self.peer_classes.remove(k);
         }
         for k in &w.locals {
             let _ = self.locals.remove(k);
