@@ -340,6 +340,7 @@ fn main() -> Result<()> {
     // (c) A new local pod: CNI ADD → its first datagram through (allowed by ns0's
     // same-namespace policy once its address is in the server's set).
     let mut new_pod = Vec::new();
+    let mut cni_add = Vec::new();
     for n in 0..SAMPLES {
         let pod = NetNs::new("pod")?;
         let container = format!("scale{n:04}{}", std::process::id());
@@ -355,6 +356,7 @@ fn main() -> Result<()> {
             &pod,
             &args,
         )?;
+        cni_add.push(t0.elapsed());
         let arrived = probe.first_from(&pod, 7000, t0)?;
         new_pod.push(arrived - t0);
         cni_with_args(
@@ -401,11 +403,21 @@ fn main() -> Result<()> {
         ),
         ("(b) new policy", new_policy, Some(policy_leaks)),
         ("(c) new local pod: CNI ADD → first packet", new_pod, None),
+        (
+            "(c) of which the CNI ADD itself (until the plugin returns)",
+            cni_add,
+            None,
+        ),
     ] {
         let mut s = samples;
         s.sort();
+        let goal = if what.contains("of which") {
+            "(no goal: a part of (c))"
+        } else {
+            "p99 < 50 ms"
+        };
         println!(
-            "| update → enforced, {what}: p50 / p99 (min … max) | {:.1} / {:.1} ms ({:.1} … {:.1}) | p99 < 50 ms |",
+            "| update → enforced, {what}: p50 / p99 (min … max) | {:.1} / {:.1} ms ({:.1} … {:.1}) | {goal} |",
             ms(percentile(&s, 0.5)),
             ms(percentile(&s, 0.99)),
             ms(s[0]),

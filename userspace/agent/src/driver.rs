@@ -57,6 +57,48 @@ pub struct Driver {
     default_bpf_debug: bool,
 }
 
+/// An endpoint's two programs, compiled; a program that cannot be enforced is replaced by the
+/// empty program (which drops) and comes with its error.
+struct CompiledEndpoint {
+    directions: Vec<(
+        Direction,
+        CompiledProgram,
+        Option<calico_policy::CompileError>,
+    )>,
+}
+
+/// Compiles both directions of an endpoint's policy (pure: runs on any thread).
+fn compile_endpoint(
+    policy: &EndpointPolicy,
+    host: bool,
+    settings: &FelixSettings,
+) -> CompiledEndpoint {
+    let directions = [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .map(|direction| {
+            let program: PolicyProgram = if host {
+                with_failsafe(policy.program(direction), direction, settings)
+            } else {
+                policy.program(direction).clone()
+            };
+            match CompiledProgram::compile_with(policy, &program, &policy.addresses, direction) {
+                Ok(c) => (direction, c, None),
+                Err(e) => {
+                    let empty = CompiledProgram::compile_with(
+                        policy,
+                        &PolicyProgram::default(),
+                        &policy.addresses,
+                        direction,
+                    )
+                    .expect("an empty program compiles");
+                    (direction, empty, Some(e))
+                }
+            }
+        })
+        .collect();
+    CompiledEndpoint { directions }
+}
+
 /// The policy key of each direction: an endpoint's ingress policy is read by the classifier
 /// that sees traffic going to the endpoint (`policy_egress`: tc egress of a workload's veth, tc
 /// ingress of a host interface, see [`PolicyDataplane::attach_host`]).
@@ -143,12 +185,12 @@ impl Driver {
         self.interfaces = interfaces;
     }
 
-    /// Applies the calculation's changes.
+    /// Applies the calculation's changes. The endpoints the batch sets are compiled first, in
+    /// parallel across cores (compiling is the slow, pure part); the maps are then written in
+    /// the batch's order.
     pub async fn apply(&mut self, changes: Vec<Change>) {
+        let mut steps = Vec::with_capacity(changes.len());
         for change in changes {
-            // A cold start programs thousands of endpoints in one batch: each one is progress,
-            // so liveness holds while it lasts.
-            self.metrics.turned();
             match change {
                 Change::Set(id, policy) => {
                     let addresses = policy.addresses.clone();
@@ -156,15 +198,73 @@ impl Driver {
                     if old.is_none_or(|o| o.addresses != addresses) {
                         self.routes_dirty = true;
                     }
-                    self.program(&id).await;
+                    steps.push((id, true));
                 }
                 Change::Removed(id) => {
-                    let policy = self.policies.remove(&id);
-                    self.unprogram(&id, policy).await;
+                    self.policies.remove(&id);
+                    steps.push((id, false));
                 }
             }
         }
+        let mut compiled = self.compile_all(steps.iter().filter(|(_, set)| *set).map(|(id, _)| id));
+        for (id, set) in steps {
+            // A cold start programs thousands of endpoints in one batch: each one is progress,
+            // so liveness holds while it lasts.
+            self.metrics.turned();
+            if set {
+                let precompiled = compiled.remove(&id);
+                self.program_with(&id, precompiled).await;
+            } else {
+                self.unprogram(&id).await;
+            }
+        }
         self.publish_routes();
+    }
+
+    /// Compiles the endpoints among `ids` that can be programmed now (policy, place and
+    /// interface known), on up to one thread per core.
+    fn compile_all<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a EndpointId>,
+    ) -> BTreeMap<EndpointId, CompiledEndpoint> {
+        let work: Vec<(&EndpointId, &EndpointPolicy, bool)> = ids
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|id| {
+                let place = self.places.get(id)?;
+                self.interfaces.get(&place.interface)?;
+                Some((id, self.policies.get(id)?, place.host))
+            })
+            .collect();
+        let settings = &self.settings;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(work.len());
+        if threads <= 1 {
+            return work
+                .into_iter()
+                .map(|(id, policy, host)| (id.clone(), compile_endpoint(policy, host, settings)))
+                .collect();
+        }
+        let chunk = work.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = work
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(id, policy, host)| {
+                                ((*id).clone(), compile_endpoint(policy, *host, settings))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("compiling does not panic"))
+                .collect()
+        })
     }
 
     pub async fn on_link(&mut self, event: LinkEvent) {
@@ -240,6 +340,12 @@ impl Driver {
 
     /// Attaches to and programs `id`'s interface, if both the policy and the interface exist.
     async fn program(&mut self, id: &EndpointId) {
+        self.program_with(id, None).await;
+    }
+
+    /// As [`Driver::program`], with the endpoint's programs compiled already (or compiled
+    /// here when `None`).
+    async fn program_with(&mut self, id: &EndpointId, compiled: Option<CompiledEndpoint>) {
         let (Some(place), Some(policy)) = (self.places.get(id), self.policies.get(id)) else {
             return;
         };
@@ -269,34 +375,17 @@ impl Driver {
             }
         }
         let t1 = std::time::Instant::now();
+        let compiled =
+            compiled.unwrap_or_else(|| compile_endpoint(policy, place.host, &self.settings));
+        let t_compiled = std::time::Instant::now();
         let mut failed = false;
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let program: PolicyProgram = if place.host {
-                with_failsafe(policy.program(direction), direction, &self.settings)
-            } else {
-                policy.program(direction).clone()
-            };
-            let compiled = match CompiledProgram::compile_with(
-                policy,
-                &program,
-                &policy.addresses,
-                direction,
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    // Never silently allowed: the endpoint drops in this direction until the
-                    // policy is fixed.
-                    self.metrics.compile_errors.inc();
-                    tracing::error!(endpoint = ?id, ?direction, error = %e, "policy cannot be enforced; the endpoint drops this direction's traffic");
-                    CompiledProgram::compile_with(
-                        policy,
-                        &PolicyProgram::default(),
-                        &policy.addresses,
-                        direction,
-                    )
-                    .expect("an empty program compiles")
-                }
-            };
+        for (direction, compiled, error) in compiled.directions {
+            if let Some(e) = error {
+                // Never silently allowed: the endpoint drops in this direction until the
+                // policy is fixed.
+                self.metrics.compile_errors.inc();
+                tracing::error!(endpoint = ?id, ?direction, error = %e, "policy cannot be enforced; the endpoint drops this direction's traffic");
+            }
             if let Err(e) = self.dataplane.install(ifindex, hook(direction), &compiled) {
                 // The dataplane leaves the hook without a program: it drops until a retry
                 // succeeds (never the previous policy, never open).
@@ -319,7 +408,8 @@ impl Driver {
             endpoint = ?id,
             interface = %place.interface,
             attach_us = (t1 - t0).as_micros() as u64,
-            policy_us = (t2 - t1).as_micros() as u64,
+            compile_us = (t_compiled - t1).as_micros() as u64,
+            install_us = (t2 - t_compiled).as_micros() as u64,
             routes_us = t2.elapsed().as_micros() as u64,
             "programmed"
         );
@@ -327,7 +417,7 @@ impl Driver {
 
     /// Takes an endpoint's programs and its own routes away (just those: a batch removing many
     /// endpoints must not dump the routing table once per endpoint).
-    async fn unprogram(&mut self, id: &EndpointId, policy: Option<EndpointPolicy>) {
+    async fn unprogram(&mut self, id: &EndpointId) {
         let Some((&ifindex, _)) = self.programmed.iter().find(|(_, e)| *e == id) else {
             return;
         };
@@ -351,7 +441,6 @@ impl Driver {
         if let Err(e) = released {
             tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
         }
-        let _ = policy;
         self.routes_dirty = true;
     }
 
