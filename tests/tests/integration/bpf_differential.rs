@@ -380,6 +380,70 @@ fn an_ip_set_member_change_updates_the_set_in_place() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A replaced program's entries stay (unreachable) until `release_retired`, which the agent
+/// runs once a batch of updates is in: the batch's switches wait for no deletes. Then they go,
+/// counters included.
+#[test]
+fn replaced_programs_are_deleted_after_the_batch() -> anyhow::Result<()> {
+    if !require(
+        "replaced_programs_are_deleted_after_the_batch",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let compiled = |rules: usize| -> anyhow::Result<CompiledProgram> {
+        let w = calico_policy::testing::deny_rules_then_allow(rules);
+        let id = w.endpoints.keys().next().unwrap().clone();
+        Ok(CompiledProgram::compile(
+            &w,
+            &w.program(&id, Direction::Ingress),
+            &["10.0.0.1".parse()?],
+            Direction::Ingress,
+        )?)
+    };
+    let verdicts = |dp: &PolicyDataplane| entries(dp, calico_bpf_common::POLICY_VERDICTS_MAP);
+    let packet = Packet {
+        src: "192.0.2.1".parse()?,
+        dst: "10.0.0.1".parse()?,
+        protocol: 6,
+        src_port: 40000,
+        dst_port: 80,
+        icmp: None,
+    };
+    let first = compiled(100)?;
+    dp.install(LOOPBACK, Hook::Egress, &first)?;
+    dp.test_run(Hook::Egress, &frame(&packet))?;
+    let counted = |dp: &PolicyDataplane| -> anyhow::Result<u64> {
+        Ok(dp.rule_counters()?.iter().map(|c| c.packets).sum())
+    };
+    assert_eq!(counted(&dp)?, 1, "the first program counted the packet");
+    let one = verdicts(&dp);
+    let second = compiled(50)?;
+    dp.install(LOOPBACK, Hook::Egress, &second)?;
+    assert!(
+        verdicts(&dp) > one,
+        "the replaced program's entries went before the batch ended"
+    );
+    dp.clear_conntrack()?;
+    assert_eq!(
+        dp.test_run(Hook::Egress, &frame(&packet))?,
+        TC_ACT_PIPE,
+        "the new program decides at once"
+    );
+    assert_eq!(dp.release_retired(), 1);
+    let mut only_second = PolicyDataplane::load(&LoadOptions::default())?.0;
+    only_second.install(LOOPBACK, Hook::Egress, &second)?;
+    assert_eq!(
+        verdicts(&dp),
+        verdicts(&only_second),
+        "the replaced program's entries stayed"
+    );
+    assert_eq!(counted(&dp)?, 1, "only the new program's counter is left");
+    assert_eq!(dp.release_retired(), 0);
+    Ok(())
+}
+
 /// Entries the dataplane holds in `map`.
 fn entries(dp: &PolicyDataplane, map: &str) -> usize {
     dp.occupancy()

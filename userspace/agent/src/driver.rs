@@ -218,6 +218,8 @@ impl Driver {
                 self.unprogram(&id).await;
             }
         }
+        // What the batch replaced goes once all of it is enforced.
+        self.dataplane.release_retired();
         self.publish_routes();
     }
 
@@ -545,8 +547,10 @@ impl Driver {
         self.publish_routes();
     }
 
-    /// Periodic housekeeping: conntrack expiry and the numbers /metrics shows.
+    /// Periodic housekeeping: replaced programs, conntrack expiry and the numbers /metrics
+    /// shows.
     pub fn housekeeping(&mut self) {
+        self.dataplane.release_retired();
         if !self.conntrack_elsewhere {
             log_expiry(
                 self.dataplane

@@ -112,6 +112,8 @@ pub struct PolicyDataplane {
     ip_sets: IpSets,
     next_ip_set: u32,
     installed: BTreeMap<(u32, u32), (u32, Written)>,
+    /// Replaced programs whose entries are still to be deleted (see `release_retired`).
+    retired: Vec<(u32, Written)>,
     /// Where maps and links are pinned, if anywhere.
     pin_path: Option<PathBuf>,
     /// Attachments this process made, by (ifindex, hook).
@@ -244,6 +246,7 @@ impl PolicyDataplane {
             ip_sets: Default::default(),
             next_ip_set: 1,
             installed: BTreeMap::new(),
+            retired: Vec::new(),
             pin_path: options.pin_path.clone(),
             links: BTreeMap::new(),
             tracked_flows_seen: Default::default(),

@@ -68,6 +68,9 @@ fn shape_of(c: &CompiledProgram) -> CompiledProgram {
     }
 }
 
+/// Replaced programs kept before their entries are deleted regardless of the caller.
+const MAX_RETIRED: usize = 256;
+
 fn class16(what: &'static str, class: u32) -> Result<u16, DataplaneError> {
     u16::try_from(class).map_err(|_| DataplaneError::TooLarge { what, value: class })
 }
@@ -87,7 +90,14 @@ impl PolicyDataplane {
     /// on every scrape would stall the caller); conntrack as counted by the last
     /// [`PolicyDataplane::expire_conntrack`].
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
-        let sum = |f: fn(&Written) -> usize| self.installed.values().map(|(_, w)| f(w)).sum();
+        // Replaced programs not yet released still hold their entries.
+        let written = || {
+            self.installed
+                .values()
+                .map(|(_, w)| w)
+                .chain(self.retired.iter().map(|(_, w)| w))
+        };
+        let sum = |f: fn(&Written) -> usize| written().map(f).sum();
         vec![
             (POLICY_ENDPOINTS_MAP, self.installed.len()),
             (
@@ -97,7 +107,7 @@ impl PolicyDataplane {
             (POLICY_IP_SETS_MAP, self.ip_set_entries()),
             (
                 POLICY_SET_LISTS_MAP,
-                self.installed.values().filter(|(_, w)| w.set_list).count(),
+                written().filter(|w| w.set_list).count(),
             ),
             (POLICY_PEER_CLASSES_MAP, sum(|w| w.classes.len())),
             (POLICY_LOCALS_MAP, sum(|w| w.locals.len())),
@@ -200,8 +210,13 @@ impl PolicyDataplane {
         }
         written.shape = Some(Box::new(shape_of(compiled)));
         let prefixes: NetPrefixes = std::sync::Arc::new(compiled.peer_nets.clone());
-        let switched = self
-            .check_room(compiled, &prefixes)
+        let mut room = self.check_room(compiled, &prefixes);
+        if room.is_err() && !self.retired.is_empty() {
+            // What replaced programs still hold may be what is missing.
+            self.release_retired();
+            room = self.check_room(compiled, &prefixes);
+        }
+        let switched = room
             .and_then(|()| {
                 let nets = self.acquire_nets(&prefixes)?;
                 written.nets = Some(prefixes.clone());
@@ -239,8 +254,13 @@ impl PolicyDataplane {
             .installed
             .insert((key.ifindex, key.hook), (program, written))
         {
-            self.delete(old, old_program);
-            self.forget_program(old_program);
+            // Unreachable from now on; deleted by `release_retired`, after the batch of
+            // updates this one belongs to (a packet never sees them again either way).
+            self.verdicts_of.remove(&old_program);
+            self.retired.push((old_program, old));
+            if self.retired.len() > MAX_RETIRED {
+                self.release_retired();
+            }
         }
         Ok(program)
     }
@@ -258,8 +278,9 @@ impl PolicyDataplane {
             Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
         }
         if let Some((old_program, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
-            self.delete(old, old_program);
-            self.forget_program(old_program);
+            self.verdicts_of.remove(&old_program);
+            self.retired.push((old_program, old));
+            self.release_retired();
         }
         Ok(())
     }
@@ -441,17 +462,26 @@ impl PolicyDataplane {
         }
     }
 
-    /// Drops a replaced program's rule counters.
-    fn forget_program(&mut self, program: u32) {
-        self.verdicts_of.remove(&program);
-        let keys: Vec<RuleStatKey> = self
-            .rule_stats
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.program == program)
-            .collect();
-        for k in &keys {
-            let _ = self.rule_stats.remove(k);
+    /// Deletes the entries of programs replaced since the last call, and their rule counters
+    /// (one walk of the counters for all of them). Off the update path: the caller runs it
+    /// once a batch of updates is in. Returns how many programs went.
+    pub fn release_retired(&mut self) -> usize {
+        let retired = std::mem::take(&mut self.retired);
+        let programs: BTreeSet<u32> = retired.iter().map(|(p, _)| *p).collect();
+        for (program, written) in retired {
+            self.delete(written, program);
         }
+        if !programs.is_empty() {
+            let keys: Vec<RuleStatKey> = self
+                .rule_stats
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| programs.contains(&k.program))
+                .collect();
+            for k in &keys {
+                let _ = self.rule_stats.remove(k);
+            }
+        }
+        programs.len()
     }
 }
