@@ -120,6 +120,9 @@ pub struct ProgramRef {
     pub nets: u32,
     /// How many IP sets its `SetList` names (0: no lookup at all).
     pub sets: u32,
+    /// The peer class table (in `POLICY_PEER_CLASSES`) it reads, shared by every program with
+    /// the same (net class, mask) → class mapping.
+    pub classes: u32,
 }
 
 /// LPM data: a nets table id or an IP set id (big-endian, always fully matched) then the
@@ -149,11 +152,11 @@ impl Default for SetList {
     }
 }
 
-/// A peer's net class and IP set memberships in one program.
+/// A peer's net class and IP set memberships, in one peer class table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerClassKey {
-    pub program: u32,
+    pub table: u32,
     pub net_class: u32,
     pub mask: u64,
 }
@@ -306,7 +309,7 @@ mod policy_layout {
     fn policy_map_types_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<ProgramRef>(), 16);
+        assert_eq!(size_of::<ProgramRef>(), 20);
         assert_eq!(size_of::<PeerKeyData>(), 20);
         assert_eq!(size_of::<SetList>(), 4 * POLICY_MAX_PROGRAM_SETS);
         assert_eq!(size_of::<PeerClassKey>(), 16);

@@ -117,6 +117,8 @@ struct Scratch {
     key: CtKey,
     /// The packet was parsed and judged (not passed unparsed).
     judged: bool,
+    /// The endpoint's program reference (copied here: the judging's stack has no room).
+    program_ref: ProgramRef,
     /// Policy decided this packet (not conntrack): which program, verdict and action.
     decided: bool,
     program: u32,
@@ -337,12 +339,14 @@ fn count(stat: PolicyStat) {
 /// lookup keys are built in the scratch slot: the stack has no room for them beside the
 /// judging's frame.
 #[inline(always)]
-fn decide(
-    program: &ProgramRef,
-    scratch: &mut Scratch,
-    from_workload: bool,
-) -> Option<VerdictValue> {
-    let id = program.program;
+fn decide(scratch: &mut Scratch, from_workload: bool) -> Option<VerdictValue> {
+    let id = scratch.program_ref.program;
+    let (nets, sets, classes, other_protocol) = (
+        scratch.program_ref.nets,
+        scratch.program_ref.sets,
+        scratch.program_ref.classes,
+        scratch.program_ref.other_protocol,
+    );
     // From the workload (tc ingress) the workload is the source; to it, the destination.
     let (peer_addr, local_addr) = if from_workload {
         (&scratch.flow.dst, &scratch.flow.src)
@@ -350,21 +354,21 @@ fn decide(
         (&scratch.flow.src, &scratch.flow.dst)
     };
     scratch.peer_key.prefix_len = 160;
-    scratch.peer_key.data.table = program.nets.to_be_bytes();
+    scratch.peer_key.data.table = nets.to_be_bytes();
     scratch.peer_key.data.addr = *peer_addr;
     scratch.local_key.program = id;
     scratch.local_key.addr = *local_addr;
-    scratch.class_key.program = id;
+    scratch.class_key.table = classes;
     scratch.class_key.net_class = *POLICY_NETS.get(&scratch.peer_key)?;
     // The peer's membership of each IP set the program consults: one lookup per set in the
     // shared set map (the sets are stored once, not per program).
     let mut mask = 0u64;
-    if program.sets > 0 {
+    if sets > 0 {
         // SAFETY: the value is read while the program runs; a concurrent replacement is
         // written whole before the program that reads it is switched to.
         let list = unsafe { POLICY_SET_LISTS.get(&id) }?;
         for i in 0..POLICY_MAX_PROGRAM_SETS {
-            if i as u32 >= program.sets {
+            if i as u32 >= sets {
                 break;
             }
             scratch.peer_key.data.table = list.ids[i].to_be_bytes();
@@ -386,7 +390,7 @@ fn decide(
         })
     }
     .copied()
-    .unwrap_or(program.other_protocol);
+    .unwrap_or(other_protocol);
     let sport = *POLICY_SPORTS.get(Key::new(
         48,
         PortKeyData {
@@ -638,12 +642,18 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
 fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     // SAFETY: the kernel passes a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let program = (unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) }).copied();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let scratch = unsafe { &mut *scratch };
+    let programmed = match unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) } {
+        Some(found) => {
+            scratch.program_ref = *found;
+            true
+        }
+        None => false,
+    };
     match parse(ctx, scratch) {
         Ok(true) => scratch.judged = true,
         Ok(false) => return TC_ACT_PIPE,
@@ -670,10 +680,10 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         return TC_ACT_SHOT;
     }
     // Fail closed: no program for this interface and hook means nothing is allowed yet.
-    let Some(program) = program else {
+    if !programmed {
         count(PolicyStat::NoPolicy);
         return TC_ACT_SHOT;
-    };
+    }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // An ICMP error about a tracked flow belongs to that flow.
@@ -723,9 +733,9 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         count(PolicyStat::Tracked);
         return TC_ACT_PIPE;
     }
-    let decision = decide(&program, scratch, hook == TC_INGRESS);
+    let decision = decide(scratch, hook == TC_INGRESS);
     scratch.decided = true;
-    scratch.program = program.program;
+    scratch.program = scratch.program_ref.program;
     (scratch.verdict, scratch.action) = match decision {
         Some(v) => (v.rule, v.action),
         None => (u32::MAX, 0),

@@ -225,8 +225,8 @@ fn fifty_thousand_rules_load_and_decide_correctly() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Programs with the same rule nets read one shared nets table: installing the same program
-/// for a second endpoint writes no nets entries, removing one endpoint keeps the other deciding
+/// Programs with the same rule nets read one shared nets table (and the same classes one
+/// class table): installing the same program for a second endpoint writes no entries there, removing one endpoint keeps the other deciding
 /// correctly, and the last one out takes the table with it.
 #[test]
 fn identical_nets_tables_are_stored_once() -> anyhow::Result<()> {
@@ -248,8 +248,15 @@ fn identical_nets_tables_are_stored_once() -> anyhow::Result<()> {
     let one = peers(&dp);
     assert_eq!(one, compiled.peer_nets.len());
     assert!(one > 100, "{one}");
+    let classes = entries(&dp, calico_bpf_common::POLICY_PEER_CLASSES_MAP);
+    assert_eq!(classes, compiled.peer_classes.len());
     dp.install(OTHER_ENDPOINT, Hook::Egress, &compiled)?;
     assert_eq!(peers(&dp), one, "the second endpoint copied the nets table");
+    assert_eq!(
+        entries(&dp, calico_bpf_common::POLICY_PEER_CLASSES_MAP),
+        classes,
+        "the second endpoint copied the class table"
+    );
 
     dp.remove(OTHER_ENDPOINT, Hook::Egress)?;
     assert_eq!(

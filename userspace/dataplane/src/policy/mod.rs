@@ -41,7 +41,7 @@ use calico_policy::Verdict;
 pub use conntrack::{ConntrackExpirer, ConntrackTimeouts, TrackedFlow};
 pub use observe::{PolicyCounters, RuleCounter};
 
-use shared::{IpSets, NetPrefixes, NetsTable};
+use shared::{ClassEntries, ClassTable, IpSets, NetPrefixes, NetsTable};
 
 use crate::{
     object::{classifier, map_err, take},
@@ -75,8 +75,8 @@ struct Written {
     sets: Vec<calico_policy::SelectorScope>,
     /// Its `POLICY_SET_LISTS` entry was written (under its program id).
     set_list: bool,
-    /// Its (net class, mask) → peer class entries.
-    classes: Vec<PeerClassKey>,
+    /// The peer class table it reads (shared; see `shared`).
+    classes: Option<ClassEntries>,
     /// The program as compiled, less its set members and peer class entries: a new version
     /// that differs only in those updates them in place.
     shape: Option<Box<calico_policy::CompiledProgram>>,
@@ -108,6 +108,9 @@ pub struct PolicyDataplane {
     /// Nets tables by content, shared by every program with the same nets.
     nets_tables: std::collections::HashMap<NetPrefixes, NetsTable>,
     next_nets_table: u32,
+    /// Peer class tables by content, shared by every program with the same mapping.
+    class_tables: std::collections::HashMap<ClassEntries, ClassTable>,
+    next_class_table: u32,
     /// IP sets by scope, shared by every program whose selectors name them.
     ip_sets: IpSets,
     next_ip_set: u32,
@@ -245,6 +248,8 @@ impl PolicyDataplane {
             next_nets_table: 1,
             ip_sets: Default::default(),
             next_ip_set: 1,
+            class_tables: Default::default(),
+            next_class_table: 1,
             installed: BTreeMap::new(),
             retired: Vec::new(),
             pin_path: options.pin_path.clone(),
@@ -269,6 +274,9 @@ impl PolicyDataplane {
         }
         if let Some(max) = adopted.values().map(|r| r.nets).max() {
             dataplane.next_nets_table = max.wrapping_add(1).max(1);
+        }
+        if let Some(max) = adopted.values().map(|r| r.classes).max() {
+            dataplane.next_class_table = max.wrapping_add(1).max(1);
         }
         if let Some(max) = dataplane
             .set_lists

@@ -1,12 +1,14 @@
 //! The tables programs share, each stored once and counted by its users: nets tables (the
-//! rules' own prefixes, by content) and IP sets (the members a selector stands for, by scope,
-//! as upstream's `cali_v4_ip_sets`). Kernel memory grows with distinct sets and their members,
+//! rules' own prefixes, by content), peer class tables ((net class, mask) → class, by content)
+//! and IP sets (the members a selector stands for, by scope, as upstream's `cali_v4_ip_sets`). Kernel memory grows with distinct sets and their members,
 //! not with the number of endpoints that consult them.
 
 use std::{collections::HashMap, sync::Arc};
 
 use aya::maps::lpm_trie::Key;
-use calico_bpf_common::{PeerKeyData, POLICY_IP_SETS_MAP, POLICY_NETS_MAP};
+use calico_bpf_common::{
+    PeerClassKey, PeerKeyData, POLICY_IP_SETS_MAP, POLICY_NETS_MAP, POLICY_PEER_CLASSES_MAP,
+};
 use calico_policy::{PeerSet, SelectorScope};
 use ipnet::IpNet;
 
@@ -21,6 +23,24 @@ pub(super) struct NetsTable {
     pub id: u32,
     pub keys: Vec<Key<PeerKeyData>>,
     pub users: usize,
+}
+
+/// A program's (net class, mask, class) entries: the identity of a shared peer class table.
+pub(super) type ClassEntries = Arc<Vec<(u32, u64, u32)>>;
+
+/// One peer class table in `POLICY_PEER_CLASSES`: its id and how many programs read it.
+pub(super) struct ClassTable {
+    pub id: u32,
+    pub users: usize,
+}
+
+/// The `POLICY_PEER_CLASSES` key of one entry of table `table`.
+pub(super) fn class_key(table: u32, (net_class, mask, _): &(u32, u64, u32)) -> PeerClassKey {
+    PeerClassKey {
+        table,
+        net_class: *net_class,
+        mask: *mask,
+    }
 }
 
 /// One IP set in `POLICY_IP_SETS`: its id, members, and how many installed programs read it.
@@ -229,6 +249,93 @@ impl PolicyDataplane {
                 }
             }
         }
+    }
+}
+
+impl PolicyDataplane {
+    /// Entries in `POLICY_PEER_CLASSES`.
+    pub(super) fn class_entries(&self) -> usize {
+        self.class_tables.keys().map(|c| c.len()).sum()
+    }
+
+    /// The class table holding `entries`: an existing one gains a user, or a new one is
+    /// written. Returns its id.
+    pub(super) fn acquire_classes(
+        &mut self,
+        entries: &ClassEntries,
+    ) -> Result<u32, DataplaneError> {
+        if let Some(table) = self.class_tables.get_mut(entries) {
+            table.users += 1;
+            return Ok(table.id);
+        }
+        let id = self.next_class_table;
+        self.next_class_table = self.next_class_table.wrapping_add(1).max(1);
+        for (n, entry) in entries.iter().enumerate() {
+            if let Err(source) = self.peer_classes.insert(class_key(id, entry), entry.2, 0) {
+                for written in &entries[..n] {
+                    let _ = self.peer_classes.remove(&class_key(id, written));
+                }
+                return Err(map_err(POLICY_PEER_CLASSES_MAP, "insert")(source));
+            }
+        }
+        self.class_tables
+            .insert(entries.clone(), ClassTable { id, users: 1 });
+        Ok(id)
+    }
+
+    /// A program stops reading a class table; the last one out deletes it.
+    pub(super) fn release_classes(&mut self, entries: &ClassEntries) {
+        let Some(table) = self.class_tables.get_mut(entries) else {
+            return;
+        };
+        table.users -= 1;
+        if table.users == 0 {
+            if let Some(table) = self.class_tables.remove(entries) {
+                for entry in entries.iter() {
+                    let _ = self.peer_classes.remove(&class_key(table.id, entry));
+                }
+            }
+        }
+    }
+
+    /// Brings the class table holding `old`, read by one program alone, to `new` in place:
+    /// new combinations first (existing ones keep their class: the classes are the same),
+    /// then the ones that can no longer occur. `false` (nothing changed) when an entry
+    /// cannot be written.
+    pub(super) fn update_classes_in_place(
+        &mut self,
+        old: &ClassEntries,
+        new: &ClassEntries,
+    ) -> bool {
+        let Some(table) = self.class_tables.get(old) else {
+            return false;
+        };
+        let id = table.id;
+        let before: std::collections::HashSet<PeerClassKey> =
+            old.iter().map(|e| class_key(id, e)).collect();
+        let after: std::collections::HashSet<PeerClassKey> =
+            new.iter().map(|e| class_key(id, e)).collect();
+        let mut added = Vec::new();
+        for entry in new.iter() {
+            let key = class_key(id, entry);
+            if before.contains(&key) {
+                continue;
+            }
+            if self.peer_classes.insert(key, entry.2, 0).is_err() {
+                for k in &added {
+                    let _ = self.peer_classes.remove(k);
+                }
+                return false;
+            }
+            added.push(key);
+        }
+        for key in before.difference(&after) {
+            let _ = self.peer_classes.remove(key);
+        }
+        if let Some(table) = self.class_tables.remove(old) {
+            self.class_tables.insert(new.clone(), table);
+        }
+        true
     }
 }
 

@@ -68,6 +68,12 @@ impl PolicyDataplane {
         let live_tables: BTreeSet<u32> =
             self.endpoint_programs()?.values().map(|r| r.nets).collect();
         let dead_table = |table: u32| !live_tables.contains(&table);
+        let live_classes: BTreeSet<u32> = self
+            .endpoint_programs()?
+            .values()
+            .map(|r| r.classes)
+            .collect();
+        let dead_classes = |table: u32| !live_classes.contains(&table);
         // Sets live while a live program's list names them.
         let live_sets: BTreeSet<u32> = self
             .set_lists
@@ -83,7 +89,7 @@ impl PolicyDataplane {
             sweep_table(&mut self.nets, |k| be(k.data().table), &dead_table)
                 + sweep_table(&mut self.ip_set_members, |k| be(k.data().table), &dead_set)
                 + sweep_table(&mut self.set_lists, |k| *k, &dead)
-                + sweep_table(&mut self.peer_classes, |k| k.program, &dead)
+                + sweep_table(&mut self.peer_classes, |k| k.table, &dead_classes)
                 + sweep_table(&mut self.locals, |k| k.program, &dead)
                 + sweep_table(&mut self.protos, |k| k.program, &dead)
                 + sweep_table(&mut self.sports, |k| be(k.data().program), &dead)

@@ -5,15 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
 use calico_bpf_common::{
-    EndpointKey, LocalKey, PeerClassKey, PortKeyData, ProgramRef, ProtoKey, RuleStatKey, SetList,
-    VerdictKeyData, VerdictValue, ACTION_ALLOW, ACTION_DENY, CONNTRACK_MAP, POLICY_ENDPOINTS_MAP,
+    EndpointKey, LocalKey, PortKeyData, ProgramRef, ProtoKey, RuleStatKey, SetList, VerdictKeyData,
+    VerdictValue, ACTION_ALLOW, ACTION_DENY, CONNTRACK_MAP, POLICY_ENDPOINTS_MAP,
     POLICY_IP_SETS_MAP, POLICY_LOCALS_MAP, POLICY_NETS_MAP, POLICY_PEER_CLASSES_MAP,
     POLICY_PROTOS_MAP, POLICY_SET_LISTS_MAP, POLICY_SPORTS_MAP, POLICY_VERDICTS_MAP,
     VERDICT_FIXED_BITS,
 };
 use calico_policy::{range_to_prefixes, CompiledProgram, Verdict};
 
-use super::{map_err, mapped, Hook, NetPrefixes, PolicyDataplane, Written};
+use super::{map_err, mapped, ClassEntries, Hook, NetPrefixes, PolicyDataplane, Written};
 use crate::{object::key_missing, DataplaneError};
 
 /// Whether two compiled programs differ at most in their IP sets' members and peer class
@@ -32,23 +32,6 @@ fn same_but_set_members(a: &CompiledProgram, b: &CompiledProgram) -> bool {
         && a.source_ports == b.source_ports
         && a.cells == b.cells
         && a.verdicts == b.verdicts
-}
-
-/// A program's `POLICY_PEER_CLASSES` entries.
-fn class_entries(program: u32, c: &CompiledProgram) -> Vec<(PeerClassKey, u32)> {
-    c.peer_classes
-        .iter()
-        .map(|&(net_class, mask, class)| {
-            (
-                PeerClassKey {
-                    program,
-                    net_class,
-                    mask,
-                },
-                class,
-            )
-        })
-        .collect()
 }
 
 /// What an installed program keeps of its compiled form to recognise an update of set
@@ -109,7 +92,7 @@ impl PolicyDataplane {
                 POLICY_SET_LISTS_MAP,
                 written().filter(|w| w.set_list).count(),
             ),
-            (POLICY_PEER_CLASSES_MAP, sum(|w| w.classes.len())),
+            (POLICY_PEER_CLASSES_MAP, self.class_entries()),
             (POLICY_LOCALS_MAP, sum(|w| w.locals.len())),
             (POLICY_PROTOS_MAP, sum(|w| w.protos.len())),
             (POLICY_SPORTS_MAP, sum(|w| w.sports.len())),
@@ -153,7 +136,14 @@ impl PolicyDataplane {
                 POLICY_SET_LISTS_MAP,
                 usize::from(!compiled.peer_sets.is_empty()),
             ),
-            (POLICY_PEER_CLASSES_MAP, compiled.peer_classes.len()),
+            (
+                POLICY_PEER_CLASSES_MAP,
+                if self.class_tables.contains_key(&compiled.peer_classes) {
+                    0
+                } else {
+                    compiled.peer_classes.len()
+                },
+            ),
             (POLICY_LOCALS_MAP, compiled.local_addresses.len()),
             (POLICY_PROTOS_MAP, compiled.protocols.len()),
             (
@@ -223,11 +213,17 @@ impl PolicyDataplane {
                 Ok(nets)
             })
             .and_then(|nets| {
+                let entries: ClassEntries = std::sync::Arc::new(compiled.peer_classes.clone());
+                let classes = self.acquire_classes(&entries)?;
+                written.classes = Some(entries);
+                Ok((nets, classes))
+            })
+            .and_then(|(nets, classes)| {
                 let ids = self.acquire_sets(&compiled.peer_sets)?;
                 written.sets = compiled.peer_sets.iter().map(|s| s.scope.clone()).collect();
-                Ok((nets, ids))
+                Ok((nets, classes, ids))
             })
-            .and_then(|(nets, ids)| {
+            .and_then(|(nets, classes, ids)| {
                 self.write(program, compiled, &ids, &mut written)?;
                 self.endpoints
                     .insert(
@@ -237,6 +233,7 @@ impl PolicyDataplane {
                             other_protocol: compiled.other_protocol,
                             nets,
                             sets: ids.len() as u32,
+                            classes,
                         },
                         0,
                     )
@@ -305,42 +302,62 @@ impl PolicyDataplane {
         {
             return None;
         }
-        let old: std::collections::HashSet<PeerClassKey> =
-            written.classes.iter().copied().collect();
-        let entries = class_entries(program, compiled);
-        let new: std::collections::HashSet<PeerClassKey> =
-            entries.iter().map(|(k, _)| *k).collect();
-        let grows = entries.iter().filter(|(k, _)| !old.contains(k)).count();
-        let room = |map: &str, in_use: usize, more: usize| {
-            let capacity = self.capacity.get(map).copied().unwrap_or(u32::MAX) as usize;
-            in_use + more <= capacity
-        };
-        let classes_in_use: usize = self.installed.values().map(|(_, w)| w.classes.len()).sum();
-        if !room(POLICY_PEER_CLASSES_MAP, classes_in_use, grows)
-            || !room(
-                POLICY_IP_SETS_MAP,
-                self.ip_set_entries(),
-                self.ip_set_growth(&compiled.peer_sets),
-            )
+        let old = written.classes.clone()?;
+        let nets = self.nets_tables.get(written.nets.as_ref()?)?.id;
+        let sets = written.sets.len() as u32;
+        let capacity = |map: &str| self.capacity.get(map).copied().unwrap_or(u32::MAX) as usize;
+        if self.ip_set_entries() + self.ip_set_growth(&compiled.peer_sets)
+            > capacity(POLICY_IP_SETS_MAP)
         {
             return None;
         }
-        for (key, class) in &entries {
-            // An existing combination keeps its class (the classes are the same).
-            if !old.contains(key) && self.peer_classes.insert(key, class, 0).is_err() {
+        if *old != compiled.peer_classes {
+            let new: ClassEntries = std::sync::Arc::new(compiled.peer_classes.clone());
+            let alone = self.class_tables.get(&old).is_some_and(|t| t.users == 1);
+            let growth = if self.class_tables.contains_key(&new) {
+                0
+            } else {
+                new.len()
+            };
+            if self.class_entries() + growth > capacity(POLICY_PEER_CLASSES_MAP) {
                 return None;
+            }
+            if alone && !self.class_tables.contains_key(&new) {
+                if !self.update_classes_in_place(&old, &new) {
+                    return None;
+                }
+            } else {
+                // Shared with other programs: this one moves to a table of its own content
+                // (one endpoint map update), and leaves the old one to the others.
+                let classes = self.acquire_classes(&new).ok()?;
+                let moved = self.endpoints.insert(
+                    EndpointKey {
+                        ifindex: slot.0,
+                        hook: slot.1,
+                    },
+                    ProgramRef {
+                        program,
+                        other_protocol: compiled.other_protocol,
+                        nets,
+                        sets,
+                        classes,
+                    },
+                    0,
+                );
+                if moved.is_err() {
+                    self.release_classes(&new);
+                    return None;
+                }
+                self.release_classes(&old);
+            }
+            if let Some((_, written)) = self.installed.get_mut(&slot) {
+                written.classes = Some(new);
             }
         }
         for set in &compiled.peer_sets {
             if self.update_set(&set.scope, &set.members).is_err() {
                 return None;
             }
-        }
-        for key in old.difference(&new) {
-            let _ = self.peer_classes.remove(key);
-        }
-        if let Some((_, written)) = self.installed.get_mut(&slot) {
-            written.classes = entries.into_iter().map(|(k, _)| k).collect();
         }
         Some(program)
     }
@@ -361,12 +378,7 @@ impl PolicyDataplane {
                 .map_err(map_err(POLICY_SET_LISTS_MAP, "insert"))?;
             w.set_list = true;
         }
-        for (key, class) in class_entries(program, c) {
-            self.peer_classes
-                .insert(key, class, 0)
-                .map_err(map_err(POLICY_PEER_CLASSES_MAP, "insert"))?;
-            w.classes.push(key);
-        }
+
         for (addr, class) in &c.local_addresses {
             let key = LocalKey {
                 program,
@@ -445,8 +457,8 @@ impl PolicyDataplane {
         if w.set_list {
             let _ = self.set_lists.remove(&program);
         }
-        for k in &w.classes {
-            let _ = self.peer_classes.remove(k);
+        if let Some(entries) = &w.classes {
+            self.release_classes(entries);
         }
         for k in &w.locals {
             let _ = self.locals.remove(k);
