@@ -280,8 +280,15 @@ pub enum PolicyStat {
     /// Packets sent straight to another local endpoint's interface (bpf_redirect_neigh after a
     /// FIB lookup), past the host's routing and netfilter path.
     Forwarded = 5,
+    /// Allowed flows whose conntrack entry could not be written (their later packets are
+    /// judged again, one by one).
+    ConntrackLost = 6,
+    /// Verdict events dropped because the ring buffer was full (nobody drained it in time).
+    EventsLost = 7,
+    /// Per-rule counters that could not be created (the counter map was full).
+    CountersLost = 8,
 }
-pub const POLICY_STAT_COUNT: u32 = 6;
+pub const POLICY_STAT_COUNT: u32 = 9;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -363,6 +370,12 @@ pub struct FragKey {
 /// TCP saw a FIN from the low side / the high side.
 pub const CT_FIN_LO: u32 = 1;
 pub const CT_FIN_HI: u32 = 2;
+/// TCP saw a reset (the entry then lives for the reset timeout only).
+pub const CT_RST: u32 = 4;
+/// The side that did not open the flow has sent a packet (TCP: past SYN-sent).
+pub const CT_ANSWERED: u32 = 8;
+/// The flow was opened (its first packet judged) from the low side of the key.
+pub const CT_OPENED_BY_LO: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -33,10 +33,11 @@ use aya_log_ebpf::debug;
 use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, FragKey, LocalKey, PeerClassKey, PeerKeyData, PolicyStat,
     PortKeyData, ProgramRef, ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictEvent,
-    VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_FIN_HI, CT_FIN_LO,
-    FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS,
-    POLICY_MAX_PROGRAM_SETS, POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT,
-    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS,
+    VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_ANSWERED, CT_FIN_HI,
+    CT_FIN_LO, CT_OPENED_BY_LO, CT_RST, FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES,
+    POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS, POLICY_MAX_PROGRAM_SETS,
+    POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS,
+    VERDICT_FIXED_BITS,
 };
 
 #[map(name = "POLICY_EPS")]
@@ -566,7 +567,7 @@ fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
             (*v).bytes += len;
         },
         None => {
-            let _ = RULE_STATS.insert(
+            let created = RULE_STATS.insert(
                 key,
                 RuleStatValue {
                     packets: 1,
@@ -574,9 +575,16 @@ fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
                 },
                 0,
             );
+            if created.is_err() {
+                count(PolicyStat::CountersLost);
+            }
         }
     }
-    if let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) {
+    let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
+        count(PolicyStat::EventsLost);
+        return;
+    };
+    {
         let e = entry.as_mut_ptr();
         let flow = &scratch.flow;
         // SAFETY: `e` points at reserved ring-buffer space the size of a VerdictEvent; every
@@ -717,18 +725,23 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         CONNTRACK.get_ptr_mut(key)
     };
     if let Some(entry) = tracked {
-        if flow.tcp_flags & TCP_RST != 0 {
-            // A reset ends the flow; the next packet is judged afresh.
-            let _ = CONNTRACK.remove(key);
-        } else {
-            let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
-            // SAFETY: as above.
-            unsafe {
-                (*entry).last_seen_ns = now;
-                if flow.tcp_flags & TCP_FIN != 0 {
-                    (*entry).flags |= if from_lo { CT_FIN_LO } else { CT_FIN_HI };
-                }
+        let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
+        // SAFETY: as above.
+        unsafe {
+            (*entry).last_seen_ns = now;
+            let mut flags = (*entry).flags;
+            if from_lo != (flags & CT_OPENED_BY_LO != 0) {
+                flags |= CT_ANSWERED;
             }
+            if flow.tcp_flags & TCP_FIN != 0 {
+                flags |= if from_lo { CT_FIN_LO } else { CT_FIN_HI };
+            }
+            // A reset shortens the entry's life (the expiry's reset timeout) rather than
+            // ending it at once: a forged reset cannot send the flow's packets back to policy.
+            if flow.tcp_flags & TCP_RST != 0 {
+                flags |= CT_RST;
+            }
+            (*entry).flags = flags;
         }
         count(PolicyStat::Tracked);
         return TC_ACT_PIPE;
@@ -745,13 +758,16 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
     match decision {
         Some(v) if v.action == ACTION_ALLOW => {
             if flow.tcp_flags & TCP_RST == 0 {
+                let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
                 let value = CtValue {
                     created_ns: now,
                     last_seen_ns: now,
-                    flags: 0,
+                    flags: if from_lo { CT_OPENED_BY_LO } else { 0 },
                     rule: v.rule,
                 };
-                let _ = CONNTRACK.insert(key, value, 0);
+                if CONNTRACK.insert(key, value, 0).is_err() {
+                    count(PolicyStat::ConntrackLost);
+                }
             }
             count(PolicyStat::Allowed);
             TC_ACT_PIPE

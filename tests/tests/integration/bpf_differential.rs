@@ -804,3 +804,176 @@ spec:
     );
     Ok(())
 }
+
+/// Conntrack follows TCP: an allowed SYN opens a flow in the SYN-sent state, the other side's
+/// answer makes it established, a reset marks it (its later packets still pass as the flow's)
+/// and expiry then applies the reset timeout to it alone; an established flow beside it stays.
+#[test]
+fn conntrack_follows_tcp_states() -> anyhow::Result<()> {
+    if !require(
+        "conntrack_follows_tcp_states",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let docs = calico_model::parse_documents(
+        "apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec: {node: n1, ipNetworks: [10.0.0.1/32]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: web}
+spec:
+  selector: app == 'web'
+  types: [Ingress, Egress]
+  ingress: [{action: Allow, protocol: TCP, destination: {ports: [80]}}]
+",
+    )?;
+    let w = calico_policy::World::from_resources(&docs).map_err(anyhow::Error::msg)?;
+    let id = w.endpoints.keys().next().unwrap().clone();
+    for (direction, hook) in [
+        (Direction::Ingress, Hook::Egress),
+        (Direction::Egress, Hook::Ingress),
+    ] {
+        let compiled = CompiledProgram::compile(
+            &w,
+            &w.program(&id, direction),
+            &["10.0.0.1".parse()?],
+            direction,
+        )?;
+        dp.install(LOOPBACK, hook, &compiled)?;
+    }
+    dp.clear_conntrack()?;
+    let tcp = |client_port: u16, flags: u8, reply: bool| {
+        let p = Packet {
+            src: "192.0.2.1".parse().unwrap(),
+            dst: "10.0.0.1".parse().unwrap(),
+            protocol: 6,
+            src_port: client_port,
+            dst_port: 80,
+            icmp: None,
+        };
+        let p = if reply {
+            Packet {
+                src: p.dst,
+                dst: p.src,
+                src_port: p.dst_port,
+                dst_port: p.src_port,
+                ..p
+            }
+        } else {
+            p
+        };
+        let mut f = frame(&p);
+        f[14 + 20 + 13] = flags;
+        f
+    };
+    let flow = |dp: &PolicyDataplane, port: u16| -> anyhow::Result<calico_dataplane::TrackedFlow> {
+        dp.tracked_flows()?
+            .into_iter()
+            .find(|f| f.ports.0 == port || f.ports.1 == port)
+            .ok_or_else(|| anyhow::anyhow!("no flow for client port {port}"))
+    };
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const RST: u8 = 0x04;
+    // Two connections: 40001 gets reset, 40002 stays established.
+    for port in [40_001, 40_002] {
+        assert_eq!(
+            dp.test_run(Hook::Egress, &tcp(port, SYN, false))?,
+            TC_ACT_PIPE
+        );
+        let opened = flow(&dp, port)?;
+        assert!(!opened.answered && !opened.reset, "{opened:?}");
+        // The SYN-ACK comes back from the workload (its egress hook: no rule allows it, the
+        // flow does).
+        assert_eq!(
+            dp.test_run(Hook::Ingress, &tcp(port, SYN | ACK, true))?,
+            TC_ACT_PIPE,
+            "the answer passes as the flow's"
+        );
+        assert!(flow(&dp, port)?.answered, "the answer was not noted");
+    }
+    assert_eq!(
+        dp.test_run(Hook::Egress, &tcp(40_001, RST | ACK, false))?,
+        TC_ACT_PIPE
+    );
+    let reset = flow(&dp, 40_001)?;
+    assert!(reset.reset && reset.answered, "{reset:?}");
+    let tracked = dp.counters()?.tracked;
+    assert_eq!(
+        dp.test_run(Hook::Ingress, &tcp(40_001, ACK, true))?,
+        TC_ACT_PIPE,
+        "a packet after the reset still belongs to the flow"
+    );
+    assert!(dp.counters()?.tracked > tracked);
+    // A reply with no flow at all is judged by the workload's egress policy: denied.
+    assert_eq!(
+        dp.test_run(Hook::Ingress, &tcp(40_003, ACK, true))?,
+        TC_ACT_SHOT,
+        "an answer to nothing"
+    );
+    let long = std::time::Duration::from_secs(3600);
+    let timeouts = calico_dataplane::ConntrackTimeouts {
+        tcp_reset: std::time::Duration::ZERO,
+        tcp_syn_sent: long,
+        tcp_established: long,
+        tcp_fins_seen: long,
+        udp: long,
+        icmp: long,
+        other: long,
+    };
+    // The reset flow idles past a zero timeout as soon as the clock moves on.
+    let before = std::time::Instant::now();
+    while before.elapsed() < std::time::Duration::from_millis(2) {
+        std::hint::spin_loop();
+    }
+    assert_eq!(dp.expire_conntrack(&timeouts)?, 1);
+    assert!(flow(&dp, 40_001).is_err(), "the reset flow stayed");
+    assert!(flow(&dp, 40_002)?.answered, "the established flow went");
+    Ok(())
+}
+
+/// Verdict events nobody drains in time are counted as lost, not dropped silently: first a
+/// few, all delivered and none lost; then more than the ring holds.
+#[test]
+fn lost_verdict_events_are_counted() -> anyhow::Result<()> {
+    if !require(
+        "lost_verdict_events_are_counted",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions::default())?;
+    let w = calico_policy::testing::deny_rules_then_allow(0);
+    // An empty program: every packet is denied by policy, each one an event.
+    let compiled = CompiledProgram::compile(
+        &w,
+        &calico_policy::PolicyProgram::default(),
+        &["10.0.0.1".parse()?],
+        Direction::Ingress,
+    )?;
+    dp.install(LOOPBACK, Hook::Egress, &compiled)?;
+    let denied = frame(&Packet {
+        src: "192.0.2.1".parse()?,
+        dst: "10.0.0.1".parse()?,
+        protocol: 17,
+        src_port: 5000,
+        dst_port: 53,
+        icmp: None,
+    });
+    let _ = dp.drain_events(usize::MAX);
+    assert_eq!(dp.test_run_times(Hook::Egress, &denied, 100)?, TC_ACT_SHOT);
+    assert_eq!(dp.drain_events(usize::MAX).len(), 100);
+    assert_eq!(dp.counters()?.events_lost, 0);
+    // The ring holds 1 MiB: 20,000 events of 64 bytes (plus headers) do not fit.
+    dp.test_run_times(Hook::Egress, &denied, 20_000)?;
+    let lost = dp.counters()?.events_lost;
+    let kept = dp.drain_events(usize::MAX).len() as u64;
+    assert!(lost > 0, "nothing counted as lost ({kept} kept)");
+    assert_eq!(kept + lost, 20_000, "events neither kept nor counted");
+    Ok(())
+}

@@ -289,8 +289,10 @@ fn replies_and_established_flows_pass_through_conntrack() -> anyhow::Result<()> 
     // Expiry: with zero timeouts everything idle goes.
     std::thread::sleep(Duration::from_millis(20));
     let zero = calico_dataplane::ConntrackTimeouts {
+        tcp_syn_sent: Duration::ZERO,
         tcp_established: Duration::ZERO,
-        tcp_closed: Duration::ZERO,
+        tcp_fins_seen: Duration::ZERO,
+        tcp_reset: Duration::ZERO,
         udp: Duration::ZERO,
         icmp: Duration::ZERO,
         other: Duration::ZERO,

@@ -594,6 +594,9 @@ impl Driver {
             Metrics::set_total(&self.metrics.tracked, c.tracked);
             Metrics::set_total(&self.metrics.forwarded, c.forwarded);
             Metrics::set_total(&self.metrics.no_policy, c.no_policy);
+            Metrics::set_total(&self.metrics.conntrack_lost, c.conntrack_lost);
+            Metrics::set_total(&self.metrics.events_lost, c.events_lost);
+            Metrics::set_total(&self.metrics.counters_lost, c.counters_lost);
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub tracked: Counter,
     pub forwarded: Counter,
     pub no_policy: Counter,
+    pub conntrack_lost: Counter,
+    pub events_lost: Counter,
+    pub counters_lost: Counter,
     pub bird_config_errors: Counter,
     pub bird_restarts: Counter,
     latency: Histogram,
@@ -67,6 +70,9 @@ impl Default for Metrics {
             tracked: Counter::default(),
             forwarded: Counter::default(),
             no_policy: Counter::default(),
+            conntrack_lost: Counter::default(),
+            events_lost: Counter::default(),
+            counters_lost: Counter::default(),
             bird_config_errors: Counter::default(),
             bird_restarts: Counter::default(),
             latency: Histogram::new(BUCKETS),
@@ -136,6 +142,21 @@ impl Default for Metrics {
                 "felix_bpf_packets_no_policy",
                 "IP packets dropped on an attached interface with no policy installed (yet)",
                 m.no_policy.clone(),
+            );
+            r.register(
+                "felix_bpf_conntrack_insert_failures",
+                "Allowed flows whose conntrack entry could not be written (their packets are judged one by one)",
+                m.conntrack_lost.clone(),
+            );
+            r.register(
+                "felix_bpf_events_lost",
+                "Verdict events dropped because the ring buffer was full",
+                m.events_lost.clone(),
+            );
+            r.register(
+                "felix_bpf_rule_counters_lost",
+                "Per-rule counters that could not be created (the counter map was full)",
+                m.counters_lost.clone(),
             );
             r.register(
                 "felix_bird_config_errors",

@@ -10,17 +10,23 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 
-use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP, CT_FIN_HI, CT_FIN_LO};
+use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP, CT_ANSWERED, CT_FIN_HI, CT_FIN_LO, CT_RST};
 
 use super::{map_err, PolicyDataplane};
 use crate::{object::key_missing, DataplaneError};
 
-/// How long an idle tracked flow is kept, by kind (upstream Felix's defaults).
+/// How long an idle tracked flow is kept, by kind and TCP state (upstream Felix's BPF
+/// conntrack defaults: `TCPSynSent`, `TCPEstablished`, `TCPFinsSeen`, `TCPResetSeen`, UDP,
+/// ICMP, generic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConntrackTimeouts {
+    /// TCP whose other side has not answered yet.
+    pub tcp_syn_sent: std::time::Duration,
     pub tcp_established: std::time::Duration,
     /// TCP after a FIN from both sides.
-    pub tcp_closed: std::time::Duration,
+    pub tcp_fins_seen: std::time::Duration,
+    /// TCP after a reset.
+    pub tcp_reset: std::time::Duration,
     pub udp: std::time::Duration,
     pub icmp: std::time::Duration,
     pub other: std::time::Duration,
@@ -30,11 +36,28 @@ impl Default for ConntrackTimeouts {
     fn default() -> Self {
         use std::time::Duration;
         Self {
+            tcp_syn_sent: Duration::from_secs(20),
             tcp_established: Duration::from_secs(3600),
-            tcp_closed: Duration::from_secs(10),
+            tcp_fins_seen: Duration::from_secs(30),
+            tcp_reset: Duration::from_secs(40),
             udp: Duration::from_secs(60),
             icmp: Duration::from_secs(5),
             other: Duration::from_secs(600),
+        }
+    }
+}
+
+impl ConntrackTimeouts {
+    /// The idle time after which a flow of `protocol` in the state `flags` (`CT_*`) goes.
+    pub fn of(&self, protocol: u32, flags: u32) -> std::time::Duration {
+        match protocol {
+            6 if flags & CT_RST != 0 => self.tcp_reset,
+            6 if flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI) => self.tcp_fins_seen,
+            6 if flags & CT_ANSWERED != 0 => self.tcp_established,
+            6 => self.tcp_syn_sent,
+            17 => self.udp,
+            1 | 58 => self.icmp,
+            _ => self.other,
         }
     }
 }
@@ -47,7 +70,12 @@ pub struct TrackedFlow {
     pub addresses: (IpAddr, IpAddr),
     pub ports: (u16, u16),
     pub idle: std::time::Duration,
+    /// TCP: both sides sent a FIN.
     pub closed: bool,
+    /// TCP: a reset was seen.
+    pub reset: bool,
+    /// The side that did not open the flow has answered.
+    pub answered: bool,
 }
 
 fn unmapped(a: [u8; 16]) -> IpAddr {
@@ -91,6 +119,8 @@ impl PolicyDataplane {
                 ports: (k.port_lo, k.port_hi),
                 idle: std::time::Duration::from_nanos(now.saturating_sub(v.last_seen_ns)),
                 closed: v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI),
+                reset: v.flags & CT_RST != 0,
+                answered: v.flags & CT_ANSWERED != 0,
             });
         }
         Ok(out)
@@ -147,14 +177,7 @@ fn expire(
     for entry in table.iter() {
         let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
         total += 1;
-        let closed = v.flags & (CT_FIN_LO | CT_FIN_HI) == (CT_FIN_LO | CT_FIN_HI);
-        let limit = match (k.protocol, closed) {
-            (6, true) => timeouts.tcp_closed,
-            (6, false) => timeouts.tcp_established,
-            (17, _) => timeouts.udp,
-            (1 | 58, _) => timeouts.icmp,
-            _ => timeouts.other,
-        };
+        let limit = timeouts.of(k.protocol, v.flags);
         if now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
             stale.push(k);
         }
@@ -168,4 +191,41 @@ fn expire(
     }
     seen.store(total - stale.len().min(total), Ordering::Relaxed);
     Ok(stale.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calico_bpf_common::CT_OPENED_BY_LO;
+    use std::time::Duration;
+
+    #[test]
+    fn each_state_has_its_timeout() {
+        let t = ConntrackTimeouts::default();
+        let secs = |p, f| t.of(p, f).as_secs();
+        assert_eq!(secs(6, 0), 20, "SYN sent");
+        assert_eq!(
+            secs(6, CT_OPENED_BY_LO),
+            20,
+            "SYN sent, opened from the low side"
+        );
+        assert_eq!(secs(6, CT_ANSWERED), 3600, "established");
+        assert_eq!(
+            secs(6, CT_ANSWERED | CT_FIN_LO),
+            3600,
+            "one FIN: still open"
+        );
+        assert_eq!(
+            secs(6, CT_ANSWERED | CT_FIN_LO | CT_FIN_HI),
+            30,
+            "both FINs"
+        );
+        assert_eq!(secs(6, CT_ANSWERED | CT_RST), 40, "reset");
+        assert_eq!(secs(6, CT_RST | CT_FIN_LO | CT_FIN_HI), 40, "reset wins");
+        assert_eq!(secs(17, 0), 60);
+        assert_eq!(secs(1, 0), 5);
+        assert_eq!(secs(58, CT_ANSWERED), 5);
+        assert_eq!(secs(132, 0), 600);
+        assert_eq!(t.of(6, CT_RST), Duration::from_secs(40));
+    }
 }

@@ -36,6 +36,12 @@ pub struct PolicyCounters {
     pub tracked: u64,
     /// Packets sent straight to another local endpoint's interface.
     pub forwarded: u64,
+    /// Allowed flows whose conntrack entry could not be written.
+    pub conntrack_lost: u64,
+    /// Verdict events dropped on a full ring buffer.
+    pub events_lost: u64,
+    /// Per-rule counters that could not be created.
+    pub counters_lost: u64,
 }
 
 impl PolicyDataplane {
@@ -105,6 +111,17 @@ impl PolicyDataplane {
     /// BPF_PROG_TEST_RUN, as if it arrived on the loopback interface (ifindex 1); returns the
     /// program's return code (`TC_ACT_PIPE` 3 passes, `TC_ACT_SHOT` 2 drops).
     pub fn test_run(&mut self, hook: Hook, frame: &[u8]) -> Result<i32, DataplaneError> {
+        self.test_run_times(hook, frame, 1)
+    }
+
+    /// As [`PolicyDataplane::test_run`], the program run `times` times on the frame in one
+    /// call (the return code is the last run's).
+    pub fn test_run_times(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        times: u32,
+    ) -> Result<i32, DataplaneError> {
         use aya::programs::{TestRun, TestRunOptions};
         let name = match hook {
             Hook::Ingress => POLICY_INGRESS_PROG,
@@ -112,6 +129,7 @@ impl PolicyDataplane {
         };
         let options = TestRunOptions {
             data_in: Some(frame),
+            repeat: times,
             ..TestRunOptions::new()
         };
         let result = classifier(&mut self.ebpf, name)?
@@ -139,6 +157,9 @@ impl PolicyDataplane {
             malformed: sum(PolicyStat::Malformed)?,
             tracked: sum(PolicyStat::Tracked)?,
             forwarded: sum(PolicyStat::Forwarded)?,
+            conntrack_lost: sum(PolicyStat::ConntrackLost)?,
+            events_lost: sum(PolicyStat::EventsLost)?,
+            counters_lost: sum(PolicyStat::CountersLost)?,
         })
     }
 }
