@@ -259,7 +259,8 @@ pub struct VerdictEvent {
     pub src_port: u16,
     /// Destination port, or `type << 8 | code` for ICMP.
     pub dst_port: u16,
-    pub _pad: u32,
+    /// The packet's length (bytes, as the hook saw it).
+    pub len: u32,
 }
 
 /// Counters of the policy program (per-CPU array `POLICY_STATS`).

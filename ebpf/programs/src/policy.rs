@@ -600,7 +600,7 @@ fn record(ctx: &TcContext, scratch: &Scratch, ifindex: u32, hook: u32) {
             (*e).dst = flow.dst;
             (*e).src_port = flow.src_port;
             (*e).dst_port = flow.dim;
-            (*e)._pad = 0;
+            (*e).len = len as u32;
         }
         entry.submit(0);
     }

@@ -122,6 +122,8 @@ pub struct FelixSettings {
     /// Map capacities set by `bpfMapSizeConntrack` and `bpfMapSizeIPSets` (the prefix map the
     /// selectors' IP sets go into); they take effect when the dataplane is loaded.
     pub map_sizes: Vec<(&'static str, u32)>,
+    /// Flow logs, when `flowLogsFileEnabled`.
+    pub flow_logs: Option<crate::flowlogs::FlowLogSettings>,
 }
 
 impl Default for FelixSettings {
@@ -131,6 +133,7 @@ impl Default for FelixSettings {
             failsafe_outbound: default_failsafe_outbound(),
             bpf_debug: None,
             map_sizes: Vec::new(),
+            flow_logs: None,
         }
     }
 }
@@ -164,7 +167,16 @@ impl FelixSettings {
         node: Option<&FelixConfigurationSpec>,
     ) -> Result<Self, String> {
         let mut out = Self::default();
+        let (mut flow_logs, mut flush, mut directory) = (None, None, None);
         for spec in [global, node].into_iter().flatten() {
+            flow_logs = spec.flow_logs_file_enabled.or(flow_logs);
+            if let Some(interval) = &spec.flow_logs_flush_interval {
+                flush = Some(
+                    calico_model::parse_go_duration(interval)
+                        .map_err(|e| format!("spec.flowLogsFlushInterval: {e}"))?,
+                );
+            }
+            directory = spec.flow_logs_file_directory.clone().or(directory);
             if let Some(l) = &spec.failsafe_inbound_host_ports {
                 out.failsafe_inbound = failsafe(l, "spec.failsafeInboundHostPorts")?;
             }
@@ -205,6 +217,16 @@ impl FelixSettings {
                 };
             }
         }
+        if flow_logs == Some(true) {
+            out.flow_logs = Some(crate::flowlogs::FlowLogSettings {
+                directory: directory
+                    .unwrap_or_else(|| crate::flowlogs::DEFAULT_DIRECTORY.into())
+                    .into(),
+                flush_interval: flush
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(crate::flowlogs::DEFAULT_FLUSH_INTERVAL),
+            });
+        }
         Ok(out)
     }
 }
@@ -239,5 +261,39 @@ mod tests {
             let e = FelixSettings::resolve(Some(&spec), None).unwrap_err();
             assert!(e.contains("spec.bpfMapSizeConntrack"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn flow_logs_follow_felix_configuration() {
+        let on = FelixConfigurationSpec {
+            flow_logs_file_enabled: Some(true),
+            flow_logs_flush_interval: Some("15s".into()),
+            ..Default::default()
+        };
+        let s = FelixSettings::resolve(Some(&on), None).unwrap();
+        let f = s.flow_logs.expect("enabled");
+        assert_eq!(f.flush_interval, std::time::Duration::from_secs(15));
+        assert_eq!(
+            f.directory,
+            std::path::Path::new("/var/log/calico/flowlogs")
+        );
+        // The node's resource turns them off again, and a bad interval names the field.
+        let off = FelixConfigurationSpec {
+            flow_logs_file_enabled: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(
+            FelixSettings::resolve(Some(&on), Some(&off))
+                .unwrap()
+                .flow_logs,
+            None
+        );
+        assert_eq!(FelixSettings::resolve(None, None).unwrap().flow_logs, None);
+        let bad = FelixConfigurationSpec {
+            flow_logs_flush_interval: Some("soon".into()),
+            ..Default::default()
+        };
+        let e = FelixSettings::resolve(Some(&bad), None).unwrap_err();
+        assert!(e.contains("spec.flowLogsFlushInterval"), "{e}");
     }
 }

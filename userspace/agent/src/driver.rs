@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::{
     config::FelixSettings,
     failsafe::with_failsafe,
+    flowlogs::{self, FlowKey, FlowLog},
     metrics::Metrics,
     netlink::{LinkEvent, OwnedRoute},
     routes::DesiredRoutes,
@@ -55,6 +56,12 @@ pub struct Driver {
     conntrack_elsewhere: bool,
     /// Debug logging of the programs when FelixConfiguration does not say (the flag).
     default_bpf_debug: bool,
+    /// Flow records being aggregated, and when they were last written.
+    flow_log: FlowLog,
+    last_flow_flush: std::time::Instant,
+    /// Each rule counter's value when last read, by (program, verdict index): /metrics gets
+    /// the increments.
+    rule_seen: std::collections::HashMap<(u32, u32), (u64, u64)>,
 }
 
 /// An endpoint's two programs, compiled; a program that cannot be enforced is replaced by the
@@ -133,6 +140,9 @@ impl Driver {
             routes_dirty: false,
             conntrack_elsewhere: false,
             default_bpf_debug: false,
+            flow_log: FlowLog::default(),
+            last_flow_flush: std::time::Instant::now(),
+            rule_seen: Default::default(),
         }
     }
 
@@ -218,7 +228,9 @@ impl Driver {
                 self.unprogram(&id).await;
             }
         }
-        // What the batch replaced goes once all of it is enforced.
+        // What the batch replaced goes once all of it is enforced (the events it left are
+        // read first, while its rules are still known).
+        self.collect_flows();
         self.dataplane.release_retired();
         self.publish_routes();
     }
@@ -550,7 +562,9 @@ impl Driver {
     /// Periodic housekeeping: replaced programs, conntrack expiry and the numbers /metrics
     /// shows.
     pub fn housekeeping(&mut self) {
+        self.collect_flows();
         self.dataplane.release_retired();
+        self.count_rules();
         if !self.conntrack_elsewhere {
             log_expiry(
                 self.dataplane
@@ -586,8 +600,104 @@ impl Driver {
         }
     }
 
+    /// Reads the classifiers' verdict events into the flow log (always: a ring nobody
+    /// drains only counts losses), and writes the flow log when its interval is up.
+    fn collect_flows(&mut self) {
+        let now = std::time::SystemTime::now();
+        let events = self.dataplane.drain_events(100_000);
+        if let Some(settings) = self.settings.flow_logs.clone() {
+            for e in events {
+                let key = self.flow_key(&e);
+                self.flow_log.add(key, u64::from(e.len), now);
+            }
+            Metrics::set_total(&self.metrics.flow_records_dropped, self.flow_log.dropped);
+            if self.last_flow_flush.elapsed() >= settings.flush_interval {
+                self.last_flow_flush = std::time::Instant::now();
+                let lines = self.flow_log.take_lines();
+                if let Err(e) = flowlogs::append(&settings.directory, &lines) {
+                    tracing::warn!(directory = %settings.directory.display(), error = %e, records = lines.len(), "writing flow logs");
+                }
+            }
+        }
+    }
+
+    /// The flow record an event belongs to.
+    fn flow_key(&self, e: &calico_bpf_common::VerdictEvent) -> FlowKey {
+        let id = self.programmed.get(&e.ifindex);
+        let host = id
+            .and_then(|id| self.places.get(id))
+            .is_some_and(|p| p.host);
+        // On a workload's veth tc ingress sees what the workload sends; on a host interface
+        // the other way round.
+        let sent = (e.hook == calico_bpf_common::TC_INGRESS) != host;
+        let policy = if e.verdict == u32::MAX {
+            "incomplete-program|deny".to_owned()
+        } else {
+            self.dataplane.verdict_of(e.program, e.verdict).map_or_else(
+                || "unknown".to_owned(),
+                |v| {
+                    let (tier, policy, rule, action) = flowlogs::rule_labels(v);
+                    format!("{tier}|{policy}|{rule}|{action}")
+                },
+            )
+        };
+        FlowKey {
+            endpoint: id.map_or_else(
+                || format!("ifindex {}", e.ifindex),
+                |id| format!("{}/{}", id.namespace.as_deref().unwrap_or(""), id.name),
+            ),
+            reporter: if sent { "src" } else { "dst" },
+            source_ip: unmapped(e.src),
+            dest_ip: unmapped(e.dst),
+            proto: e.protocol as u8,
+            source_port: e.src_port,
+            dest_port: e.dst_port,
+            action: if e.action == calico_bpf_common::ACTION_ALLOW {
+                "allow"
+            } else {
+                "deny"
+            },
+            policy,
+        }
+    }
+
+    /// Per-rule counters for /metrics: what each rule counted since it was last read,
+    /// including the last counts of programs replaced since.
+    fn count_rules(&mut self) {
+        let current = match self.dataplane.rule_counters() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the rule counters");
+                Vec::new()
+            }
+        };
+        let released = self.dataplane.take_released_counters();
+        for (c, gone) in current
+            .into_iter()
+            .map(|c| (c, false))
+            .chain(released.into_iter().map(|c| (c, true)))
+        {
+            let key = (c.program, c.index);
+            let (packets, bytes) = self.rule_seen.get(&key).copied().unwrap_or_default();
+            let (dp, db) = (
+                c.packets.saturating_sub(packets),
+                c.bytes.saturating_sub(bytes),
+            );
+            if dp > 0 || db > 0 {
+                self.metrics
+                    .add_rule_counts(flowlogs::rule_labels(&c.verdict), dp, db);
+            }
+            if gone {
+                self.rule_seen.remove(&key);
+            } else {
+                self.rule_seen.insert(key, (c.packets, c.bytes));
+            }
+        }
+    }
+
     /// Packet counters for /metrics (cheap: one per-CPU array).
     pub fn refresh_counters(&mut self) {
+        self.collect_flows();
         if let Ok(c) = self.dataplane.counters() {
             Metrics::set_total(&self.metrics.allowed, c.allowed);
             Metrics::set_total(&self.metrics.denied, c.denied);
@@ -599,6 +709,13 @@ impl Driver {
             Metrics::set_total(&self.metrics.counters_lost, c.counters_lost);
         }
     }
+}
+
+/// An address as the classifiers write it (IPv4 v4-mapped).
+fn unmapped(a: [u8; 16]) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(a);
+    v6.to_ipv4_mapped()
+        .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
 }
 
 fn log_expiry(result: Result<usize, calico_dataplane::DataplaneError>) {

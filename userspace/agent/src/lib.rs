@@ -15,6 +15,7 @@ pub mod bird;
 pub mod config;
 pub mod driver;
 pub mod failsafe;
+pub mod flowlogs;
 pub mod health;
 pub mod metrics;
 pub mod netlink;

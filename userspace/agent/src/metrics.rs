@@ -22,6 +22,8 @@ const BUCKETS: [f64; 12] = [
 
 /// Label set of the per-map gauges.
 type MapLabels = Vec<(&'static str, &'static str)>;
+/// tier, policy, rule (index, `end-of-tier` or `no-match`), action.
+type RuleLabels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     started: Instant,
@@ -50,6 +52,9 @@ pub struct Metrics {
     latency: Histogram,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
+    rule_packets: Family<RuleLabels, Counter>,
+    rule_bytes: Family<RuleLabels, Counter>,
+    pub flow_records_dropped: Counter,
     registry: Mutex<Registry>,
 }
 
@@ -78,6 +83,9 @@ impl Default for Metrics {
             latency: Histogram::new(BUCKETS),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            rule_packets: Family::default(),
+            rule_bytes: Family::default(),
+            flow_records_dropped: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         {
@@ -174,6 +182,21 @@ impl Default for Metrics {
                 m.latency.clone(),
             );
             r.register(
+                "felix_policy_rule_packets",
+                "Packets each rule decided (a flow's first packet, every denied packet), by tier, policy, rule index and action",
+                m.rule_packets.clone(),
+            );
+            r.register(
+                "felix_policy_rule_bytes",
+                "Bytes of the packets each rule decided, by tier, policy, rule index and action",
+                m.rule_bytes.clone(),
+            );
+            r.register(
+                "felix_flow_records_dropped",
+                "Judged packets left out of the flow logs because too many distinct flows were pending",
+                m.flow_records_dropped.clone(),
+            );
+            r.register(
                 "felix_bpf_map_entries",
                 "Entries in each dataplane map",
                 m.map_entries.clone(),
@@ -218,6 +241,23 @@ impl Metrics {
 
     pub fn observe_update(&self, latency: Duration) {
         self.latency.observe(latency.as_secs_f64());
+    }
+
+    /// Adds what a rule decided since it was last read.
+    pub fn add_rule_counts(
+        &self,
+        (tier, policy, rule, action): (String, String, String, &'static str),
+        packets: u64,
+        bytes: u64,
+    ) {
+        let labels: RuleLabels = vec![
+            ("tier", tier),
+            ("policy", policy),
+            ("rule", rule),
+            ("action", action.to_owned()),
+        ];
+        self.rule_packets.get_or_create(&labels).inc_by(packets);
+        self.rule_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     pub fn set_occupancy(&self, occupancy: Vec<(&'static str, usize)>) {

@@ -916,6 +916,21 @@ impl Validator {
             &spec.chain_insert_mode,
             &["Insert", "Append"],
         );
+        if let Some(interval) = &spec.flow_logs_flush_interval {
+            match parse_go_duration(interval) {
+                Ok(d) if !d.is_zero() => {}
+                Ok(_) => self.err("spec.flowLogsFlushInterval", "must be more than 0"),
+                Err(e) => self.err("spec.flowLogsFlushInterval", e),
+            }
+        }
+        if let Some(dir) = &spec.flow_logs_file_directory {
+            if !dir.starts_with('/') {
+                self.err(
+                    "spec.flowLogsFileDirectory",
+                    format!("`{dir}` is not an absolute path"),
+                );
+            }
+        }
         for (field, port) in [
             ("healthPort", spec.health_port),
             ("prometheusMetricsPort", spec.prometheus_metrics_port),
@@ -1150,5 +1165,64 @@ mod pool_tests {
         );
         // The same pool re-applied is not an overlap.
         assert!(super::pool_overlaps(&[p("a", "10.0.0.0/16"), p("a", "10.0.0.0/16")]).is_empty());
+    }
+}
+
+/// A duration as Go writes it (`15s`, `1m30s`, `500ms`, `1h`): what upstream's duration
+/// fields hold.
+pub fn parse_go_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("`{text}` is not a duration (such as 15s, 1m30s or 500ms)");
+    let mut rest = text.trim();
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += number * seconds;
+        rest = &rest[unit_len..];
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_go_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn go_durations() {
+        for (text, want) in [
+            ("15s", Duration::from_secs(15)),
+            ("1m30s", Duration::from_secs(90)),
+            ("500ms", Duration::from_millis(500)),
+            ("1h", Duration::from_secs(3600)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("0", Duration::ZERO),
+        ] {
+            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["", "15", "s", "15 s", "1x", "-1s", "1m30"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
     }
 }

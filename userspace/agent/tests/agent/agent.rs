@@ -705,3 +705,88 @@ fn ip_batch(host: &NetNs, lines: impl Iterator<Item = String>) -> Result<()> {
     anyhow::ensure!(ip.wait()?.success(), "ip -batch failed");
     Ok(())
 }
+
+/// Flow logs and per-rule counters name the deciding rule: the client's ping allowed by the
+/// network profile's rule, then denied by `deny-client`'s first rule, each a record in
+/// `flows.log` (switched on through FelixConfiguration) and a counter on /metrics.
+#[test]
+fn flow_logs_and_rule_counters_name_the_deciding_rule() -> Result<()> {
+    if !require("flow_logs_and_rule_counters_name_the_deciding_rule", NEEDS) {
+        return Ok(());
+    }
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(unique_name("flow")));
+    let s = Setup::new()?;
+    s.store.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\nspec:\n  flowLogsFileEnabled: true\n  flowLogsFlushInterval: 1s\n  flowLogsFileDirectory: {}\n",
+        dir.0.display()
+    ))?;
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.0.join("flows.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let server_endpoint = format!("default/{}-cni-server-eth0", s.agent.node);
+    // Pings until a record like `wanted` shows (the configuration may arrive after the first
+    // ping; each ping is a new echo id, so a new flow judged by policy).
+    let wait_record = |action: &str, policy: &str| -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let _ = s.client().ns.ping(s.server().address.into())?;
+            if let Some(r) = records().into_iter().find(|r| {
+                r["action"] == action
+                    && r["proto"] == 1
+                    && r["endpoint"] == server_endpoint.as_str()
+                    && r["reporter"] == "dst"
+                    && r["source_ip"] == s.client().address.to_string().as_str()
+                    && r["policy"].as_str().is_some_and(|p| p.contains(policy))
+            }) {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no {action} record by {policy} in {:?}; agent log:\n{}",
+                    records(),
+                    s.agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let allowed = wait_record("allow", "|net1|0|allow")?;
+    assert!(allowed["packets"].as_u64() >= Some(1) && allowed["bytes"].as_u64() > Some(0));
+    s.store.apply(DENY_CLIENT)?;
+    s.wait_ping(false, Duration::from_secs(10))?;
+    let denied = wait_record("deny", "deny-client|0|deny")?;
+    assert_eq!(denied["dest_ip"], s.server().address.to_string().as_str());
+
+    // The same two rules on /metrics (read at the periodic refresh).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = s.agent.get(&s.host, "/metrics")?.1;
+        let counted = |policy: &str, action: &str| {
+            text.lines().any(|l| {
+                l.starts_with("felix_policy_rule_packets_total{")
+                    && l.contains(&format!("policy=\"{policy}\""))
+                    && l.contains(&format!("action=\"{action}\""))
+                    && l.contains("rule=\"0\"")
+                    && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
+            })
+        };
+        if counted("deny-client", "deny") && counted("net1", "allow") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("rule counters missing from /metrics:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}

@@ -117,6 +117,8 @@ pub struct PolicyDataplane {
     installed: BTreeMap<(u32, u32), (u32, Written)>,
     /// Replaced programs whose entries are still to be deleted (see `release_retired`).
     retired: Vec<(u32, Written)>,
+    /// Rule counters of released programs, read as they went (`take_released_counters`).
+    released_counters: Vec<RuleCounter>,
     /// Where maps and links are pinned, if anywhere.
     pin_path: Option<PathBuf>,
     /// Attachments this process made, by (ifindex, hook).
@@ -252,6 +254,7 @@ impl PolicyDataplane {
             next_class_table: 1,
             installed: BTreeMap::new(),
             retired: Vec::new(),
+            released_counters: Vec::new(),
             pin_path: options.pin_path.clone(),
             links: BTreeMap::new(),
             tracked_flows_seen: Default::default(),

@@ -2,20 +2,20 @@
 //! log switch, and single runs under BPF_PROG_TEST_RUN.
 
 use calico_bpf_common::{
-    PolicyStat, RuleStatKey, VerdictEvent, POLICY_EGRESS_PROG, POLICY_INGRESS_PROG, POLICY_LOG_MAP,
+    PolicyStat, VerdictEvent, POLICY_EGRESS_PROG, POLICY_INGRESS_PROG, POLICY_LOG_MAP,
     POLICY_RULE_STATS_MAP, POLICY_STATS_MAP, TC_INGRESS,
 };
 use calico_policy::Verdict;
 
 use super::{map_err, Hook, PolicyDataplane};
-use crate::{
-    object::{classifier, key_missing},
-    DataplaneError,
-};
+use crate::{object::classifier, DataplaneError};
 
 /// What one rule decided on one interface and hook.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleCounter {
+    /// The program (its id) and the index of the verdict in it.
+    pub program: u32,
+    pub index: u32,
     pub ifindex: u32,
     pub hook: Hook,
     /// The verdict, naming the deciding rule (or the end of a tier / no policy).
@@ -55,40 +55,58 @@ impl PolicyDataplane {
 
     /// Packets and bytes each rule of each installed program decided, summed over CPUs
     /// (counted when policy decides: a flow's first packet, and every denied packet).
+    /// (A walk over the counters that exist: rules that decided something, not every rule.)
     pub fn rule_counters(&self) -> Result<Vec<RuleCounter>, DataplaneError> {
+        let slots: std::collections::HashMap<u32, (u32, u32)> = self
+            .installed
+            .iter()
+            .map(|(slot, (program, _))| (*program, *slot))
+            .collect();
         let mut out = Vec::new();
-        for (&(ifindex, hook), (program, _)) in &self.installed {
-            let Some(verdicts) = self.verdicts_of.get(program) else {
+        for entry in self.rule_stats.iter() {
+            let (key, values) = match entry {
+                Ok(e) => e,
+                // An entry deleted during the walk.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(source) => return Err(map_err(POLICY_RULE_STATS_MAP, "read")(source)),
+            };
+            let (Some(&(ifindex, hook)), Some(verdict)) = (
+                slots.get(&key.program),
+                self.verdict_of(key.program, key.verdict),
+            ) else {
                 continue;
             };
-            for (index, verdict) in verdicts.iter().enumerate() {
-                let key = RuleStatKey {
-                    program: *program,
-                    verdict: index as u32,
-                };
-                match self.rule_stats.get(&key, 0) {
-                    Ok(values) => {
-                        let (packets, bytes) = values
-                            .iter()
-                            .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
-                        out.push(RuleCounter {
-                            ifindex,
-                            hook: if hook == TC_INGRESS {
-                                Hook::Ingress
-                            } else {
-                                Hook::Egress
-                            },
-                            verdict: verdict.clone(),
-                            packets,
-                            bytes,
-                        });
-                    }
-                    Err(e) if key_missing(&e) => {}
-                    Err(source) => return Err(map_err(POLICY_RULE_STATS_MAP, "read")(source)),
-                }
-            }
+            let (packets, bytes) = values
+                .iter()
+                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+            out.push(RuleCounter {
+                program: key.program,
+                index: key.verdict,
+                ifindex,
+                hook: if hook == TC_INGRESS {
+                    Hook::Ingress
+                } else {
+                    Hook::Egress
+                },
+                verdict: verdict.clone(),
+                packets,
+                bytes,
+            });
         }
+        out.sort_by_key(|c| (c.ifindex, c.hook, c.index));
         Ok(out)
+    }
+
+    /// What verdict `index` of installed (or replaced, not yet released) program `program`
+    /// stands for.
+    pub fn verdict_of(&self, program: u32, index: u32) -> Option<&Verdict> {
+        self.verdicts_of.get(&program)?.get(index as usize)
+    }
+
+    /// The last counts of the rules of programs released since the last call (what they
+    /// counted after the last [`PolicyDataplane::rule_counters`] would be lost otherwise).
+    pub fn take_released_counters(&mut self) -> Vec<RuleCounter> {
+        std::mem::take(&mut self.released_counters)
     }
 
     /// Verdict events the classifiers wrote since the last call (at most `max`).

@@ -252,8 +252,8 @@ impl PolicyDataplane {
             .insert((key.ifindex, key.hook), (program, written))
         {
             // Unreachable from now on; deleted by `release_retired`, after the batch of
-            // updates this one belongs to (a packet never sees them again either way).
-            self.verdicts_of.remove(&old_program);
+            // updates this one belongs to (a packet never sees them again either way). Its
+            // verdicts stay known until then, for the events and counters it left.
             self.retired.push((old_program, old));
             if self.retired.len() > MAX_RETIRED {
                 self.release_retired();
@@ -275,7 +275,6 @@ impl PolicyDataplane {
             Err(source) => return Err(map_err(POLICY_ENDPOINTS_MAP, "remove")(source)),
         }
         if let Some((old_program, old)) = self.installed.remove(&(key.ifindex, key.hook)) {
-            self.verdicts_of.remove(&old_program);
             self.retired.push((old_program, old));
             self.release_retired();
         }
@@ -491,8 +490,34 @@ impl PolicyDataplane {
                 .filter(|k| programs.contains(&k.program))
                 .collect();
             for k in &keys {
+                // The last counts go to `take_released_counters` before the entry does.
+                let verdict = self
+                    .verdicts_of
+                    .get(&k.program)
+                    .and_then(|v| v.get(k.verdict as usize));
+                if let (Some(verdict), Ok(values)) = (verdict, self.rule_stats.get(k, 0)) {
+                    let (packets, bytes) = values
+                        .iter()
+                        .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+                    self.released_counters.push(super::RuleCounter {
+                        program: k.program,
+                        index: k.verdict,
+                        ifindex: 0,
+                        hook: Hook::Ingress,
+                        verdict: verdict.clone(),
+                        packets,
+                        bytes,
+                    });
+                }
                 let _ = self.rule_stats.remove(k);
             }
+            for program in &programs {
+                self.verdicts_of.remove(program);
+            }
+        }
+        // Bounded even when nobody takes them.
+        if self.released_counters.len() > 100_000 {
+            self.released_counters.clear();
         }
         programs.len()
     }

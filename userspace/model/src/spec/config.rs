@@ -119,6 +119,14 @@ pub struct FelixConfigurationSpec {
     pub bpf_map_size_ip_sets: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpf_policy_debug_enabled: Option<bool>,
+    /// Flow logs (upstream's names): aggregated flow records written as JSON lines to
+    /// `<flowLogsFileDirectory>/flows.log` every `flowLogsFlushInterval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_logs_file_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_logs_flush_interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_logs_file_directory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard_enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
