@@ -288,8 +288,11 @@ pub enum PolicyStat {
     EventsLost = 7,
     /// Per-rule counters that could not be created (the counter map was full).
     CountersLost = 8,
+    /// Allowed flows left untracked because their interface holds its share of the
+    /// conntrack table already (`CONNTRACK_LIMIT`): one workload cannot evict everybody's.
+    ConntrackOverLimit = 9,
 }
-pub const POLICY_STAT_COUNT: u32 = 9;
+pub const POLICY_STAT_COUNT: u32 = 10;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -336,6 +339,11 @@ mod policy_layout {
 /// LRU hash, `CtKey` → `CtValue`.
 pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+/// Hash, ifindex → conntrack entries the interface holds (counted as flows are tracked,
+/// recounted by every expiry pass).
+pub const CONNTRACK_COUNTS_MAP: &str = "CONNTRACK_COUNTS";
+/// Array of one u32: the most conntrack entries one interface may hold (0: no limit).
+pub const CONNTRACK_LIMIT_MAP: &str = "CONNTRACK_LIMIT";
 
 /// A flow seen at one interface: its addresses and ports ordered low-then-high, so both
 /// directions of a flow share one key. ICMP echo flows use the echo id as both ports.

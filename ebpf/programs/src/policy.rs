@@ -77,6 +77,12 @@ static POLICY_VERDICTS: LpmTrie<VerdictKeyData, VerdictValue> =
 static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX_ENTRIES, 0);
 
+#[map(name = "CONNTRACK_COUNTS")]
+static CONNTRACK_COUNTS: HashMap<u32, u32> = HashMap::with_max_entries(POLICY_MAX_ENDPOINTS, 0);
+
+#[map(name = "CONNTRACK_LIMIT")]
+static CONNTRACK_LIMIT: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map(name = "POLICY_FRAGMENTS")]
 static FRAGMENTS: LruHashMap<FragKey, u32> = LruHashMap::with_max_entries(FRAGMENTS_MAX_ENTRIES, 0);
 
@@ -118,6 +124,9 @@ struct Scratch {
     key: CtKey,
     /// The packet was parsed and judged (not passed unparsed).
     judged: bool,
+    /// An allowed flow to track (`remember_flow`), with what its entry records.
+    track: bool,
+    track_value: CtValue,
     /// The endpoint's program reference (copied here: the judging's stack has no room).
     program_ref: ProgramRef,
     /// Policy decided this packet (not conntrack): which program, verdict and action.
@@ -616,6 +625,7 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     // packet left must not count as this one's.
     unsafe {
         (*scratch).judged = false;
+        (*scratch).track = false;
         (*scratch).decided = false;
         (*scratch).first_fragment = false;
     }
@@ -639,6 +649,9 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     }
     if verdict == TC_ACT_PIPE && scratch.first_fragment {
         remember_fragment();
+    }
+    if scratch.track {
+        remember_flow(ifindex);
     }
     if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged {
         return verdict;
@@ -759,15 +772,14 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         Some(v) if v.action == ACTION_ALLOW => {
             if flow.tcp_flags & TCP_RST == 0 {
                 let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
-                let value = CtValue {
+                // Tracked by `remember_flow`, in a frame of its own.
+                scratch.track = true;
+                scratch.track_value = CtValue {
                     created_ns: now,
                     last_seen_ns: now,
                     flags: if from_lo { CT_OPENED_BY_LO } else { 0 },
                     rule: v.rule,
                 };
-                if CONNTRACK.insert(key, value, 0).is_err() {
-                    count(PolicyStat::ConntrackLost);
-                }
             }
             count(PolicyStat::Allowed);
             TC_ACT_PIPE
@@ -843,6 +855,46 @@ fn fragment_verdict(ctx: &TcContext, hook: u32) -> Option<i32> {
         count(PolicyStat::Denied);
         TC_ACT_SHOT
     })
+}
+
+/// Tracks an allowed flow (its key and value in the scratch slot), unless its interface holds
+/// its share of the table already: past `CONNTRACK_LIMIT` entries the flow's packets are
+/// judged one by one instead, and other interfaces' flows are not evicted for it.
+#[inline(never)]
+fn remember_flow(ifindex: u32) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let scratch = unsafe { &*scratch };
+    let limit = CONNTRACK_LIMIT.get(0).copied().unwrap_or(0);
+    let held = CONNTRACK_COUNTS.get_ptr_mut(&ifindex);
+    // SAFETY: the map's value; concurrent updates may lose an increment (an approximate
+    // count, recounted by every expiry pass).
+    let count_now = held.map_or(0, |c| unsafe { *c });
+    // SAFETY: the value is only tested for presence.
+    let known = unsafe { CONNTRACK.get(&scratch.key) }.is_some();
+    if limit != 0 && count_now >= limit && !known {
+        count(PolicyStat::ConntrackOverLimit);
+        return;
+    }
+    if CONNTRACK
+        .insert(&scratch.key, &scratch.track_value, 0)
+        .is_err()
+    {
+        count(PolicyStat::ConntrackLost);
+        return;
+    }
+    if known {
+        return;
+    }
+    match held {
+        // SAFETY: as above.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = CONNTRACK_COUNTS.insert(&ifindex, &1, 0);
+        }
+    }
 }
 
 /// A first fragment that passed (allowed, or on a tracked flow) lets its datagram's later

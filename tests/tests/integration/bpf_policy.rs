@@ -460,3 +460,108 @@ fn a_full_map_leaves_the_endpoint_denying() -> anyhow::Result<()> {
     assert!(a.ns.ping(s.ip)?, "ICMP once a program fits again");
     Ok(())
 }
+
+/// One workload's flood cannot take the conntrack table: each interface holds at most its
+/// share (here 64 of 256). The server gets 2,000 new UDP flows from a while b's flow to it is
+/// tracked: a holds less than its share, the rest of its flows are counted and judged one by
+/// one, and b's flow stays (after policy stops allowing b, b's next datagram still passes as
+/// its flow's, while a new flow from b is denied). The control: the same flood with no limit
+/// holds more than that share of the table (and churns it, which is what evicts others).
+#[test]
+fn a_flood_from_one_workload_leaves_another_workloads_flow_alive() -> anyhow::Result<()> {
+    use std::net::{SocketAddr, UdpSocket};
+    if !require(
+        "a_flood_from_one_workload_leaves_another_workloads_flow_alive",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    for limit in [0u32, 64] {
+        let (host, a, b, s) = three_workloads("fl")?;
+        let (mut dp, _logger) = PolicyDataplane::load(&LoadOptions {
+            map_sizes: vec![(calico_bpf_common::CONNTRACK_MAP, 256)],
+            conntrack_per_interface: Some(limit),
+            ..Default::default()
+        })?;
+        let host_if = s.host_if.clone();
+        host.run(|| dp.attach(&host_if))??;
+        let ifindex = host.ifindex(&s.host_if)?;
+        let sink = s.ns.run(|| UdpSocket::bind((s.ip, 7000)))??;
+        sink.set_read_timeout(Some(Duration::from_millis(700)))?;
+        let server = SocketAddr::new(s.ip, 7000);
+        let allow = |from: &str| {
+            format!("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: server, namespace: default}}\nspec:\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n    - {{action: Allow, protocol: UDP, source: {{selector: \"{from}\"}}, destination: {{ports: [7000]}}}}\n")
+        };
+        // Whether `payload` reaches the sink (other datagrams read past).
+        let delivered = |sock: &UdpSocket, payload: &[u8]| -> anyhow::Result<bool> {
+            sock.send_to(payload, server)?;
+            let mut buf = [0u8; 64];
+            while let Ok((n, _)) = sink.recv_from(&mut buf) {
+                if &buf[..n] == payload {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        install(
+            &mut dp,
+            &world(&allow("all()"), s.ip, a.ip, b.ip),
+            ifindex,
+            s.ip,
+        )?;
+        let from_b = b.ns.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+        assert!(
+            delivered(&from_b, b"b one")?,
+            "b's first datagram (allowed)"
+        );
+
+        let flood = a.ns.run(move || -> std::io::Result<()> {
+            for _ in 0..2_000 {
+                UdpSocket::bind("0.0.0.0:0")?.send_to(b"flood", server)?;
+            }
+            Ok(())
+        })?;
+        flood?;
+        // What the flood left in the sink's queue goes first (a full socket buffer would
+        // drop b's next datagram whatever the dataplane does).
+        sink.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut buf = [0u8; 64];
+        while sink.recv_from(&mut buf).is_ok() {}
+        sink.set_read_timeout(Some(Duration::from_millis(700)))?;
+        let flows = dp.tracked_flows()?;
+        let of_a = flows
+            .iter()
+            .filter(|f| f.addresses.0 == a.ip || f.addresses.1 == a.ip)
+            .count();
+        let b_tracked = flows
+            .iter()
+            .any(|f| f.addresses.0 == b.ip || f.addresses.1 == b.ip);
+        let over = dp.counters()?.conntrack_over_limit;
+        if limit == 0 {
+            // The control: without a limit the flood takes (and churns) the whole table.
+            assert!(of_a > 64, "control: the flood holds only {of_a} entries");
+            assert_eq!(over, 0);
+            continue;
+        }
+        assert!(of_a < 64, "a holds {of_a} entries, past its share");
+        assert!(over > 1_000, "the flood's flows were not held back: {over}");
+        assert!(b_tracked, "a's flood evicted b's tracked flow");
+        // Policy stops allowing b: its flow goes on as tracked; a is still served, flow by
+        // flow (untracked past its share).
+        install(
+            &mut dp,
+            &world(&allow("app == 'a'"), s.ip, a.ip, b.ip),
+            ifindex,
+            s.ip,
+        )?;
+        let tracked = dp.counters()?.tracked;
+        assert!(delivered(&from_b, b"b two")?, "b's tracked flow stopped");
+        assert!(dp.counters()?.tracked > tracked, "…not as a tracked flow");
+        let from_a = a.ns.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+        assert!(delivered(&from_a, b"a after")?, "a's own traffic stopped");
+        // Positive control of the deny: a new flow from b is judged by the new policy.
+        let new_b = b.ns.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+        denied_by_program(&dp, "a new flow from b", || delivered(&new_b, b"b new"))?;
+    }
+    Ok(())
+}

@@ -707,6 +707,7 @@ impl Driver {
             Metrics::set_total(&self.metrics.conntrack_lost, c.conntrack_lost);
             Metrics::set_total(&self.metrics.events_lost, c.events_lost);
             Metrics::set_total(&self.metrics.counters_lost, c.counters_lost);
+            Metrics::set_total(&self.metrics.conntrack_over_limit, c.conntrack_over_limit);
         }
     }
 }

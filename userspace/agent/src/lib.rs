@@ -146,6 +146,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         log_level: Some(aya_log::Level::Debug),
         pin_path: Some(flags.bpf_pin_path.clone()),
         map_sizes,
+        conntrack_per_interface: None,
     })
     .with_context(|| {
         format!(

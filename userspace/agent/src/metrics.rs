@@ -47,6 +47,7 @@ pub struct Metrics {
     pub conntrack_lost: Counter,
     pub events_lost: Counter,
     pub counters_lost: Counter,
+    pub conntrack_over_limit: Counter,
     pub bird_config_errors: Counter,
     pub bird_restarts: Counter,
     latency: Histogram,
@@ -78,6 +79,7 @@ impl Default for Metrics {
             conntrack_lost: Counter::default(),
             events_lost: Counter::default(),
             counters_lost: Counter::default(),
+            conntrack_over_limit: Counter::default(),
             bird_config_errors: Counter::default(),
             bird_restarts: Counter::default(),
             latency: Histogram::new(BUCKETS),
@@ -160,6 +162,11 @@ impl Default for Metrics {
                 "felix_bpf_events_lost",
                 "Verdict events dropped because the ring buffer was full",
                 m.events_lost.clone(),
+            );
+            r.register(
+                "felix_bpf_conntrack_over_limit",
+                "Allowed flows left untracked because their interface held its share of the conntrack table",
+                m.conntrack_over_limit.clone(),
             );
             r.register(
                 "felix_bpf_rule_counters_lost",

@@ -69,6 +69,10 @@ pub struct LoadOptions {
     /// Policy dataplane only: maps whose size differs from the object's default, by name
     /// (e.g. `POLICY_VERDICTS`), as FelixConfiguration's `bpfMapSize*` would set them.
     pub map_sizes: Vec<(&'static str, u32)>,
+    /// Policy dataplane only: the most conntrack entries one interface may hold (`Some(0)`:
+    /// no limit; `None`: a quarter of the table), so that one workload's flood cannot evict
+    /// every other workload's flows.
+    pub conntrack_per_interface: Option<u32>,
 }
 
 /// Packet counters summed over all CPUs.

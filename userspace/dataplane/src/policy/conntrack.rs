@@ -10,7 +10,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 
-use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP, CT_ANSWERED, CT_FIN_HI, CT_FIN_LO, CT_RST};
+use calico_bpf_common::{
+    CtKey, CtValue, CONNTRACK_COUNTS_MAP, CONNTRACK_MAP, CT_ANSWERED, CT_FIN_HI, CT_FIN_LO, CT_RST,
+};
 
 use super::{map_err, PolicyDataplane};
 use crate::{object::key_missing, DataplaneError};
@@ -103,6 +105,14 @@ impl PolicyDataplane {
         for k in &keys {
             let _ = self.conntrack.remove(k);
         }
+        let counted: Vec<u32> = self
+            .conntrack_counts
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for ifindex in &counted {
+            let _ = self.conntrack_counts.remove(ifindex);
+        }
         Ok(())
     }
 
@@ -131,7 +141,12 @@ impl PolicyDataplane {
         &mut self,
         timeouts: &ConntrackTimeouts,
     ) -> Result<usize, DataplaneError> {
-        expire(&mut self.conntrack, timeouts, &self.tracked_flows_seen)
+        expire(
+            &mut self.conntrack,
+            &mut self.conntrack_counts,
+            timeouts,
+            &self.tracked_flows_seen,
+        )
     }
 
     /// A second handle on the conntrack table for expiry elsewhere (a thread of its own: a
@@ -145,8 +160,13 @@ impl PolicyDataplane {
             .and_then(Map::from_map_data)
             .and_then(HashMap::try_from)
             .map_err(map_err(CONNTRACK_MAP, "open a second handle"))?;
+        let counts = MapData::from_pin(dir.join(CONNTRACK_COUNTS_MAP))
+            .and_then(Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .map_err(map_err(CONNTRACK_COUNTS_MAP, "open a second handle"))?;
         Ok(ConntrackExpirer {
             table,
+            counts,
             seen: self.tracked_flows_seen.clone(),
         })
     }
@@ -155,32 +175,47 @@ impl PolicyDataplane {
 /// Expires idle flows through its own handle on the (pinned) conntrack table.
 pub struct ConntrackExpirer {
     table: HashMap<MapData, CtKey, CtValue>,
+    counts: HashMap<MapData, u32, u32>,
     seen: Arc<AtomicUsize>,
 }
 
 impl ConntrackExpirer {
     /// Removes flows idle longer than their timeout; returns how many.
     pub fn expire(&mut self, timeouts: &ConntrackTimeouts) -> Result<usize, DataplaneError> {
-        expire(&mut self.table, timeouts, &self.seen)
+        expire(&mut self.table, &mut self.counts, timeouts, &self.seen)
     }
 }
 
-/// One pass over `table`: idle flows go; `seen` gets how many remain.
+/// One pass over `table`: idle flows go; `counts` gets how many each interface keeps (the
+/// classifiers' running counts drift: evictions and lost increments), `seen` the total.
 fn expire(
     table: &mut HashMap<MapData, CtKey, CtValue>,
+    counts: &mut HashMap<MapData, u32, u32>,
     timeouts: &ConntrackTimeouts,
     seen: &AtomicUsize,
 ) -> Result<usize, DataplaneError> {
     let now = monotonic_ns();
     let mut stale = Vec::new();
     let mut total = 0;
+    let mut kept: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
     for entry in table.iter() {
         let (k, v) = entry.map_err(map_err(CONNTRACK_MAP, "iterate"))?;
         total += 1;
         let limit = timeouts.of(k.protocol, v.flags);
         if now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
             stale.push(k);
+        } else {
+            *kept.entry(k.ifindex).or_default() += 1;
         }
+    }
+    let counted: Vec<u32> = counts.keys().filter_map(Result::ok).collect();
+    for ifindex in counted {
+        if !kept.contains_key(&ifindex) {
+            let _ = counts.remove(&ifindex);
+        }
+    }
+    for (ifindex, n) in &kept {
+        let _ = counts.insert(ifindex, n, 0);
     }
     for k in &stale {
         match table.remove(k) {

@@ -30,7 +30,8 @@ use aya::{
 };
 use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, LocalKey, PeerClassKey, PeerKeyData, PortKeyData, ProgramRef,
-    ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictKeyData, VerdictValue, CONNTRACK_MAP,
+    ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictKeyData, VerdictValue,
+    CONNTRACK_COUNTS_MAP, CONNTRACK_LIMIT_MAP, CONNTRACK_MAP, CONNTRACK_MAX_ENTRIES,
     POLICY_EGRESS_PROG, POLICY_ENDPOINTS_MAP, POLICY_EVENTS_MAP, POLICY_INGRESS_PROG,
     POLICY_IP_SETS_MAP, POLICY_LOCALS_MAP, POLICY_LOG_MAP, POLICY_NETS_MAP,
     POLICY_PEER_CLASSES_MAP, POLICY_PROTOS_MAP, POLICY_RULE_STATS_MAP, POLICY_SET_LISTS_MAP,
@@ -99,6 +100,7 @@ pub struct PolicyDataplane {
     verdicts: LpmTrie<MapData, VerdictKeyData, VerdictValue>,
     stats: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack_counts: HashMap<MapData, u32, u32>,
     rule_stats: PerCpuHashMap<MapData, RuleStatKey, RuleStatValue>,
     events: RingBuf<MapData>,
     log_switch: Array<MapData, u32>,
@@ -143,7 +145,8 @@ enum Attachment {
 
 /// The policy maps that outlive the agent when pinned (the per-CPU scratch map does not
 /// need to).
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
+    CONNTRACK_COUNTS_MAP,
     POLICY_RULE_STATS_MAP,
     POLICY_ENDPOINTS_MAP,
     POLICY_NETS_MAP,
@@ -240,6 +243,7 @@ impl PolicyDataplane {
             verdicts: take(&mut ebpf, POLICY_VERDICTS_MAP)?,
             stats: take(&mut ebpf, POLICY_STATS_MAP)?,
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
+            conntrack_counts: take(&mut ebpf, CONNTRACK_COUNTS_MAP)?,
             rule_stats: take(&mut ebpf, POLICY_RULE_STATS_MAP)?,
             events: take(&mut ebpf, POLICY_EVENTS_MAP)?,
             log_switch: take(&mut ebpf, POLICY_LOG_MAP)?,
@@ -260,6 +264,18 @@ impl PolicyDataplane {
             tracked_flows_seen: Default::default(),
         };
         dataplane.set_debug_logging(options.log_level.is_some())?;
+        let conntrack_capacity = dataplane
+            .capacity
+            .get(CONNTRACK_MAP)
+            .copied()
+            .unwrap_or(CONNTRACK_MAX_ENTRIES);
+        let limit = options
+            .conntrack_per_interface
+            .unwrap_or(conntrack_capacity / 4);
+        let mut limit_map: Array<MapData, u32> = take(&mut dataplane.ebpf, CONNTRACK_LIMIT_MAP)?;
+        limit_map
+            .set(0, limit, 0)
+            .map_err(map_err(CONNTRACK_LIMIT_MAP, "write"))?;
         for (name, old) in migrating {
             if name == CONNTRACK_MAP {
                 let copied = pins::migrate_conntrack(old, &mut dataplane.conntrack)?;

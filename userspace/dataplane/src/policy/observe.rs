@@ -42,6 +42,8 @@ pub struct PolicyCounters {
     pub events_lost: u64,
     /// Per-rule counters that could not be created.
     pub counters_lost: u64,
+    /// Allowed flows left untracked: their interface held its share of the table.
+    pub conntrack_over_limit: u64,
 }
 
 impl PolicyDataplane {
@@ -178,6 +180,7 @@ impl PolicyDataplane {
             conntrack_lost: sum(PolicyStat::ConntrackLost)?,
             events_lost: sum(PolicyStat::EventsLost)?,
             counters_lost: sum(PolicyStat::CountersLost)?,
+            conntrack_over_limit: sum(PolicyStat::ConntrackOverLimit)?,
         })
     }
 }
