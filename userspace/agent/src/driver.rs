@@ -565,6 +565,7 @@ impl Driver {
         self.collect_flows();
         self.dataplane.release_retired();
         self.count_rules();
+        release_freed_memory();
         if !self.conntrack_elsewhere {
             log_expiry(
                 self.dataplane
@@ -710,6 +711,16 @@ impl Driver {
             Metrics::set_total(&self.metrics.conntrack_over_limit, c.conntrack_over_limit);
         }
     }
+}
+
+/// Gives memory the allocator holds freed back to the system now rather than on its next
+/// busy moment: after a large batch (a 10,000-rule program replaced) the agent's resident
+/// size otherwise stays tens of MB above what it uses until allocation picks up again.
+/// (calico-node's allocator is mimalloc; elsewhere this only tidies mimalloc's own empty
+/// heaps.)
+fn release_freed_memory() {
+    // SAFETY: no preconditions; forces mimalloc to purge freed memory of its arenas.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 /// An address as the classifiers write it (IPv4 v4-mapped).
