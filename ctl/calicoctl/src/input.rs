@@ -82,6 +82,13 @@ pub fn load(path: &str, namespace: Option<&str>) -> Result<Vec<Sourced>> {
                         }
                         continue;
                     }
+                    for field in calico_model::inert_fields(&resource) {
+                        eprintln!(
+                            "warning: {source}: {} {}: {field} is stored, but has no effect in this dataplane",
+                            resource.kind(),
+                            describe(&resource)
+                        );
+                    }
                     out.push(Sourced {
                         source: source.clone(),
                         resource,

@@ -434,6 +434,39 @@ fn bad_input_is_reported_with_position_and_nothing_is_applied() {
         out.stderr.contains("does not match --namespace `b`"),
         "{out:?}"
     );
+    // Upstream's FelixConfiguration fields this dataplane has no use for are accepted with a
+    // warning and read back as written; a made-up one beside them is still refused.
+    let felix = ctl.file("felix.yaml", "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec:\n  logSeverityScreen: Info\n  iptablesBackend: Auto\n  serviceLoopPrevention: Drop\n  routeTableRanges: [{min: 1, max: 250}]\n");
+    let out = ctl.run(&["apply", "-f", &felix]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for field in [
+        "spec.iptablesBackend",
+        "spec.serviceLoopPrevention",
+        "spec.routeTableRanges",
+    ] {
+        assert!(
+            out.stderr.contains(&format!(
+                "{field} is stored, but has no effect in this dataplane"
+            )),
+            "no warning for {field}: {out:?}"
+        );
+    }
+    let back = ctl.ok(&["get", "felixconfiguration", "default", "-o", "yaml"]);
+    for line in [
+        "iptablesBackend: Auto",
+        "serviceLoopPrevention: Drop",
+        "max: 250",
+    ] {
+        assert!(back.contains(line), "{line} not read back:\n{back}");
+    }
+    let made_up = ctl.file("felix2.yaml", "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec:\n  iptablesBackend: Auto\n  iptablesBackendz: Auto\n");
+    let out = ctl.run(&["apply", "-f", &made_up]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("spec.iptablesBackendz: unknown field `iptablesBackendz`"),
+        "{out:?}"
+    );
 }
 
 /// A file goes in whole or not at all: one object that cannot be created (it exists) leaves the

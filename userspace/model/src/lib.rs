@@ -21,4 +21,6 @@ pub use document::{list_to_json, list_to_yaml, parse_documents, to_json, to_yaml
 pub use meta::ObjectMeta;
 pub use numorstring::{AsNumber, Order, Port, Protocol};
 pub use resource::{Kind, Object, Resource, API_VERSION};
-pub use validate::{parse_go_duration, pool_overlaps, validate, ValidationError, ValidationErrors};
+pub use validate::{
+    inert_fields, parse_go_duration, pool_overlaps, validate, ValidationError, ValidationErrors,
+};

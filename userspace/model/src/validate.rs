@@ -894,6 +894,16 @@ impl Validator {
 
     fn felix_configuration(&mut self, name: &str, spec: &FelixConfigurationSpec) {
         self.config_name(name);
+        for field in spec.upstream_only.keys() {
+            if !crate::spec::FELIX_UPSTREAM_ONLY_FIELDS.contains(&field.as_str()) {
+                self.err(
+                    format!("spec.{field}"),
+                    format!(
+                        "unknown field `{field}` (not a field of upstream's FelixConfiguration)"
+                    ),
+                );
+            }
+        }
         for (field, value) in [
             ("logSeverityScreen", &spec.log_severity_screen),
             ("logSeverityFile", &spec.log_severity_file),
@@ -1165,6 +1175,20 @@ mod pool_tests {
         );
         // The same pool re-applied is not an overlap.
         assert!(super::pool_overlaps(&[p("a", "10.0.0.0/16"), p("a", "10.0.0.0/16")]).is_empty());
+    }
+}
+
+/// Fields of `resource` that upstream's API has and this dataplane accepts and stores but does
+/// not act on, as field paths (calicoctl warns about them).
+pub fn inert_fields(resource: &Resource) -> Vec<String> {
+    match resource {
+        Resource::FelixConfiguration(o) => o
+            .spec
+            .upstream_only
+            .keys()
+            .map(|k| format!("spec.{k}"))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
