@@ -791,6 +791,11 @@ impl Validator {
 
     fn bgp_configuration(&mut self, name: &str, spec: &BgpConfigurationSpec) {
         let global = self.config_name(name);
+        self.upstream_only(
+            &spec.upstream_only,
+            crate::spec::BGP_CONFIGURATION_UPSTREAM_ONLY_FIELDS,
+            "BGPConfiguration",
+        );
         self.severity("spec.logSeverityScreen", &spec.log_severity_screen);
         self.port_number("spec.listenPort", spec.listen_port);
         self.as_number("spec.asNumber", spec.as_number);
@@ -858,9 +863,11 @@ impl Validator {
                 "asNumber cannot be set with peerSelector (it comes from the selected nodes)",
             );
         }
-        if spec.peer_ip.is_none() && spec.peer_selector.is_none() {
-            self.err("spec.peerIP", "one of peerIP or peerSelector is required");
-        }
+        self.upstream_only(
+            &spec.upstream_only,
+            crate::spec::BGP_PEER_UPSTREAM_ONLY_FIELDS,
+            "BGPPeer",
+        );
         if let Some(ip) = &spec.peer_ip {
             if parse_peer_ip(ip).is_none() {
                 self.err(
@@ -869,9 +876,6 @@ impl Validator {
                         "`{ip}` is not an IP address (optionally `IPv4:port` or `[IPv6]:port`)"
                     ),
                 );
-            }
-            if spec.as_number.is_none() {
-                self.err("spec.asNumber", "required with peerIP");
             }
         }
         self.as_number("spec.asNumber", spec.as_number);
@@ -892,18 +896,30 @@ impl Validator {
         }
     }
 
-    fn felix_configuration(&mut self, name: &str, spec: &FelixConfigurationSpec) {
-        self.config_name(name);
-        for field in spec.upstream_only.keys() {
-            if !crate::spec::FELIX_UPSTREAM_ONLY_FIELDS.contains(&field.as_str()) {
+    /// Fields kept as written must be upstream's: anything else is a typo.
+    fn upstream_only(
+        &mut self,
+        fields: &std::collections::BTreeMap<String, serde_json::Value>,
+        known: &[&str],
+        kind: &str,
+    ) {
+        for field in fields.keys() {
+            if !known.contains(&field.as_str()) {
                 self.err(
                     format!("spec.{field}"),
-                    format!(
-                        "unknown field `{field}` (not a field of upstream's FelixConfiguration)"
-                    ),
+                    format!("unknown field `{field}` (not a field of upstream's {kind})"),
                 );
             }
         }
+    }
+
+    fn felix_configuration(&mut self, name: &str, spec: &FelixConfigurationSpec) {
+        self.config_name(name);
+        self.upstream_only(
+            &spec.upstream_only,
+            crate::spec::FELIX_UPSTREAM_ONLY_FIELDS,
+            "FelixConfiguration",
+        );
         for (field, value) in [
             ("logSeverityScreen", &spec.log_severity_screen),
             ("logSeverityFile", &spec.log_severity_file),
@@ -1182,14 +1198,15 @@ mod pool_tests {
 /// not act on, as field paths (calicoctl warns about them).
 pub fn inert_fields(resource: &Resource) -> Vec<String> {
     match resource {
-        Resource::FelixConfiguration(o) => o
-            .spec
-            .upstream_only
-            .keys()
-            .map(|k| format!("spec.{k}"))
-            .collect(),
+        Resource::FelixConfiguration(o) => spec_fields(&o.spec.upstream_only),
+        Resource::BGPConfiguration(o) => spec_fields(&o.spec.upstream_only),
+        Resource::BGPPeer(o) => spec_fields(&o.spec.upstream_only),
         _ => Vec::new(),
     }
+}
+
+fn spec_fields(fields: &std::collections::BTreeMap<String, serde_json::Value>) -> Vec<String> {
+    fields.keys().map(|k| format!("spec.{k}")).collect()
 }
 
 /// A duration as Go writes it (`15s`, `1m30s`, `500ms`, `1h`): what upstream's duration
@@ -1248,5 +1265,36 @@ mod duration_tests {
         for bad in ["", "15", "s", "15 s", "1x", "-1s", "1m30"] {
             assert!(parse_go_duration(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod upstream_fields_tests {
+    use crate::{inert_fields, parse_documents, validate};
+
+    fn check(text: &str) -> Result<Vec<String>, String> {
+        let resources = parse_documents(text).map_err(|e| e.to_string())?;
+        let r = &resources[0];
+        validate(r).map_err(|e| format!("{e:?}"))?;
+        Ok(inert_fields(r))
+    }
+
+    #[test]
+    fn upstream_bgp_fields_and_optional_peer_fields_are_accepted() {
+        // Upstream needs neither asNumber with peerIP nor a peer at all (localWorkloadSelector).
+        assert_eq!(
+            check("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: p}\nspec: {peerIP: 192.0.2.1}\n"),
+            Ok(vec![])
+        );
+        assert_eq!(
+            check("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: p}\nspec: {localWorkloadSelector: \"app == 'lb'\", asNumber: 64512}\n"),
+            Ok(vec!["spec.localWorkloadSelector".to_owned()])
+        );
+        assert_eq!(
+            check("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec:\n  nodeMeshPassword: {secretKeyRef: {name: bgp, key: pw}}\n"),
+            Ok(vec!["spec.nodeMeshPassword".to_owned()])
+        );
+        let e = check("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {nodeMeshPasword: x}\n").unwrap_err();
+        assert!(e.contains("unknown field `nodeMeshPasword`"), "{e}");
     }
 }

@@ -1,4 +1,5 @@
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::AsNumber;
 
@@ -229,7 +230,7 @@ pub struct PrefixAdvertisement {
 
 /// Spec of a BGPConfiguration (`default` is the cluster-wide one, `node.<name>` per node).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct BgpConfigurationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_severity_screen: Option<String>,
@@ -267,6 +268,10 @@ pub struct BgpConfigurationSpec {
     pub bind_mode: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_interfaces: Vec<String>,
+    /// Upstream fields this dataplane does not use, kept as written
+    /// ([`BGP_CONFIGURATION_UPSTREAM_ONLY_FIELDS`]).
+    #[serde(flatten)]
+    pub upstream_only: BTreeMap<String, serde_json::Value>,
 }
 
 /// Where a BGP password comes from.
@@ -292,7 +297,7 @@ pub struct SecretKeyRef {
 
 /// Spec of a BGPPeer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct BgpPeerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -318,4 +323,31 @@ pub struct BgpPeerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub num_allowed_local_as_numbers: Option<i64>,
+    /// Upstream fields this dataplane does not use, kept as written
+    /// ([`BGP_PEER_UPSTREAM_ONLY_FIELDS`]).
+    #[serde(flatten)]
+    pub upstream_only: BTreeMap<String, serde_json::Value>,
 }
+
+/// BGPConfiguration fields upstream's v3 API has that this BIRD configuration does not render
+/// (yet): accepted and stored as written.
+pub const BGP_CONFIGURATION_UPSTREAM_ONLY_FIELDS: &[&str] = &[
+    "localWorkloadPeeringIPV4",
+    "localWorkloadPeeringIPV6",
+    "nodeMeshPassword",
+];
+
+/// BGPPeer fields upstream's v3 API has that this BIRD configuration does not render (yet):
+/// accepted and stored as written.
+pub const BGP_PEER_UPSTREAM_ONLY_FIELDS: &[&str] = &[
+    "birdGatewayMode",
+    "failureDetectionMode",
+    "filters",
+    "keepaliveTime",
+    "localWorkloadSelector",
+    "nextHopMode",
+    "reachableBy",
+    "restartMode",
+    "reversePeering",
+    "ttlSecurity",
+];

@@ -115,7 +115,7 @@ fn bad_inputs_name_their_field() {
         (kind("IPPool", "x", "cidr: 10.0.0.0/16\nnodeSelector: \"rack = 'a'\""), "spec.nodeSelector", "expected '=='"),
         (kind("BGPPeer", "x", "peerIP: not-an-ip\nasNumber: 64512"), "spec.peerIP", "is not an IP address"),
         (kind("BGPPeer", "x", "peerIP: 10.0.0.1\nasNumber: 0"), "spec.asNumber", "reserved"),
-        (kind("BGPPeer", "x", "asNumber: 64512"), "spec.peerIP", "one of peerIP or peerSelector"),
+        (kind("BGPPeer", "x", "asNumber: 64512\nreachableBy: 10.0.0.1\nreachableByz: x"), "spec.reachableByz", "unknown field `reachableByz`"),
         (kind("BGPPeer", "x", "node: a\nnodeSelector: all()\npeerIP: 10.0.0.1\nasNumber: 1"), "spec.nodeSelector", "cannot both be set"),
         (kind("BGPPeer", "x", "peerSelector: all()\npassword: {}"), "spec.password", "exactly one"),
         (kind("BGPConfiguration", "node.n1", "nodeToNodeMeshEnabled: false"), "spec.nodeToNodeMeshEnabled", "only be set in the global"),
