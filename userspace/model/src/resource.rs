@@ -188,6 +188,7 @@ kinds! {
         aliases = ["bgpconfiguration", "bgpconfig", "bgpconfigs"];
     BGPPeer(BgpPeerSpec): "bgppeers", namespaced = false,
         aliases = ["bgppeer", "bgpp", "bgpps", "bp", "bps"];
+    BGPFilter(BgpFilterSpec): "bgpfilters", namespaced = false, aliases = ["bgpfilter"];
     FelixConfiguration(FelixConfigurationSpec): "felixconfigurations", namespaced = false,
         aliases = ["felixconfiguration", "felixconfig", "felixconfigs"];
     ClusterInformation(ClusterInformationSpec): "clusterinformations", namespaced = false,

@@ -70,6 +70,7 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::IPReservation(o) => v.nets("spec.reservedCIDRs", &o.spec.reserved_cidrs, None),
         Resource::BGPConfiguration(o) => v.bgp_configuration(name, &o.spec),
         Resource::BGPPeer(o) => v.bgp_peer(&o.spec),
+        Resource::BGPFilter(o) => v.bgp_filter(&o.spec),
         Resource::FelixConfiguration(o) => v.felix_configuration(name, &o.spec),
         Resource::ClusterInformation(_) | Resource::KubeControllersConfiguration(_) => {
             v.singleton_name(name)
@@ -844,6 +845,66 @@ impl Validator {
         }
     }
 
+    fn bgp_filter(&mut self, spec: &BgpFilterSpec) {
+        for (list, rules, v6) in [
+            ("exportV4", &spec.export_v4, false),
+            ("importV4", &spec.import_v4, false),
+            ("exportV6", &spec.export_v6, true),
+            ("importV6", &spec.import_v6, true),
+        ] {
+            for (i, rule) in rules.iter().enumerate() {
+                let p = format!("spec.{list}[{i}]");
+                self.one_of(
+                    &format!("{p}.action"),
+                    &Some(rule.action.clone()),
+                    &["Accept", "Reject"],
+                );
+                self.one_of(
+                    &format!("{p}.matchOperator"),
+                    &rule.match_operator,
+                    &["Equal", "NotEqual", "In", "NotIn"],
+                );
+                self.one_of(&format!("{p}.source"), &rule.source, &["RemotePeers"]);
+                match (&rule.cidr, &rule.match_operator) {
+                    (Some(_), None) => self.err(format!("{p}.matchOperator"), "required with cidr"),
+                    (None, Some(_)) => self.err(format!("{p}.cidr"), "required with matchOperator"),
+                    _ => {}
+                }
+                if let Some(net) = rule
+                    .cidr
+                    .as_deref()
+                    .and_then(|c| self.cidr(&format!("{p}.cidr"), c))
+                {
+                    if net.addr().is_ipv6() != v6 {
+                        self.err(
+                            format!("{p}.cidr"),
+                            format!("`{net}` is not an IPv{} CIDR", if v6 { 6 } else { 4 }),
+                        );
+                    }
+                }
+                if let Some(len) = &rule.prefix_length {
+                    let most = if v6 { 128 } else { 32 };
+                    for (field, value) in [("min", len.min), ("max", len.max)] {
+                        if let Some(n) = value.filter(|n| !(0..=most).contains(n)) {
+                            self.err(
+                                format!("{p}.prefixLength.{field}"),
+                                format!("{n} is out of range 0-{most}"),
+                            );
+                        }
+                    }
+                    if let (Some(lo), Some(hi)) = (len.min, len.max) {
+                        if lo > hi {
+                            self.err(
+                                format!("{p}.prefixLength"),
+                                format!("min {lo} is more than max {hi}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn bgp_peer(&mut self, spec: &BgpPeerSpec) {
         if spec.node.is_some() && spec.node_selector.is_some() {
             self.err(
@@ -1201,6 +1262,8 @@ pub fn inert_fields(resource: &Resource) -> Vec<String> {
         Resource::FelixConfiguration(o) => spec_fields(&o.spec.upstream_only),
         Resource::BGPConfiguration(o) => spec_fields(&o.spec.upstream_only),
         Resource::BGPPeer(o) => spec_fields(&o.spec.upstream_only),
+        // Stored for BGPPeers' `filters`, which the BIRD configuration does not render yet.
+        Resource::BGPFilter(_) => vec!["spec".to_owned()],
         _ => Vec::new(),
     }
 }
@@ -1296,5 +1359,26 @@ mod upstream_fields_tests {
         );
         let e = check("apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {nodeMeshPasword: x}\n").unwrap_err();
         assert!(e.contains("unknown field `nodeMeshPasword`"), "{e}");
+    }
+
+    #[test]
+    fn bgp_filters_are_validated_as_upstream() {
+        let filter = |rules: &str| {
+            check(&format!("apiVersion: projectcalico.org/v3\nkind: BGPFilter\nmetadata: {{name: f}}\nspec:\n{rules}"))
+        };
+        assert_eq!(
+            filter("  exportV4: [{action: Reject, matchOperator: In, cidr: 10.0.0.0/8, prefixLength: {min: 16, max: 24}}]\n  importV6: [{action: Accept, source: RemotePeers}]\n"),
+            Ok(vec!["spec".to_owned()])
+        );
+        for (rules, path, message) in [
+            ("  exportV4: [{action: Drop}]\n", "spec.exportV4[0].action", "Accept"),
+            ("  exportV4: [{action: Accept, cidr: 10.0.0.0/8}]\n", "spec.exportV4[0].matchOperator", "required with cidr"),
+            ("  importV4: [{action: Accept, matchOperator: In, cidr: 'fd00::/8'}]\n", "spec.importV4[0].cidr", "not an IPv4 CIDR"),
+            ("  exportV6: [{action: Accept, matchOperator: In, cidr: 'fd00::/8', prefixLength: {min: 64, max: 129}}]\n", "spec.exportV6[0].prefixLength.max", "out of range 0-128"),
+            ("  exportV4: [{action: Accept, matchOperator: In, cidr: 10.0.0.0/8, prefixLength: {min: 24, max: 16}}]\n", "spec.exportV4[0].prefixLength", "more than max"),
+        ] {
+            let e = filter(rules).unwrap_err();
+            assert!(e.contains(path) && e.contains(message), "{rules}: {e}");
+        }
     }
 }

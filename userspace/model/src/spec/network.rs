@@ -351,3 +351,45 @@ pub const BGP_PEER_UPSTREAM_ONLY_FIELDS: &[&str] = &[
     "reversePeering",
     "ttlSecurity",
 ];
+
+/// Spec of a BGPFilter: import and export rules per address family, applied in order, the
+/// first match deciding (upstream's semantics; BGPPeers name filters in `filters`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpFilterSpec {
+    #[serde(default, rename = "exportV4", skip_serializing_if = "Vec::is_empty")]
+    pub export_v4: Vec<BgpFilterRule>,
+    #[serde(default, rename = "importV4", skip_serializing_if = "Vec::is_empty")]
+    pub import_v4: Vec<BgpFilterRule>,
+    #[serde(default, rename = "exportV6", skip_serializing_if = "Vec::is_empty")]
+    pub export_v6: Vec<BgpFilterRule>,
+    #[serde(default, rename = "importV6", skip_serializing_if = "Vec::is_empty")]
+    pub import_v6: Vec<BgpFilterRule>,
+}
+
+/// One BGPFilter rule: what a route must match, and `Accept` or `Reject`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpFilterRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<BgpFilterPrefixLength>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_operator: Option<String>,
+    #[serde(default)]
+    pub action: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpFilterPrefixLength {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+}

@@ -90,6 +90,7 @@ fn kinds_resolve_from_names_plurals_and_aliases() {
         ("hep", Kind::HostEndpoint),
         ("wep", Kind::WorkloadEndpoint),
         ("bgppeer", Kind::BGPPeer),
+        ("bgpfilters", Kind::BGPFilter),
         ("felixconfig", Kind::FelixConfiguration),
     ] {
         assert_eq!(Kind::from_name(name), Some(kind), "{name}");
