@@ -303,7 +303,7 @@ fn output_formats() {
     // A list request answers with the kind's list whatever the count (upstream's shape); one
     // name, with the object.
     for (args, kind, count) in [
-        (&["get", "bgppeers", "-o", "json"][..], "BGPPeerList", 2),
+        (&["get", "bgppeers", "-o", "json"][..], "BGPPeerList", 3),
         (
             &["get", "hostendpoints", "-o", "json"][..],
             "HostEndpointList",
