@@ -290,10 +290,8 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
                 name: "server".into(),
             };
             let start = Instant::now();
-            for (direction, hook) in [
-                (Direction::Ingress, Hook::Egress),
-                (Direction::Egress, Hook::Ingress),
-            ] {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let hook = Hook::for_direction(direction);
                 let compiled = CompiledProgram::compile(
                     &w,
                     &w.program(&id, direction),
@@ -320,10 +318,8 @@ fn run(setup: Setup) -> anyhow::Result<(Figures, String)> {
                     )],
                 )],
             };
-            for (direction, hook) in [
-                (Direction::Ingress, Hook::Egress),
-                (Direction::Egress, Hook::Ingress),
-            ] {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let hook = Hook::for_direction(direction);
                 let compiled = CompiledProgram::compile(
                     &calico_policy::World::default(),
                     &allow_all,

@@ -98,12 +98,12 @@ fn loaded_program_agrees_with_the_reference() -> anyhow::Result<()> {
         let mut dp = dp.borrow_mut();
         let id = w.endpoints.keys().nth(endpoint).unwrap().clone();
         let addresses = w.endpoints[&id].addresses.clone();
-        // Ingress policy runs where traffic goes to the workload: tc egress of its veth.
-        let (direction, hook) = if ingress {
-            (Direction::Ingress, Hook::Egress)
+        let direction = if ingress {
+            Direction::Ingress
         } else {
-            (Direction::Egress, Hook::Ingress)
+            Direction::Egress
         };
+        let hook = Hook::for_direction(direction);
         let program = w.program(&id, direction);
         let compiled = CompiledProgram::compile(&w, &program, &addresses, direction)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -834,10 +834,8 @@ spec:
     )?;
     let w = calico_policy::World::from_resources(&docs).map_err(anyhow::Error::msg)?;
     let id = w.endpoints.keys().next().unwrap().clone();
-    for (direction, hook) in [
-        (Direction::Ingress, Hook::Egress),
-        (Direction::Egress, Hook::Ingress),
-    ] {
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let hook = Hook::for_direction(direction);
         let compiled = CompiledProgram::compile(
             &w,
             &w.program(&id, direction),

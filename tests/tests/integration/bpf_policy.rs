@@ -121,10 +121,8 @@ fn install(
         namespace: Some("default".into()),
         name: "server".into(),
     };
-    for (direction, hook) in [
-        (Direction::Ingress, Hook::Egress),
-        (Direction::Egress, Hook::Ingress),
-    ] {
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let hook = Hook::for_direction(direction);
         let compiled =
             CompiledProgram::compile(w, &w.program(&id, direction), &[server], direction)?;
         dp.install(ifindex, hook, &compiled)?;

@@ -106,16 +106,6 @@ fn compile_endpoint(
     CompiledEndpoint { directions }
 }
 
-/// The policy key of each direction: an endpoint's ingress policy is read by the classifier
-/// that sees traffic going to the endpoint (`policy_egress`: tc egress of a workload's veth, tc
-/// ingress of a host interface, see [`PolicyDataplane::attach_host`]).
-fn hook(direction: Direction) -> Hook {
-    match direction {
-        Direction::Ingress => Hook::Egress,
-        Direction::Egress => Hook::Ingress,
-    }
-}
-
 impl Driver {
     pub fn new(
         dataplane: PolicyDataplane,
@@ -400,7 +390,10 @@ impl Driver {
                 self.metrics.compile_errors.inc();
                 tracing::error!(endpoint = ?id, ?direction, error = %e, "policy cannot be enforced; the endpoint drops this direction's traffic");
             }
-            if let Err(e) = self.dataplane.install(ifindex, hook(direction), &compiled) {
+            if let Err(e) =
+                self.dataplane
+                    .install(ifindex, Hook::for_direction(direction), &compiled)
+            {
                 // The dataplane leaves the hook without a program: it drops until a retry
                 // succeeds (never the previous policy, never open).
                 self.metrics.install_errors.inc();

@@ -59,6 +59,17 @@ pub enum Hook {
 }
 
 impl Hook {
+    /// The hook whose classifier judges an endpoint's policy of `direction` on a workload's
+    /// veth: its ingress policy sees traffic going to it (tc egress of the host side), its
+    /// egress policy what it sends (tc ingress). Host interfaces carry the programs the other
+    /// way round (see `attach_host`), so the same key serves them.
+    pub fn for_direction(direction: calico_policy::Direction) -> Self {
+        match direction {
+            calico_policy::Direction::Ingress => Hook::Egress,
+            calico_policy::Direction::Egress => Hook::Ingress,
+        }
+    }
+
     fn code(self) -> u32 {
         match self {
             Hook::Ingress => TC_INGRESS,

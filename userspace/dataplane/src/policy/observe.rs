@@ -2,8 +2,8 @@
 //! log switch, and single runs under BPF_PROG_TEST_RUN.
 
 use calico_bpf_common::{
-    PolicyStat, VerdictEvent, POLICY_EGRESS_PROG, POLICY_INGRESS_PROG, POLICY_LOG_MAP,
-    POLICY_RULE_STATS_MAP, POLICY_STATS_MAP, TC_INGRESS,
+    PolicyStat, RuleStatValue, VerdictEvent, POLICY_EGRESS_PROG, POLICY_INGRESS_PROG,
+    POLICY_LOG_MAP, POLICY_RULE_STATS_MAP, POLICY_STATS_MAP, TC_INGRESS,
 };
 use calico_policy::Verdict;
 
@@ -46,6 +46,13 @@ pub struct PolicyCounters {
     pub conntrack_over_limit: u64,
 }
 
+/// A rule counter's packets and bytes summed over CPUs.
+pub(super) fn summed(values: &aya::maps::PerCpuValues<RuleStatValue>) -> (u64, u64) {
+    values
+        .iter()
+        .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes))
+}
+
 impl PolicyDataplane {
     /// Turns the classifiers' debug log lines (why a packet was denied) on or off while they
     /// run. Lines only appear when the object was loaded with a log level (a logger exists).
@@ -78,9 +85,7 @@ impl PolicyDataplane {
             ) else {
                 continue;
             };
-            let (packets, bytes) = values
-                .iter()
-                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+            let (packets, bytes) = summed(&values);
             out.push(RuleCounter {
                 program: key.program,
                 index: key.verdict,

@@ -298,23 +298,16 @@ impl PolicyDataplane {
         }
     }
 
-    /// Brings the class table holding `old`, read by one program alone, to `new` in place:
-    /// new combinations first (existing ones keep their class: the classes are the same),
-    /// then the ones that can no longer occur. `false` (nothing changed) when an entry
-    /// cannot be written.
-    pub(super) fn update_classes_in_place(
-        &mut self,
-        old: &ClassEntries,
-        new: &ClassEntries,
-    ) -> bool {
+    /// First half of bringing the class table holding `old`, read by one program alone, to
+    /// `new` in place: the new combinations go in (existing ones keep their class: the classes
+    /// are the same). `false` (nothing changed) when an entry cannot be written.
+    pub(super) fn add_classes_in_place(&mut self, old: &ClassEntries, new: &ClassEntries) -> bool {
         let Some(table) = self.class_tables.get(old) else {
             return false;
         };
         let id = table.id;
         let before: std::collections::HashSet<PeerClassKey> =
             old.iter().map(|e| class_key(id, e)).collect();
-        let after: std::collections::HashSet<PeerClassKey> =
-            new.iter().map(|e| class_key(id, e)).collect();
         let mut added = Vec::new();
         for entry in new.iter() {
             let key = class_key(id, entry);
@@ -329,13 +322,24 @@ impl PolicyDataplane {
             }
             added.push(key);
         }
-        for key in before.difference(&after) {
-            let _ = self.peer_classes.remove(key);
-        }
-        if let Some(table) = self.class_tables.remove(old) {
-            self.class_tables.insert(new.clone(), table);
-        }
         true
+    }
+
+    /// Second half, once the sets have their new members: the combinations that can no
+    /// longer occur go, and the table is known by its new content.
+    pub(super) fn drop_stale_classes(&mut self, old: &ClassEntries, new: &ClassEntries) {
+        let Some(table) = self.class_tables.remove(old) else {
+            return;
+        };
+        let after: std::collections::HashSet<PeerClassKey> =
+            new.iter().map(|e| class_key(table.id, e)).collect();
+        for entry in old.iter() {
+            let key = class_key(table.id, entry);
+            if !after.contains(&key) {
+                let _ = self.peer_classes.remove(&key);
+            }
+        }
+        self.class_tables.insert(new.clone(), table);
     }
 }
 

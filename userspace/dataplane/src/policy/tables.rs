@@ -302,6 +302,7 @@ impl PolicyDataplane {
             return None;
         }
         let old = written.classes.clone()?;
+        let mut stale = None;
         let nets = self.nets_tables.get(written.nets.as_ref()?)?.id;
         let sets = written.sets.len() as u32;
         let capacity = |map: &str| self.capacity.get(map).copied().unwrap_or(u32::MAX) as usize;
@@ -322,9 +323,12 @@ impl PolicyDataplane {
                 return None;
             }
             if alone && !self.class_tables.contains_key(&new) {
-                if !self.update_classes_in_place(&old, &new) {
+                // New combinations now, the ones that can no longer occur once the sets
+                // have their new members (below): no address is ever without its class.
+                if !self.add_classes_in_place(&old, &new) {
                     return None;
                 }
+                stale = Some((old, new.clone()));
             } else {
                 // Shared with other programs: this one moves to a table of its own content
                 // (one endpoint map update), and leaves the old one to the others.
@@ -353,12 +357,14 @@ impl PolicyDataplane {
                 written.classes = Some(new);
             }
         }
-        for set in &compiled.peer_sets {
-            if self.update_set(&set.scope, &set.members).is_err() {
-                return None;
-            }
+        let sets_updated = compiled
+            .peer_sets
+            .iter()
+            .all(|set| self.update_set(&set.scope, &set.members).is_ok());
+        if let Some((old, new)) = stale {
+            self.drop_stale_classes(&old, &new);
         }
-        Some(program)
+        sets_updated.then_some(program)
     }
 
     fn write(
@@ -483,25 +489,21 @@ impl PolicyDataplane {
             self.delete(written, program);
         }
         if !programs.is_empty() {
-            let keys: Vec<RuleStatKey> = self
+            // One walk reads the last counts (for `take_released_counters`) and finds the
+            // entries to delete.
+            let last: Vec<(RuleStatKey, (u64, u64))> = self
                 .rule_stats
-                .keys()
+                .iter()
                 .filter_map(Result::ok)
-                .filter(|k| programs.contains(&k.program))
+                .filter(|(k, _)| programs.contains(&k.program))
+                .map(|(k, values)| (k, super::observe::summed(&values)))
                 .collect();
-            for k in &keys {
-                // The last counts go to `take_released_counters` before the entry does.
-                let verdict = self
-                    .verdicts_of
-                    .get(&k.program)
-                    .and_then(|v| v.get(k.verdict as usize));
-                if let (Some(verdict), Ok(values)) = (verdict, self.rule_stats.get(k, 0)) {
-                    let (packets, bytes) = values
-                        .iter()
-                        .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+            for (k, (packets, bytes)) in last {
+                if let Some(verdict) = self.verdict_of(k.program, k.verdict) {
                     self.released_counters.push(super::RuleCounter {
                         program: k.program,
                         index: k.verdict,
+                        // The slot is not kept for a replaced program; metrics do not use it.
                         ifindex: 0,
                         hook: Hook::Ingress,
                         verdict: verdict.clone(),
@@ -509,7 +511,7 @@ impl PolicyDataplane {
                         bytes,
                     });
                 }
-                let _ = self.rule_stats.remove(k);
+                let _ = self.rule_stats.remove(&k);
             }
             for program in &programs {
                 self.verdicts_of.remove(program);
