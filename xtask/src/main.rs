@@ -194,7 +194,7 @@ pub(crate) fn step(what: &str) {
     println!("\n==> {what}");
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits one level below the workspace root")

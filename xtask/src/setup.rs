@@ -106,6 +106,7 @@ pub(crate) fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    kubernetes()?;
     bpffs()?;
     println!("setup: everything is in place");
     Ok(())
@@ -256,4 +257,59 @@ fn bpffs() -> Result<()> {
         .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
         .run()
         .context("mounting bpffs at /sys/fs/bpf")
+}
+
+/// Where setup puts the Kubernetes programs built from `xtask/kubernetes/go.mod` (outside any
+/// checkout, so a clean clone's CI reuses them); the tests look here too.
+pub(crate) fn kubernetes_bin_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(Path::new(&home).join(".local/share/calico-kubernetes/bin"))
+}
+
+/// kube-apiserver and kubectl, built from the `k8s.io/kubernetes` Go module that
+/// `xtask/kubernetes/go.mod` pins (about seven minutes on two cores the first time). A stamp
+/// holding that go.mod says what the binaries were built from; a changed go.mod rebuilds them.
+fn kubernetes() -> Result<()> {
+    let module = crate::workspace_root().join("xtask/kubernetes");
+    let go_mod = fs::read_to_string(module.join("go.mod")).context("reading xtask/kubernetes/go.mod")?;
+    let version = go_mod
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("k8s.io/kubernetes v"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("xtask/kubernetes/go.mod requires no k8s.io/kubernetes version")?
+        .to_owned();
+    let bin = kubernetes_bin_dir()?;
+    let stamp = bin.join("built-from.go.mod");
+    let programs = ["kube-apiserver", "kubectl"];
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == go_mod)
+        && programs.iter().all(|p| bin.join(p).exists())
+    {
+        println!("kubernetes v{version} (kube-apiserver, kubectl): present");
+        return Ok(());
+    }
+    if Cmd::new("go").args(["version"]).output().is_err() {
+        bail!("`go` is not on PATH: kube-apiserver and kubectl are built from their Go module");
+    }
+    println!("kubernetes v{version}: building kube-apiserver and kubectl from the Go module (several minutes)");
+    fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    let (major, minor) = version
+        .split_once('.')
+        .map(|(a, b)| (a, b.split('.').next().unwrap_or("0")))
+        .context("k8s.io/kubernetes version is not MAJOR.MINOR.PATCH")?;
+    // What `kubectl version` and clients read; a plain `go build` says v0.0.0-master.
+    let ldflags = format!(
+        "-s -w -X k8s.io/component-base/version.gitVersion=v{version} \
+         -X k8s.io/component-base/version.gitMajor={major} \
+         -X k8s.io/component-base/version.gitMinor={minor}"
+    );
+    for program in programs {
+        Cmd::new("go")
+            .args(["build", "-ldflags", &ldflags, "-o"])
+            .arg_path(&bin.join(program))
+            .args([format!("k8s.io/kubernetes/cmd/{program}")])
+            .current_dir(&module)
+            .run()
+            .with_context(|| format!("building {program} from k8s.io/kubernetes v{version}"))?;
+    }
+    fs::write(&stamp, &go_mod).with_context(|| format!("writing {}", stamp.display()))
 }

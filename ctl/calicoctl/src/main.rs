@@ -2,7 +2,6 @@
 //! etcd keys the agent watches.
 
 mod config;
-mod convert;
 mod dryrun;
 mod input;
 mod ipam;

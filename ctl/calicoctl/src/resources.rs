@@ -462,7 +462,7 @@ pub async fn version(config_path: Option<&Path>) -> Result<ExitCode> {
 pub fn convert(path: &str, format: &Format) -> Result<ExitCode> {
     let mut converted = Vec::new();
     for (source, text) in input::read(path)? {
-        let policies = crate::convert::k8s_to_calico(&text)
+        let policies = calico_model::k8s::network_policies_from_text(&text)
             .with_context(|| format!("{source}: cannot convert"))?;
         converted.extend(policies);
     }

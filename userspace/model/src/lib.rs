@@ -15,6 +15,7 @@ mod numorstring;
 mod resource;
 mod validate;
 
+pub mod k8s;
 pub mod spec;
 
 pub use document::{list_to_json, list_to_yaml, parse_documents, to_json, to_yaml, DocumentError};

@@ -521,8 +521,7 @@ pub enum Item {
 /// The profile calico-kube-controllers writes for each Kubernetes namespace, `kns.<name>`,
 /// carries the namespace's labels as `pcns.<key>` in `labelsToApply`: what `namespaceSelector`
 /// matches, as upstream resolves it.
-pub const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
-pub const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
+pub use calico_model::k8s::{NAMESPACE_LABEL_PREFIX, NAMESPACE_PROFILE_PREFIX};
 
 /// The namespace a profile describes and its labels, for a `kns.<namespace>` profile.
 pub fn namespace_of_profile(
@@ -550,10 +549,11 @@ fn named_port(name: &str, protocol: &calico_model::Protocol, port: i64) -> Optio
     })
 }
 
-/// The label upstream puts on a Kubernetes endpoint naming its service account.
-pub const SERVICE_ACCOUNT_LABEL: &str = "projectcalico.org/serviceaccount";
-/// The prefix of the labels endpoints inherit from their service account's `ksa.*` profile.
-pub const SERVICE_ACCOUNT_PREFIX: &str = "pcsa.";
+/// The label upstream puts on a Kubernetes endpoint naming its service account, and the prefix
+/// of the labels endpoints inherit from their service account's `ksa.*` profile.
+pub use calico_model::k8s::{
+    SERVICE_ACCOUNT_LABEL, SERVICE_ACCOUNT_LABEL_PREFIX as SERVICE_ACCOUNT_PREFIX,
+};
 
 /// A `serviceAccounts` match as the selector upstream turns it into: the account's labels
 /// (prefixed) and its name among `names`.
