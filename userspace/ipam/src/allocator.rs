@@ -679,6 +679,84 @@ impl Ipam {
         Ok(not_allocated)
     }
 
+    /// Releases what `node` held, for a node gone for good (calico-kube-controllers, when its
+    /// Kubernetes Node is deleted): every address allocated for it (by handle, so the handle
+    /// records go too), its block affinities, and its blocks: an empty one is deleted, one
+    /// still holding another node's borrowed addresses loses its affinity. Returns the
+    /// addresses released.
+    pub async fn release_node(&self, node: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let blocks = self.all_blocks().await?;
+        let handles: BTreeSet<String> = blocks
+            .iter()
+            .flat_map(|(_, spec)| block::handles_of_node(spec, node))
+            .collect();
+        let mut released = Vec::new();
+        for handle in &handles {
+            released.extend(self.release_by_handle(handle).await?);
+        }
+        let (affinities, _) = self
+            .store
+            .list_prefix(&node_affinities_prefix(node))
+            .await?;
+        for affinity in affinities.into_iter().flatten() {
+            match self
+                .store
+                .delete(Kind::BlockAffinity, None, affinity.name(), None)
+                .await
+            {
+                Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let ours = format!("host:{node}");
+        for (cidr, spec) in &blocks {
+            if spec.affinity.as_deref() == Some(ours.as_str()) {
+                self.unclaim(cidr, &ours).await?;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Drops `affinity` from a block: deletes it when empty, else clears the affinity.
+    async fn unclaim(&self, cidr: &IpNet, affinity: &str) -> Result<(), IpamError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut resource = match self
+                .store
+                .get(Kind::IPAMBlock, None, &block_name(cidr))
+                .await
+            {
+                Ok(r) => r,
+                Err(DatastoreError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let Resource::IPAMBlock(b) = &mut resource else {
+                unreachable!("asked for a block")
+            };
+            if b.spec.affinity.as_deref() != Some(affinity) {
+                return Ok(());
+            }
+            let result = if block::is_empty(&b.spec) {
+                let rv = b.metadata.resource_version.clone();
+                self.store
+                    .delete(Kind::IPAMBlock, None, &block_name(cidr), rv.as_deref())
+                    .await
+                    .map(drop)
+            } else {
+                b.spec.affinity = None;
+                b.spec.affinity_claim_time = None;
+                self.store.update(resource).await.map(drop)
+            };
+            match result {
+                Ok(()) | Err(DatastoreError::NotFound { .. }) => return Ok(()),
+                Err(DatastoreError::Conflict { .. }) => contended().await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("block {cidr}"),
+        })
+    }
+
     /// Applies `change` to a block with compare-and-swap, retrying on conflict.
     async fn release_in_block(
         &self,

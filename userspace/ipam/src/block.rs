@@ -1,6 +1,9 @@
 //! Operations on one block's allocation state (pure).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use calico_model::spec::{AllocationAttribute, IpamBlockSpec};
 use ipnet::IpNet;
@@ -165,6 +168,17 @@ pub fn held_by(spec: &IpamBlockSpec, cidr: &IpNet, handle: &str) -> Vec<IpAddr> 
             (spec.attributes.get(attr)?.handle_id.as_deref() == Some(handle))
                 .then(|| address(cidr, o))
         })
+        .collect()
+}
+
+/// Handles of the allocations made for `node` (the `node` attribute the CNI plugin records).
+pub fn handles_of_node(spec: &IpamBlockSpec, node: &str) -> BTreeSet<String> {
+    spec.allocations
+        .iter()
+        .flatten()
+        .filter_map(|a| spec.attributes.get(*a))
+        .filter(|attr| attr.secondary.get("node").is_some_and(|n| n == node))
+        .filter_map(|attr| attr.handle_id.clone())
         .collect()
 }
 
