@@ -30,8 +30,8 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
+    pub(crate) server_cert: PathBuf,
+    pub(crate) server_key: PathBuf,
 }
 
 impl Etcd {
@@ -239,7 +239,7 @@ fn spawn(
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
-fn make_certificates(dir: &std::path::Path) -> Result<TlsFiles> {
+pub(crate) fn make_certificates(dir: &std::path::Path) -> Result<TlsFiles> {
     fs::create_dir_all(dir)?;
     let path = |name: &str| dir.join(name);
     let openssl = |args: &[&str]| -> Result<()> {
@@ -322,13 +322,13 @@ fn make_certificates(dir: &std::path::Path) -> Result<TlsFiles> {
 }
 
 /// Two distinct free loopback ports (both held while the second is chosen).
-fn free_port_pair() -> Result<(u16, u16)> {
+pub(crate) fn free_port_pair() -> Result<(u16, u16)> {
     let a = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     let b = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
-fn log_tail(path: &std::path::Path) -> String {
+pub(crate) fn log_tail(path: &std::path::Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")

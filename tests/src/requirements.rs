@@ -21,6 +21,8 @@ pub enum Requirement {
     Bird,
     /// dockerd (Debian `docker.io`) and a static busybox for the local image.
     Docker,
+    /// kube-apiserver and kubectl, built by `cargo xtask setup` from their Go module.
+    Kubernetes,
 }
 
 impl Requirement {
@@ -56,6 +58,18 @@ impl Requirement {
                 } else {
                     None
                 }
+            }
+            Requirement::Kubernetes => {
+                let dir = crate::kubernetes_bin_dir();
+                ["kube-apiserver", "kubectl"]
+                    .iter()
+                    .find(|p| !dir.join(p).exists())
+                    .map(|p| {
+                        format!(
+                            "{} is missing (`cargo xtask setup` builds it)",
+                            dir.join(p).display()
+                        )
+                    })
             }
             Requirement::Podman => {
                 if !command_works("podman", &["--version"]) {

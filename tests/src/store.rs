@@ -77,6 +77,11 @@ impl Store {
         })
     }
 
+    /// Every stored object of `kind`.
+    pub fn list(&self, kind: Kind) -> Result<Vec<calico_model::Resource>> {
+        Ok(self.rt.block_on(self.ds.list(kind, None))?.0)
+    }
+
     pub fn delete(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Result<()> {
         self.rt
             .block_on(self.ds.delete(kind, namespace, name, None))?;

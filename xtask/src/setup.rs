@@ -271,7 +271,8 @@ pub(crate) fn kubernetes_bin_dir() -> Result<PathBuf> {
 /// holding that go.mod says what the binaries were built from; a changed go.mod rebuilds them.
 fn kubernetes() -> Result<()> {
     let module = crate::workspace_root().join("xtask/kubernetes");
-    let go_mod = fs::read_to_string(module.join("go.mod")).context("reading xtask/kubernetes/go.mod")?;
+    let go_mod =
+        fs::read_to_string(module.join("go.mod")).context("reading xtask/kubernetes/go.mod")?;
     let version = go_mod
         .lines()
         .find_map(|l| l.trim().strip_prefix("k8s.io/kubernetes v"))

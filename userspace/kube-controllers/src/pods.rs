@@ -12,7 +12,7 @@ use std::{
 
 use calico_datastore::{keys::prefix_for, Datastore, WatchEvent};
 use calico_ipam::{block, Ipam};
-use calico_model::{k8s, Kind, Resource};
+use calico_model::{k8s, spec::WorkloadEndpointPort, Kind, Protocol, Resource};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
@@ -34,6 +34,9 @@ type PodId = (String, String);
 pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub service_account: Option<String>,
+    /// The containers' named ports (what rules' named ports resolve to), as upstream's CNI
+    /// plugin records them.
+    pub ports: Vec<WorkloadEndpointPort>,
 }
 
 impl PodInfo {
@@ -45,6 +48,23 @@ impl PodInfo {
                 .as_ref()
                 .and_then(|s| s.service_account_name.clone())
                 .filter(|s| !s.is_empty()),
+            ports: pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    Some(WorkloadEndpointPort {
+                        name: p.name.clone().filter(|n| !n.is_empty())?,
+                        protocol: Protocol::Name(
+                            p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                        ),
+                        port: i64::from(p.container_port),
+                        host_port: None,
+                        host_ip: None,
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -63,6 +83,7 @@ pub fn updated_endpoint(endpoint: &Resource, pod: &PodInfo) -> Option<Resource> 
     if w.metadata.labels == labels
         && w.spec.profiles == profiles
         && w.spec.service_account_name == account
+        && w.spec.ports == pod.ports
     {
         return None;
     }
@@ -70,6 +91,7 @@ pub fn updated_endpoint(endpoint: &Resource, pod: &PodInfo) -> Option<Resource> 
     next.metadata.labels = labels;
     next.spec.profiles = profiles;
     next.spec.service_account_name = account.to_owned();
+    next.spec.ports = pod.ports.clone();
     Some(Resource::WorkloadEndpoint(next))
 }
 
@@ -432,6 +454,13 @@ mod tests {
         let pod = PodInfo {
             labels: [("app".to_owned(), "web".to_owned())].into(),
             service_account: Some("api".into()),
+            ports: vec![WorkloadEndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Name("TCP".into()),
+                port: 8080,
+                host_port: None,
+                host_ip: None,
+            }],
         };
         let before = endpoint(
             &[
@@ -451,6 +480,7 @@ mod tests {
         assert_eq!(after.metadata.labels["projectcalico.org/namespace"], "x");
         assert_eq!(after.spec.profiles, vec!["kns.x", "ksa.x.api"]);
         assert_eq!(after.spec.service_account_name, "api");
+        assert_eq!(after.spec.ports[0].name, "http");
         // Applied once, nothing more to do.
         assert_eq!(
             updated_endpoint(&Resource::WorkloadEndpoint(after), &pod),

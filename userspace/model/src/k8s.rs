@@ -297,8 +297,7 @@ fn convert_one(p: K8sPolicy) -> Result<Resource, ConvertError> {
     });
     let resource = Resource::deserialize_as(Kind::NetworkPolicy, value)
         .map_err(|e| ConvertError(format!("{}: {}", e.path(), e.inner())))?;
-    validate(&resource)
-        .map_err(|e| ConvertError(format!("converted policy is invalid: {e}")))?;
+    validate(&resource).map_err(|e| ConvertError(format!("converted policy is invalid: {e}")))?;
     Ok(resource)
 }
 

@@ -4,4 +4,5 @@
 mod agent;
 mod docker;
 mod hostendpoint;
+mod kubernetes;
 mod multihost;

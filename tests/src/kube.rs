@@ -1,0 +1,268 @@
+//! A real kube-apiserver (built by `cargo xtask setup` from the k8s.io/kubernetes module) on a
+//! free loopback port over the test's etcd, as envtest runs one: certificates and the
+//! service-account key made here, client-certificate authentication, every request allowed.
+//! And calico-kube-controllers running against both.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+use crate::{
+    etcd::{free_port_pair, log_tail, make_certificates},
+    Etcd,
+};
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where `cargo xtask setup` puts kube-apiserver and kubectl.
+pub fn kubernetes_bin_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    Path::new(&home).join(".local/share/calico-kubernetes/bin")
+}
+
+/// A running kube-apiserver; killed and its files removed on drop.
+pub struct KubeApiServer {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl KubeApiServer {
+    /// Starts kube-apiserver over `etcd` and waits until `/readyz` passes.
+    pub fn start(etcd: &Etcd) -> Result<Self> {
+        let mut last = None;
+        // A port picked as free can be taken before the server binds it: retry.
+        for _ in 0..3 {
+            match Self::try_start(etcd) {
+                Ok(server) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    fn try_start(etcd: &Etcd) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("calico-kube-")
+            .tempdir()
+            .context("creating kube-apiserver dir")?;
+        let tls = make_certificates(&dir.path().join("tls"))?;
+        let (port, _) = free_port_pair()?;
+        let log = fs::File::create(dir.path().join("kube-apiserver.log"))?;
+        let child = Command::new(kubernetes_bin_dir().join("kube-apiserver"))
+            .arg(format!("--etcd-servers={}", etcd.endpoint()))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--tls-cert-file={}", tls.server_cert.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                tls.server_key.display()
+            ))
+            .arg(format!("--client-ca-file={}", tls.ca.display()))
+            .arg("--authorization-mode=AlwaysAllow")
+            .arg("--service-account-issuer=https://127.0.0.1")
+            .arg(format!(
+                "--service-account-key-file={}",
+                tls.server_key.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                tls.server_key.display()
+            ))
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            // No controller-manager makes each namespace's `default` account here.
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg(format!("--cert-dir={}", dir.path().join("certs").display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting kube-apiserver (run `cargo xtask setup` to build it)")?;
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: 'https://127.0.0.1:{port}', certificate-authority: '{}'}}\nusers:\n- name: test\n  user: {{client-certificate: '{}', client-key: '{}'}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
+            tls.ca.display(),
+            tls.client_cert.display(),
+            tls.client_key.display()
+        );
+        fs::write(dir.path().join("kubeconfig"), kubeconfig)?;
+        let mut server = Self { child, port, dir };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "kube-apiserver exited during start-up ({status}); log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+            if self
+                .kubectl(&["get", "--raw", "/readyz"])
+                .is_ok_and(|out| out.trim() == "ok")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {START_TIMEOUT:?}; log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        log_tail(&self.dir.path().join("kube-apiserver.log"))
+    }
+
+    /// The kubeconfig a client uses (an admin's client certificate).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs kubectl with this server's kubeconfig; returns stdout, or the error with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_with_input(args, None)
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        self.kubectl_with_input(&["apply", "-f", "-"], Some(yaml))
+    }
+
+    fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Result<String> {
+        let mut child = Command::new(kubernetes_bin_dir().join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl (run `cargo xtask setup` to build it)")?;
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .context("kubectl stdin")?
+                .write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for KubeApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running calico-kube-controllers (in the caller's network namespace); killed on drop.
+pub struct KubeControllers {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+    pub health_port: u16,
+}
+
+impl KubeControllers {
+    /// Starts `binary` against `api` and `etcd`, serving health on a free loopback port.
+    pub fn start(binary: &Path, api: &KubeApiServer, etcd: &Etcd) -> Result<Self> {
+        let log = tempfile::NamedTempFile::new()?;
+        let (health_port, _) = free_port_pair()?;
+        let child = Command::new(binary)
+            .env("KUBECONFIG", api.kubeconfig())
+            .env("ETCD_ENDPOINTS", etcd.endpoint())
+            .env("HEALTH_PORT", health_port.to_string())
+            .env("RUST_LOG", "info,calico_kube_controllers=debug")
+            .stdin(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            child: Some(child),
+            log,
+            health_port,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// GET `path` on the health port: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        crate::http::get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], self.health_port)),
+            path,
+        )
+    }
+
+    /// Waits until /readiness answers 200 (leading, every controller synced).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!(
+                        "calico-kube-controllers exited ({status}); log:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if self.get("/readiness").is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "calico-kube-controllers not ready in {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KubeControllers {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}

@@ -1,0 +1,625 @@
+//! Kubernetes end to end, every part real: kube-apiserver over the test's etcd,
+//! calico-kube-controllers, calico-node in a host namespace, and pods created in the API and
+//! wired by the CNI plugin the way kubelet calls it (no kubelet: see the README). Policies are
+//! Kubernetes NetworkPolicies applied with kubectl; the probe matrix (TCP 80 and 81 between
+//! every pair of pods) must match Kubernetes semantics.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use calico_model::{Kind, Resource};
+use harness::{
+    cni_with_args, require, unique_name, AgentProcess, Etcd, Forward, KubeApiServer,
+    KubeControllers, NetNs, Requirement, Store, TcpServer,
+};
+
+const POOL: &str = "10.71.0.0/16";
+
+fn binary(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_calico-node")).with_file_name(name)
+}
+
+/// etcd, kube-apiserver, a host namespace reaching etcd, and calico-kube-controllers.
+struct Cluster {
+    controllers: KubeControllers,
+    api: KubeApiServer,
+    store: Store,
+    _forward: Forward,
+    host: NetNs,
+    etcd: Etcd,
+}
+
+impl Cluster {
+    /// With `controllers_config` (the `spec` of KubeControllersConfiguration `default`, YAML
+    /// flow form) stored before calico-kube-controllers starts.
+    fn start(controllers_config: &str) -> Result<Self> {
+        let etcd = Etcd::start()?;
+        let api = KubeApiServer::start(&etcd)?;
+        let store = Store::connect(&etcd)?;
+        store.apply(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: '{POOL}', blockSize: 26}}\n---\napiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {{name: default}}\nspec: {controllers_config}\n"
+        ))?;
+        let host = NetNs::new("kh")?;
+        let forward = Forward::loopback(&host, etcd.port())?;
+        let mut controllers =
+            KubeControllers::start(&binary("calico-kube-controllers"), &api, &etcd)?;
+        controllers.wait_ready(Duration::from_secs(60))?;
+        Ok(Self {
+            controllers,
+            api,
+            store,
+            _forward: forward,
+            host,
+            etcd,
+        })
+    }
+
+    /// Creates pod `namespace/name` on `node` in the API (named ports serve-80 and serve-81),
+    /// then runs the CNI ADD kubelet would, in a namespace of its own.
+    fn add_pod(&self, namespace: &str, name: &str, node: &str) -> Result<Pod> {
+        self.api.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: '{namespace}', labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: busybox\n    ports: [{{name: serve-80, containerPort: 80}}, {{name: serve-81, containerPort: 81}}]\n"
+        ))?;
+        let ns = NetNs::new("kp")?;
+        let container = unique_name("ctr");
+        let result = cni_with_args(
+            binary("calico").parent().context("binary directory")?,
+            &self.host,
+            &self.etcd.endpoint(),
+            node,
+            "ADD",
+            &container,
+            &ns,
+            &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+        )?;
+        let address: Ipv4Addr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no IPv4 address in the CNI result {result}"))?;
+        let servers = vec![ns.tcp_server(80)?, ns.tcp_server(81)?];
+        Ok(Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            address,
+            ns,
+            _servers: servers,
+        })
+    }
+
+    /// `calicoctl ipam check` (exit status, output).
+    fn ipam_check(&self) -> Result<(bool, String)> {
+        let out = std::process::Command::new(binary("calicoctl"))
+            .args(["ipam", "check"])
+            .env("ETCD_ENDPOINTS", self.etcd.endpoint())
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+}
+
+struct Pod {
+    namespace: String,
+    name: String,
+    address: Ipv4Addr,
+    _servers: Vec<TcpServer>,
+    ns: NetNs,
+}
+
+const PORTS: [u16; 2] = [80, 81];
+const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// (from, to, port) → connected, for every ordered pair of distinct pods and both ports. One
+/// thread per client; a dropped SYN costs the probe timeout.
+fn matrix(pods: &[Pod]) -> Result<BTreeMap<(usize, usize, u16), bool>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..pods.len())
+            .map(|from| {
+                scope.spawn(move || -> Result<Vec<((usize, usize, u16), bool)>> {
+                    let mut out = Vec::new();
+                    for to in (0..pods.len()).filter(|&to| to != from) {
+                        for port in PORTS {
+                            let ok = pods[from].ns.tcp_connects(
+                                pods[to].address.into(),
+                                port,
+                                PROBE_TIMEOUT,
+                            )?;
+                            out.push(((from, to, port), ok));
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        let mut all = BTreeMap::new();
+        for h in handles {
+            all.extend(h.join().expect("probe thread")?);
+        }
+        Ok(all)
+    })
+}
+
+/// Waits until the matrix is what `expect(from, to, port)` says; returns how long it took.
+fn wait_matrix(
+    case: &str,
+    pods: &[Pod],
+    agent: &AgentProcess,
+    expect: impl Fn(&Pod, &Pod, u16) -> bool,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let m = matrix(pods)?;
+        let wrong: Vec<String> = m
+            .iter()
+            .filter(|((f, t, p), ok)| expect(&pods[*f], &pods[*t], *p) != **ok)
+            .map(|((f, t, p), ok)| {
+                format!(
+                    "{}/{} → {}/{}:{p} {}",
+                    pods[*f].namespace,
+                    pods[*f].name,
+                    pods[*t].namespace,
+                    pods[*t].name,
+                    if *ok { "connected" } else { "dropped" }
+                )
+            })
+            .collect();
+        let allowed = m.values().filter(|ok| **ok).count();
+        if wrong.is_empty() {
+            println!(
+                "{case}: matrix as Kubernetes says ({allowed} of {} allowed) after {:?}",
+                m.len(),
+                start.elapsed()
+            );
+            return Ok(start.elapsed());
+        }
+        if std::env::var_os("K8S_TEST_DEBUG").is_some() {
+            eprintln!(
+                "{case}: {:?}: {} wrong: {:?}",
+                start.elapsed(),
+                wrong.len(),
+                &wrong[..wrong.len().min(6)]
+            );
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "{case}: {} of {} probes differ from Kubernetes semantics:\n  {}\nagent log tail:\n{}",
+                wrong.len(),
+                m.len(),
+                wrong.join("\n  "),
+                tail(&agent.log(), 40)
+            );
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn in_ns(p: &Pod, ns: &str) -> bool {
+    p.namespace == ns
+}
+
+fn is(p: &Pod, ns: &str, name: &str) -> bool {
+    p.namespace == ns && p.name == name
+}
+
+#[test]
+fn kubernetes_network_policies_through_kube_controllers_match_kubernetes_semantics() -> Result<()> {
+    if !require(
+        "kubernetes_network_policies_through_kube_controllers_match_kubernetes_semantics",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Bpf,
+            Requirement::Etcd,
+            Requirement::Kubernetes,
+        ],
+    ) {
+        return Ok(());
+    }
+    let _load = harness::beside_others();
+    let cluster = Cluster::start(
+        "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}",
+    )?;
+    let node = unique_name("kn");
+    cluster.api.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
+    ))?;
+    let mut namespaces = String::new();
+    for ns in ["x", "y", "z"] {
+        namespaces.push_str(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: '{ns}', labels: {{ns: '{ns}'}}}}\n---\n"
+        ));
+    }
+    cluster.api.apply(&namespaces)?;
+    let mut pods = Vec::new();
+    for ns in ["x", "y", "z"] {
+        for name in ["a", "b", "c"] {
+            pods.push(cluster.add_pod(ns, name, &node)?);
+        }
+    }
+    let mut agent = AgentProcess::start(
+        &binary("calico-node"),
+        &cluster.host,
+        &cluster.etcd.endpoint(),
+        &node,
+    )?;
+    agent.wait_ready(&cluster.host, true, Duration::from_secs(30))?;
+
+    // The pod controller put the pods' labels and named ports on their endpoints.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let endpoints = cluster.store.list(Kind::WorkloadEndpoint)?;
+        let labelled = endpoints
+            .iter()
+            .filter(|e| match e {
+                Resource::WorkloadEndpoint(w) => {
+                    w.metadata.labels.get("pod") == Some(&w.spec.pod) && w.spec.ports.len() == 2
+                }
+                _ => false,
+            })
+            .count();
+        if labelled == 9 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{labelled} of 9 endpoints carry their pod's labels and ports; controllers log:\n{}",
+                cluster.controllers.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // No policy: every pod reaches every other (the namespaces' kns.* profiles allow).
+    wait_matrix("no policy", &pods, &agent, |_, _, _| true)?;
+
+    let policy = |namespace: &str, name: &str, spec: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: '{namespace}'}}\nspec:\n{spec}")
+    };
+    let apply = |yaml: String| cluster.api.apply(&yaml);
+    let delete = |namespace: &str, name: &str| {
+        cluster
+            .api
+            .kubectl(&["delete", "networkpolicy", "-n", namespace, name])
+    };
+
+    // Default deny, ingress and egress, in x.
+    apply(policy(
+        "x",
+        "deny-all",
+        "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
+    ))?;
+    wait_matrix(
+        "default deny ingress+egress in x",
+        &pods,
+        &agent,
+        |f, t, _| !in_ns(f, "x") && !in_ns(t, "x"),
+    )?;
+    delete("x", "deny-all")?;
+
+    // Default deny ingress in x, then allow x/a from namespace y on port 80.
+    apply(policy(
+        "x",
+        "deny-in",
+        "  podSelector: {}\n  policyTypes: [Ingress]\n",
+    ))?;
+    wait_matrix("default deny ingress in x", &pods, &agent, |_, t, _| {
+        !in_ns(t, "x")
+    })?;
+    apply(policy(
+        "x",
+        "allow-y",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: 'y'}}}]\n    ports: [{port: 80}]\n",
+    ))?;
+    let from_y_to_xa_80 =
+        |f: &Pod, t: &Pod, p: u16| !in_ns(t, "x") || (is(t, "x", "a") && in_ns(f, "y") && p == 80);
+    wait_matrix(
+        "allow x/a:80 from namespaceSelector ns=y",
+        &pods,
+        &agent,
+        from_y_to_xa_80,
+    )?;
+
+    // Relabelling namespace z as y reshapes the matrix; relabelling it back restores it.
+    let za = pods.iter().find(|p| is(p, "z", "a")).expect("z/a");
+    let xa = pods.iter().find(|p| is(p, "x", "a")).expect("x/a").address;
+    assert!(
+        !za.ns.tcp_connects(xa.into(), 80, PROBE_TIMEOUT)?,
+        "z/a → x/a:80 before the relabel"
+    );
+    let relabelled = Instant::now();
+    cluster
+        .api
+        .kubectl(&["label", "namespace", "z", "ns=y", "--overwrite"])?;
+    while !za
+        .ns
+        .tcp_connects(xa.into(), 80, Duration::from_millis(100))?
+    {
+        if relabelled.elapsed() > Duration::from_secs(30) {
+            bail!("z/a never reached x/a:80 after z was labelled ns=y");
+        }
+    }
+    // Printed, not asserted: a timing (kubectl, API watch, kube-controllers, etcd, agent).
+    println!(
+        "namespace relabel → first allowed connection after {:?}",
+        relabelled.elapsed()
+    );
+    wait_matrix("namespace z relabelled ns=y", &pods, &agent, |f, t, p| {
+        !in_ns(t, "x") || (is(t, "x", "a") && (in_ns(f, "y") || in_ns(f, "z")) && p == 80)
+    })?;
+    cluster
+        .api
+        .kubectl(&["label", "namespace", "z", "ns=z", "--overwrite"])?;
+    wait_matrix("namespace z labelled back", &pods, &agent, from_y_to_xa_80)?;
+
+    // Relabelling a pod: x/b becomes `pod: a`, so the policy selects it too.
+    cluster
+        .api
+        .kubectl(&["label", "pod", "-n", "x", "b", "pod=a", "--overwrite"])?;
+    wait_matrix("pod x/b relabelled pod=a", &pods, &agent, |f, t, p| {
+        !in_ns(t, "x") || ((is(t, "x", "a") || is(t, "x", "b")) && in_ns(f, "y") && p == 80)
+    })?;
+    cluster
+        .api
+        .kubectl(&["label", "pod", "-n", "x", "b", "pod=b", "--overwrite"])?;
+    delete("x", "allow-y")?;
+
+    // namespaceSelector and podSelector in one peer (AND) …
+    apply(policy(
+        "x",
+        "one-peer",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: 'y'}}, podSelector: {matchLabels: {pod: b}}}]\n",
+    ))?;
+    wait_matrix(
+        "namespaceSelector+podSelector in one peer",
+        &pods,
+        &agent,
+        |f, t, _| !in_ns(t, "x") || (is(t, "x", "a") && is(f, "y", "b")),
+    )?;
+    delete("x", "one-peer")?;
+    // … and in two peers (OR; a lone podSelector means the policy's own namespace).
+    apply(policy(
+        "x",
+        "two-peers",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: 'y'}}}, {podSelector: {matchLabels: {pod: b}}}]\n",
+    ))?;
+    wait_matrix(
+        "namespaceSelector, podSelector as two peers",
+        &pods,
+        &agent,
+        |f, t, _| !in_ns(t, "x") || (is(t, "x", "a") && (in_ns(f, "y") || is(f, "x", "b"))),
+    )?;
+    delete("x", "two-peers")?;
+
+    // ipBlock with except: the pool, but not y/a.
+    let ya = pods.iter().find(|p| is(p, "y", "a")).expect("y/a").address;
+    apply(policy(
+        "x",
+        "ipblock",
+        &format!("  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: '{POOL}', except: ['{ya}/32']}}}}]\n"),
+    ))?;
+    wait_matrix("ipBlock with except", &pods, &agent, |f, t, _| {
+        !in_ns(t, "x") || (is(t, "x", "a") && !is(f, "y", "a"))
+    })?;
+    delete("x", "ipblock")?;
+
+    // Ports: a named port, and a range with endPort.
+    apply(policy(
+        "x",
+        "named-port",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports: [{port: serve-81}]\n",
+    ))?;
+    wait_matrix("named port serve-81", &pods, &agent, |_, t, p| {
+        !in_ns(t, "x") || (is(t, "x", "a") && p == 81)
+    })?;
+    delete("x", "named-port")?;
+    apply(policy(
+        "x",
+        "end-port",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports: [{protocol: TCP, port: 79, endPort: 80}]\n",
+    ))?;
+    wait_matrix("port 79 endPort 80", &pods, &agent, |_, t, p| {
+        !in_ns(t, "x") || (is(t, "x", "a") && p == 80)
+    })?;
+    delete("x", "end-port")?;
+
+    // matchExpressions, and the union of two policies selecting the same pod.
+    apply(policy(
+        "x",
+        "expressions",
+        "  podSelector: {matchExpressions: [{key: pod, operator: In, values: [a, c]}]}\n  ingress:\n  - from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: ['y', 'x']}]}}]\n",
+    ))?;
+    apply(policy(
+        "x",
+        "union",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: 'y'}}, podSelector: {matchLabels: {pod: c}}}]\n",
+    ))?;
+    wait_matrix(
+        "matchExpressions, and the union of two policies",
+        &pods,
+        &agent,
+        |f, t, _| {
+            !in_ns(t, "x")
+                || ((is(t, "x", "a") || is(t, "x", "c")) && in_ns(f, "z"))
+                || (is(t, "x", "a") && is(f, "y", "c"))
+        },
+    )?;
+    delete("x", "expressions")?;
+    delete("x", "union")?;
+    delete("x", "deny-in")?;
+
+    // Egress only, from y: y's pods reach x alone; everyone still reaches y.
+    apply(policy(
+        "y",
+        "egress-x",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: 'x'}}}]\n",
+    ))?;
+    wait_matrix("egress-only policy in y", &pods, &agent, |f, t, _| {
+        !in_ns(f, "y") || in_ns(t, "x")
+    })?;
+
+    // Deleting the last policy restores the open matrix.
+    delete("y", "egress-x")?;
+    wait_matrix("all policies deleted", &pods, &agent, |_, _, _| true)?;
+
+    // The Calico policies followed the Kubernetes objects: none is left.
+    let left: Vec<String> = cluster
+        .store
+        .list(Kind::NetworkPolicy)?
+        .iter()
+        .map(|p| p.name().to_owned())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "Calico policies left after the Kubernetes ones went: {left:?}"
+    );
+    Ok(())
+}
+
+/// The attributes of every allocation in the datastore.
+fn allocations(store: &Store) -> Result<Vec<BTreeMap<String, String>>> {
+    Ok(store
+        .list(Kind::IPAMBlock)?
+        .into_iter()
+        .filter_map(|b| match b {
+            Resource::IPAMBlock(b) => Some(b.spec),
+            _ => None,
+        })
+        .flat_map(|spec| {
+            spec.allocations
+                .iter()
+                .flatten()
+                .filter_map(|a| spec.attributes.get(*a).map(|a| a.secondary.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done()? {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn deleted_nodes_and_pods_give_their_addresses_back() -> Result<()> {
+    if !require(
+        "deleted_nodes_and_pods_give_their_addresses_back",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Etcd,
+            Requirement::Kubernetes,
+        ],
+    ) {
+        return Ok(());
+    }
+    let _load = harness::beside_others();
+    let cluster = Cluster::start(
+        "{controllers: {node: {reconcilerPeriod: 500ms, leakGracePeriod: 2s}, workloadEndpoint: {}, namespace: {}}}",
+    )?;
+    let (n1, n2) = (unique_name("kn"), unique_name("kn"));
+    cluster.api.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {n1}}}\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n2}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: gc}}\n"
+    ))?;
+    let kept = cluster.add_pod("gc", "kept", &n1)?;
+    let _orphan = cluster.add_pod("gc", "orphan", &n1)?;
+    let _elsewhere = cluster.add_pod("gc", "elsewhere", &n2)?;
+    let pod_allocated = |name: &str| -> Result<bool> {
+        Ok(allocations(&cluster.store)?
+            .iter()
+            .any(|a| a.get("pod").is_some_and(|p| p == name)))
+    };
+    let endpoint_of = |name: &str| -> Result<bool> {
+        Ok(cluster
+            .store
+            .list(Kind::WorkloadEndpoint)?
+            .iter()
+            .any(|e| matches!(e, Resource::WorkloadEndpoint(w) if w.spec.pod == name)))
+    };
+    for name in ["kept", "orphan", "elsewhere"] {
+        assert!(
+            pod_allocated(name)? && endpoint_of(name)?,
+            "{name} is wired"
+        );
+    }
+    let (clean, report) = cluster.ipam_check()?;
+    assert!(clean, "ipam check before anything was deleted:\n{report}");
+
+    // A pod deleted while its CNI DEL never ran: released after the grace period.
+    let deleted_at = Instant::now();
+    cluster.api.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "gc",
+        "orphan",
+        "--grace-period=0",
+        "--force",
+    ])?;
+    wait_for(
+        "the deleted pod's address to be released",
+        Duration::from_secs(30),
+        || Ok(!pod_allocated("orphan")? && !endpoint_of("orphan")?),
+    )
+    .with_context(|| cluster.controllers.log())?;
+    let waited = deleted_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "released after {waited:?}, before the 2 s grace period"
+    );
+    // Positive control: the pod that still exists keeps its address and endpoint.
+    assert!(
+        pod_allocated("kept")? && endpoint_of("kept")?,
+        "the live pod lost its address"
+    );
+
+    // A deleted Node: its endpoints, addresses, affinities and Calico Node go; the other's stay.
+    cluster.api.kubectl(&["delete", "node", &n2])?;
+    let affinities_of = |node: &str| -> Result<usize> {
+        Ok(cluster
+            .store
+            .list(Kind::BlockAffinity)?
+            .iter()
+            .filter(|a| matches!(a, Resource::BlockAffinity(b) if b.spec.node == node))
+            .count())
+    };
+    wait_for(
+        "the deleted node's addresses to be released",
+        Duration::from_secs(30),
+        || {
+            Ok(!pod_allocated("elsewhere")?
+                && !endpoint_of("elsewhere")?
+                && affinities_of(&n2)? == 0)
+        },
+    )
+    .with_context(|| cluster.controllers.log())?;
+    assert!(affinities_of(&n1)? > 0, "the live node lost its affinity");
+    assert!(
+        pod_allocated("kept")? && endpoint_of("kept")?,
+        "the live node's pod lost its address"
+    );
+    let (clean, report) = cluster.ipam_check()?;
+    assert!(clean, "ipam check after the deletions:\n{report}");
+    assert!(
+        report.contains("1 allocation(s)"),
+        "only the live pod's address is left:\n{report}"
+    );
+    drop(kept);
+    Ok(())
+}
