@@ -116,13 +116,16 @@ struct Pod {
 const PORTS: [u16; 2] = [80, 81];
 const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 
-/// (from, to, port) → connected, for every ordered pair of distinct pods and both ports. One
-/// thread per client; a dropped SYN costs the probe timeout.
-fn matrix(pods: &[Pod]) -> Result<BTreeMap<(usize, usize, u16), bool>> {
+/// A probe: (client pod, server pod, port), as indexes into the pods.
+type Probe = (usize, usize, u16);
+
+/// Probe → connected, for every ordered pair of distinct pods and both ports. One thread per
+/// client; a dropped SYN costs the probe timeout.
+fn matrix(pods: &[Pod]) -> Result<BTreeMap<Probe, bool>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..pods.len())
             .map(|from| {
-                scope.spawn(move || -> Result<Vec<((usize, usize, u16), bool)>> {
+                scope.spawn(move || -> Result<Vec<(Probe, bool)>> {
                     let mut out = Vec::new();
                     for to in (0..pods.len()).filter(|&to| to != from) {
                         for port in PORTS {
