@@ -54,14 +54,40 @@ pub fn cni_with_args(
     ns: &NetNs,
     args: &str,
 ) -> Result<serde_json::Value> {
-    let conf = serde_json::json!({
+    cni_with_conf(
+        bin,
+        host,
+        &cni_conf(etcd, node),
+        command,
+        container,
+        ns,
+        args,
+    )
+}
+
+/// The network configuration the helpers pass: network `demo-net`, node `node`, etcd at
+/// `etcd`, `calico-ipam`. Add fields (e.g. `kubernetes`) before [`cni_with_conf`].
+pub fn cni_conf(etcd: &str, node: &str) -> serde_json::Value {
+    serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "demo-net",
         "type": "calico",
         "nodename": node,
         "etcd_endpoints": etcd,
         "ipam": { "type": "calico-ipam" },
-    });
+    })
+}
+
+/// [`cni_with_args`] with a network configuration of the caller's.
+pub fn cni_with_conf(
+    bin: &Path,
+    host: &NetNs,
+    conf: &serde_json::Value,
+    command: &str,
+    container: &str,
+    ns: &NetNs,
+    args: &str,
+) -> Result<serde_json::Value> {
     cni_plugin_dir(bin)?;
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", host.name()))

@@ -14,7 +14,7 @@ mod requirements;
 mod store;
 
 pub use agent::{AgentProcess, Workload, HEALTH_PORT};
-pub use cni::{cni, cni_plugin_dir, cni_with_args};
+pub use cni::{cni, cni_conf, cni_plugin_dir, cni_with_args, cni_with_conf};
 pub use etcd::{Etcd, TlsFiles};
 pub use forward::Forward;
 pub use image::busybox_rootfs_tar;

@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use calico_datastore::{Datastore, DatastoreError};
 use calico_model::{
+    k8s,
     spec::{ProfileSpec, WorkloadEndpointSpec},
     Kind, Object, ObjectMeta, Resource, API_VERSION,
 };
@@ -170,6 +171,8 @@ async fn add(
         }
     }
 
+    // Read before anything is allocated or wired: a pod the API does not know fails clean.
+    let pod = crate::kubernetes::pod_facts(conf, workload).await?;
     let ipam_result = delegate::add(env, ipam_type, stdin)?;
     let addresses: Vec<IpNet> = ipam_result
         .ips
@@ -200,6 +203,7 @@ async fn add(
                 conf,
                 env,
                 workload,
+                pod.as_ref().map(|p| &p.info),
                 &veth,
                 &wired.container_mac,
                 &addresses,
@@ -234,25 +238,30 @@ fn plan(env: &Env, conf: &NetConf, veth: &str, addresses: &[IpNet]) -> Plan {
     }
 }
 
+/// The endpoint record; with `pod` (Kubernetes mode), its labels, service account and named
+/// ports as upstream records them (calico-kube-controllers keeps them current after).
 fn endpoint(
     conf: &NetConf,
     env: &Env,
     workload: &Workload,
+    pod: Option<&calico_k8s::PodInfo>,
     veth: &str,
     mac: &str,
     addresses: &[IpNet],
 ) -> Resource {
     let mut labels = conf.workload_labels();
-    labels.insert(
-        "projectcalico.org/namespace".into(),
-        workload.namespace.clone(),
-    );
-    labels.insert(
-        "projectcalico.org/orchestrator".into(),
-        workload.orchestrator.into(),
-    );
+    let account = pod.and_then(|p| p.service_account.as_deref());
+    if let Some(pod) = pod {
+        labels.extend(pod.labels.clone());
+    }
+    labels.extend(k8s::pod_endpoint_labels(
+        &workload.namespace,
+        &BTreeMap::new(),
+        account,
+    ));
+    labels.insert(k8s::ORCHESTRATOR_LABEL.into(), workload.orchestrator.into());
     let profiles = match workload.orchestrator {
-        "k8s" => vec![format!("kns.{}", workload.namespace)],
+        "k8s" => k8s::pod_endpoint_profiles(&workload.namespace, account),
         _ => vec![conf.name.clone()],
     };
     Resource::WorkloadEndpoint(Object {
@@ -283,6 +292,8 @@ fn endpoint(
             profiles,
             interface_name: veth.to_owned(),
             mac: Some(mac.to_owned()),
+            service_account_name: account.unwrap_or_default().to_owned(),
+            ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
             ..Default::default()
         },
         status: None,

@@ -128,7 +128,14 @@ pub async fn run(
                     attrs.insert("containerID".into(), env.container_id.clone());
                 }
             }
-            let wanted = static_ips(env, raw)?;
+            let annotations = crate::kubernetes::pod_facts(conf, &workload)
+                .await?
+                .map(|facts| facts.ipam)
+                .unwrap_or_default();
+            let mut wanted = static_ips(env, raw)?;
+            if wanted.is_empty() {
+                wanted = annotations.ip_addrs.clone();
+            }
             let ips = if wanted.is_empty() {
                 let section = conf.ipam.clone().unwrap_or_default();
                 let request = AssignRequest {
@@ -136,8 +143,12 @@ pub async fn run(
                     attrs,
                     num_v4: usize::from(section.assign_ipv4.is_none_or(|f| f.0)),
                     num_v6: usize::from(section.assign_ipv6.is_some_and(|f| f.0)),
-                    ipv4_pools: section.ipv4_pools.clone(),
-                    ipv6_pools: section.ipv6_pools.clone(),
+                    ipv4_pools: annotations
+                        .ipv4_pools
+                        .unwrap_or_else(|| section.ipv4_pools.clone()),
+                    ipv6_pools: annotations
+                        .ipv6_pools
+                        .unwrap_or_else(|| section.ipv6_pools.clone()),
                 };
                 if request.num_v4 + request.num_v6 == 0 {
                     return Err(CniError::new(

@@ -13,6 +13,7 @@ pub mod wiring;
 mod calico_plugin;
 mod delegate;
 mod ipam_plugin;
+mod kubernetes;
 
 pub use ipam_plugin::valid_attachments;
 

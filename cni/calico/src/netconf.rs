@@ -153,6 +153,16 @@ impl NetConf {
         Ok(config)
     }
 
+    /// `kubernetes.kubeconfig`: set, the plugins read pods from the Kubernetes API.
+    pub fn kubeconfig(&self) -> Option<std::path::PathBuf> {
+        self.kubernetes
+            .as_ref()?
+            .get("kubeconfig")?
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(std::path::PathBuf::from)
+    }
+
     /// This node's name: `nodename`, else /var/lib/calico/nodename, else the hostname.
     pub fn node_name(&self) -> String {
         if let Some(n) = self.nodename.clone().filter(|n| !n.is_empty()) {

@@ -65,7 +65,7 @@ async fn run(args: Args) -> Result<()> {
     let store = Datastore::connect(&etcd)
         .await
         .with_context(|| format!("connecting to etcd at {}", etcd.endpoints_display()))?;
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let client = calico_k8s::client(args.kubeconfig.as_deref()).await?;
     let settings = settings(&store, args.enabled_controllers.as_deref()).await?;
     tracing::info!(?settings, "starting");
     let metrics = Arc::new(Metrics::new(settings.enabled.iter().copied()));
@@ -119,22 +119,6 @@ fn nix_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "calico-kube-controllers".to_owned())
-}
-
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig given and no in-cluster configuration found")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// The stored configuration, or (none stored) the environment's, written back.

@@ -12,7 +12,8 @@ use std::{
 
 use calico_datastore::{keys::prefix_for, Datastore, WatchEvent};
 use calico_ipam::{block, Ipam};
-use calico_model::{k8s, spec::WorkloadEndpointPort, Kind, Protocol, Resource};
+use calico_k8s::PodInfo;
+use calico_model::{k8s, Kind, Resource};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
@@ -28,46 +29,6 @@ const GC: &str = "ipam-gc";
 
 /// (namespace, pod name).
 type PodId = (String, String);
-
-/// What of a pod its endpoints carry.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PodInfo {
-    pub labels: BTreeMap<String, String>,
-    pub service_account: Option<String>,
-    /// The containers' named ports (what rules' named ports resolve to), as upstream's CNI
-    /// plugin records them.
-    pub ports: Vec<WorkloadEndpointPort>,
-}
-
-impl PodInfo {
-    pub fn of(pod: &Pod) -> Self {
-        Self {
-            labels: pod.labels().clone(),
-            service_account: pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .filter(|s| !s.is_empty()),
-            ports: pod
-                .spec
-                .iter()
-                .flat_map(|s| &s.containers)
-                .flat_map(|c| c.ports.iter().flatten())
-                .filter_map(|p| {
-                    Some(WorkloadEndpointPort {
-                        name: p.name.clone().filter(|n| !n.is_empty())?,
-                        protocol: Protocol::Name(
-                            p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
-                        ),
-                        port: i64::from(p.container_port),
-                        host_port: None,
-                        host_ip: None,
-                    })
-                })
-                .collect(),
-        }
-    }
-}
 
 /// The endpoint as it should be for `pod`, or `None` when it already is (labels: the pod's
 /// plus upstream's `projectcalico.org/*`; profiles: the namespace's and service account's).
@@ -424,7 +385,7 @@ async fn collect_leaks(state: &mut State, store: &Datastore, metrics: &Metrics, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use calico_model::{Object, ObjectMeta};
+    use calico_model::{spec::WorkloadEndpointPort, Object, ObjectMeta, Protocol};
 
     fn endpoint(labels: &[(&str, &str)], profiles: &[&str]) -> Resource {
         Resource::WorkloadEndpoint(Object {

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use calico_model::{Kind, Resource};
 use harness::{
-    cni_with_args, require, unique_name, AgentProcess, Etcd, Forward, KubeApiServer,
+    cni_conf, cni_with_conf, require, unique_name, AgentProcess, Etcd, Forward, KubeApiServer,
     KubeControllers, NetNs, Requirement, Store, TcpServer,
 };
 
@@ -26,10 +26,10 @@ fn binary(name: &str) -> PathBuf {
 
 /// etcd, kube-apiserver, a host namespace reaching etcd, and calico-kube-controllers.
 struct Cluster {
-    controllers: KubeControllers,
+    controllers: Option<KubeControllers>,
     api: KubeApiServer,
     store: Store,
-    _forward: Forward,
+    _forwards: [Forward; 2],
     host: NetNs,
     etcd: Etcd,
 }
@@ -45,18 +45,56 @@ impl Cluster {
             "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: '{POOL}', blockSize: 26}}\n---\napiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {{name: default}}\nspec: {controllers_config}\n"
         ))?;
         let host = NetNs::new("kh")?;
-        let forward = Forward::loopback(&host, etcd.port())?;
-        let mut controllers =
-            KubeControllers::start(&binary("calico-kube-controllers"), &api, &etcd)?;
-        controllers.wait_ready(Duration::from_secs(60))?;
+        // The CNI plugin and the agent run in the host namespace: etcd and the API server are
+        // reached through its loopback.
+        let forwards = [
+            Forward::loopback(&host, etcd.port())?,
+            Forward::loopback(&host, api.port())?,
+        ];
+        let controllers = if controllers_config.is_empty() {
+            None
+        } else {
+            let mut c = KubeControllers::start(&binary("calico-kube-controllers"), &api, &etcd)?;
+            c.wait_ready(Duration::from_secs(60))?;
+            Some(c)
+        };
         Ok(Self {
             controllers,
             api,
             store,
-            _forward: forward,
+            _forwards: forwards,
             host,
             etcd,
         })
+    }
+
+    fn controllers_log(&self) -> String {
+        self.controllers
+            .as_ref()
+            .map(KubeControllers::log)
+            .unwrap_or_default()
+    }
+
+    /// The CNI ADD kubelet runs for pod `namespace/name` (Kubernetes mode: the plugins read
+    /// the pod from the API through `kubernetes.kubeconfig`), in namespace `ns`.
+    fn cni_add(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        ns: &NetNs,
+    ) -> Result<serde_json::Value> {
+        let mut conf = cni_conf(&self.etcd.endpoint(), node);
+        conf["kubernetes"] = serde_json::json!({ "kubeconfig": self.api.kubeconfig() });
+        cni_with_conf(
+            binary("calico").parent().context("binary directory")?,
+            &self.host,
+            &conf,
+            "ADD",
+            &unique_name("ctr"),
+            ns,
+            &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+        )
     }
 
     /// Creates pod `namespace/name` on `node` in the API (named ports serve-80 and serve-81),
@@ -66,22 +104,8 @@ impl Cluster {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: '{namespace}', labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: busybox\n    ports: [{{name: serve-80, containerPort: 80}}, {{name: serve-81, containerPort: 81}}]\n"
         ))?;
         let ns = NetNs::new("kp")?;
-        let container = unique_name("ctr");
-        let result = cni_with_args(
-            binary("calico").parent().context("binary directory")?,
-            &self.host,
-            &self.etcd.endpoint(),
-            node,
-            "ADD",
-            &container,
-            &ns,
-            &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
-        )?;
-        let address: Ipv4Addr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no IPv4 address in the CNI result {result}"))?;
+        let result = self.cni_add(namespace, name, node, &ns)?;
+        let address = first_address(&result)?;
         let servers = vec![ns.tcp_server(80)?, ns.tcp_server(81)?];
         Ok(Pod {
             namespace: namespace.to_owned(),
@@ -103,6 +127,14 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         ))
     }
+}
+
+fn first_address(result: &serde_json::Value) -> Result<Ipv4Addr> {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no IPv4 address in the CNI result {result}"))
 }
 
 struct Pod {
@@ -277,7 +309,7 @@ fn kubernetes_network_policies_through_kube_controllers_match_kubernetes_semanti
         if Instant::now() > deadline {
             bail!(
                 "{labelled} of 9 endpoints carry their pod's labels and ports; controllers log:\n{}",
-                cluster.controllers.log()
+                cluster.controllers_log()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -580,7 +612,7 @@ fn deleted_nodes_and_pods_give_their_addresses_back() -> Result<()> {
         Duration::from_secs(30),
         || Ok(!pod_allocated("orphan")? && !endpoint_of("orphan")?),
     )
-    .with_context(|| cluster.controllers.log())?;
+    .with_context(|| cluster.controllers_log())?;
     let waited = deleted_at.elapsed();
     assert!(
         waited >= Duration::from_secs(2),
@@ -611,7 +643,7 @@ fn deleted_nodes_and_pods_give_their_addresses_back() -> Result<()> {
                 && affinities_of(&n2)? == 0)
         },
     )
-    .with_context(|| cluster.controllers.log())?;
+    .with_context(|| cluster.controllers_log())?;
     assert!(affinities_of(&n1)? > 0, "the live node lost its affinity");
     assert!(
         pod_allocated("kept")? && endpoint_of("kept")?,
@@ -624,5 +656,93 @@ fn deleted_nodes_and_pods_give_their_addresses_back() -> Result<()> {
         "only the live pod's address is left:\n{report}"
     );
     drop(kept);
+    Ok(())
+}
+
+#[test]
+fn the_cni_plugin_in_kubernetes_mode_reads_the_pod_and_its_annotations() -> Result<()> {
+    if !require(
+        "the_cni_plugin_in_kubernetes_mode_reads_the_pod_and_its_annotations",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Etcd,
+            Requirement::Kubernetes,
+        ],
+    ) {
+        return Ok(());
+    }
+    let _load = harness::beside_others();
+    // No calico-kube-controllers: whatever the endpoint carries, the CNI plugin wrote.
+    let cluster = Cluster::start("")?;
+    cluster.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: pool2}\nspec: {cidr: '10.72.0.0/16', blockSize: 26}\n",
+    )?;
+    let node = unique_name("kn");
+    cluster.api.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: blue\n  annotations: {cni.projectcalico.org/ipv4pools: '[\"pool2\"]'}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  labels: {app: web, tier: front}\n  annotations: {cni.projectcalico.org/ipAddrs: '[\"10.71.9.9\"]'}\nspec:\n  serviceAccountName: api\n  containers: [{name: c, image: busybox, ports: [{name: http, containerPort: 8080}]}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b1, namespace: blue}\nspec: {containers: [{name: c, image: busybox}]}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: b2\n  namespace: blue\n  annotations: {cni.projectcalico.org/ipv4pools: '[\"pool1\"]'}\nspec: {containers: [{name: c, image: busybox}]}\n",
+    )?;
+    let web_ns = NetNs::new("kp")?;
+    let web = first_address(&cluster.cni_add("shop", "web", &node, &web_ns)?)?;
+    assert_eq!(web, Ipv4Addr::new(10, 71, 9, 9), "the ipAddrs annotation");
+    let endpoint = cluster
+        .store
+        .list(Kind::WorkloadEndpoint)?
+        .into_iter()
+        .find(|e| matches!(e, Resource::WorkloadEndpoint(w) if w.spec.pod == "web"))
+        .context("web's endpoint")?;
+    let Resource::WorkloadEndpoint(w) = endpoint else {
+        unreachable!()
+    };
+    assert_eq!(
+        w.metadata.labels.get("app").map(String::as_str),
+        Some("web")
+    );
+    assert_eq!(
+        w.metadata.labels.get("tier").map(String::as_str),
+        Some("front")
+    );
+    assert_eq!(
+        w.metadata
+            .labels
+            .get("projectcalico.org/serviceaccount")
+            .map(String::as_str),
+        Some("api")
+    );
+    assert_eq!(w.spec.profiles, vec!["kns.shop", "ksa.shop.api"]);
+    assert_eq!(w.spec.ports.len(), 1);
+    assert_eq!(
+        (w.spec.ports[0].name.as_str(), w.spec.ports[0].port),
+        ("http", 8080)
+    );
+
+    // The namespace's pool annotation, and a pod's own winning over it.
+    let b1_ns = NetNs::new("kp")?;
+    let b1 = first_address(&cluster.cni_add("blue", "b1", &node, &b1_ns)?)?;
+    assert!(
+        b1.octets()[..2] == [10, 72],
+        "b1 from the namespace's pool2, got {b1}"
+    );
+    let b2_ns = NetNs::new("kp")?;
+    let b2 = first_address(&cluster.cni_add("blue", "b2", &node, &b2_ns)?)?;
+    assert!(
+        b2.octets()[..2] == [10, 71],
+        "b2 from its own pool1, got {b2}"
+    );
+
+    // A pod the API does not have: the ADD fails naming it, and nothing is allocated.
+    let before = allocations(&cluster.store)?.len();
+    let ghost_ns = NetNs::new("kp")?;
+    let err = cluster
+        .cni_add("shop", "ghost", &node, &ghost_ns)
+        .expect_err("an ADD for a pod the API does not have");
+    assert!(err.to_string().contains("pod shop/ghost"), "{err:#}");
+    assert_eq!(
+        allocations(&cluster.store)?.len(),
+        before,
+        "the failed ADD allocated"
+    );
+    let (clean, report) = cluster.ipam_check()?;
+    assert!(clean, "{report}");
     Ok(())
 }
