@@ -195,6 +195,16 @@ pub struct KubeControllers {
 impl KubeControllers {
     /// Starts `binary` against `api` and `etcd`, serving health on a free loopback port.
     pub fn start(binary: &Path, api: &KubeApiServer, etcd: &Etcd) -> Result<Self> {
+        Self::start_with(binary, api, etcd, &[])
+    }
+
+    /// [`KubeControllers::start`] with extra environment variables.
+    pub fn start_with(
+        binary: &Path,
+        api: &KubeApiServer,
+        etcd: &Etcd,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = tempfile::NamedTempFile::new()?;
         let (health_port, _) = free_port_pair()?;
         let child = Command::new(binary)
@@ -202,6 +212,7 @@ impl KubeControllers {
             .env("ETCD_ENDPOINTS", etcd.endpoint())
             .env("HEALTH_PORT", health_port.to_string())
             .env("RUST_LOG", "info,calico_kube_controllers=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.reopen()?)
             .stderr(log.reopen()?)
@@ -224,6 +235,11 @@ impl KubeControllers {
             std::net::SocketAddr::from(([127, 0, 0, 1], self.health_port)),
             path,
         )
+    }
+
+    /// Whether /readiness answers 200 now.
+    pub fn is_ready(&self) -> bool {
+        self.get("/readiness").is_ok_and(|(code, _)| code == 200)
     }
 
     /// Waits until /readiness answers 200 (leading, every controller synced).

@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, env = "LEASE_NAME", default_value = "calico-kube-controllers")]
     lease_name: String,
     /// Seconds a holder that stopped renewing keeps the lease.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, env = "LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -84,7 +84,8 @@ async fn run(args: Args) -> Result<()> {
             name: args.lease_name,
             identity,
             duration: Duration::from_secs(args.lease_duration),
-            retry: Duration::from_secs(2),
+            // Renew well inside the duration, as client-go's defaults (15 s / 2 s) do.
+            retry: (Duration::from_secs(args.lease_duration) / 4).min(Duration::from_secs(2)),
         },
     );
     elector.acquire().await;

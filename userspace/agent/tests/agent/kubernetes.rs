@@ -36,14 +36,20 @@ struct Cluster {
 
 impl Cluster {
     /// With `controllers_config` (the `spec` of KubeControllersConfiguration `default`, YAML
-    /// flow form) stored before calico-kube-controllers starts.
+    /// flow form) stored before calico-kube-controllers starts; empty: neither is (the test
+    /// starts its own, or none).
     fn start(controllers_config: &str) -> Result<Self> {
         let etcd = Etcd::start()?;
         let api = KubeApiServer::start(&etcd)?;
         let store = Store::connect(&etcd)?;
         store.apply(&format!(
-            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: '{POOL}', blockSize: 26}}\n---\napiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {{name: default}}\nspec: {controllers_config}\n"
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: '{POOL}', blockSize: 26}}\n"
         ))?;
+        if !controllers_config.is_empty() {
+            store.apply(&format!(
+                "apiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {{name: default}}\nspec: {controllers_config}\n"
+            ))?;
+        }
         let host = NetNs::new("kh")?;
         // The CNI plugin and the agent run in the host namespace: etcd and the API server are
         // reached through its loopback.
@@ -744,5 +750,74 @@ fn the_cni_plugin_in_kubernetes_mode_reads_the_pod_and_its_annotations() -> Resu
     );
     let (clean, report) = cluster.ipam_check()?;
     assert!(clean, "{report}");
+    Ok(())
+}
+
+#[test]
+fn kube_controllers_resync_at_start_and_hand_over_the_lease() -> Result<()> {
+    if !require(
+        "kube_controllers_resync_at_start_and_hand_over_the_lease",
+        &[Requirement::Etcd, Requirement::Kubernetes],
+    ) {
+        return Ok(());
+    }
+    let _load = harness::beside_others();
+    let cluster = Cluster::start("")?;
+    let policy = |name: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress]}}\n")
+    };
+    cluster
+        .api
+        .apply(&format!("{}---\n{}", policy("kept"), policy("gone")))?;
+    let lease = [
+        ("LEASE_DURATION", "3"),
+        ("ENABLED_CONTROLLERS", "policy,serviceaccount"),
+    ];
+    let bin = binary("calico-kube-controllers");
+    let mut first = KubeControllers::start_with(&bin, &cluster.api, &cluster.etcd, &lease)?;
+    first.wait_ready(Duration::from_secs(30))?;
+    let policies = || -> Result<Vec<String>> {
+        let mut names: Vec<String> = cluster
+            .store
+            .list(Kind::NetworkPolicy)?
+            .iter()
+            .map(|p| p.name().to_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    assert_eq!(policies()?, ["knp.default.gone", "knp.default.kept"]);
+
+    // A second instance follows: it does not act while the first holds the lease.
+    let mut second = KubeControllers::start_with(&bin, &cluster.api, &cluster.etcd, &lease)?;
+    wait_for(
+        "the second instance to ask for the lease",
+        Duration::from_secs(20),
+        || Ok(second.log().contains("starting")),
+    )?;
+    std::thread::sleep(Duration::from_secs(1)); // (a follower has nothing to signal; give it time to misbehave)
+    assert!(
+        !second.is_ready(),
+        "a second instance became ready while the first leads"
+    );
+
+    // The first dies; while nobody acts, the API loses a policy and etcd gains a stray one
+    // the controllers own by name, and one they do not.
+    first.kill9()?;
+    cluster
+        .api
+        .kubectl(&["delete", "networkpolicy", "-n", "default", "gone"])?;
+    cluster.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: knp.default.stray, namespace: default}\nspec: {selector: all()}\n---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: mine, namespace: default}\nspec: {selector: all()}\n",
+    )?;
+    // The second takes over once the lease runs out, and its resync removes what the API no
+    // longer has; the user's own policy stays.
+    second.wait_ready(Duration::from_secs(30))?;
+    wait_for(
+        "the resync to remove the stale policies",
+        Duration::from_secs(20),
+        || Ok(policies()? == ["knp.default.kept", "mine"]),
+    )
+    .with_context(|| format!("policies: {:?}\nlog:\n{}", policies(), second.log()))?;
     Ok(())
 }
