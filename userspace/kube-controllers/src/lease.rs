@@ -74,7 +74,9 @@ impl Elector {
                     tracing::info!(lease = %self.settings.name, identity = %self.settings.identity, "leading");
                     return;
                 }
-                Ok(false) => {}
+                Ok(false) => {
+                    tracing::debug!(lease = %self.settings.name, "held by another instance; following")
+                }
                 Err(e) => {
                     tracing::warn!(lease = %self.settings.name, error = %e, "lease not reachable; retrying")
                 }
