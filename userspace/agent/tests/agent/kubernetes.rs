@@ -791,11 +791,10 @@ fn kube_controllers_resync_at_start_and_hand_over_the_lease() -> Result<()> {
     // A second instance follows: it does not act while the first holds the lease.
     let mut second = KubeControllers::start_with(&bin, &cluster.api, &cluster.etcd, &lease)?;
     wait_for(
-        "the second instance to ask for the lease",
+        "the second instance to find the lease held",
         Duration::from_secs(20),
-        || Ok(second.log().contains("starting")),
+        || Ok(second.log().contains("held by another instance; following")),
     )?;
-    std::thread::sleep(Duration::from_secs(1)); // (a follower has nothing to signal; give it time to misbehave)
     assert!(
         !second.is_ready(),
         "a second instance became ready while the first leads"
