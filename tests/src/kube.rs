@@ -6,6 +6,7 @@
 use std::{
     fs,
     io::Write,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,8 +16,9 @@ use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
 use crate::{
+    cni_conf, cni_with_conf,
     etcd::{free_port_pair, log_tail, make_certificates},
-    Etcd,
+    unique_name, Etcd, Forward, NetNs, Store, TcpServer,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -281,4 +283,146 @@ impl Drop for KubeControllers {
     fn drop(&mut self) {
         let _ = self.kill9();
     }
+}
+
+/// The IPv4 pool of the test cluster.
+pub const KUBE_POOL: &str = "10.71.0.0/16";
+
+/// etcd, kube-apiserver, a host namespace reaching both, and (optionally)
+/// calico-kube-controllers: a Kubernetes cluster of one node, but for kubelet.
+pub struct KubeCluster {
+    /// Where the project's binaries are (calico, calicoctl, calico-kube-controllers, ...).
+    pub bin: PathBuf,
+    pub controllers: Option<KubeControllers>,
+    pub api: KubeApiServer,
+    pub store: Store,
+    _forwards: [Forward; 2],
+    pub host: NetNs,
+    pub etcd: Etcd,
+}
+
+impl KubeCluster {
+    /// With `controllers_config` (the `spec` of KubeControllersConfiguration `default`, YAML
+    /// flow form) stored before calico-kube-controllers starts; empty: neither is (the test
+    /// starts its own, or none).
+    pub fn start(bin: &Path, controllers_config: &str) -> Result<Self> {
+        let etcd = Etcd::start()?;
+        let api = KubeApiServer::start(&etcd)?;
+        let store = Store::connect(&etcd)?;
+        store.apply(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: '{KUBE_POOL}', blockSize: 26}}\n"
+        ))?;
+        if !controllers_config.is_empty() {
+            store.apply(&format!(
+                "apiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {{name: default}}\nspec: {controllers_config}\n"
+            ))?;
+        }
+        let host = NetNs::new("kh")?;
+        // The CNI plugin and the agent run in the host namespace: etcd and the API server are
+        // reached through its loopback.
+        let forwards = [
+            Forward::loopback(&host, etcd.port())?,
+            Forward::loopback(&host, api.port())?,
+        ];
+        let controllers = if controllers_config.is_empty() {
+            None
+        } else {
+            let mut c = KubeControllers::start(&bin.join("calico-kube-controllers"), &api, &etcd)?;
+            c.wait_ready(Duration::from_secs(60))?;
+            Some(c)
+        };
+        Ok(Self {
+            bin: bin.to_owned(),
+            controllers,
+            api,
+            store,
+            _forwards: forwards,
+            host,
+            etcd,
+        })
+    }
+
+    pub fn controllers_log(&self) -> String {
+        self.controllers
+            .as_ref()
+            .map(KubeControllers::log)
+            .unwrap_or_default()
+    }
+
+    /// The CNI ADD kubelet runs for pod `namespace/name` (Kubernetes mode: the plugins read
+    /// the pod from the API through `kubernetes.kubeconfig`), in namespace `ns`.
+    pub fn cni_add(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        ns: &NetNs,
+    ) -> Result<serde_json::Value> {
+        let mut conf = cni_conf(&self.etcd.endpoint(), node);
+        conf["kubernetes"] = serde_json::json!({ "kubeconfig": self.api.kubeconfig() });
+        cni_with_conf(
+            &self.bin,
+            &self.host,
+            &conf,
+            "ADD",
+            &unique_name("ctr"),
+            ns,
+            &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+        )
+    }
+
+    /// Creates pod `namespace/name` on `node` in the API (label `pod: <name>`, named ports
+    /// serve-80 and serve-81), then wires it with [`KubeCluster::wire_pod`].
+    pub fn add_pod(&self, namespace: &str, name: &str, node: &str) -> Result<KubePod> {
+        self.api.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: '{namespace}', labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: busybox\n    ports: [{{name: serve-80, containerPort: 80}}, {{name: serve-81, containerPort: 81}}]\n"
+        ))?;
+        self.wire_pod(namespace, name, node)
+    }
+
+    /// Runs the CNI ADD kubelet would for a pod already in the API, in a network namespace of
+    /// its own, and serves TCP 80 and 81 there.
+    pub fn wire_pod(&self, namespace: &str, name: &str, node: &str) -> Result<KubePod> {
+        let ns = NetNs::new("kp")?;
+        let result = self.cni_add(namespace, name, node, &ns)?;
+        let address = first_address(&result)?;
+        let servers = vec![ns.tcp_server(80)?, ns.tcp_server(81)?];
+        Ok(KubePod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            address,
+            ns,
+            _servers: servers,
+        })
+    }
+
+    /// `calicoctl ipam check` (exit status, output).
+    pub fn ipam_check(&self) -> Result<(bool, String)> {
+        let out = Command::new(self.bin.join("calicoctl"))
+            .args(["ipam", "check"])
+            .env("ETCD_ENDPOINTS", self.etcd.endpoint())
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+}
+
+/// The first IPv4 address of a CNI result.
+pub fn first_address(result: &serde_json::Value) -> Result<Ipv4Addr> {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no IPv4 address in the CNI result {result}"))
+}
+
+/// A pod wired by the CNI plugin, serving TCP 80 and 81.
+pub struct KubePod {
+    pub namespace: String,
+    pub name: String,
+    pub address: Ipv4Addr,
+    _servers: Vec<TcpServer>,
+    pub ns: NetNs,
 }

@@ -18,7 +18,10 @@ pub use cni::{cni, cni_conf, cni_plugin_dir, cni_with_args, cni_with_conf};
 pub use etcd::{Etcd, TlsFiles};
 pub use forward::Forward;
 pub use image::busybox_rootfs_tar;
-pub use kube::{kubernetes_bin_dir, KubeApiServer, KubeControllers};
+pub use kube::{
+    first_address, kubernetes_bin_dir, KubeApiServer, KubeCluster, KubeControllers, KubePod,
+    KUBE_POOL,
+};
 pub use netns::{unique_name, NetNs, TcpServer, Veth};
 pub use requirements::{require, Requirement};
 pub use store::Store;

@@ -29,8 +29,12 @@ enum Task {
     /// Set-up, build-ebpf, fmt check, clippy -D warnings, and every test.
     Test,
     /// Set-up, build, and run the demo: etcd, the eBPF filter on workloads in network
-    /// namespaces, reachability before and after.
-    Demo,
+    /// namespaces, reachability before and after. `demo k8s`: the Kubernetes act (a real
+    /// kube-apiserver, calico-kube-controllers, NetworkPolicies applied with kubectl).
+    Demo {
+        /// `k8s` for the Kubernetes act; nothing for the main one.
+        act: Option<String>,
+    },
     /// Benchmarks (release builds), each printing a table against a baseline measured in the
     /// same run: `cni` (ADD latency vs the reference ptp plugin), `dataplane` (throughput,
     /// packet rate and connection rate vs the plain path and iptables), `agent` (update
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
             println!("eBPF object: {}", object.display());
         }),
         Task::Test => test(&root),
-        Task::Demo => demo(&root),
+        Task::Demo { act } => demo(&root, act.as_deref()),
         Task::Bench { which } => bench(&root, &which),
         Task::Fuzz { seconds, targets } => {
             setup::run()?;
@@ -121,7 +125,14 @@ fn test(root: &Path) -> Result<()> {
     tally.ensure_green()
 }
 
-fn demo(root: &Path) -> Result<()> {
+fn demo(root: &Path, act: Option<&str>) -> Result<()> {
+    let binary = match act {
+        None => "calico-demo",
+        Some("k8s") => "calico-demo-k8s",
+        Some(other) => {
+            anyhow::bail!("no demo act `{other}`: try `cargo xtask demo` or `cargo xtask demo k8s`")
+        }
+    };
     setup::run()?;
     tools::check(root)?;
     build_ebpf::run(root)?;
@@ -136,17 +147,12 @@ fn demo(root: &Path) -> Result<()> {
             "calico-cni",
             "-p",
             "calicoctl",
+            "-p",
+            "calico-kube-controllers",
         ])
         .run()?;
     cargo(root)
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "calico-tests",
-            "--bin",
-            "calico-demo",
-        ])
+        .args(["run", "--quiet", "-p", "calico-tests", "--bin", binary])
         .run()
 }
 

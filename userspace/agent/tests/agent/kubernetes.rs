@@ -14,141 +14,22 @@ use std::{
 use anyhow::{bail, Context, Result};
 use calico_model::{Kind, Resource};
 use harness::{
-    cni_conf, cni_with_conf, require, unique_name, AgentProcess, Etcd, Forward, KubeApiServer,
-    KubeControllers, NetNs, Requirement, Store, TcpServer,
+    first_address, require, unique_name, AgentProcess, KubeCluster as Cluster, KubeControllers,
+    KubePod as Pod, NetNs, Requirement, Store,
 };
 
-const POOL: &str = "10.71.0.0/16";
+const POOL: &str = harness::KUBE_POOL;
 
 fn binary(name: &str) -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_calico-node")).with_file_name(name)
 }
 
-/// etcd, kube-apiserver, a host namespace reaching etcd, and calico-kube-controllers.
-struct Cluster {
-    controllers: Option<KubeControllers>,
-    api: KubeApiServer,
-    store: Store,
-    _forwards: [Forward; 2],
-    host: NetNs,
-    etcd: Etcd,
-}
-
-impl Cluster {
-    /// With `controllers_config` (the `spec` of KubeControllersConfiguration `default`, YAML
-    /// flow form) stored before calico-kube-controllers starts; empty: neither is (the test
-    /// starts its own, or none).
-    fn start(controllers_config: &str) -> Result<Self> {
-        let etcd = Etcd::start()?;
-        let api = KubeApiServer::start(&etcd)?;
-        let store = Store::connect(&etcd)?;
-        store.apply(&format!(
-            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: '{POOL}', blockSize: 26}}\n"
-        ))?;
-        if !controllers_config.is_empty() {
-            store.apply(&format!(
-                "apiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {{name: default}}\nspec: {controllers_config}\n"
-            ))?;
-        }
-        let host = NetNs::new("kh")?;
-        // The CNI plugin and the agent run in the host namespace: etcd and the API server are
-        // reached through its loopback.
-        let forwards = [
-            Forward::loopback(&host, etcd.port())?,
-            Forward::loopback(&host, api.port())?,
-        ];
-        let controllers = if controllers_config.is_empty() {
-            None
-        } else {
-            let mut c = KubeControllers::start(&binary("calico-kube-controllers"), &api, &etcd)?;
-            c.wait_ready(Duration::from_secs(60))?;
-            Some(c)
-        };
-        Ok(Self {
-            controllers,
-            api,
-            store,
-            _forwards: forwards,
-            host,
-            etcd,
-        })
-    }
-
-    fn controllers_log(&self) -> String {
-        self.controllers
-            .as_ref()
-            .map(KubeControllers::log)
-            .unwrap_or_default()
-    }
-
-    /// The CNI ADD kubelet runs for pod `namespace/name` (Kubernetes mode: the plugins read
-    /// the pod from the API through `kubernetes.kubeconfig`), in namespace `ns`.
-    fn cni_add(
-        &self,
-        namespace: &str,
-        name: &str,
-        node: &str,
-        ns: &NetNs,
-    ) -> Result<serde_json::Value> {
-        let mut conf = cni_conf(&self.etcd.endpoint(), node);
-        conf["kubernetes"] = serde_json::json!({ "kubeconfig": self.api.kubeconfig() });
-        cni_with_conf(
-            binary("calico").parent().context("binary directory")?,
-            &self.host,
-            &conf,
-            "ADD",
-            &unique_name("ctr"),
-            ns,
-            &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
-        )
-    }
-
-    /// Creates pod `namespace/name` on `node` in the API (named ports serve-80 and serve-81),
-    /// then runs the CNI ADD kubelet would, in a namespace of its own.
-    fn add_pod(&self, namespace: &str, name: &str, node: &str) -> Result<Pod> {
-        self.api.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: '{namespace}', labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: busybox\n    ports: [{{name: serve-80, containerPort: 80}}, {{name: serve-81, containerPort: 81}}]\n"
-        ))?;
-        let ns = NetNs::new("kp")?;
-        let result = self.cni_add(namespace, name, node, &ns)?;
-        let address = first_address(&result)?;
-        let servers = vec![ns.tcp_server(80)?, ns.tcp_server(81)?];
-        Ok(Pod {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            address,
-            ns,
-            _servers: servers,
-        })
-    }
-
-    /// `calicoctl ipam check` (exit status, output).
-    fn ipam_check(&self) -> Result<(bool, String)> {
-        let out = std::process::Command::new(binary("calicoctl"))
-            .args(["ipam", "check"])
-            .env("ETCD_ENDPOINTS", self.etcd.endpoint())
-            .output()?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        ))
-    }
-}
-
-fn first_address(result: &serde_json::Value) -> Result<Ipv4Addr> {
-    result["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no IPv4 address in the CNI result {result}"))
-}
-
-struct Pod {
-    namespace: String,
-    name: String,
-    address: Ipv4Addr,
-    _servers: Vec<TcpServer>,
-    ns: NetNs,
+/// The test cluster, with the binaries cargo built for this test.
+fn cluster(controllers_config: &str) -> Result<Cluster> {
+    Cluster::start(
+        binary("calico").parent().context("binary directory")?,
+        controllers_config,
+    )
 }
 
 const PORTS: [u16; 2] = [80, 81];
@@ -268,7 +149,7 @@ fn kubernetes_network_policies_through_kube_controllers_match_kubernetes_semanti
         return Ok(());
     }
     let _load = harness::beside_others();
-    let cluster = Cluster::start(
+    let cluster = cluster(
         "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}",
     )?;
     let node = unique_name("kn");
@@ -571,7 +452,7 @@ fn deleted_nodes_and_pods_give_their_addresses_back() -> Result<()> {
         return Ok(());
     }
     let _load = harness::beside_others();
-    let cluster = Cluster::start(
+    let cluster = cluster(
         "{controllers: {node: {reconcilerPeriod: 500ms, leakGracePeriod: 2s}, workloadEndpoint: {}, namespace: {}}}",
     )?;
     let (n1, n2) = (unique_name("kn"), unique_name("kn"));
@@ -680,7 +561,7 @@ fn the_cni_plugin_in_kubernetes_mode_reads_the_pod_and_its_annotations() -> Resu
     }
     let _load = harness::beside_others();
     // No calico-kube-controllers: whatever the endpoint carries, the CNI plugin wrote.
-    let cluster = Cluster::start("")?;
+    let cluster = cluster("")?;
     cluster.store.apply(
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: pool2}\nspec: {cidr: '10.72.0.0/16', blockSize: 26}\n",
     )?;
@@ -762,7 +643,7 @@ fn kube_controllers_resync_at_start_and_hand_over_the_lease() -> Result<()> {
         return Ok(());
     }
     let _load = harness::beside_others();
-    let cluster = Cluster::start("")?;
+    let cluster = cluster("")?;
     let policy = |name: &str| {
         format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress]}}\n")
     };
