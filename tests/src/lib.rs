@@ -10,6 +10,7 @@ pub mod http;
 mod image;
 mod kube;
 mod netns;
+mod reach;
 mod requirements;
 mod store;
 
@@ -23,6 +24,7 @@ pub use kube::{
     KUBE_POOL,
 };
 pub use netns::{unique_name, NetNs, TcpServer, Veth};
+pub use reach::{print_reach_matrix, reach_matrix, wait_reach_matrix};
 pub use requirements::{require, Requirement};
 pub use store::Store;
 

@@ -217,68 +217,25 @@ fn cni_add(
     })
 }
 
-fn matrix(ws: &[Workload]) -> Result<Vec<Vec<bool>>> {
-    ws.iter()
-        .map(|from| {
-            ws.iter()
-                .map(|to| {
-                    if std::ptr::eq(from, to) {
-                        Ok(true)
-                    } else {
-                        from.ns.ping(to.address)
-                    }
-                })
-                .collect()
-        })
-        .collect()
+fn names(ws: &[Workload]) -> Vec<String> {
+    ws.iter().map(|w| w.role.to_owned()).collect()
 }
 
-/// Measures until the matrix is what `expected` says (programming takes a moment).
+/// Measures (ping) until the matrix is what `expected` says (programming takes a moment).
 fn wait_matrix(
     ws: &[Workload],
     expected: impl Fn(&Workload, &Workload) -> bool,
 ) -> Result<Vec<Vec<bool>>> {
-    let want: Vec<Vec<bool>> = ws
-        .iter()
-        .map(|f| {
-            ws.iter()
-                .map(|t| std::ptr::eq(f, t) || expected(f, t))
-                .collect()
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = matrix(ws)?;
-        if got == want {
-            return Ok(got);
-        }
-        if Instant::now() > deadline {
-            print_matrix(ws, &got);
-            bail!("reachability is not what the policy says (expected {want:?})");
-        }
-    }
+    harness::wait_reach_matrix(
+        &names(ws),
+        |f, t| ws[f].ns.ping(ws[t].address),
+        |f, t| expected(&ws[f], &ws[t]),
+        Duration::from_secs(20),
+    )
 }
 
 fn print_matrix(ws: &[Workload], m: &[Vec<bool>]) {
-    print!("{:>10}", "");
-    for w in ws {
-        print!("{:>10}", w.role);
-    }
-    println!();
-    for (i, w) in ws.iter().enumerate() {
-        print!("{:>10}", w.role);
-        for (j, ok) in m[i].iter().enumerate() {
-            let cell = if i == j {
-                "-"
-            } else if *ok {
-                "allowed"
-            } else {
-                "DENIED"
-            };
-            print!("{cell:>10}");
-        }
-        println!();
-    }
+    harness::print_reach_matrix(&names(ws), m);
 }
 
 fn banner(what: &str) {

@@ -173,74 +173,33 @@ fn calicoctl(cluster: &KubeCluster, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn matrix(pods: &[KubePod]) -> Result<Vec<Vec<bool>>> {
+fn names(pods: &[KubePod]) -> Vec<String> {
     pods.iter()
-        .map(|from| {
-            pods.iter()
-                .map(|to| {
-                    if std::ptr::eq(from, to) {
-                        Ok(true)
-                    } else {
-                        from.ns
-                            .tcp_connects(to.address.into(), 80, Duration::from_millis(400))
-                    }
-                })
-                .collect()
-        })
+        .map(|p| format!("{}/{}", p.namespace, p.name))
         .collect()
 }
 
-/// Measures until the matrix is what `expected` says (programming takes a moment).
+/// Measures (TCP 80) until the matrix is what `expected` says (programming takes a moment).
 fn wait_matrix(
     pods: &[KubePod],
     agent: &AgentProcess,
     expected: impl Fn(&KubePod, &KubePod) -> bool,
 ) -> Result<Vec<Vec<bool>>> {
-    let want: Vec<Vec<bool>> = pods
-        .iter()
-        .map(|f| {
-            pods.iter()
-                .map(|t| std::ptr::eq(f, t) || expected(f, t))
-                .collect()
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = matrix(pods)?;
-        if got == want {
-            return Ok(got);
-        }
-        if Instant::now() > deadline {
-            show(&got, pods);
-            bail!(
-                "reachability is not what Kubernetes says (expected {want:?}); agent log:\n{}",
-                agent.log()
-            );
-        }
-    }
+    harness::wait_reach_matrix(
+        &names(pods),
+        |f, t| {
+            pods[f]
+                .ns
+                .tcp_connects(pods[t].address.into(), 80, Duration::from_millis(400))
+        },
+        |f, t| expected(&pods[f], &pods[t]),
+        Duration::from_secs(20),
+    )
+    .with_context(|| format!("agent log:\n{}", agent.log()))
 }
 
 fn show(m: &[Vec<bool>], pods: &[KubePod]) {
-    let name = |p: &KubePod| format!("{}/{}", p.namespace, p.name);
-    print!("{:>12}", "");
-    for p in pods {
-        print!("{:>12}", name(p));
-    }
-    println!();
-    for (i, p) in pods.iter().enumerate() {
-        print!("{:>12}", name(p));
-        for (j, ok) in m[i].iter().enumerate() {
-            let cell = if i == j {
-                "-"
-            } else if *ok {
-                "allowed"
-            } else {
-                "DENIED"
-            };
-            print!("{cell:>12}");
-        }
-        println!();
-    }
+    harness::print_reach_matrix(&names(pods), m);
 }
 
 fn banner(what: &str) {
