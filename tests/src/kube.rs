@@ -207,6 +207,12 @@ impl KubeControllers {
         etcd: &Etcd,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        if !binary.exists() {
+            bail!(
+                "{} is not built: `cargo xtask test` builds every binary first (or run `cargo build --workspace --bins`)",
+                binary.display()
+            );
+        }
         let log = tempfile::NamedTempFile::new()?;
         let (health_port, _) = free_port_pair()?;
         let child = Command::new(binary)

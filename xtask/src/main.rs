@@ -100,6 +100,10 @@ fn test(root: &Path) -> Result<()> {
     // A short run: the targets build on a fresh machine and nothing in the corpus, or near
     // it, panics. `cargo xtask fuzz` runs longer.
     fuzz::run(root, 10, &[])?;
+    step("cargo build --workspace --bins");
+    // `cargo test` builds a package's binary only for that package's own integration tests;
+    // the end-to-end tests also run other packages' (calico-kube-controllers, the CNI plugin).
+    cargo(root).args(["build", "--workspace", "--bins"]).run()?;
     step("cargo test --workspace");
     // --show-output prints what passing tests printed, so the log shows that the privileged
     // tests ran (and any SKIPPED line outside CI).

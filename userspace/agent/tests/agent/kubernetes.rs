@@ -285,9 +285,28 @@ fn kubernetes_network_policies_through_kube_controllers_match_kubernetes_semanti
     wait_matrix("namespace z labelled back", &pods, &agent, from_y_to_xa_80)?;
 
     // Relabelling a pod: x/b becomes `pod: a`, so the policy selects it too.
+    let ya_pod = pods.iter().find(|p| is(p, "y", "a")).expect("y/a");
+    let xb = pods.iter().find(|p| is(p, "x", "b")).expect("x/b").address;
+    assert!(
+        !ya_pod.ns.tcp_connects(xb.into(), 80, PROBE_TIMEOUT)?,
+        "y/a → x/b:80 before the relabel"
+    );
+    let relabelled = Instant::now();
     cluster
         .api
         .kubectl(&["label", "pod", "-n", "x", "b", "pod=a", "--overwrite"])?;
+    while !ya_pod
+        .ns
+        .tcp_connects(xb.into(), 80, Duration::from_millis(100))?
+    {
+        if relabelled.elapsed() > Duration::from_secs(30) {
+            bail!("y/a never reached x/b:80 after x/b was labelled pod=a");
+        }
+    }
+    println!(
+        "pod relabel → first allowed connection after {:?}",
+        relabelled.elapsed()
+    );
     wait_matrix("pod x/b relabelled pod=a", &pods, &agent, |f, t, p| {
         !in_ns(t, "x") || ((is(t, "x", "a") || is(t, "x", "b")) && in_ns(f, "y") && p == 80)
     })?;
