@@ -9,6 +9,7 @@ mod forward;
 pub mod http;
 mod image;
 mod kube;
+mod kubelet;
 mod netns;
 mod reach;
 mod requirements;
@@ -23,6 +24,7 @@ pub use kube::{
     first_address, kubernetes_bin_dir, KubeApiServer, KubeCluster, KubeControllers, KubePod,
     KUBE_POOL,
 };
+pub use kubelet::{Kubelet, KUBELET_IMAGE};
 pub use netns::{unique_name, NetNs, TcpServer, Veth};
 pub use reach::{print_reach_matrix, reach_matrix, wait_reach_matrix};
 pub use requirements::{require, Requirement};

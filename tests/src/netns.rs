@@ -27,10 +27,11 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// A network namespace created with `ip netns add`, deleted on drop (which also deletes every
-/// interface inside it).
+/// interface inside it); or one another program made, only borrowed ([`NetNs::borrow`]).
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    owned: bool,
 }
 
 impl NetNs {
@@ -41,7 +42,7 @@ impl NetNs {
         let name = unique_name(prefix);
         run_ok(Command::new("ip").args(["netns", "add", &name]))
             .with_context(|| format!("creating network namespace {name}"))?;
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.exec_ok("ip", &["link", "set", "lo", "up"])?;
         ns.exec_ok(
             "sysctl",
@@ -52,6 +53,15 @@ impl NetNs {
             ],
         )?;
         Ok(ns)
+    }
+
+    /// A namespace under /run/netns that someone else made and will delete (a pod's, made by
+    /// containerd): used here, left alone on drop.
+    pub fn borrow(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -150,6 +160,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(err) = run_ok(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("warning: could not delete netns {}: {err:#}", self.name);
         }

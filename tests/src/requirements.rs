@@ -23,6 +23,9 @@ pub enum Requirement {
     Docker,
     /// kube-apiserver and kubectl, built by `cargo xtask setup` from their Go module.
     Kubernetes,
+    /// kubelet (built the same way) with Debian's containerd, podman (to build the local
+    /// image), busybox-static and the reference `loopback` CNI plugin.
+    Kubelet,
 }
 
 impl Requirement {
@@ -70,6 +73,25 @@ impl Requirement {
                             dir.join(p).display()
                         )
                     })
+            }
+            Requirement::Kubelet => {
+                let kubelet = crate::kubernetes_bin_dir().join("kubelet");
+                if !kubelet.exists() {
+                    Some(format!(
+                        "{} is missing (`cargo xtask setup` builds it)",
+                        kubelet.display()
+                    ))
+                } else if !command_works("containerd", &["--version"]) {
+                    Some("`containerd` is not installed".to_owned())
+                } else if !command_works("podman", &["--version"]) {
+                    Some("`podman` is not installed".to_owned())
+                } else if !Path::new("/bin/busybox").exists() {
+                    Some("/bin/busybox is missing (Debian package busybox-static)".to_owned())
+                } else if !Path::new("/usr/lib/cni/loopback").exists() {
+                    Some("/usr/lib/cni/loopback is missing (Debian package containernetworking-plugins)".to_owned())
+                } else {
+                    None
+                }
             }
             Requirement::Podman => {
                 if !command_works("podman", &["--version"]) {

@@ -59,6 +59,22 @@ pub(crate) const TOOLS: &[Tool] = &[
         "docker.io",
         "the client of that dockerd (by full path)",
     ),
+    tool(
+        "containerd",
+        "containerd",
+        "the CRI runtime of the kubelet test",
+    ),
+    tool(
+        "ctr",
+        "containerd",
+        "images and sandboxes of the kubelet test",
+    ),
+    tool(
+        "unshare",
+        "util-linux",
+        "kubelet in a mount namespace of its own",
+    ),
+    tool("umount", "mount", "clean-up of the kubelet test's mounts"),
     tool("iperf3", "iperf3", "dataplane benchmark"),
     tool(
         "iptables-nft-restore",
@@ -266,8 +282,8 @@ pub(crate) fn kubernetes_bin_dir() -> Result<PathBuf> {
     Ok(Path::new(&home).join(".local/share/calico-kubernetes/bin"))
 }
 
-/// kube-apiserver and kubectl, built from the `k8s.io/kubernetes` Go module that
-/// `xtask/kubernetes/go.mod` pins (about seven minutes on two cores the first time). A stamp
+/// kube-apiserver, kubectl and kubelet, built from the `k8s.io/kubernetes` Go module that
+/// `xtask/kubernetes/go.mod` pins (about nine minutes on two cores the first time). A stamp
 /// holding that go.mod says what the binaries were built from; a changed go.mod rebuilds them.
 fn kubernetes() -> Result<()> {
     let module = crate::workspace_root().join("xtask/kubernetes");
@@ -281,17 +297,17 @@ fn kubernetes() -> Result<()> {
         .to_owned();
     let bin = kubernetes_bin_dir()?;
     let stamp = bin.join("built-from.go.mod");
-    let programs = ["kube-apiserver", "kubectl"];
+    let programs = ["kube-apiserver", "kubectl", "kubelet"];
     if fs::read_to_string(&stamp).is_ok_and(|s| s == go_mod)
         && programs.iter().all(|p| bin.join(p).exists())
     {
-        println!("kubernetes v{version} (kube-apiserver, kubectl): present");
+        println!("kubernetes v{version} (kube-apiserver, kubectl, kubelet): present");
         return Ok(());
     }
     if Cmd::new("go").args(["version"]).output().is_err() {
         bail!("`go` is not on PATH: kube-apiserver and kubectl are built from their Go module");
     }
-    println!("kubernetes v{version}: building kube-apiserver and kubectl from the Go module (several minutes)");
+    println!("kubernetes v{version}: building kube-apiserver, kubectl and kubelet from the Go module (several minutes)");
     fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     let (major, minor) = version
         .split_once('.')

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use calico_model::{Kind, Resource};
 use harness::{
     first_address, require, unique_name, AgentProcess, KubeCluster as Cluster, KubeControllers,
-    KubePod as Pod, NetNs, Requirement, Store,
+    KubePod as Pod, Kubelet, NetNs, Requirement, Store, KUBELET_IMAGE,
 };
 
 const POOL: &str = harness::KUBE_POOL;
@@ -718,5 +718,164 @@ fn kube_controllers_resync_at_start_and_hand_over_the_lease() -> Result<()> {
         || Ok(policies()? == ["knp.default.kept", "mine"]),
     )
     .with_context(|| format!("policies: {:?}\nlog:\n{}", policies(), second.log()))?;
+    Ok(())
+}
+
+#[test]
+fn pods_run_by_a_real_kubelet_get_their_network_and_policy() -> Result<()> {
+    if !require(
+        "pods_run_by_a_real_kubelet_get_their_network_and_policy",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Bpf,
+            Requirement::Etcd,
+            Requirement::Kubernetes,
+            Requirement::Kubelet,
+        ],
+    ) {
+        return Ok(());
+    }
+    let _load = harness::beside_others();
+    let cluster = cluster(
+        "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}",
+    )?;
+    let node = unique_name("kn");
+    let kubelet = Kubelet::start(&cluster, &node)?;
+    let mut agent = AgentProcess::start(
+        &binary("calico-node"),
+        &cluster.host,
+        &cluster.etcd.endpoint(),
+        &node,
+    )?;
+    agent.wait_ready(&cluster.host, true, Duration::from_secs(30))?;
+    let pod = |namespace: &str, name: &str, app: &str, command: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: c\n    image: {KUBELET_IMAGE}\n    imagePullPolicy: Never\n    command: ['/bin/busybox', 'sh', '-c', '{command}']\n---\n"
+        )
+    };
+    cluster.api.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: web}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: other}}\n---\n{}{}{}",
+        pod("web", "server", "server", "exec busybox httpd -f -p 80"),
+        pod("web", "client", "client", "exec sleep 2147483647"),
+        pod("other", "client", "client", "exec sleep 2147483647"),
+    ))?;
+    wait_for(
+        "kubelet to run the three pods",
+        Duration::from_secs(90),
+        || {
+            let phases = cluster.api.kubectl(&[
+                "get",
+                "pods",
+                "-A",
+                "-o",
+                "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
+            ])?;
+            Ok(phases.lines().filter(|p| *p == "Running").count() == 3)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "pods: {}\nkubelet log:\n{}\ncontainerd log:\n{}",
+            cluster
+                .api
+                .kubectl(&["get", "pods", "-A", "-o", "wide"])
+                .unwrap_or_default(),
+            kubelet.log("kubelet.log"),
+            kubelet.log("containerd.err")
+        )
+    })?;
+
+    // Each pod's endpoint, as the CNI plugin (called by containerd) recorded it, and the pod's
+    // own network namespace (containerd's) to probe from.
+    let endpoints = cluster.store.list(Kind::WorkloadEndpoint)?;
+    let find = |namespace: &str, name: &str| -> Result<(NetNs, Ipv4Addr)> {
+        let w = endpoints
+            .iter()
+            .find_map(|e| match e {
+                Resource::WorkloadEndpoint(w)
+                    if w.spec.pod == name && w.metadata.namespace.as_deref() == Some(namespace) =>
+                {
+                    Some(w)
+                }
+                _ => None,
+            })
+            .with_context(|| format!("no endpoint for pod {namespace}/{name}"))?;
+        assert_eq!(
+            w.metadata.labels.get("app").map(String::as_str),
+            Some(if name == "server" { "server" } else { "client" })
+        );
+        let address = w.spec.ip_networks[0]
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .context("endpoint address")?;
+        Ok((
+            NetNs::borrow(&kubelet.pod_netns(&w.spec.container_id)?),
+            address,
+        ))
+    };
+    let (_server_ns, server) = find("web", "server")?;
+    let (web_client, _) = find("web", "client")?;
+    let (other_client, _) = find("other", "client")?;
+    let reaches = |from: &NetNs| from.tcp_connects(server.into(), 80, PROBE_TIMEOUT);
+    let wait_reach = |what: &str, from: &NetNs, expected: bool| {
+        wait_for(what, Duration::from_secs(30), || {
+            Ok(reaches(from)? == expected)
+        })
+        .with_context(|| tail(&agent.log(), 40))
+    };
+    wait_reach("web/client to reach web/server", &web_client, true)?;
+    wait_reach("other/client to reach web/server", &other_client, true)?;
+
+    cluster.api.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server-from-clients, namespace: web}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n",
+    )?;
+    wait_reach(
+        "other/client to be dropped (another namespace)",
+        &other_client,
+        false,
+    )?;
+    assert!(
+        reaches(&web_client)?,
+        "web/client lost web/server under the policy"
+    );
+    cluster.api.kubectl(&[
+        "delete",
+        "networkpolicy",
+        "-n",
+        "web",
+        "server-from-clients",
+    ])?;
+    wait_reach(
+        "other/client to reach web/server again",
+        &other_client,
+        true,
+    )?;
+
+    // Pods deleted: kubelet stops them, containerd's CNI DEL releases the addresses.
+    drop((web_client, other_client, _server_ns));
+    cluster.api.kubectl(&[
+        "delete",
+        "pods",
+        "-A",
+        "--all",
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ])?;
+    wait_for("kubelet to stop the pods", Duration::from_secs(60), || {
+        Ok(kubelet.running_tasks()? == 0)
+    })?;
+    wait_for(
+        "the CNI DEL to release every address",
+        Duration::from_secs(30),
+        || {
+            Ok(allocations(&cluster.store)?.is_empty()
+                && cluster.store.list(Kind::WorkloadEndpoint)?.is_empty())
+        },
+    )?;
+    let (clean, report) = cluster.ipam_check()?;
+    assert!(clean, "{report}");
     Ok(())
 }
