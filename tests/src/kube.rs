@@ -275,6 +275,24 @@ impl KubeControllers {
         }
     }
 
+    /// Waits until the process has exited by itself; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "calico-kube-controllers still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL, like a crash.
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use calico_datastore::{Datastore, DatastoreError, EtcdConfig};
+use calico_datastore::{keys::resource_key, Datastore, DatastoreError, EtcdConfig, WatchEvent};
 use calico_kube_controllers::{
     config::Settings,
     health,
@@ -109,11 +109,42 @@ async fn run(args: Args) -> Result<()> {
             )),
         };
     }
-    // Leading ends only when the lease is lost: stop acting at once (upstream exits too, and
-    // its supervisor starts it again as a follower).
-    elector.hold().await;
-    metrics.set_leader(false);
-    anyhow::bail!("lost the lease; exiting so that only one instance acts")
+    tokio::select! {
+        // Leading ends only when the lease is lost: stop acting at once (upstream exits too,
+        // and its supervisor starts it again as a follower).
+        () = elector.hold() => {
+            metrics.set_leader(false);
+            anyhow::bail!("lost the lease; exiting so that only one instance acts")
+        }
+        () = configuration_changed(store.clone(), settings) => {
+            tracing::info!("KubeControllersConfiguration default changed; exiting to start again with it");
+            Ok(())
+        }
+    }
+}
+
+/// Returns once the stored configuration no longer says `running` (changed, deleted or
+/// invalid). Settings are read at start, so a change restarts the process, as upstream's does.
+async fn configuration_changed(store: Datastore, running: Settings) {
+    let key = resource_key(Kind::KubeControllersConfiguration, None, "default");
+    let mut watch = store.watch(key, None);
+    while let Some(event) = watch.next().await {
+        let stored = match event {
+            WatchEvent::Snapshot { resources, .. } => {
+                resources.into_iter().find(|r| r.name() == "default")
+            }
+            WatchEvent::Put { resource, .. } if resource.name() == "default" => Some(*resource),
+            WatchEvent::Deleted { name, .. } if name == "default" => None,
+            _ => continue,
+        };
+        let now = match stored {
+            Some(Resource::KubeControllersConfiguration(c)) => Settings::from_spec(&c.spec).ok(),
+            _ => None,
+        };
+        if now.as_ref() != Some(&running) {
+            return;
+        }
+    }
 }
 
 fn nix_hostname() -> String {

@@ -718,6 +718,24 @@ fn kube_controllers_resync_at_start_and_hand_over_the_lease() -> Result<()> {
         || Ok(policies()? == ["knp.default.kept", "mine"]),
     )
     .with_context(|| format!("policies: {:?}\nlog:\n{}", policies(), second.log()))?;
+
+    // A changed KubeControllersConfiguration restarts it (settings are read at start), as
+    // upstream's does; the unchanged one it wrote itself did not.
+    assert!(
+        second.is_ready(),
+        "the leader stopped before its configuration changed"
+    );
+    cluster.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: KubeControllersConfiguration\nmetadata: {name: default}\nspec: {controllers: {policy: {}}}\n",
+    )?;
+    let status = second.wait_exit(Duration::from_secs(20))?;
+    assert!(
+        status.success(),
+        "exit after a configuration change: {status}"
+    );
+    assert!(second
+        .log()
+        .contains("KubeControllersConfiguration default changed"));
     Ok(())
 }
 
