@@ -76,6 +76,13 @@ fn columns(kind: Kind) -> Vec<Column> {
             wide("ORDER", "spec.order"),
             wide("SELECTOR", "spec.selector"),
         ],
+        Kind::StagedNetworkPolicy | Kind::StagedGlobalNetworkPolicy => vec![
+            col("ACTION", "spec.stagedAction"),
+            wide("TIER", "spec.tier"),
+            wide("ORDER", "spec.order"),
+            wide("SELECTOR", "spec.selector"),
+        ],
+        Kind::StagedKubernetesNetworkPolicy => vec![col("ACTION", "spec.stagedAction")],
         Kind::Tier => vec![col("ORDER", "spec.order")],
         Kind::Node => vec![
             wide("ASN", "spec.bgp.asNumber"),

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{validate, Kind, Resource, API_VERSION};
@@ -125,7 +125,7 @@ struct K8sPolicy {
     kind: String,
     metadata: K8sMeta,
     #[serde(default)]
-    spec: K8sSpec,
+    spec: KubernetesNetworkPolicySpec,
 }
 
 #[derive(Deserialize)]
@@ -135,77 +135,86 @@ struct K8sMeta {
     namespace: Option<String>,
 }
 
-#[derive(Default, Deserialize)]
+/// A Kubernetes NetworkPolicy's spec (networking.k8s.io/v1), as a StagedKubernetesNetworkPolicy
+/// carries it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct K8sSpec {
+pub struct KubernetesNetworkPolicySpec {
     #[serde(default)]
-    pod_selector: LabelSelector,
-    #[serde(default)]
-    policy_types: Vec<String>,
-    #[serde(default)]
-    ingress: Vec<K8sIngress>,
-    #[serde(default)]
-    egress: Vec<K8sEgress>,
+    pub pod_selector: LabelSelector,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<K8sIngress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<K8sEgress>,
 }
 
-#[derive(Default, Deserialize)]
+/// A Kubernetes label selector.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LabelSelector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    match_expressions: Vec<Requirement>,
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<Requirement>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Requirement {
-    key: String,
-    operator: String,
-    #[serde(default)]
-    values: Vec<String>,
+pub struct Requirement {
+    pub key: String,
+    pub operator: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct K8sIngress {
-    #[serde(default)]
-    from: Vec<Peer>,
-    #[serde(default)]
-    ports: Vec<K8sPort>,
+pub struct K8sIngress {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<K8sPort>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct K8sEgress {
-    #[serde(default)]
-    to: Vec<Peer>,
-    #[serde(default)]
-    ports: Vec<K8sPort>,
+pub struct K8sEgress {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<K8sPort>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Peer {
-    pod_selector: Option<LabelSelector>,
-    namespace_selector: Option<LabelSelector>,
-    ip_block: Option<IpBlock>,
+pub struct Peer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_block: Option<IpBlock>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct IpBlock {
-    cidr: String,
-    #[serde(default)]
-    except: Vec<String>,
+pub struct IpBlock {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct K8sPort {
-    protocol: Option<String>,
-    port: Option<Value>,
-    end_port: Option<i64>,
+pub struct K8sPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<i64>,
 }
 
 const K8S_ORCHESTRATOR: &str = "projectcalico.org/orchestrator == 'k8s'";
@@ -247,6 +256,24 @@ pub fn network_policy(value: serde_json::Value) -> Result<Resource, ConvertError
         )));
     }
     convert_one(policy)
+}
+
+/// The Calico policy a Kubernetes NetworkPolicy spec stands for, named as upstream names it
+/// (`knp.default.<name>` in `namespace`): what a StagedKubernetesNetworkPolicy would enforce.
+pub fn network_policy_from_spec(
+    name: &str,
+    namespace: &str,
+    spec: &KubernetesNetworkPolicySpec,
+) -> Result<Resource, ConvertError> {
+    convert_one(K8sPolicy {
+        api_version: "networking.k8s.io/v1".to_owned(),
+        kind: "NetworkPolicy".to_owned(),
+        metadata: K8sMeta {
+            name: name.to_owned(),
+            namespace: Some(namespace.to_owned()),
+        },
+        spec: spec.clone(),
+    })
 }
 
 fn convert_one(p: K8sPolicy) -> Result<Resource, ConvertError> {

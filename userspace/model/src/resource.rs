@@ -169,6 +169,13 @@ kinds! {
         aliases = ["networkpolicy", "policy", "policies", "netpol", "netpols", "np", "pol", "pols"];
     GlobalNetworkPolicy(GlobalNetworkPolicySpec): "globalnetworkpolicies", namespaced = false,
         aliases = ["globalnetworkpolicy", "gnp", "gnps", "globalpolicy", "globalpolicies"];
+    StagedNetworkPolicy(StagedNetworkPolicySpec): "stagednetworkpolicies", namespaced = true,
+        aliases = ["stagednetworkpolicy", "snp", "snps"];
+    StagedGlobalNetworkPolicy(StagedGlobalNetworkPolicySpec): "stagedglobalnetworkpolicies",
+        namespaced = false, aliases = ["stagedglobalnetworkpolicy", "sgnp", "sgnps"];
+    StagedKubernetesNetworkPolicy(StagedKubernetesNetworkPolicySpec):
+        "stagedkubernetesnetworkpolicies", namespaced = true,
+        aliases = ["stagedkubernetesnetworkpolicy", "sknp", "sknps"];
     Tier(TierSpec): "tiers", namespaced = false, aliases = ["tier"];
     Profile(ProfileSpec): "profiles", namespaced = false, aliases = ["profile", "pro", "pros"];
     WorkloadEndpoint(WorkloadEndpointSpec): "workloadendpoints", namespaced = true,

@@ -50,6 +50,45 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
     match resource {
         Resource::NetworkPolicy(o) => v.network_policy(name, &o.spec),
         Resource::GlobalNetworkPolicy(o) => v.global_network_policy(name, &o.spec),
+        Resource::StagedNetworkPolicy(o) => {
+            let p = &o.spec.policy;
+            if o.spec.action() == StagedAction::Delete {
+                v.staged_delete_empty(
+                    p == &NetworkPolicySpec {
+                        tier: p.tier.clone(),
+                        types: p.types.clone(),
+                        ..Default::default()
+                    },
+                );
+            } else {
+                v.network_policy(name, p);
+            }
+        }
+        Resource::StagedGlobalNetworkPolicy(o) => {
+            let p = &o.spec.policy;
+            if o.spec.action() == StagedAction::Delete {
+                v.staged_delete_empty(
+                    p == &GlobalNetworkPolicySpec {
+                        tier: p.tier.clone(),
+                        types: p.types.clone(),
+                        ..Default::default()
+                    },
+                );
+            } else {
+                v.global_network_policy(name, p);
+            }
+        }
+        Resource::StagedKubernetesNetworkPolicy(o) => {
+            if o.spec.action() == StagedAction::Delete {
+                v.staged_delete_empty(o.spec.policy == Default::default());
+            } else if let Err(e) = crate::k8s::network_policy_from_spec(
+                name,
+                resource.namespace().unwrap_or("default"),
+                &o.spec.policy,
+            ) {
+                v.err("spec", e.0);
+            }
+        }
         Resource::Tier(o) => v.tier(name, &o.spec),
         Resource::Profile(o) => v.profile(&o.spec),
         Resource::WorkloadEndpoint(o) => v.workload_endpoint(&o.spec),
@@ -113,6 +152,16 @@ struct Validator {
 const LOG_SEVERITIES: &[&str] = &["Trace", "Debug", "Info", "Warning", "Error", "Fatal"];
 
 impl Validator {
+    /// A staged deletion names the policy and nothing else, as upstream requires.
+    fn staged_delete_empty(&mut self, empty: bool) {
+        if !empty {
+            self.err(
+                "spec",
+                "fields other than tier must be empty when stagedAction is Delete",
+            );
+        }
+    }
+
     fn err(&mut self, path: impl fmt::Display, message: impl Into<String>) {
         self.errors.push(ValidationError {
             path: path.to_string(),

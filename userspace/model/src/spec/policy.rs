@@ -252,3 +252,91 @@ pub struct ProfileSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels_to_apply: BTreeMap<String, String>,
 }
+
+/// What committing a staged policy would do to its enforced counterpart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum StagedAction {
+    /// Create or replace it (upstream's default).
+    #[default]
+    Set,
+    /// Delete it: the staged policy names it and carries no rules.
+    Delete,
+    Learn,
+    Ignore,
+}
+
+/// A staged policy's spec: the policy it would enforce, plus `stagedAction`. Evaluated, never
+/// enforced (upstream's preview of a policy change).
+///
+/// Read through the enforced spec's own (strict) reader, so an unknown or mistyped field is
+/// refused with its path as for the enforced kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Staged<S> {
+    pub staged_action: Option<StagedAction>,
+    pub policy: S,
+}
+
+pub type StagedNetworkPolicySpec = Staged<NetworkPolicySpec>;
+pub type StagedGlobalNetworkPolicySpec = Staged<GlobalNetworkPolicySpec>;
+pub type StagedKubernetesNetworkPolicySpec = Staged<crate::k8s::KubernetesNetworkPolicySpec>;
+
+impl<S> Staged<S> {
+    /// `stagedAction`, defaulted as upstream defaults it.
+    pub fn action(&self) -> StagedAction {
+        self.staged_action.unwrap_or_default()
+    }
+}
+
+const STAGED_ACTION: &str = "stagedAction";
+
+impl<S: Serialize> Serialize for Staged<S> {
+    fn serialize<Se: serde::Serializer>(&self, serializer: Se) -> Result<Se::Ok, Se::Error> {
+        use serde::ser::Error;
+        let mut out = serde_json::Map::new();
+        if let Some(action) = self.staged_action {
+            out.insert(
+                STAGED_ACTION.to_owned(),
+                serde_json::to_value(action).map_err(Se::Error::custom)?,
+            );
+        }
+        match serde_json::to_value(&self.policy).map_err(Se::Error::custom)? {
+            serde_json::Value::Object(fields) => out.extend(fields),
+            other => {
+                return Err(Se::Error::custom(format!(
+                    "a policy spec is an object, not {other}"
+                )))
+            }
+        }
+        out.serialize(serializer)
+    }
+}
+
+impl<'de, S: serde::de::DeserializeOwned> Deserialize<'de> for Staged<S> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let staged_action = fields
+            .remove(STAGED_ACTION)
+            .map(|v| {
+                serde_json::from_value::<StagedAction>(v).map_err(|e| {
+                    D::Error::custom(format!(
+                        "{STAGED_ACTION}: {e} (one of Set, Delete, Learn, Ignore)"
+                    ))
+                })
+            })
+            .transpose()?;
+        let policy =
+            serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
+                let path = e.path().to_string();
+                if path == "." {
+                    D::Error::custom(e.into_inner())
+                } else {
+                    D::Error::custom(format!("{path}: {}", e.into_inner()))
+                }
+            })?;
+        Ok(Self {
+            staged_action,
+            policy,
+        })
+    }
+}

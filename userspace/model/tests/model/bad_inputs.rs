@@ -149,6 +149,16 @@ fn bad_inputs_name_their_field() {
         (kind("FelixConfiguration", "default", "madeUpSetting: 1"), "spec.madeUpSetting", "unknown field `madeUpSetting`"),
         (kind("ClusterInformation", "other", "{}"), "metadata.name", "must be `default`"),
         (kind("BlockAffinity", "b", "state: maybe\nnode: n\ncidr: 10.0.0.0/26"), "spec.state", "not pending, confirmed"),
+        // --- staged policies: read and validated as the policy they would enforce
+        (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Later\nselector: all()"), "spec", "stagedAction: unknown variant `Later`"),
+        (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Set\nselectr: all()"), "spec", "unknown field `selectr`"),
+        (kind("StagedGlobalNetworkPolicy", "s", "ingress:\n  - action: Alow"), "spec", "ingress[0].action: unknown variant `Alow`"),
+        (kind("StagedGlobalNetworkPolicy", "s", "selector: app ==\ningress: [{action: Allow}]"), "spec.selector", ""),
+        (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Delete\nselector: all()"), "spec", "must be empty when stagedAction is Delete"),
+        ("apiVersion: projectcalico.org/v3\nkind: StagedNetworkPolicy\nmetadata: {name: s, namespace: n}\nspec:\n  stagedAction: Delete\n  ingress: [{action: Allow}]\n".into(), "spec", "must be empty when stagedAction is Delete"),
+        ("apiVersion: projectcalico.org/v3\nkind: StagedNetworkPolicy\nmetadata: {name: s, namespace: n}\nspec:\n  ingress: [{action: Allow, protocol: TCP, destination: {ports: [0]}}]\n".into(), "spec.ingress[0].destination.ports[0]", ""),
+        ("apiVersion: projectcalico.org/v3\nkind: StagedKubernetesNetworkPolicy\nmetadata: {name: s, namespace: n}\nspec:\n  podSelector: {matchExpressions: [{key: a, operator: Near}]}\n".into(), "spec", "operator `Near`"),
+        ("apiVersion: projectcalico.org/v3\nkind: StagedKubernetesNetworkPolicy\nmetadata: {name: s, namespace: n}\nspec:\n  stagedAction: Delete\n  podSelector: {matchLabels: {a: b}}\n".into(), "spec", "must be empty when stagedAction is Delete"),
     ];
     assert!(cases.len() >= 40, "the table must hold at least 40 cases");
     let mut failures = Vec::new();
