@@ -34,6 +34,12 @@ pub struct Settings {
     pub reconciler_period: Duration,
     /// How long an address may outlive its pod (`controllers.node.leakGracePeriod`).
     pub leak_grace_period: Duration,
+    /// Kubernetes node labels copied onto Calico Nodes (`controllers.node.syncLabels`,
+    /// `Enabled` unless `Disabled`).
+    pub sync_labels: bool,
+    /// Where /metrics (with /liveness and /readiness) is served (`prometheusMetricsPort`;
+    /// 0: nowhere).
+    pub metrics_port: Option<u16>,
 }
 
 const DEFAULT_RECONCILER_PERIOD: Duration = Duration::from_secs(5 * 60);
@@ -66,6 +72,8 @@ impl Settings {
             enabled,
             reconciler_period: DEFAULT_RECONCILER_PERIOD,
             leak_grace_period: DEFAULT_LEAK_GRACE_PERIOD,
+            sync_labels: true,
+            metrics_port: None,
         })
     }
 
@@ -88,10 +96,28 @@ impl Settings {
                 )),
             }
         };
+        let sync_labels = match node.and_then(|n| n.get("syncLabels")) {
+            None | Some(Value::Null) => true,
+            Some(Value::String(s)) if s == "Enabled" => true,
+            Some(Value::String(s)) if s == "Disabled" => false,
+            Some(other) => {
+                return Err(format!(
+                    "spec.controllers.node.syncLabels: `{other}` is not Enabled or Disabled"
+                ))
+            }
+        };
+        let metrics_port = match spec.prometheus_metrics_port {
+            None => None,
+            Some(p) => Some(u16::try_from(p).map_err(|_| {
+                format!("spec.prometheusMetricsPort: {p} is not a port (0 to 65535)")
+            })?),
+        };
         Ok(Self {
             enabled,
             reconciler_period: duration("reconcilerPeriod", DEFAULT_RECONCILER_PERIOD)?,
             leak_grace_period: duration("leakGracePeriod", DEFAULT_LEAK_GRACE_PERIOD)?,
+            sync_labels,
+            metrics_port,
         })
     }
 
@@ -100,6 +126,7 @@ impl Settings {
         let mut spec = KubeControllersConfigurationSpec {
             log_severity_screen: Some("Info".to_owned()),
             health_checks: Some("Enabled".to_owned()),
+            prometheus_metrics_port: self.metrics_port.map(i64::from),
             ..Default::default()
         };
         for c in &self.enabled {
@@ -107,6 +134,11 @@ impl Settings {
             if *c == "node" {
                 value["leakGracePeriod"] = json!(format_duration(self.leak_grace_period));
                 value["reconcilerPeriod"] = json!(format_duration(self.reconciler_period));
+                value["syncLabels"] = json!(if self.sync_labels {
+                    "Enabled"
+                } else {
+                    "Disabled"
+                });
             }
             spec.controllers.insert(section(c).to_owned(), value);
         }
@@ -147,6 +179,8 @@ mod tests {
         }))
         .unwrap();
         let s = Settings::from_spec(&spec).unwrap();
+        assert!(s.sync_labels, "syncLabels defaults to Enabled");
+        assert_eq!(s.metrics_port, None);
         assert_eq!(s.enabled, ["namespace", "node", "serviceaccount"].into());
         assert_eq!(s.reconciler_period, Duration::from_secs(1));
         assert_eq!(s.leak_grace_period, Duration::from_secs(3));

@@ -28,9 +28,10 @@ struct Args {
     /// Controllers to run when no KubeControllersConfiguration is stored (upstream's names).
     #[arg(long, env = "ENABLED_CONTROLLERS")]
     enabled_controllers: Option<String>,
-    /// Port of /liveness, /readiness and /metrics on all addresses (0: none).
-    #[arg(long, env = "HEALTH_PORT", default_value_t = 9094)]
-    health_port: u16,
+    /// Port of /liveness, /readiness and /metrics on all addresses (0: none); unset, the
+    /// configuration's `prometheusMetricsPort`, else 9094 (upstream's).
+    #[arg(long, env = "HEALTH_PORT")]
+    health_port: Option<u16>,
     /// Namespace and name of the Lease that keeps one instance active.
     #[arg(long, env = "LEASE_NAMESPACE", default_value = "kube-system")]
     lease_namespace: String,
@@ -42,6 +43,9 @@ struct Args {
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
 }
+
+/// Upstream's `prometheusMetricsPort` default.
+const DEFAULT_METRICS_PORT: u16 = 9094;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -69,8 +73,12 @@ async fn run(args: Args) -> Result<()> {
     let settings = settings(&store, args.enabled_controllers.as_deref()).await?;
     tracing::info!(?settings, "starting");
     let metrics = Arc::new(Metrics::new(settings.enabled.iter().copied()));
-    if args.health_port != 0 {
-        let addr = SocketAddr::from(([0, 0, 0, 0], args.health_port));
+    let health_port = args
+        .health_port
+        .or(settings.metrics_port)
+        .unwrap_or(DEFAULT_METRICS_PORT);
+    if health_port != 0 {
+        let addr = SocketAddr::from(([0, 0, 0, 0], health_port));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the health port {addr}"))?;
@@ -97,7 +105,7 @@ async fn run(args: Args) -> Result<()> {
             "namespace" => tasks.spawn(mirror::run::<Namespace>(client, store, metrics)),
             "serviceaccount" => tasks.spawn(mirror::run::<ServiceAccount>(client, store, metrics)),
             "policy" => tasks.spawn(mirror::run::<NetworkPolicy>(client, store, metrics)),
-            "node" => tasks.spawn(nodes::run(client, store, metrics)),
+            "node" => tasks.spawn(nodes::run(client, store, metrics, settings.sync_labels)),
             _ => tasks.spawn(pods::run(
                 client,
                 store,

@@ -3,7 +3,10 @@
 //! Calico Node. At start, the same for every Kubernetes node Calico still knows of that the
 //! API no longer has (deleted while this controller was down).
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use calico_datastore::Datastore;
 use calico_ipam::Ipam;
@@ -17,7 +20,7 @@ use kube::{
 
 use crate::{
     metrics::Metrics,
-    writes::{remove, retrying},
+    writes::{remove, retrying, Outcome},
 };
 
 pub const CONTROLLER: &str = "node";
@@ -57,8 +60,67 @@ pub fn kubernetes_nodes_in(resources: &[Resource]) -> BTreeSet<String> {
     nodes
 }
 
+/// Where the labels last copied from the Kubernetes node are recorded on the Calico Node (as
+/// upstream records them), so a label removed in Kubernetes is removed here and labels set on
+/// the Calico Node by hand stay.
+pub const KUBE_LABELS_ANNOTATION: &str = "projectcalico.org/kube-labels";
+
+/// The Calico Node's labels and annotation after copying `kube` (the Kubernetes node's labels)
+/// onto `labels`, given what was copied last time (`previous`). `None` when nothing changes.
+pub fn synced_labels(
+    labels: &BTreeMap<String, String>,
+    previous: &BTreeMap<String, String>,
+    kube: &BTreeMap<String, String>,
+) -> Option<BTreeMap<String, String>> {
+    let mut next = labels.clone();
+    for key in previous.keys() {
+        if !kube.contains_key(key) {
+            next.remove(key);
+        }
+    }
+    next.extend(kube.iter().map(|(k, v)| (k.clone(), v.clone())));
+    (next != *labels || previous != kube).then_some(next)
+}
+
+/// Copies a Kubernetes node's labels onto the Calico Node of the same name, when there is one
+/// (calico-node registers it).
+async fn sync_labels(store: &Datastore, metrics: &Metrics, node: &Node) {
+    let name = node.name_any();
+    let what = format!("Node {name} (labels)");
+    retrying(CONTROLLER, &what, metrics, || async {
+        let mut calico = match store.get(Kind::Node, None, &name).await {
+            Ok(r) => r,
+            Err(calico_datastore::DatastoreError::NotFound { .. }) => {
+                return Ok(Outcome::Unchanged)
+            }
+            Err(e) => return Err(e),
+        };
+        let meta = calico.metadata_mut();
+        let previous: BTreeMap<String, String> = meta
+            .annotations
+            .get(KUBE_LABELS_ANNOTATION)
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_default();
+        let Some(labels) = synced_labels(&meta.labels, &previous, node.labels()) else {
+            return Ok(Outcome::Unchanged);
+        };
+        meta.labels = labels;
+        meta.annotations.insert(
+            KUBE_LABELS_ANNOTATION.to_owned(),
+            serde_json::to_string(node.labels()).expect("labels serialize"),
+        );
+        match store.update(calico).await {
+            Ok(_) => Ok(Outcome::Updated),
+            // Someone else wrote in between: the next event (or relist) syncs again.
+            Err(calico_datastore::DatastoreError::Conflict { .. }) => Ok(Outcome::Unchanged),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+}
+
 /// Runs until the process ends.
-pub async fn run(client: Client, store: Datastore, metrics: Arc<Metrics>) {
+pub async fn run(client: Client, store: Datastore, metrics: Arc<Metrics>, copy_labels: bool) {
     let api: Api<Node> = Api::all(client);
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -73,6 +135,9 @@ pub async fn run(client: Client, store: Datastore, metrics: Arc<Metrics>) {
             Ok(Event::Init) => listed.clear(),
             Ok(Event::InitApply(node)) => {
                 listed.insert(node.name_any());
+                if copy_labels {
+                    sync_labels(&store, &metrics, &node).await;
+                }
             }
             Ok(Event::InitDone) => {
                 match known_nodes(&store).await {
@@ -94,7 +159,11 @@ pub async fn run(client: Client, store: Datastore, metrics: Arc<Metrics>) {
                     }
                 }
             }
-            Ok(Event::Apply(_)) => {}
+            Ok(Event::Apply(node)) => {
+                if copy_labels {
+                    sync_labels(&store, &metrics, &node).await;
+                }
+            }
             Ok(Event::Delete(node)) => release(&store, &metrics, &node.name_any()).await,
         }
     }
@@ -187,6 +256,31 @@ async fn release(store: &Datastore, metrics: &Metrics, node: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn kubernetes_labels_are_copied_and_removed_and_hand_set_ones_kept() {
+        // First sync: the Kubernetes labels join the hand-set one.
+        let calico = map(&[("rack", "r1")]);
+        let kube = map(&[("zone", "a"), ("kubernetes.io/os", "linux")]);
+        let next = synced_labels(&calico, &BTreeMap::new(), &kube).unwrap();
+        assert_eq!(
+            next,
+            map(&[("rack", "r1"), ("zone", "a"), ("kubernetes.io/os", "linux")])
+        );
+        // Nothing changed since: nothing to write.
+        assert_eq!(synced_labels(&next, &kube, &kube), None);
+        // A label removed in Kubernetes goes; one changed follows; the hand-set one stays.
+        let kube2 = map(&[("zone", "b")]);
+        let next2 = synced_labels(&next, &kube, &kube2).unwrap();
+        assert_eq!(next2, map(&[("rack", "r1"), ("zone", "b")]));
+    }
 
     #[test]
     fn kubernetes_nodes_are_found_by_endpoint_allocation_or_orchestrator_reference() {

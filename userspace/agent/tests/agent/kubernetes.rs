@@ -478,6 +478,40 @@ fn deleted_nodes_and_pods_give_their_addresses_back() -> Result<()> {
     cluster.api.apply(&format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {n1}}}\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n2}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: gc}}\n"
     ))?;
+    // Kubernetes node labels reach the Calico Node; labels set on it by hand stay.
+    cluster.store.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: {n1}, labels: {{rack: r1}}}}\nspec: {{}}\n"
+    ))?;
+    let calico_labels = || -> Result<BTreeMap<String, String>> {
+        Ok(cluster
+            .store
+            .list(Kind::Node)?
+            .into_iter()
+            .find(|r| r.name() == n1)
+            .map(|r| r.metadata().labels.clone())
+            .unwrap_or_default())
+    };
+    cluster.api.kubectl(&["label", "node", &n1, "zone=a"])?;
+    wait_for(
+        "the node label to reach the Calico Node",
+        Duration::from_secs(20),
+        || {
+            let l = calico_labels()?;
+            Ok(l.get("zone").map(String::as_str) == Some("a")
+                && l.get("rack").map(String::as_str) == Some("r1"))
+        },
+    )
+    .with_context(|| cluster.controllers_log())?;
+    cluster.api.kubectl(&["label", "node", &n1, "zone-"])?;
+    wait_for(
+        "the removed node label to leave the Calico Node",
+        Duration::from_secs(20),
+        || {
+            let l = calico_labels()?;
+            Ok(!l.contains_key("zone") && l.get("rack").map(String::as_str) == Some("r1"))
+        },
+    )?;
+
     let kept = cluster.add_pod("gc", "kept", &n1)?;
     let _orphan = cluster.add_pod("gc", "orphan", &n1)?;
     let _elsewhere = cluster.add_pod("gc", "elsewhere", &n2)?;
