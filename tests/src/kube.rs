@@ -309,6 +309,11 @@ impl Drop for KubeControllers {
     }
 }
 
+/// The `spec` of a KubeControllersConfiguration running every controller, for
+/// [`KubeCluster::start`].
+pub const ALL_KUBE_CONTROLLERS: &str =
+    "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}";
+
 /// The IPv4 pool of the test cluster.
 pub const KUBE_POOL: &str = "10.71.0.0/16";
 
@@ -364,6 +369,18 @@ impl KubeCluster {
             host,
             etcd,
         })
+    }
+
+    /// calico-node for `node` in the host namespace, ready.
+    pub fn start_agent(&self, node: &str) -> Result<crate::AgentProcess> {
+        let mut agent = crate::AgentProcess::start(
+            &self.bin.join("calico-node"),
+            &self.host,
+            &self.etcd.endpoint(),
+            node,
+        )?;
+        agent.wait_ready(&self.host, true, Duration::from_secs(30))?;
+        Ok(agent)
     }
 
     pub fn controllers_log(&self) -> String {

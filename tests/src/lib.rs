@@ -22,7 +22,7 @@ pub use forward::Forward;
 pub use image::busybox_rootfs_tar;
 pub use kube::{
     first_address, kubernetes_bin_dir, KubeApiServer, KubeCluster, KubeControllers, KubePod,
-    KUBE_POOL,
+    ALL_KUBE_CONTROLLERS, KUBE_POOL,
 };
 pub use kubelet::{Kubelet, KUBELET_IMAGE};
 pub use netns::{unique_name, NetNs, TcpServer, Veth};

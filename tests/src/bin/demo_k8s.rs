@@ -55,10 +55,7 @@ fn main() -> Result<()> {
     }
 
     banner("etcd, kube-apiserver and calico-kube-controllers");
-    let cluster = KubeCluster::start(
-        &bin,
-        "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}",
-    )?;
+    let cluster = KubeCluster::start(&bin, harness::ALL_KUBE_CONTROLLERS)?;
     println!(
         "etcd at {}, kube-apiserver at https://127.0.0.1:{} (kubeconfig {}), calico-kube-controllers ready",
         cluster.etcd.endpoint(),
@@ -76,13 +73,7 @@ fn main() -> Result<()> {
     cluster.api.apply(&format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
     ))?;
-    let mut agent = AgentProcess::start(
-        &bin.join("calico-node"),
-        &cluster.host,
-        &cluster.etcd.endpoint(),
-        &node,
-    )?;
-    agent.wait_ready(&cluster.host, true, Duration::from_secs(30))?;
+    let agent = cluster.start_agent(&node)?;
     println!("calico-node for node {node} is ready");
 
     banner("namespaces and pods: kubectl, then the CNI ADD kubelet runs");

@@ -149,9 +149,7 @@ fn kubernetes_network_policies_through_kube_controllers_match_kubernetes_semanti
         return Ok(());
     }
     let _load = harness::beside_others();
-    let cluster = cluster(
-        "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}",
-    )?;
+    let cluster = cluster(harness::ALL_KUBE_CONTROLLERS)?;
     let node = unique_name("kn");
     cluster.api.apply(&format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
@@ -169,13 +167,7 @@ fn kubernetes_network_policies_through_kube_controllers_match_kubernetes_semanti
             pods.push(cluster.add_pod(ns, name, &node)?);
         }
     }
-    let mut agent = AgentProcess::start(
-        &binary("calico-node"),
-        &cluster.host,
-        &cluster.etcd.endpoint(),
-        &node,
-    )?;
-    agent.wait_ready(&cluster.host, true, Duration::from_secs(30))?;
+    let agent = cluster.start_agent(&node)?;
 
     // The pod controller put the pods' labels and named ports on their endpoints.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -789,18 +781,10 @@ fn pods_run_by_a_real_kubelet_get_their_network_and_policy() -> Result<()> {
         return Ok(());
     }
     let _load = harness::beside_others();
-    let cluster = cluster(
-        "{controllers: {node: {}, policy: {}, namespace: {}, serviceAccount: {}, workloadEndpoint: {}}}",
-    )?;
+    let cluster = cluster(harness::ALL_KUBE_CONTROLLERS)?;
     let node = unique_name("kn");
     let kubelet = Kubelet::start(&cluster, &node)?;
-    let mut agent = AgentProcess::start(
-        &binary("calico-node"),
-        &cluster.host,
-        &cluster.etcd.endpoint(),
-        &node,
-    )?;
-    agent.wait_ready(&cluster.host, true, Duration::from_secs(30))?;
+    let agent = cluster.start_agent(&node)?;
     let pod = |namespace: &str, name: &str, app: &str, command: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: c\n    image: {KUBELET_IMAGE}\n    imagePullPolicy: Never\n    command: ['/bin/busybox', 'sh', '-c', '{command}']\n---\n"
