@@ -172,7 +172,7 @@ async fn add(
     }
 
     // Read before anything is allocated or wired: a pod the API does not know fails clean.
-    let pod = crate::kubernetes::pod_facts(conf, workload).await?;
+    let pod = crate::kubernetes::pod_info(conf, workload).await?;
     let ipam_result = delegate::add(env, ipam_type, stdin)?;
     let addresses: Vec<IpNet> = ipam_result
         .ips
@@ -203,7 +203,7 @@ async fn add(
                 conf,
                 env,
                 workload,
-                pod.as_ref().map(|p| &p.info),
+                pod.as_ref(),
                 &veth,
                 &wired.container_mac,
                 &addresses,
@@ -249,16 +249,14 @@ fn endpoint(
     mac: &str,
     addresses: &[IpNet],
 ) -> Resource {
-    let mut labels = conf.workload_labels();
     let account = pod.and_then(|p| p.service_account.as_deref());
-    if let Some(pod) = pod {
-        labels.extend(pod.labels.clone());
-    }
+    let mut labels = conf.workload_labels();
     labels.extend(k8s::pod_endpoint_labels(
         &workload.namespace,
-        &BTreeMap::new(),
+        &pod.map(|p| p.labels.clone()).unwrap_or_default(),
         account,
     ));
+    // Not every workload is a pod: the label names the orchestrator that made it.
     labels.insert(k8s::ORCHESTRATOR_LABEL.into(), workload.orchestrator.into());
     let profiles = match workload.orchestrator {
         "k8s" => k8s::pod_endpoint_profiles(&workload.namespace, account),

@@ -128,10 +128,7 @@ pub async fn run(
                     attrs.insert("containerID".into(), env.container_id.clone());
                 }
             }
-            let annotations = crate::kubernetes::pod_facts(conf, &workload)
-                .await?
-                .map(|facts| facts.ipam)
-                .unwrap_or_default();
+            let annotations = crate::kubernetes::ipam_request(conf, &workload).await?;
             let mut wanted = static_ips(env, raw)?;
             if wanted.is_empty() {
                 wanted = annotations.ip_addrs.clone();

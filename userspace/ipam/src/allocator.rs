@@ -717,17 +717,24 @@ impl Ipam {
         Ok(released)
     }
 
+    /// The block at `cidr` as stored (its version for a compare-and-swap), `None` when gone.
+    async fn stored_block(&self, cidr: &IpNet) -> Result<Option<Resource>, IpamError> {
+        match self
+            .store
+            .get(Kind::IPAMBlock, None, &block_name(cidr))
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(DatastoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Drops `affinity` from a block: deletes it when empty, else clears the affinity.
     async fn unclaim(&self, cidr: &IpNet, affinity: &str) -> Result<(), IpamError> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut resource = match self
-                .store
-                .get(Kind::IPAMBlock, None, &block_name(cidr))
-                .await
-            {
-                Ok(r) => r,
-                Err(DatastoreError::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(e.into()),
+            let Some(mut resource) = self.stored_block(cidr).await? else {
+                return Ok(());
             };
             let Resource::IPAMBlock(b) = &mut resource else {
                 unreachable!("asked for a block")
@@ -764,14 +771,8 @@ impl Ipam {
         mut change: impl FnMut(&mut IpamBlockSpec) -> Vec<IpAddr>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut resource = match self
-                .store
-                .get(Kind::IPAMBlock, None, &block_name(cidr))
-                .await
-            {
-                Ok(r) => r,
-                Err(DatastoreError::NotFound { .. }) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
+            let Some(mut resource) = self.stored_block(cidr).await? else {
+                return Ok(Vec::new());
             };
             let Resource::IPAMBlock(b) = &mut resource else {
                 unreachable!("asked for a block")

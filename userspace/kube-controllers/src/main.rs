@@ -84,7 +84,7 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("binding the health port {addr}"))?;
         tokio::spawn(health::serve(listener, metrics.clone()));
     }
-    let identity = format!("{}_{}", nix_hostname(), std::process::id());
+    let identity = format!("{}_{}", hostname(), std::process::id());
     let mut elector = Elector::new(
         client.clone(),
         LeaseSettings {
@@ -155,7 +155,7 @@ async fn configuration_changed(store: Datastore, running: Settings) {
     }
 }
 
-fn nix_hostname() -> String {
+fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "calico-kube-controllers".to_owned())

@@ -52,42 +52,32 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::GlobalNetworkPolicy(o) => v.global_network_policy(name, &o.spec),
         Resource::StagedNetworkPolicy(o) => {
             let p = &o.spec.policy;
-            if o.spec.action() == StagedAction::Delete {
-                v.staged_delete_empty(
-                    p == &NetworkPolicySpec {
-                        tier: p.tier.clone(),
-                        types: p.types.clone(),
-                        ..Default::default()
-                    },
-                );
-            } else {
-                v.network_policy(name, p);
-            }
+            let bare = NetworkPolicySpec {
+                tier: p.tier.clone(),
+                types: p.types.clone(),
+                ..Default::default()
+            };
+            v.staged(o.spec.action(), p == &bare, |v| v.network_policy(name, p));
         }
         Resource::StagedGlobalNetworkPolicy(o) => {
             let p = &o.spec.policy;
-            if o.spec.action() == StagedAction::Delete {
-                v.staged_delete_empty(
-                    p == &GlobalNetworkPolicySpec {
-                        tier: p.tier.clone(),
-                        types: p.types.clone(),
-                        ..Default::default()
-                    },
-                );
-            } else {
-                v.global_network_policy(name, p);
-            }
+            let bare = GlobalNetworkPolicySpec {
+                tier: p.tier.clone(),
+                types: p.types.clone(),
+                ..Default::default()
+            };
+            v.staged(o.spec.action(), p == &bare, |v| {
+                v.global_network_policy(name, p)
+            });
         }
         Resource::StagedKubernetesNetworkPolicy(o) => {
-            if o.spec.action() == StagedAction::Delete {
-                v.staged_delete_empty(o.spec.policy == Default::default());
-            } else if let Err(e) = crate::k8s::network_policy_from_spec(
-                name,
-                resource.namespace().unwrap_or("default"),
-                &o.spec.policy,
-            ) {
-                v.err("spec", e.0);
-            }
+            let p = &o.spec.policy;
+            v.staged(o.spec.action(), p == &Default::default(), |v| {
+                let namespace = resource.namespace().unwrap_or("default");
+                if let Err(e) = crate::k8s::network_policy_from_spec(name, namespace, p) {
+                    v.err("spec", e.0);
+                }
+            });
         }
         Resource::Tier(o) => v.tier(name, &o.spec),
         Resource::Profile(o) => v.profile(&o.spec),
@@ -152,9 +142,13 @@ struct Validator {
 const LOG_SEVERITIES: &[&str] = &["Trace", "Debug", "Info", "Warning", "Error", "Fatal"];
 
 impl Validator {
-    /// A staged deletion names the policy and nothing else, as upstream requires.
-    fn staged_delete_empty(&mut self, empty: bool) {
-        if !empty {
+    /// A staged policy: a deletion names the policy and nothing else (`bare`: nothing but the
+    /// tier and types, which upstream clears), as upstream requires; any other action is
+    /// validated as the policy it would enforce.
+    fn staged(&mut self, action: StagedAction, bare: bool, as_enforced: impl FnOnce(&mut Self)) {
+        if action != StagedAction::Delete {
+            as_enforced(self);
+        } else if !bare {
             self.err(
                 "spec",
                 "fields other than tier must be empty when stagedAction is Delete",
