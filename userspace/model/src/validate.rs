@@ -101,8 +101,10 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::BGPPeer(o) => v.bgp_peer(&o.spec),
         Resource::BGPFilter(o) => v.bgp_filter(&o.spec),
         Resource::FelixConfiguration(o) => v.felix_configuration(name, &o.spec),
-        Resource::ClusterInformation(_) | Resource::KubeControllersConfiguration(_) => {
-            v.singleton_name(name)
+        Resource::ClusterInformation(_) => v.singleton_name(name),
+        Resource::KubeControllersConfiguration(o) => {
+            v.singleton_name(name);
+            v.kube_controllers_configuration(&o.spec);
         }
         Resource::IPAMBlock(o) => {
             v.cidr("spec.cidr", &o.spec.cidr);
@@ -132,12 +134,21 @@ struct PolicyFields<'a> {
     hints: &'a [String],
     ingress: &'a [Rule],
     egress: &'a [Rule],
+    /// A GlobalNetworkPolicy (services are then named with their namespace).
+    global: bool,
 }
 
 #[derive(Default)]
 struct Validator {
     errors: Vec<ValidationError>,
 }
+
+/// Upstream's built-in tiers and the order each must have.
+const BUILT_IN_TIER_ORDERS: &[(&str, f64)] = &[
+    (DEFAULT_TIER, 1_000_000.0),
+    ("adminnetworkpolicy", 1_000.0),
+    ("baselineadminnetworkpolicy", 10_000_000.0),
+];
 
 const LOG_SEVERITIES: &[&str] = &["Trace", "Debug", "Info", "Warning", "Error", "Fatal"];
 
@@ -192,10 +203,31 @@ impl Validator {
             _ => {}
         }
         self.labels("metadata.labels", &meta.labels);
-        for key in meta.annotations.keys() {
-            if let Err(why) = qualified_name(key) {
-                self.err(format!("metadata.annotations.{key}"), format!("key {why}"));
+        self.annotations("metadata.annotations", &meta.annotations);
+    }
+
+    /// Annotation keys are qualified names compared in lower case (upstream accepts
+    /// `Example.COM/key`), and all of them together hold at most 256 KiB, as upstream's.
+    fn annotations(
+        &mut self,
+        path: &str,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) {
+        const LIMIT: usize = 256 * 1024;
+        for key in annotations.keys() {
+            if let Err(why) = qualified_name(&key.to_lowercase()) {
+                self.err(format!("{path}.{key}"), format!("key {why}"));
             }
+        }
+        let total: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if total > LIMIT {
+            self.err(
+                path,
+                format!(
+                    "total size of annotations is too large by {} bytes (the limit is {LIMIT})",
+                    total - LIMIT
+                ),
+            );
         }
     }
 
@@ -243,6 +275,9 @@ impl Validator {
                 path,
                 "global() can only be used in an EntityRule namespaceSelector",
             ),
+            Ok(s) if contains_global(s.expr()) && *s.expr() != Expr::Global => {
+                self.err(path, "global() cannot be combined with other selectors")
+            }
             Ok(_) => {}
             Err(e) => self.err(path, format!("invalid selector `{text}`: {e}")),
         }
@@ -318,20 +353,21 @@ impl Validator {
 
     /// A log severity, in any case (as upstream reads them: `info` is `Info`).
     fn severity(&mut self, path: &str, value: &Option<String>) {
+        self.one_of_any_case(path, value, LOG_SEVERITIES);
+    }
+
+    /// An enum felix reads in any case (upstream's CRD patterns are `(?i)`).
+    fn one_of_any_case(&mut self, path: &str, value: &Option<String>, allowed: &[&str]) {
         if let Some(v) = value
             .as_deref()
-            .filter(|v| !LOG_SEVERITIES.iter().any(|s| s.eq_ignore_ascii_case(v)))
+            .filter(|v| !allowed.iter().any(|s| s.eq_ignore_ascii_case(v)))
         {
             self.err(
                 path,
-                format!(
-                    "`{v}` is not one of {} (any case)",
-                    LOG_SEVERITIES.join(", ")
-                ),
+                format!("`{v}` is not one of {} (any case)", allowed.join(", ")),
             );
         }
     }
-
     fn one_of(&mut self, path: &str, value: &Option<String>, allowed: &[&str]) {
         if let Some(v) = value.as_deref().filter(|v| !allowed.contains(v)) {
             self.err(path, format!("`{v}` is not one of {}", allowed.join(", ")));
@@ -362,7 +398,10 @@ impl Validator {
         }
         // As upstream: the name proper is a DNS label, so the tier's is the only dot (a
         // Kubernetes NetworkPolicy's Calico form, `knp.default.<name>`, keeps its own).
-        if !name.starts_with("knp.default.") && own.unwrap_or(name).contains('.') {
+        let converted = ["knp.default.", "ossg.default."]
+            .iter()
+            .any(|p| name.starts_with(p));
+        if !converted && own.unwrap_or(name).contains('.') {
             self.err(
                 "metadata.name",
                 format!(
@@ -406,6 +445,7 @@ impl Validator {
         self.hints(p.hints);
         self.rules("spec.ingress", p.ingress);
         self.rules("spec.egress", p.egress);
+        self.services_placement("spec", p.ingress, p.egress, p.global);
     }
 
     fn network_policy(&mut self, name: &str, spec: &NetworkPolicySpec) {
@@ -420,6 +460,7 @@ impl Validator {
                 hints: &spec.performance_hints,
                 ingress: &spec.ingress,
                 egress: &spec.egress,
+                global: false,
             },
         );
     }
@@ -436,6 +477,7 @@ impl Validator {
                 hints: &spec.performance_hints,
                 ingress: &spec.ingress,
                 egress: &spec.egress,
+                global: true,
             },
         );
         self.selector("spec.namespaceSelector", &spec.namespace_selector, false);
@@ -464,6 +506,15 @@ impl Validator {
                 "spec.defaultAction",
                 "the default tier's default action must be Deny",
             );
+        }
+        // Upstream's built-in tiers keep their place in the order.
+        if let Some((_, fixed)) = BUILT_IN_TIER_ORDERS.iter().find(|(tier, _)| *tier == name) {
+            if spec.order.map(|o| o.0) != Some(*fixed) {
+                self.err(
+                    "spec.order",
+                    format!("the {name} tier's order must be {fixed}"),
+                );
+            }
         }
     }
 
@@ -496,6 +547,17 @@ impl Validator {
                     ),
                 );
                 continue;
+            }
+            if let Protocol::Name(name) = protocol {
+                if !Protocol::NAMES.iter().any(|(known, _)| known == name) {
+                    self.err(
+                        format!("{path}.{field}"),
+                        format!(
+                            "protocol name `{name}` is not valid: names are written TCP, UDP, ICMP, ICMPv6, SCTP or UDPLite"
+                        ),
+                    );
+                    continue;
+                }
             }
             let number = protocol.number();
             if number == Some(1) && rule.ip_version == Some(6) {
@@ -537,6 +599,9 @@ impl Validator {
                     );
                 }
             }
+        }
+        if let Some(meta) = &rule.metadata {
+            self.annotations(&format!("{path}.metadata.annotations"), &meta.annotations);
         }
         self.entity(&format!("{path}.source"), &rule.source, rule);
         self.entity(&format!("{path}.destination"), &rule.destination, rule);
@@ -616,6 +681,50 @@ impl Validator {
                     );
                 }
             }
+            // A service's ports come from its endpoints.
+            for (field, set) in [
+                ("ports", !e.ports.is_empty()),
+                ("notPorts", !e.not_ports.is_empty()),
+            ] {
+                if set {
+                    self.err(
+                        format!("{path}.{field}"),
+                        format!("cannot specify {field} with services"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Where `services` may appear (upstream's rule): the peer side only, so the source of
+    /// an ingress rule and the destination of an egress rule; in a global policy the service
+    /// is named with its namespace.
+    fn services_placement(&mut self, path: &str, ingress: &[Rule], egress: &[Rule], global: bool) {
+        for (direction, rules, peer, local) in [
+            ("ingress", ingress, "source", "destination"),
+            ("egress", egress, "destination", "source"),
+        ] {
+            for (i, rule) in rules.iter().enumerate() {
+                let (peer_side, local_side) = if direction == "ingress" {
+                    (&rule.source, &rule.destination)
+                } else {
+                    (&rule.destination, &rule.source)
+                };
+                if local_side.services.is_some() {
+                    self.err(
+                        format!("{path}.{direction}[{i}].{local}.services"),
+                        format!("not allowed in {direction} rule {local}"),
+                    );
+                }
+                if let Some(services) = &peer_side.services {
+                    if global && services.namespace.is_empty() {
+                        self.err(
+                            format!("{path}.{direction}[{i}].{peer}.services.namespace"),
+                            "must specify a namespace in a global policy",
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -636,15 +745,52 @@ impl Validator {
                 }
             }
         }
+        let networks: Vec<IpNet> = spec
+            .ip_networks
+            .iter()
+            .filter_map(|n| parse_net(n))
+            .collect();
         for (i, nat) in spec.ip_nats.iter().enumerate() {
-            self.ip(&format!("spec.ipNATs[{i}].internalIP"), &nat.internal_ip);
-            self.ip(&format!("spec.ipNATs[{i}].externalIP"), &nat.external_ip);
+            let p = format!("spec.ipNATs[{i}]");
+            let internal = self.ip(&format!("{p}.internalIP"), &nat.internal_ip);
+            let external = self.ip(&format!("{p}.externalIP"), &nat.external_ip);
+            if let (Some(internal), Some(external)) = (internal, external) {
+                if internal.is_ipv4() != external.is_ipv4() {
+                    self.err(
+                        format!("{p}.externalIP"),
+                        format!(
+                            "`{external}` is not the same IP version as internalIP `{internal}`"
+                        ),
+                    );
+                }
+                if !networks.iter().any(|n| n.contains(&internal)) {
+                    self.err(
+                        format!("{p}.internalIP"),
+                        format!("`{internal}` is not one of the endpoint's ipNetworks"),
+                    );
+                }
+            }
         }
-        if let Some(gw) = &spec.ipv4_gateway {
-            self.ip("spec.ipv4Gateway", gw);
+        for (field, gw, v4) in [
+            ("ipv4Gateway", &spec.ipv4_gateway, true),
+            ("ipv6Gateway", &spec.ipv6_gateway, false),
+        ] {
+            let Some(gw) = gw else { continue };
+            let path = format!("spec.{field}");
+            if let Some(a) = self.ip(&path, gw) {
+                if a.is_ipv4() != v4 {
+                    self.err(
+                        path,
+                        format!("`{gw}` is not an IPv{} address", if v4 { 4 } else { 6 }),
+                    );
+                }
+            }
         }
-        if let Some(gw) = &spec.ipv6_gateway {
-            self.ip("spec.ipv6Gateway", gw);
+        if !spec.container_id.is_empty() && !is_container_id(&spec.container_id) {
+            self.err(
+                "spec.containerID",
+                format!("`{}` must be letters, digits and `-`, starting and ending with a letter or digit", spec.container_id),
+            );
         }
         if !spec.interface_name.is_empty() {
             if let Err(why) = interface_name(&spec.interface_name) {
@@ -671,7 +817,17 @@ impl Validator {
         }
         for (i, port) in spec.ports.iter().enumerate() {
             let p = format!("spec.ports[{i}]");
-            self.endpoint_port(&p, &port.name, &port.protocol, port.port);
+            if port.name.is_empty() && port.host_port.unwrap_or(0) == 0 {
+                self.err(format!("{p}.name"), "required unless hostPort is set");
+            }
+            if !port.name.is_empty() {
+                self.endpoint_port(&p, &port.name, &port.protocol, port.port);
+            } else if !port.protocol.has_ports() {
+                self.err(
+                    format!("{p}.protocol"),
+                    format!("`{}` has no ports: use TCP, UDP or SCTP", port.protocol),
+                );
+            }
             self.port_number(&format!("{p}.hostPort"), port.host_port);
         }
         self.nets(
@@ -728,6 +884,13 @@ impl Validator {
     // ---- networking -------------------------------------------------------------------------
 
     fn node(&mut self, spec: &NodeSpec) {
+        if spec
+            .bgp
+            .as_ref()
+            .is_some_and(|b| *b == NodeBgpSpec::default())
+        {
+            self.err("spec.bgp", "should not be empty (leave it out instead)");
+        }
         if let Some(bgp) = &spec.bgp {
             for (field, value, want_v4) in [
                 ("spec.bgp.ipv4Address", &bgp.ipv4_address, true),
@@ -778,7 +941,8 @@ impl Validator {
                         if v4 { 4 } else { 6 }
                     ),
                 );
-            } else if block < i64::from(net.prefix_len()) {
+            } else if block < i64::from(net.prefix_len()) && !spec.is_disabled() {
+                // Only a pool IPAM allocates from must hold a block (upstream's rule).
                 self.err(
                     "spec.blockSize",
                     format!(
@@ -825,11 +989,34 @@ impl Validator {
         self.selector("spec.nodeSelector", &spec.node_selector, false);
         self.selector("spec.namespaceSelector", &spec.namespace_selector, false);
         let uses = &spec.allowed_uses;
-        if uses.contains(&IpPoolAllowedUse::LoadBalancer) && uses.len() > 1 {
+        let load_balancer = uses.contains(&IpPoolAllowedUse::LoadBalancer);
+        if load_balancer && uses.len() > 1 {
             self.err(
                 "spec.allowedUses",
                 "LoadBalancer cannot be combined with other uses",
             );
+        }
+        if load_balancer {
+            let encapsulated =
+                |m: Option<EncapsulationMode>| m.is_some_and(|m| m != EncapsulationMode::Never);
+            for (field, mode) in [("ipipMode", spec.ipip_mode), ("vxlanMode", spec.vxlan_mode)] {
+                if encapsulated(mode) {
+                    self.err(
+                        format!("spec.{field}"),
+                        "cannot be enabled on a LoadBalancer pool",
+                    );
+                }
+            }
+            if spec
+                .node_selector
+                .as_deref()
+                .is_some_and(|s| s.trim() != "all()")
+            {
+                self.err(
+                    "spec.nodeSelector",
+                    "a LoadBalancer pool's node selector must be all()",
+                );
+            }
         }
     }
 
@@ -865,6 +1052,26 @@ impl Validator {
             for (i, b) in blocks.iter().enumerate() {
                 self.cidr(&format!("spec.{field}[{i}].cidr"), &b.cidr);
             }
+        }
+        if spec.node_to_node_mesh_enabled == Some(false) {
+            if spec.node_mesh_max_restart_time.is_some() {
+                self.err(
+                    "spec.nodeMeshMaxRestartTime",
+                    "cannot be set when nodeToNodeMeshEnabled is false",
+                );
+            }
+            if spec.upstream_only.contains_key("nodeMeshPassword") {
+                self.err(
+                    "spec.nodeMeshPassword",
+                    "cannot be set when nodeToNodeMeshEnabled is false",
+                );
+            }
+        }
+        if !spec.communities.is_empty() && spec.prefix_advertisements.is_empty() {
+            self.err(
+                "spec.communities",
+                "communities are defined but no prefixAdvertisements use them",
+            );
         }
         for (i, c) in spec.communities.iter().enumerate() {
             if !is_community(&c.value) {
@@ -982,6 +1189,7 @@ impl Validator {
                 );
             }
         }
+        self.bgp_peer_upstream_rules(spec);
         self.as_number("spec.asNumber", spec.as_number);
         self.selector("spec.nodeSelector", &spec.node_selector, false);
         self.selector("spec.peerSelector", &spec.peer_selector, false);
@@ -997,6 +1205,74 @@ impl Validator {
                     "exactly one of secretKeyRef or file is required",
                 );
             }
+        }
+    }
+
+    /// Upstream's rules for the BGPPeer fields this dataplane stores as written
+    /// (`localWorkloadSelector`, `reachableBy`, `nextHopMode`).
+    fn bgp_peer_upstream_rules(&mut self, spec: &BgpPeerSpec) {
+        let text = |field: &str| {
+            spec.upstream_only
+                .get(field)
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        if let Some(lws) = spec.upstream_only.get("localWorkloadSelector") {
+            match lws.as_str() {
+                Some(sel) => {
+                    self.selector("spec.localWorkloadSelector", &Some(sel.to_owned()), false)
+                }
+                None => self.err(
+                    "spec.localWorkloadSelector",
+                    "must be a selector (a string)",
+                ),
+            }
+            if spec.as_number.is_none() {
+                self.err(
+                    "spec.asNumber",
+                    "required when localWorkloadSelector is set",
+                );
+            }
+            if spec.peer_ip.is_some() {
+                self.err(
+                    "spec.peerIP",
+                    "must be empty when localWorkloadSelector is set",
+                );
+            }
+            if spec.peer_selector.is_some() {
+                self.err(
+                    "spec.peerSelector",
+                    "must be empty when localWorkloadSelector is set",
+                );
+            }
+        }
+        if let Some(via) = text("reachableBy") {
+            match (
+                via.parse::<IpAddr>(),
+                spec.peer_ip.as_deref().and_then(parse_peer_ip),
+            ) {
+                (Err(_), _) => {
+                    self.err("spec.reachableBy", format!("`{via}` is not an IP address"))
+                }
+                (Ok(_), None) if spec.peer_ip.is_none() => {
+                    self.err("spec.reachableBy", "must be empty when peerIP is empty")
+                }
+                (Ok(via), Some(peer)) if via.is_ipv4() != peer.is_ipv4() => self.err(
+                    "spec.reachableBy",
+                    format!("`{via}` and peerIP `{peer}` are different address families"),
+                ),
+                _ => {}
+            }
+        }
+        let keep_next_hop = spec.upstream_only.get("keepOriginalNextHop")
+            == Some(&serde_json::Value::Bool(true))
+            || spec.keep_original_next_hop == Some(true);
+        if keep_next_hop && spec.upstream_only.contains_key("nextHopMode") {
+            self.err(
+                "spec.keepOriginalNextHop",
+                "is deprecated and must not be true when nextHopMode is set",
+            );
         }
     }
 
@@ -1031,21 +1307,27 @@ impl Validator {
         ] {
             self.severity(&format!("spec.{field}"), value);
         }
-        self.one_of(
+        self.one_of_any_case(
             "spec.defaultEndpointToHostAction",
             &spec.default_endpoint_to_host_action,
             &["Drop", "Accept", "Return"],
         );
-        self.one_of(
+        self.one_of_any_case(
             "spec.bpfLogLevel",
             &spec.bpf_log_level,
             &["Off", "Info", "Debug"],
         );
-        self.one_of(
+        self.one_of_any_case(
             "spec.chainInsertMode",
             &spec.chain_insert_mode,
             &["Insert", "Append"],
         );
+        self.one_of_any_case(
+            "spec.bpfExternalServiceMode",
+            &spec.bpf_external_service_mode,
+            &["Tunnel", "DSR"],
+        );
+        self.felix_formats(spec);
         if let Some(interval) = &spec.flow_logs_flush_interval {
             match parse_go_duration(interval) {
                 Ok(d) if !d.is_zero() => {}
@@ -1084,7 +1366,7 @@ impl Validator {
         ] {
             for (i, pp) in list.iter().flatten().enumerate() {
                 let p = format!("spec.{field}[{i}]");
-                if !["TCP", "UDP", "SCTP"].contains(&pp.protocol.to_ascii_uppercase().as_str()) {
+                if !["TCP", "UDP", "SCTP"].contains(&pp.protocol.as_str()) {
                     self.err(
                         format!("{p}.protocol"),
                         format!("`{}` is not TCP, UDP or SCTP", pp.protocol),
@@ -1103,6 +1385,303 @@ impl Validator {
         }
     }
 
+    /// The formats upstream checks in FelixConfiguration values: addresses of one family,
+    /// hosts, interface patterns (regular expressions), route table ranges, enums of the
+    /// fields kept as written.
+    fn felix_formats(&mut self, spec: &FelixConfigurationSpec) {
+        let extra = |field: &str| spec.upstream_only.get(field);
+        let extra_text = |field: &str| extra(field).and_then(|v| v.as_str()).map(str::to_owned);
+        for (field, value, v4) in [
+            (
+                "natOutgoingAddress",
+                spec.nat_outgoing_address.clone(),
+                true,
+            ),
+            (
+                "deviceRouteSourceAddress",
+                spec.device_route_source_address.clone(),
+                true,
+            ),
+            (
+                "deviceRouteSourceAddressIPv6",
+                extra_text("deviceRouteSourceAddressIPv6"),
+                false,
+            ),
+        ] {
+            let Some(value) = value.filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            let version = if v4 { 4 } else { 6 };
+            if !value.parse::<IpAddr>().is_ok_and(|a| a.is_ipv4() == v4) {
+                self.err(
+                    format!("spec.{field}"),
+                    format!("`{value}` is not a valid IPv{version} address"),
+                );
+            }
+        }
+        if let Some(host) = spec
+            .prometheus_metrics_host
+            .as_deref()
+            .filter(|h| !h.is_empty())
+        {
+            let ok = host.len() <= 64
+                && host
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b":._+-".contains(&c));
+            if !ok {
+                self.err(
+                    "spec.prometheusMetricsHost",
+                    format!("`{host}` is not a host name or address"),
+                );
+            }
+        }
+        for (field, pattern) in [
+            ("mtuIfacePattern", spec.mtu_iface_pattern.clone()),
+            ("bpfDataIfacePattern", spec.bpf_data_iface_pattern.clone()),
+            ("bpfL3IfacePattern", extra_text("bpfL3IfacePattern")),
+            ("logDebugFilenameRegex", extra_text("logDebugFilenameRegex")),
+        ] {
+            if let Some(Err(e)) = pattern.map(|p| regex::Regex::new(&p)) {
+                self.err(
+                    format!("spec.{field}"),
+                    format!("not a regular expression: {e}"),
+                );
+            }
+        }
+        if let Some(list) = &spec.interface_exclude {
+            for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                let ok = match item.strip_prefix('/').and_then(|i| i.strip_suffix('/')) {
+                    Some(pattern) => regex::Regex::new(pattern).is_ok(),
+                    None => interface_name(item).is_ok(),
+                };
+                if !ok {
+                    self.err(
+                        "spec.interfaceExclude",
+                        format!("`{item}` is neither an interface name nor a /regular expression/"),
+                    );
+                }
+            }
+        }
+        if let Some(kv) = spec.feature_detect_override.as_deref() {
+            for item in kv.split(',').filter(|i| !i.is_empty()) {
+                let key = item.split_once('=').map(|(k, _)| k.trim());
+                if !key.is_some_and(|k| {
+                    !k.is_empty() && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+                }) {
+                    self.err(
+                        "spec.featureDetectOverride",
+                        format!("`{item}` is not key=value"),
+                    );
+                }
+            }
+        }
+        if let Some(region) = extra_text("openstackRegion").filter(|r| !r.is_empty()) {
+            // It becomes part of a namespace name, `openstack-region-<region>`.
+            if region.len() > 63 - "openstack-region-".len() {
+                self.err("spec.openstackRegion", "is too long");
+            } else if let Err(why) = dns_label(&region) {
+                self.err("spec.openstackRegion", format!("`{region}` {why}"));
+            }
+        }
+        for (field, allowed) in [
+            ("iptablesBackend", &["Legacy", "NFT", "Auto"][..]),
+            ("iptablesFilterAllowAction", &["Accept", "Return"]),
+            ("iptablesMangleAllowAction", &["Accept", "Return"]),
+            ("iptablesFilterDenyAction", &["Drop", "Reject"]),
+            ("nftablesFilterAllowAction", &["Accept", "Return"]),
+            ("nftablesMangleAllowAction", &["Accept", "Return"]),
+            ("nftablesFilterDenyAction", &["Drop", "Reject"]),
+            (
+                "bpfConnectTimeLoadBalancing",
+                &["Disabled", "Enabled", "TCP"],
+            ),
+            ("bpfHostNetworkedNATWithoutCTLB", &["Disabled", "Enabled"]),
+            ("routeSource", &["WorkloadIPs", "CalicoIPAM"]),
+        ] {
+            if let Some(v) = extra(field) {
+                match v.as_str() {
+                    Some(text) => self.one_of_any_case(
+                        &format!("spec.{field}"),
+                        &Some(text.to_owned()),
+                        allowed,
+                    ),
+                    None => self.err(
+                        format!("spec.{field}"),
+                        format!("must be one of {}", allowed.join(", ")),
+                    ),
+                }
+            }
+        }
+        if extra("routeTableRange").is_some() && extra("routeTableRanges").is_some() {
+            self.err(
+                "spec.routeTableRange",
+                "cannot be set when routeTableRanges is also set",
+            );
+        }
+        let range = |v: &serde_json::Value| {
+            (
+                v.get("min").and_then(|m| m.as_i64()),
+                v.get("max").and_then(|m| m.as_i64()),
+            )
+        };
+        if let Some(r) = extra("routeTableRange") {
+            match range(r) {
+                (Some(min), Some(max)) if min >= 1 && max >= min && max <= 250 => {}
+                _ => self.err(
+                    "spec.routeTableRange",
+                    "must be a range of route table indices within 1..250",
+                ),
+            }
+        }
+        if let Some(ranges) = extra("routeTableRanges") {
+            let mut tables = 0i64;
+            for (i, r) in ranges.as_array().into_iter().flatten().enumerate() {
+                let p = format!("spec.routeTableRanges[{i}]");
+                match range(r) {
+                    (Some(min), Some(max))
+                        if min >= 1 && max >= min && max <= i64::from(u32::MAX) =>
+                    {
+                        tables += max - min + 1;
+                    }
+                    (Some(min), Some(max)) if min > max => {
+                        self.err(p, "min cannot be greater than max")
+                    }
+                    (Some(min), _) if min < 1 => self.err(p, "cannot target indices below 1"),
+                    (Some(_), Some(_)) => self.err(p, "max index too high"),
+                    _ => self.err(p, "needs min and max"),
+                }
+            }
+            if tables > 0xffff {
+                self.err(
+                    "spec.routeTableRanges",
+                    "targets too many tables (at most 65535)",
+                );
+            }
+        }
+        if let Some(ranges) = extra("kubeNodePortRanges").and_then(|v| v.as_array()) {
+            if ranges.len() > 7 {
+                self.err(
+                    "spec.kubeNodePortRanges",
+                    "node port ranges list is too long (max 7)",
+                );
+            }
+            for (i, r) in ranges.iter().enumerate() {
+                let named = r
+                    .as_str()
+                    .is_some_and(|s| s.parse::<i64>().is_err() && !s.contains(':'));
+                if named {
+                    self.err(
+                        format!("spec.kubeNodePortRanges[{i}]"),
+                        "must be a port or a range, not a named port",
+                    );
+                }
+            }
+        }
+    }
+
+    /// KubeControllersConfiguration: the known controller sections and their fields, with
+    /// upstream's formats (durations, Enabled/Disabled), each named by its path.
+    fn kube_controllers_configuration(&mut self, spec: &KubeControllersConfigurationSpec) {
+        self.severity("spec.logSeverityScreen", &spec.log_severity_screen);
+        self.one_of(
+            "spec.healthChecks",
+            &spec.health_checks,
+            &["Enabled", "Disabled"],
+        );
+        if let Some(period) = &spec.etcd_v3_compaction_period {
+            if let Err(e) = parse_go_duration(period) {
+                self.err("spec.etcdV3CompactionPeriod", e);
+            }
+        }
+        self.port_number_or_zero("spec.prometheusMetricsPort", spec.prometheus_metrics_port);
+        self.port_number_or_zero("spec.debugProfilePort", spec.debug_profile_port);
+        const SECTIONS: &[(&str, &[&str])] = &[
+            (
+                "node",
+                &[
+                    "reconcilerPeriod",
+                    "syncLabels",
+                    "hostEndpoint",
+                    "leakGracePeriod",
+                ],
+            ),
+            ("policy", &["reconcilerPeriod"]),
+            ("workloadEndpoint", &["reconcilerPeriod"]),
+            ("serviceAccount", &["reconcilerPeriod"]),
+            ("namespace", &["reconcilerPeriod"]),
+            ("loadBalancer", &["assignIPs"]),
+        ];
+        for (section, value) in &spec.controllers {
+            let path = format!("spec.controllers.{section}");
+            let Some((_, fields)) = SECTIONS.iter().find(|(s, _)| s == section) else {
+                self.err(
+                    &path,
+                    format!(
+                        "unknown controller `{section}` (known: {})",
+                        SECTIONS
+                            .iter()
+                            .map(|(s, _)| *s)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                continue;
+            };
+            let Some(object) = value.as_object() else {
+                if !value.is_null() {
+                    self.err(&path, "must be an object");
+                }
+                continue;
+            };
+            for (field, v) in object {
+                let p = format!("{path}.{field}");
+                if !fields.contains(&field.as_str()) {
+                    self.err(&p, format!("unknown field `{field}`"));
+                    continue;
+                }
+                let text = v.as_str().map(str::to_owned);
+                match field.as_str() {
+                    "reconcilerPeriod" | "leakGracePeriod" => match &text {
+                        Some(t) => {
+                            if let Err(e) = parse_go_duration(t) {
+                                self.err(&p, e);
+                            }
+                        }
+                        None => self.err(&p, "must be a duration such as 5m"),
+                    },
+                    "syncLabels" => self.one_of(&p, &text, &["Enabled", "Disabled"]),
+                    "assignIPs" => {
+                        self.one_of(&p, &text, &["AllServices", "RequestedServicesOnly"])
+                    }
+                    "hostEndpoint" => {
+                        let auto = v.get("autoCreate").map(|a| a.as_str().map(str::to_owned));
+                        if let Some(auto) = auto {
+                            self.one_of(
+                                &format!("{p}.autoCreate"),
+                                &auto,
+                                &["Enabled", "Disabled"],
+                            );
+                        }
+                        for key in v.as_object().into_iter().flatten().map(|(k, _)| k) {
+                            if !["autoCreate", "createDefaultHostEndpoint", "templates"]
+                                .contains(&key.as_str())
+                            {
+                                self.err(format!("{p}.{key}"), format!("unknown field `{key}`"));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn port_number_or_zero(&mut self, path: &str, port: Option<i64>) {
+        if let Some(p) = port.filter(|p| !(0..=65535).contains(p)) {
+            self.err(path, format!("port {p} is out of range 0-65535"));
+        }
+    }
+
     fn block_affinity(&mut self, spec: &BlockAffinitySpec) {
         if !["pending", "confirmed", "pendingDeletion"].contains(&spec.state.as_str()) {
             self.err(
@@ -1117,6 +1696,12 @@ impl Validator {
             self.err("spec.node", "required");
         }
         self.cidr("spec.cidr", &spec.cidr);
+        if spec.deleted.as_deref() == Some("true") {
+            self.err(
+                "spec.deleted",
+                "cannot be set to true (it is set only by IPAM itself)",
+            );
+        }
     }
 }
 
@@ -1253,6 +1838,14 @@ fn interface_name(s: &str) -> Result<(), &'static str> {
         return Err("is not a valid interface name");
     }
     Ok(())
+}
+
+/// Upstream's container ID format: letters, digits and `-`, alphanumeric at both ends.
+fn is_container_id(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 fn is_mac(s: &str) -> bool {

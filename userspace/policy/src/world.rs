@@ -542,6 +542,9 @@ pub fn namespace_of_profile(
 }
 
 fn named_port(name: &str, protocol: &calico_model::Protocol, port: i64) -> Option<NamedPort> {
+    if name.is_empty() {
+        return None;
+    }
     Some(NamedPort {
         name: name.to_owned(),
         protocol: protocol.number(),

@@ -66,6 +66,8 @@ pub struct IpNat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadEndpointPort {
+    /// Empty for a port that only maps a host port (upstream's rule).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     pub protocol: Protocol,
     pub port: i64,

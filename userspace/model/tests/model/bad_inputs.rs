@@ -39,6 +39,13 @@ fn kind(kind: &str, name: &str, spec: &str) -> String {
     )
 }
 
+fn wep(spec: &str) -> String {
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata: {{name: w, namespace: default}}\nspec:\n  node: n\n{}",
+        indent(spec)
+    )
+}
+
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
@@ -149,6 +156,53 @@ fn bad_inputs_name_their_field() {
         (kind("FelixConfiguration", "default", "madeUpSetting: 1"), "spec.madeUpSetting", "unknown field `madeUpSetting`"),
         (kind("ClusterInformation", "other", "{}"), "metadata.name", "must be `default`"),
         (kind("BlockAffinity", "b", "state: maybe\nnode: n\ncidr: 10.0.0.0/26"), "spec.state", "not pending, confirmed"),
+        // --- issue 17, second batch: upstream's validator rules, each named at its field
+        (wep("ports: [{protocol: TCP, port: 80}]"), "spec.ports[0].name", "required unless hostPort"),
+        (wep("ipNetworks: [10.0.0.1/32]\nipNATs: [{internalIP: 10.0.0.1, externalIP: 'fd00::1'}]"), "spec.ipNATs[0].externalIP", "not the same IP version"),
+        (wep("ipNetworks: [10.0.0.1/32]\nipNATs: [{internalIP: 10.0.0.2, externalIP: 192.0.2.1}]"), "spec.ipNATs[0].internalIP", "not one of the endpoint's ipNetworks"),
+        (wep("ipv4Gateway: 'fd00::1'"), "spec.ipv4Gateway", "not an IPv4"),
+        (wep("containerID: 'bad id!'"), "spec.containerID", "letters, digits"),
+        (format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: x, annotations: {{a: {}}}}}\nspec: {{cidr: 10.0.0.0/16}}\n", "x".repeat(300_000)), "metadata.annotations", "too large by 37857 bytes"),
+        (rule(&format!("action: Allow\nmetadata: {{annotations: {{a: {}}}}}", "x".repeat(300_000))), "spec.ingress[0].metadata.annotations", "too large"),
+        (kind("BGPConfiguration", "default", "nodeToNodeMeshEnabled: false\nnodeMeshMaxRestartTime: 120s"), "spec.nodeMeshMaxRestartTime", "nodeToNodeMeshEnabled is false"),
+        (kind("BGPConfiguration", "default", "nodeToNodeMeshEnabled: false\nnodeMeshPassword: {secretKeyRef: {name: a, key: b}}"), "spec.nodeMeshPassword", "nodeToNodeMeshEnabled is false"),
+        (kind("BGPConfiguration", "default", "communities: [{name: c, value: '1:2'}]"), "spec.communities", "no prefixAdvertisements use them"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nallowedUses: [LoadBalancer]\nvxlanMode: Always"), "spec.vxlanMode", "LoadBalancer pool"),
+        (kind("IPPool", "x", "cidr: 10.0.0.0/16\nallowedUses: [LoadBalancer]\nnodeSelector: \"a == 'b'\""), "spec.nodeSelector", "must be all()"),
+        (kind("Tier", "default", "order: 5"), "spec.order", "must be 1000000"),
+        (kind("Tier", "adminnetworkpolicy", "order: 5"), "spec.order", "must be 1000"),
+        (kind("Tier", "baselineadminnetworkpolicy", "{}"), "spec.order", "must be 10000000"),
+        ("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  ingress: [{action: Allow, destination: {services: {name: s}}}]\n".into(), "spec.ingress[0].destination.services", "not allowed in ingress rule destination"),
+        ("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  egress: [{action: Allow, source: {services: {name: s}}}]\n".into(), "spec.egress[0].source.services", "not allowed in egress rule source"),
+        (policy("egress: [{action: Allow, destination: {services: {name: s}}}]"), "spec.egress[0].destination.services.namespace", "must specify a namespace"),
+        (policy("egress: [{action: Allow, protocol: TCP, destination: {services: {name: s, namespace: n}, ports: [80]}}]"), "spec.egress[0].destination.ports", "cannot specify ports with services"),
+        (rule("action: Allow\nprotocol: tcp"), "spec.ingress[0].protocol", "protocol name `tcp` is not valid"),
+        (rule("action: Allow\nsource:\n  namespaceSelector: 'global() && a == \"b\"'"), "spec.ingress[0].source.namespaceSelector", "cannot be combined"),
+        (kind("FelixConfiguration", "default", "failsafeInboundHostPorts: [{protocol: tcp, port: 22}]"), "spec.failsafeInboundHostPorts[0].protocol", "not TCP, UDP or SCTP"),
+        (kind("FelixConfiguration", "default", "natOutgoingAddress: 'fd00::1'"), "spec.natOutgoingAddress", "not a valid IPv4"),
+        (kind("FelixConfiguration", "default", "deviceRouteSourceAddressIPv6: 10.0.0.1"), "spec.deviceRouteSourceAddressIPv6", "not a valid IPv6"),
+        (kind("FelixConfiguration", "default", "prometheusMetricsHost: 'bad host!'"), "spec.prometheusMetricsHost", "not a host"),
+        (kind("FelixConfiguration", "default", "interfaceExclude: 'kube-ipvs0,bad iface'"), "spec.interfaceExclude", "`bad iface`"),
+        (kind("FelixConfiguration", "default", "mtuIfacePattern: '(['"), "spec.mtuIfacePattern", "not a regular expression"),
+        (kind("FelixConfiguration", "default", "routeTableRange: {min: 1, max: 250}\nrouteTableRanges: [{min: 1, max: 250}]"), "spec.routeTableRange", "routeTableRanges is also set"),
+        (kind("FelixConfiguration", "default", "routeTableRange: {min: 0, max: 300}"), "spec.routeTableRange", "within 1..250"),
+        (kind("FelixConfiguration", "default", "kubeNodePortRanges: [http]"), "spec.kubeNodePortRanges[0]", "not a named port"),
+        (kind("FelixConfiguration", "default", "openstackRegion: Bad_Region"), "spec.openstackRegion", "lower-case"),
+        (kind("FelixConfiguration", "default", "iptablesBackend: Foo"), "spec.iptablesBackend", "Legacy, NFT, Auto"),
+        (kind("FelixConfiguration", "default", "bpfExternalServiceMode: Foo"), "spec.bpfExternalServiceMode", "Tunnel, DSR"),
+        (kind("KubeControllersConfiguration", "default", "healthChecks: Maybe\ncontrollers: {}"), "spec.healthChecks", "Enabled, Disabled"),
+        (kind("KubeControllersConfiguration", "default", "etcdV3CompactionPeriod: soon\ncontrollers: {}"), "spec.etcdV3CompactionPeriod", "not a duration"),
+        (kind("KubeControllersConfiguration", "default", "controllers: {node: {leakGracePeriod: soon}}"), "spec.controllers.node.leakGracePeriod", "not a duration"),
+        (kind("KubeControllersConfiguration", "default", "controllers: {node: {hostEndpoint: {autoCreate: Maybe}}}"), "spec.controllers.node.hostEndpoint.autoCreate", "Enabled, Disabled"),
+        (kind("KubeControllersConfiguration", "default", "controllers: {nodes: {}}"), "spec.controllers.nodes", "unknown controller"),
+        (kind("KubeControllersConfiguration", "default", "controllers: {policy: {reconcilerPeriod: 5m, syncLabels: Enabled}}"), "spec.controllers.policy.syncLabels", "unknown field"),
+        (kind("KubeControllersConfiguration", "default", "prometheusMetricsPort: 70000\ncontrollers: {}"), "spec.prometheusMetricsPort", "out of range"),
+        (kind("BGPPeer", "x", "peerSelector: all()\nreachableBy: 10.0.0.1"), "spec.reachableBy", "must be empty when peerIP is empty"),
+        (kind("BGPPeer", "x", "peerIP: 10.0.0.1\nasNumber: 1\nreachableBy: 'fd00::1'"), "spec.reachableBy", "different address families"),
+        (kind("BGPPeer", "x", "peerIP: 10.0.0.1\nasNumber: 1\nkeepOriginalNextHop: true\nnextHopMode: Self"), "spec.keepOriginalNextHop", "nextHopMode"),
+        (kind("BGPPeer", "x", "localWorkloadSelector: all()"), "spec.asNumber", "required when localWorkloadSelector"),
+        (kind("Node", "n", "bgp: {}"), "spec.bgp", "should not be empty"),
+        (kind("BlockAffinity", "b", "state: confirmed\nnode: n\ncidr: 10.0.0.0/26\ndeleted: 'true'"), "spec.deleted", "cannot be set to true"),
         // --- staged policies: read and validated as the policy they would enforce
         (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Later\nselector: all()"), "spec", "stagedAction: unknown variant `Later`"),
         (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Set\nselectr: all()"), "spec", "unknown field `selectr`"),
@@ -307,6 +361,19 @@ fn upstream_rules_accept_the_nearest_valid_form() {
         "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: info, logSeverityFile: WARNING}\n".to_owned(),
         "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {logSeverityScreen: debug}\n".to_owned(),
         "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: knp.default.allow.web, namespace: x}\nspec: {selector: all()}\n".to_owned(),
+        // Second batch: what upstream accepts and the first version refused.
+        wep("ports: [{protocol: TCP, port: 80, hostPort: 8080}]"),
+        wep("ipNetworks: [10.0.0.1/32]\nipNATs: [{internalIP: 10.0.0.1, externalIP: 192.0.2.1}]\ncontainerID: abc-123"),
+        kind("IPPool", "x", "cidr: 10.0.0.0/28\nblockSize: 26\ndisabled: true"),
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: x, annotations: {Example.COM/Key: v}}\nspec: {cidr: 10.0.0.0/16}\n".to_owned(),
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: ossg.default.a.b, namespace: n}\nspec: {selector: all()}\n".to_owned(),
+        kind("FelixConfiguration", "default", "bpfLogLevel: debug\ndefaultEndpointToHostAction: accept\niptablesBackend: nft\ninterfaceExclude: 'kube-ipvs0,/^veth.*/'\nrouteTableRanges: [{min: 1, max: 250}]"),
+        kind("Tier", "default", "order: 1000000"),
+        kind("BGPConfiguration", "default", "communities: [{name: c, value: '1:2'}]\nprefixAdvertisements: [{cidr: 10.0.0.0/8, communities: [c]}]"),
+        kind("BGPPeer", "x", "peerIP: '10.0.0.1:179'\nasNumber: 1\nreachableBy: 10.0.0.254"),
+        kind("KubeControllersConfiguration", "default", "healthChecks: Enabled\ncontrollers: {node: {reconcilerPeriod: 5m, syncLabels: Enabled, leakGracePeriod: 15m, hostEndpoint: {autoCreate: Disabled}}, policy: {reconcilerPeriod: 5m}, loadBalancer: {assignIPs: AllServices}}"),
+        rule("action: Allow\nsource:\n  namespaceSelector: global()"),
+        policy("egress: [{action: Allow, destination: {services: {name: s, namespace: n}}}]"),
     ] {
         assert!(problems(&text).is_empty(), "{text}: {:?}", problems(&text));
     }
