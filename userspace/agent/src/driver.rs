@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use calico_calc::{Change, EndpointPolicy};
+use calico_calc::{Calculator, Change, EndpointPolicy};
 use calico_dataplane::{ConntrackTimeouts, Hook, PolicyDataplane};
 use calico_policy::{CompiledProgram, Direction, EndpointId, PolicyProgram};
 use ipnet::IpNet;
@@ -62,6 +62,10 @@ pub struct Driver {
     /// Each rule counter's value when last read, by (program, verdict index): /metrics gets
     /// the increments.
     rule_seen: std::collections::HashMap<(u32, u32), (u64, u64)>,
+    /// The program each endpoint and direction would have with the staged policies
+    /// committed; None when they change nothing there. Valid for `pending_revision`.
+    pending_programs: std::collections::HashMap<(EndpointId, Direction), Option<PolicyProgram>>,
+    pending_revision: Option<u64>,
 }
 
 /// An endpoint's two programs, compiled; a program that cannot be enforced is replaced by the
@@ -133,6 +137,8 @@ impl Driver {
             flow_log: FlowLog::default(),
             last_flow_flush: std::time::Instant::now(),
             rule_seen: Default::default(),
+            pending_programs: Default::default(),
+            pending_revision: None,
         }
     }
 
@@ -188,7 +194,7 @@ impl Driver {
     /// Applies the calculation's changes. The endpoints the batch sets are compiled first, in
     /// parallel across cores (compiling is the slow, pure part); the maps are then written in
     /// the batch's order.
-    pub async fn apply(&mut self, changes: Vec<Change>) {
+    pub async fn apply(&mut self, changes: Vec<Change>, calc: &Calculator) {
         let mut steps = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
@@ -220,7 +226,7 @@ impl Driver {
         }
         // What the batch replaced goes once all of it is enforced (the events it left are
         // read first, while its rules are still known).
-        self.collect_flows();
+        self.collect_flows(calc);
         self.dataplane.release_retired();
         self.publish_routes();
     }
@@ -554,8 +560,8 @@ impl Driver {
 
     /// Periodic housekeeping: replaced programs, conntrack expiry and the numbers /metrics
     /// shows.
-    pub fn housekeeping(&mut self) {
-        self.collect_flows();
+    pub fn housekeeping(&mut self, calc: &Calculator) {
+        self.collect_flows(calc);
         self.dataplane.release_retired();
         self.count_rules();
         release_freed_memory();
@@ -565,7 +571,7 @@ impl Driver {
                     .expire_conntrack(&ConntrackTimeouts::default()),
             );
         }
-        self.refresh_counters();
+        self.refresh_counters(calc);
         // Walking every map is not cheap with large tables: only here, not per update.
         self.metrics.set_occupancy(self.dataplane.occupancy());
         self.metrics.set_capacity(self.dataplane.capacities());
@@ -595,24 +601,88 @@ impl Driver {
     }
 
     /// Reads the classifiers' verdict events into the flow log (always: a ring nobody
-    /// drains only counts losses), and writes the flow log when its interval is up.
-    fn collect_flows(&mut self) {
+    /// drains only counts losses), and writes the flow log when its interval is up. Where
+    /// staged policies would change an endpoint's policy, each new record also gets the
+    /// verdict they would give (the reference evaluator over the pending program), and
+    /// every judged packet there is counted under it on /metrics.
+    fn collect_flows(&mut self, calc: &Calculator) {
         let now = std::time::SystemTime::now();
         let events = self.dataplane.drain_events(100_000);
-        if let Some(settings) = self.settings.flow_logs.clone() {
-            for e in events {
-                let key = self.flow_key(&e);
-                self.flow_log.add(key, u64::from(e.len), now);
-            }
-            Metrics::set_total(&self.metrics.flow_records_dropped, self.flow_log.dropped);
-            if self.last_flow_flush.elapsed() >= settings.flush_interval {
-                self.last_flow_flush = std::time::Instant::now();
-                let lines = self.flow_log.take_lines();
-                if let Err(e) = flowlogs::append(&settings.directory, &lines) {
-                    tracing::warn!(directory = %settings.directory.display(), error = %e, records = lines.len(), "writing flow logs");
-                }
+        let Some(settings) = self.settings.flow_logs.clone() else {
+            return;
+        };
+        if self.pending_revision != Some(calc.revision()) {
+            self.pending_programs.clear();
+            self.pending_revision = Some(calc.revision());
+        }
+        let world = calc.world();
+        let staged = world.has_staged();
+        for e in events {
+            let key = self.flow_key(&e);
+            let pending = if staged && !self.flow_log.contains(&key) {
+                self.pending_verdict(world, &e, &key)
+            } else {
+                None
+            };
+            let bytes = u64::from(e.len);
+            if let Some(labels) = self.flow_log.add(key, bytes, now, pending) {
+                self.metrics.add_pending_rule_counts(labels, 1, bytes);
             }
         }
+        Metrics::set_total(&self.metrics.flow_records_dropped, self.flow_log.dropped);
+        if self.last_flow_flush.elapsed() >= settings.flush_interval {
+            self.last_flow_flush = std::time::Instant::now();
+            let lines = self.flow_log.take_lines();
+            if let Err(e) = flowlogs::append(&settings.directory, &lines) {
+                tracing::warn!(directory = %settings.directory.display(), error = %e, records = lines.len(), "writing flow logs");
+            }
+        }
+    }
+
+    /// What the staged policies would decide for the packet of `e`, when they change its
+    /// endpoint's policy in that direction (None: as enforced).
+    fn pending_verdict(
+        &mut self,
+        world: &calico_policy::World,
+        e: &calico_bpf_common::VerdictEvent,
+        key: &FlowKey,
+    ) -> Option<flowlogs::RuleLabels> {
+        let id = self.programmed.get(&e.ifindex)?.clone();
+        let host = self.places.get(&id).is_some_and(|p| p.host);
+        let direction = if key.reporter == "src" {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
+        let (policies, settings) = (&self.policies, &self.settings);
+        let program = self
+            .pending_programs
+            .entry((id.clone(), direction))
+            .or_insert_with(|| {
+                let pending = world.pending_program(&id, direction);
+                let enforced = policies.get(&id).map(|p| p.program(direction));
+                if enforced == Some(&pending) {
+                    return None;
+                }
+                Some(if host {
+                    with_failsafe(&pending, direction, settings)
+                } else {
+                    pending
+                })
+            })
+            .as_ref()?;
+        let icmp = matches!(key.proto, 1 | 58);
+        let packet = calico_policy::Packet {
+            src: key.source_ip,
+            dst: key.dest_ip,
+            protocol: key.proto,
+            src_port: if icmp { 0 } else { key.source_port },
+            dst_port: if icmp { 0 } else { key.dest_port },
+            icmp: icmp.then_some(((key.dest_port >> 8) as u8, (key.dest_port & 0xff) as u8)),
+        };
+        Some(flowlogs::rule_labels(&calico_policy::evaluate(
+            world, program, &packet,
+        )))
     }
 
     /// The flow record an event belongs to.
@@ -629,10 +699,7 @@ impl Driver {
         } else {
             self.dataplane.verdict_of(e.program, e.verdict).map_or_else(
                 || "unknown".to_owned(),
-                |v| {
-                    let (tier, policy, rule, action) = flowlogs::rule_labels(v);
-                    format!("{tier}|{policy}|{rule}|{action}")
-                },
+                |v| flowlogs::policy_field(&flowlogs::rule_labels(v)),
             )
         };
         FlowKey {
@@ -690,8 +757,8 @@ impl Driver {
     }
 
     /// Packet counters for /metrics (cheap: one per-CPU array).
-    pub fn refresh_counters(&mut self) {
-        self.collect_flows();
+    pub fn refresh_counters(&mut self, calc: &Calculator) {
+        self.collect_flows(calc);
         if let Ok(c) = self.dataplane.counters() {
             Metrics::set_total(&self.metrics.allowed, c.allowed);
             Metrics::set_total(&self.metrics.denied, c.denied);

@@ -45,16 +45,27 @@ pub struct FlowKey {
     pub policy: String,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Totals {
     packets: u64,
     bytes: u64,
     start: SystemTime,
     end: SystemTime,
+    /// What the staged policies would have decided, when they change this endpoint's
+    /// policy (else the pending verdict is the enforced one).
+    pending: Option<RuleLabels>,
 }
 
 /// The deciding rule as flow records and metrics name it: (tier, policy, rule, action).
-pub fn rule_labels(verdict: &Verdict) -> (String, String, String, &'static str) {
+pub type RuleLabels = (String, String, String, &'static str);
+
+/// `<tier>|<policy>|<rule>|<action>`, the `policy` field of a flow record.
+pub fn policy_field((tier, policy, rule, action): &RuleLabels) -> String {
+    format!("{tier}|{policy}|{rule}|{action}")
+}
+
+/// The deciding rule as flow records and metrics name it: (tier, policy, rule, action).
+pub fn rule_labels(verdict: &Verdict) -> RuleLabels {
     let (action, rule) = match verdict {
         Verdict::Allow(r) => ("allow", r),
         Verdict::Deny(r) => ("deny", r),
@@ -87,16 +98,29 @@ pub struct FlowLog {
 const MAX_RECORDS: usize = 100_000;
 
 impl FlowLog {
-    pub fn add(&mut self, key: FlowKey, bytes: u64, at: SystemTime) {
+    /// Whether `key` has a record already (its pending verdict is then known).
+    pub fn contains(&self, key: &FlowKey) -> bool {
+        self.records.contains_key(key)
+    }
+
+    /// Counts one judged packet; `pending` is kept when the packet opens a record. Returns
+    /// the record's pending verdict.
+    pub fn add(
+        &mut self,
+        key: FlowKey,
+        bytes: u64,
+        at: SystemTime,
+        pending: Option<RuleLabels>,
+    ) -> Option<RuleLabels> {
         if let Some(t) = self.records.get_mut(&key) {
             t.packets += 1;
             t.bytes += bytes;
             t.end = t.end.max(at);
-            return;
+            return t.pending.clone();
         }
         if self.records.len() >= MAX_RECORDS {
             self.dropped += 1;
-            return;
+            return pending;
         }
         self.records.insert(
             key,
@@ -105,8 +129,10 @@ impl FlowLog {
                 bytes,
                 start: at,
                 end: at,
+                pending: pending.clone(),
             },
         );
+        pending
     }
 
     /// The records aggregated since the last flush, as JSON lines (emptied).
@@ -130,6 +156,10 @@ impl FlowLog {
                     "dest_port": k.dest_port,
                     "action": k.action,
                     "policy": k.policy,
+                    // What committing the staged policies would decide (the enforced
+                    // verdict when none changes this endpoint's policy).
+                    "pending_action": t.pending.as_ref().map_or(k.action, |p| p.3),
+                    "pending_policy": t.pending.as_ref().map_or_else(|| k.policy.clone(), policy_field),
                     "packets": t.packets,
                     "bytes": t.bytes,
                 })
@@ -176,9 +206,19 @@ mod tests {
     fn packets_of_one_flow_make_one_record() {
         let mut log = FlowLog::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
-        log.add(key("allow", 80), 60, t0);
-        log.add(key("allow", 80), 1500, t0 + Duration::from_secs(2));
-        log.add(key("deny", 81), 60, t0 + Duration::from_secs(1));
+        let staged_deny = (
+            "default".to_owned(),
+            "default.staged:deny-web".to_owned(),
+            "0".to_owned(),
+            "deny",
+        );
+        log.add(key("allow", 80), 60, t0, Some(staged_deny.clone()));
+        // A later packet of the record keeps the pending verdict the first one got.
+        assert_eq!(
+            log.add(key("allow", 80), 1500, t0 + Duration::from_secs(2), None),
+            Some(staged_deny)
+        );
+        log.add(key("deny", 81), 60, t0 + Duration::from_secs(1), None);
         let lines = log.take_lines();
         assert_eq!(lines.len(), 2);
         let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
@@ -187,6 +227,17 @@ mod tests {
         assert_eq!(first["start_time"], 100.0);
         assert_eq!(first["end_time"], 102.0);
         assert_eq!(first["policy"], "default|allow-web|0|allow");
+        assert_eq!(first["pending_action"], "deny");
+        assert_eq!(
+            first["pending_policy"],
+            "default|default.staged:deny-web|0|deny"
+        );
+        let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(
+            second["pending_action"], "deny",
+            "no staged change: as enforced"
+        );
+        assert_eq!(second["pending_policy"], second["policy"]);
         assert!(log.take_lines().is_empty(), "a flush empties the log");
     }
 

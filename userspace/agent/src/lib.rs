@@ -236,10 +236,10 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
                 agent.driver.retry_failed().await;
                 if agent.synced && last_refresh.elapsed() >= refresh {
                     last_refresh = Instant::now();
-                    agent.driver.housekeeping();
+                    agent.driver.housekeeping(&agent.calc);
                     tracing::debug!(total_us = last_refresh.elapsed().as_micros() as u64, "periodic refresh");
                 } else {
-                    agent.driver.refresh_counters();
+                    agent.driver.refresh_counters(&agent.calc);
                 }
                 if let Some(b) = agent.bird.as_mut() {
                     b.supervise();
@@ -337,7 +337,7 @@ impl Agent {
         let changes = self.calc.flush();
         let n = changes.len();
         let calculated = calc_started.elapsed();
-        self.driver.apply(changes).await;
+        self.driver.apply(changes, &self.calc).await;
         tracing::debug!(
             changes = n,
             queued_us = started.map_or(0, |t| (calc_started - t).as_micros() as u64),
@@ -361,7 +361,7 @@ impl Agent {
                 self.driver.guard_unknown_workloads();
                 self.driver.sweep_leftovers();
                 self.driver.routes_complete();
-                self.driver.housekeeping();
+                self.driver.housekeeping(&self.calc);
                 tracing::info!(
                     endpoints = self.calc.endpoints().count(),
                     "in sync: dataplane programmed from a complete snapshot"
@@ -369,7 +369,7 @@ impl Agent {
             }
             self.metrics.in_sync.set(1);
         }
-        self.driver.refresh_counters();
+        self.driver.refresh_counters(&self.calc);
     }
 
     fn put(&mut self, resource: &Resource) {
@@ -486,6 +486,17 @@ impl Agent {
                 namespace,
                 name,
                 policy: None,
+            },
+            Kind::StagedNetworkPolicy | Kind::StagedGlobalNetworkPolicy => Update::Staged {
+                key: (namespace, name),
+                staged: None,
+            },
+            Kind::StagedKubernetesNetworkPolicy => Update::Staged {
+                key: (
+                    namespace,
+                    format!("{}{name}", calico_model::k8s::NETWORK_POLICY_PREFIX),
+                ),
+                staged: None,
             },
             Kind::Profile => {
                 if let Some(namespace) = name.strip_prefix(calico_policy::NAMESPACE_PROFILE_PREFIX)

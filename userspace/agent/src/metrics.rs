@@ -55,6 +55,8 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     rule_packets: Family<RuleLabels, Counter>,
     rule_bytes: Family<RuleLabels, Counter>,
+    pending_rule_packets: Family<RuleLabels, Counter>,
+    pending_rule_bytes: Family<RuleLabels, Counter>,
     pub flow_records_dropped: Counter,
     registry: Mutex<Registry>,
 }
@@ -87,6 +89,8 @@ impl Default for Metrics {
             map_capacity: Family::default(),
             rule_packets: Family::default(),
             rule_bytes: Family::default(),
+            pending_rule_packets: Family::default(),
+            pending_rule_bytes: Family::default(),
             flow_records_dropped: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
@@ -199,6 +203,16 @@ impl Default for Metrics {
                 m.rule_bytes.clone(),
             );
             r.register(
+                "felix_pending_policy_rule_packets",
+                "Judged packets of endpoints whose policy staged policies would change, by the rule that would decide them were the staged policies committed (tier, policy, rule index, action)",
+                m.pending_rule_packets.clone(),
+            );
+            r.register(
+                "felix_pending_policy_rule_bytes",
+                "Bytes of those packets, by the rule that would decide them",
+                m.pending_rule_bytes.clone(),
+            );
+            r.register(
                 "felix_flow_records_dropped",
                 "Judged packets left out of the flow logs because too many distinct flows were pending",
                 m.flow_records_dropped.clone(),
@@ -251,20 +265,24 @@ impl Metrics {
     }
 
     /// Adds what a rule decided since it was last read.
-    pub fn add_rule_counts(
+    pub fn add_rule_counts(&self, rule: crate::flowlogs::RuleLabels, packets: u64, bytes: u64) {
+        let labels = rule_labels(rule);
+        self.rule_packets.get_or_create(&labels).inc_by(packets);
+        self.rule_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    /// Adds packets the staged policies' pending verdict would have decided by `rule`.
+    pub fn add_pending_rule_counts(
         &self,
-        (tier, policy, rule, action): (String, String, String, &'static str),
+        rule: crate::flowlogs::RuleLabels,
         packets: u64,
         bytes: u64,
     ) {
-        let labels: RuleLabels = vec![
-            ("tier", tier),
-            ("policy", policy),
-            ("rule", rule),
-            ("action", action.to_owned()),
-        ];
-        self.rule_packets.get_or_create(&labels).inc_by(packets);
-        self.rule_bytes.get_or_create(&labels).inc_by(bytes);
+        let labels = rule_labels(rule);
+        self.pending_rule_packets
+            .get_or_create(&labels)
+            .inc_by(packets);
+        self.pending_rule_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     pub fn set_occupancy(&self, occupancy: Vec<(&'static str, usize)>) {
@@ -296,6 +314,15 @@ impl Metrics {
 
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn rule_labels((tier, policy, rule, action): crate::flowlogs::RuleLabels) -> RuleLabels {
+    vec![
+        ("tier", tier),
+        ("policy", policy),
+        ("rule", rule),
+        ("action", action.to_owned()),
+    ]
+}
 
 #[cfg(test)]
 mod tests {

@@ -26,8 +26,8 @@ use calico_model::{
     Order,
 };
 use calico_policy::{
-    Direction, EndpointId, EndpointInfo, IpSetSource, Item, NetworkSetInfo, PolicyInfo,
-    PolicyProgram, SelectorScope, World,
+    Direction, EndpointId, EndpointInfo, IpSetSource, Item, NetworkSetInfo, PolicyInfo, PolicyKey,
+    PolicyProgram, SelectorScope, StagedPolicy, World,
 };
 use calico_selector::Selector;
 use ipnet::IpNet;
@@ -63,6 +63,12 @@ pub enum Update {
         name: String,
         tier: Option<(Option<Order>, TierDefaultAction)>,
     },
+    /// A staged policy, by the key of the enforced policy it previews: it changes no
+    /// endpoint's enforced programs, only what flow records say would happen.
+    Staged {
+        key: PolicyKey,
+        staged: Option<StagedPolicy>,
+    },
 }
 
 impl Update {
@@ -91,6 +97,10 @@ impl Update {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
                 policy: Some(p),
+            },
+            Item::Staged(staged) => Update::Staged {
+                key: staged.key.clone(),
+                staged: Some(staged),
             },
         }
     }
@@ -195,6 +205,9 @@ pub struct Calculator {
     members: BTreeMap<String, BTreeSet<EndpointId>>,
     dirty: BTreeSet<EndpointId>,
     stats: CalcStats,
+    /// Counts the updates taken: anything derived from [`Calculator::world`] is stale once
+    /// it moves.
+    revision: u64,
 }
 
 fn policy_key(namespace: Option<&str>, name: &str) -> String {
@@ -207,6 +220,11 @@ fn policy_key(namespace: Option<&str>, name: &str) -> String {
 impl Calculator {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Moves with every update taken (and at a reset).
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The inputs as they stand.
@@ -232,9 +250,10 @@ impl Calculator {
     /// endpoint that is gone as removed and every one that remains as set.
     pub fn reset(&mut self) {
         let old = std::mem::take(&mut self.current);
-        let stats = self.stats;
+        let (stats, revision) = (self.stats, self.revision);
         *self = Self::default();
         self.stats = stats;
+        self.revision = revision + 1;
         // Keep what was reported so the flush after the replay reports only differences.
         self.current = old;
         self.dirty = self.current.keys().cloned().collect();
@@ -242,7 +261,16 @@ impl Calculator {
 
     /// Takes one change; nothing is recomputed until [`Calculator::flush`].
     pub fn apply(&mut self, update: Update) {
+        self.revision += 1;
         match update {
+            Update::Staged { key, staged } => match staged {
+                Some(s) => {
+                    self.world.staged.insert(key, s);
+                }
+                None => {
+                    self.world.staged.remove(&key);
+                }
+            },
             Update::Endpoint {
                 id,
                 endpoint,

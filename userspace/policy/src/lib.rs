@@ -22,6 +22,7 @@ pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram, PeerSe
 pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
 pub use world::{
-    namespace_of_profile, EndpointId, EndpointInfo, EndpointLabels, IpSetSource, Item, LabelSet,
-    NetworkSetInfo, PolicyInfo, PolicyKey, Rules, SelectorScope, World, NAMESPACE_PROFILE_PREFIX,
+    namespace_of_profile, staged_name, EndpointId, EndpointInfo, EndpointLabels, IpSetSource, Item,
+    LabelSet, NetworkSetInfo, PolicyInfo, PolicyKey, Rules, SelectorScope, StagedPolicy, World,
+    NAMESPACE_PROFILE_PREFIX,
 };

@@ -47,9 +47,54 @@ fn by_order(a: Option<Order>, b: Option<Order>) -> Ordering {
     }
 }
 
+/// The entries of a map keyed by [`PolicyKey`] that can apply to an endpoint in `namespace`:
+/// the global ones, then those of its own namespace (the map is keyed by namespace first).
+fn in_scope<'a, V>(
+    map: &'a std::collections::BTreeMap<PolicyKey, V>,
+    namespace: Option<&'a String>,
+) -> impl Iterator<Item = (&'a PolicyKey, &'a V)> {
+    let global = map.range::<PolicyKey, _>(..(Some(String::new()), String::new()));
+    let own = namespace.into_iter().flat_map(move |ns| {
+        map.range::<PolicyKey, _>((Some(ns.clone()), String::new())..)
+            .take_while(move |((n, _), _)| n.as_ref() == Some(ns))
+    });
+    global.chain(own)
+}
+
 impl World {
     /// The policy program of `endpoint` for `direction`.
     pub fn program(&self, endpoint: &EndpointId, direction: Direction) -> PolicyProgram {
+        let policies = in_scope(&self.policies, endpoint.namespace.as_ref()).map(|(_, p)| p);
+        self.program_of(endpoint, direction, policies)
+    }
+
+    /// Whether any staged policy would change what is enforced (Learn and Ignore do not).
+    pub fn has_staged(&self) -> bool {
+        self.staged.values().any(|s| s.changes_enforcement())
+    }
+
+    /// The program `endpoint` would have for `direction` were every staged policy committed:
+    /// a staged `Set` takes the place of the enforced policy with its key (or is added), a
+    /// staged `Delete` removes it. The staged policies keep their flow-log names
+    /// (`<tier>.staged:<name>`), so a verdict shows which of them decided.
+    pub fn pending_program(&self, endpoint: &EndpointId, direction: Direction) -> PolicyProgram {
+        let namespace = endpoint.namespace.as_ref();
+        let staged = &self.staged;
+        let enforced = in_scope(&self.policies, namespace)
+            .filter(|(key, _)| !staged.get(*key).is_some_and(|s| s.changes_enforcement()))
+            .map(|(_, p)| p);
+        let set = in_scope(staged, namespace).filter_map(|(_, s)| s.policy.as_ref());
+        self.program_of(endpoint, direction, enforced.chain(set))
+    }
+
+    /// The program of `endpoint` for `direction` from the candidate `policies` (those whose
+    /// scope can include it).
+    fn program_of<'a>(
+        &'a self,
+        endpoint: &EndpointId,
+        direction: Direction,
+        policies: impl Iterator<Item = &'a crate::PolicyInfo>,
+    ) -> PolicyProgram {
         let Some(info) = self.endpoints.get(endpoint) else {
             return PolicyProgram::default();
         };
@@ -58,20 +103,7 @@ impl World {
             Direction::Ingress => PolicyType::Ingress,
             Direction::Egress => PolicyType::Egress,
         };
-        // Global policies, then those of the endpoint's own namespace: the two ranges of the
-        // policy map (keyed by namespace first) that can apply.
-        let global = self
-            .policies
-            .range::<PolicyKey, _>(..(Some(String::new()), String::new()))
-            .map(|(_, p)| p);
-        let own = endpoint.namespace.iter().flat_map(|ns| {
-            self.policies
-                .range::<PolicyKey, _>((Some(ns.clone()), String::new())..)
-                .take_while(move |((n, _), _)| n.as_ref() == Some(ns))
-                .map(|(_, p)| p)
-        });
-        let mut applicable: Vec<_> = global
-            .chain(own)
+        let mut applicable: Vec<_> = policies
             .filter(|p| p.effective_types().contains(&wanted))
             .filter(|p| {
                 p.selector.matches(&labels)

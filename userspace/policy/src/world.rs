@@ -135,6 +135,38 @@ impl PolicyInfo {
 /// A policy's identity: namespace (None for a GlobalNetworkPolicy) and name.
 pub type PolicyKey = (Option<String>, String);
 
+/// A StagedNetworkPolicy, StagedGlobalNetworkPolicy or StagedKubernetesNetworkPolicy: what
+/// committing it would do to the enforced policy with its key (upstream's preview).
+#[derive(Debug, Clone)]
+pub struct StagedPolicy {
+    /// The enforced policy's key (`knp.default.<name>` for a staged Kubernetes policy).
+    pub key: PolicyKey,
+    pub action: calico_model::spec::StagedAction,
+    /// The policy a `Set` would enforce, named as flow records name a staged policy
+    /// (`<tier>.staged:<name>`, or `staged:<name>`); None for the other actions.
+    pub policy: Option<PolicyInfo>,
+}
+
+impl StagedPolicy {
+    /// Learn and Ignore preview nothing.
+    pub fn changes_enforcement(&self) -> bool {
+        use calico_model::spec::StagedAction;
+        matches!(self.action, StagedAction::Set | StagedAction::Delete)
+    }
+}
+
+/// How upstream names a staged policy in flow logs: `staged:` before the policy's own part
+/// of the name (`default.staged:allow-web`, `staged:knp.default.web`).
+pub fn staged_name(name: &str, tier: &str) -> String {
+    match name
+        .strip_prefix(tier)
+        .and_then(|rest| rest.strip_prefix('.'))
+    {
+        Some(own) if !name.starts_with("knp.") => format!("{tier}.staged:{own}"),
+        _ => format!("staged:{name}"),
+    }
+}
+
 /// Everything the calculation looks at.
 #[derive(Debug, Clone, Default)]
 pub struct World {
@@ -147,6 +179,9 @@ pub struct World {
     /// By (namespace, name): replacing or deleting one of 10,000 policies is a lookup.
     pub policies: BTreeMap<PolicyKey, PolicyInfo>,
     pub profiles: BTreeMap<String, ProfileSpec>,
+    /// Staged policies by the key of the enforced policy they would set or delete: evaluated
+    /// for flow records, never enforced (see [`World::pending_program`]).
+    pub staged: BTreeMap<PolicyKey, StagedPolicy>,
     /// Rule lists by a hash of their JSON (the JSON itself would hold a copy as large as the
     /// rules), so that equal ones are stored once; entries whose lists are gone are swept as
     /// the map grows.
@@ -516,6 +551,7 @@ pub enum Item {
     Tier(String, (Option<Order>, TierDefaultAction)),
     Profile(String, ProfileSpec),
     Policy(PolicyInfo),
+    Staged(StagedPolicy),
 }
 
 /// The profile calico-kube-controllers writes for each Kubernetes namespace, `kns.<name>`,
@@ -765,9 +801,59 @@ impl Item {
                     egress: rules(&p.spec.egress)?,
                 })
             }
+            Resource::StagedNetworkPolicy(p) => {
+                let enforced = calico_model::Resource::NetworkPolicy(calico_model::Object {
+                    api_version: p.api_version.clone(),
+                    kind: calico_model::Kind::NetworkPolicy.as_str().to_owned(),
+                    metadata: p.metadata.clone(),
+                    spec: p.spec.policy.clone(),
+                    status: None,
+                });
+                Item::Staged(staged_item(&enforced, p.spec.action())?)
+            }
+            Resource::StagedGlobalNetworkPolicy(p) => {
+                let enforced = calico_model::Resource::GlobalNetworkPolicy(calico_model::Object {
+                    api_version: p.api_version.clone(),
+                    kind: calico_model::Kind::GlobalNetworkPolicy.as_str().to_owned(),
+                    metadata: p.metadata.clone(),
+                    spec: p.spec.policy.clone(),
+                    status: None,
+                });
+                Item::Staged(staged_item(&enforced, p.spec.action())?)
+            }
+            Resource::StagedKubernetesNetworkPolicy(p) => {
+                let namespace = p.metadata.namespace.as_deref().unwrap_or("default");
+                let enforced = calico_model::k8s::network_policy_from_spec(
+                    &p.metadata.name,
+                    namespace,
+                    &p.spec.policy,
+                )
+                .map_err(|e| format!("StagedKubernetesNetworkPolicy {}: {e}", p.metadata.name))?;
+                Item::Staged(staged_item(&enforced, p.spec.action())?)
+            }
             _ => return Ok(None),
         }))
     }
+}
+
+/// The staged form of `enforced` (the policy the staged resource stands for).
+fn staged_item(
+    enforced: &calico_model::Resource,
+    action: calico_model::spec::StagedAction,
+) -> Result<StagedPolicy, String> {
+    let Some(Item::Policy(mut policy)) = Item::from_resource(enforced)? else {
+        unreachable!("a policy resource reads as a policy")
+    };
+    let key = policy.key();
+    let policy = (action == calico_model::spec::StagedAction::Set).then(|| {
+        policy.name = staged_name(&policy.name, &policy.tier);
+        policy
+    });
+    Ok(StagedPolicy {
+        key,
+        action,
+        policy,
+    })
 }
 
 impl World {
@@ -789,6 +875,9 @@ impl World {
                 self.profiles.insert(name, spec);
             }
             Item::Policy(policy) => self.put_policy(policy),
+            Item::Staged(staged) => {
+                self.staged.insert(staged.key.clone(), staged);
+            }
         }
     }
 

@@ -706,6 +706,95 @@ fn ip_batch(host: &NetNs, lines: impl Iterator<Item = String>) -> Result<()> {
     Ok(())
 }
 
+/// Flow logs switched on through FelixConfiguration into a directory of the test's own.
+struct FlowLogs {
+    dir: std::path::PathBuf,
+}
+
+impl Drop for FlowLogs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl FlowLogs {
+    fn enable(s: &Setup) -> Result<FlowLogs> {
+        let dir = std::env::temp_dir().join(unique_name("flow"));
+        s.store.apply(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\nspec:\n  flowLogsFileEnabled: true\n  flowLogsFlushInterval: 1s\n  flowLogsFileDirectory: {}\n",
+            dir.display()
+        ))?;
+        Ok(FlowLogs { dir })
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("flows.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Pings the server until a record of the client's ping at the server's endpoint
+    /// satisfies `wanted` (the configuration may arrive after the first ping; each ping is a
+    /// new echo id, so a new flow judged by policy).
+    fn wait(
+        &self,
+        s: &Setup,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let server_endpoint = format!("default/{}-cni-server-eth0", s.agent.node);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let _ = s.client().ns.ping(s.server().address.into())?;
+            if let Some(r) = self.records().into_iter().find(|r| {
+                r["proto"] == 1
+                    && r["endpoint"] == server_endpoint.as_str()
+                    && r["reporter"] == "dst"
+                    && r["source_ip"] == s.client().address.to_string().as_str()
+                    && wanted(r)
+            }) {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no record {what} in {:?}; agent log:\n{}",
+                    self.records(),
+                    s.agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// Whether `/metrics` text has `family{…policy, action, rule 0…}` above zero.
+fn counted(metrics: &str, family: &str, policy: &str, action: &str) -> bool {
+    metrics.lines().any(|l| {
+        l.starts_with(&format!("{family}{{"))
+            && l.contains(&format!("policy=\"{policy}\""))
+            && l.contains(&format!("action=\"{action}\""))
+            && l.contains("rule=\"0\"")
+            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
+    })
+}
+
+/// Reads /metrics until `wanted` holds (counters are read at the periodic refresh).
+fn wait_metrics(s: &Setup, wanted: impl Fn(&str) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = s.agent.get(&s.host, "/metrics")?.1;
+        if wanted(&text) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("counters missing from /metrics:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Flow logs and per-rule counters name the deciding rule: the client's ping allowed by the
 /// network profile's rule, then denied by `deny-client`'s first rule, each a record in
 /// `flows.log` (switched on through FelixConfiguration) and a counter on /metrics.
@@ -714,51 +803,12 @@ fn flow_logs_and_rule_counters_name_the_deciding_rule() -> Result<()> {
     if !require("flow_logs_and_rule_counters_name_the_deciding_rule", NEEDS) {
         return Ok(());
     }
-    struct Dir(std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = Dir(std::env::temp_dir().join(unique_name("flow")));
     let s = Setup::new()?;
-    s.store.apply(&format!(
-        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\nspec:\n  flowLogsFileEnabled: true\n  flowLogsFlushInterval: 1s\n  flowLogsFileDirectory: {}\n",
-        dir.0.display()
-    ))?;
-    let records = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(dir.0.join("flows.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
-    let server_endpoint = format!("default/{}-cni-server-eth0", s.agent.node);
-    // Pings until a record like `wanted` shows (the configuration may arrive after the first
-    // ping; each ping is a new echo id, so a new flow judged by policy).
-    let wait_record = |action: &str, policy: &str| -> Result<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let _ = s.client().ns.ping(s.server().address.into())?;
-            if let Some(r) = records().into_iter().find(|r| {
-                r["action"] == action
-                    && r["proto"] == 1
-                    && r["endpoint"] == server_endpoint.as_str()
-                    && r["reporter"] == "dst"
-                    && r["source_ip"] == s.client().address.to_string().as_str()
-                    && r["policy"].as_str().is_some_and(|p| p.contains(policy))
-            }) {
-                return Ok(r);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no {action} record by {policy} in {:?}; agent log:\n{}",
-                    records(),
-                    s.agent.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
+    let flows = FlowLogs::enable(&s)?;
+    let wait_record = |action: &str, policy: &str| {
+        flows.wait(&s, &format!("{action} by {policy}"), |r| {
+            r["action"] == action && r["policy"].as_str().is_some_and(|p| p.contains(policy))
+        })
     };
     let allowed = wait_record("allow", "|net1|0|allow")?;
     assert!(allowed["packets"].as_u64() >= Some(1) && allowed["bytes"].as_u64() > Some(0));
@@ -768,25 +818,79 @@ fn flow_logs_and_rule_counters_name_the_deciding_rule() -> Result<()> {
     assert_eq!(denied["dest_ip"], s.server().address.to_string().as_str());
 
     // The same two rules on /metrics (read at the periodic refresh).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = s.agent.get(&s.host, "/metrics")?.1;
-        let counted = |policy: &str, action: &str| {
-            text.lines().any(|l| {
-                l.starts_with("felix_policy_rule_packets_total{")
-                    && l.contains(&format!("policy=\"{policy}\""))
-                    && l.contains(&format!("action=\"{action}\""))
-                    && l.contains("rule=\"0\"")
-                    && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
-            })
-        };
-        if counted("deny-client", "deny") && counted("net1", "allow") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("rule counters missing from /metrics:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    wait_metrics(&s, |text| {
+        counted(
+            text,
+            "felix_policy_rule_packets_total",
+            "deny-client",
+            "deny",
+        ) && counted(text, "felix_policy_rule_packets_total", "net1", "allow")
+    })
+}
+
+/// Staged policies are evaluated, never enforced: a staged deny of the client leaves its
+/// pings passing while their flow records say the staged rule would deny them; a staged
+/// deletion of the enforced `deny-client` leaves the pings dropped while the records say the
+/// profile would then allow them. Both pending verdicts are counted on /metrics.
+#[test]
+fn staged_policies_show_in_flow_records_without_being_enforced() -> Result<()> {
+    if !require(
+        "staged_policies_show_in_flow_records_without_being_enforced",
+        NEEDS,
+    ) {
+        return Ok(());
     }
-    Ok(())
+    let s = Setup::new()?;
+    let flows = FlowLogs::enable(&s)?;
+    s.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: StagedGlobalNetworkPolicy\nmetadata: {name: block-client}\nspec:\n  selector: role == 'server'\n  ingress:\n  - action: Deny\n    source: {selector: role == 'client'}\n",
+    )?;
+    let staged_deny = flows.wait(&s, "allowed by net1, staged to be denied", |r| {
+        r["action"] == "allow"
+            && r["policy"]
+                .as_str()
+                .is_some_and(|p| p.contains("|net1|0|allow"))
+            && r["pending_action"] == "deny"
+            && r["pending_policy"] == "default|staged:block-client|0|deny"
+    })?;
+    assert!(staged_deny["packets"].as_u64() >= Some(1));
+    // Not enforced: the pings still pass.
+    s.wait_ping(true, Duration::from_secs(5))?;
+
+    // The enforced deny, and a staged deletion of it (the staged deny withdrawn).
+    s.store.apply(DENY_CLIENT)?;
+    s.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: StagedGlobalNetworkPolicy\nmetadata: {name: deny-client}\nspec: {stagedAction: Delete}\n",
+    )?;
+    s.store
+        .delete(Kind::StagedGlobalNetworkPolicy, None, "block-client")?;
+    s.wait_ping(false, Duration::from_secs(10))?;
+    flows.wait(&s, "denied by deny-client, staged to be allowed", |r| {
+        r["action"] == "deny"
+            && r["policy"]
+                .as_str()
+                .is_some_and(|p| p.contains("deny-client|0|deny"))
+            && r["pending_action"] == "allow"
+            && r["pending_policy"]
+                .as_str()
+                .is_some_and(|p| p.contains("|net1|0|allow"))
+    })?;
+    // Still enforced: the deletion was only staged.
+    assert!(
+        !s.client().ns.ping(s.server().address.into())?,
+        "a staged deletion must not lift the enforced deny"
+    );
+    wait_metrics(&s, |text| {
+        counted(
+            text,
+            "felix_pending_policy_rule_packets_total",
+            "staged:block-client",
+            "deny",
+        ) && counted(
+            text,
+            "felix_pending_policy_rule_packets_total",
+            "net1",
+            "allow",
+        )
+    })
 }

@@ -520,3 +520,141 @@ spec:
     .expect_err("peer-side named port");
     assert_eq!(err.field, "destination.ports", "{err}");
 }
+
+/// Staged policies change the pending program only: a staged Set takes its enforced
+/// namesake's place (or joins its tier), a staged Delete removes the policy it names, Learn
+/// and Ignore preview nothing; the enforced program is the same with or without them.
+#[test]
+fn staged_policies_change_the_pending_program_only() {
+    const ENFORCED: &str = "
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: default.allow-web, namespace: shop}
+spec:
+  selector: app == 'db'
+  ingress: [{action: Allow, protocol: TCP, source: {selector: app == 'web'}, destination: {ports: [5432]}}]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: default.office}
+spec:
+  order: 500
+  selector: all()
+  ingress: [{action: Allow, source: {nets: [192.0.2.0/24]}}]
+";
+    let web_to_db = tcp("10.0.0.1", "10.0.0.2", 5432);
+    let office_to_db = tcp("192.0.2.7", "10.0.0.2", 22);
+    let db = ep("shop", "db-1");
+    let enforced = world(ENFORCED);
+    let allowed_by_web_rule = Verdict::Allow(rule(Some("default"), "shop/default.allow-web", 0));
+    assert_eq!(
+        verdict(&enforced, &db, Direction::Ingress, web_to_db),
+        allowed_by_web_rule
+    );
+    assert!(!enforced.has_staged());
+
+    let staged = world(&format!(
+        "{ENFORCED}---
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata: {{name: default.allow-web, namespace: shop}}
+spec:
+  selector: app == 'db'
+  ingress: [{{action: Deny, protocol: TCP, destination: {{ports: [5432]}}}}]
+---
+apiVersion: projectcalico.org/v3
+kind: StagedGlobalNetworkPolicy
+metadata: {{name: default.office}}
+spec: {{stagedAction: Delete}}
+---
+apiVersion: projectcalico.org/v3
+kind: StagedGlobalNetworkPolicy
+metadata: {{name: default.ignored}}
+spec: {{stagedAction: Ignore, selector: all(), ingress: [{{action: Deny}}]}}
+"
+    ));
+    assert!(staged.has_staged());
+    // Enforcement is untouched.
+    assert_eq!(
+        staged.program(&db, Direction::Ingress),
+        enforced.program(&db, Direction::Ingress)
+    );
+    assert_eq!(
+        verdict(&staged, &db, Direction::Ingress, web_to_db),
+        allowed_by_web_rule
+    );
+    // The pending program: the staged rule decides in its place, named as staged.
+    let pending = staged.pending_program(&db, Direction::Ingress);
+    assert_eq!(
+        evaluate(&staged, &pending, &web_to_db),
+        Verdict::Deny(rule(Some("default"), "shop/default.staged:allow-web", 0))
+    );
+    // The office policy's deletion leaves the office's SSH to the end of the tier.
+    assert_eq!(
+        verdict(&enforced, &db, Direction::Ingress, office_to_db),
+        Verdict::Allow(rule(Some("default"), "default.office", 0))
+    );
+    assert_eq!(
+        evaluate(&staged, &pending, &office_to_db),
+        Verdict::Deny(RuleRef::EndOfTier("default".into()))
+    );
+    // An endpoint no staged policy touches has the same pending program.
+    let web = ep("blog", "web-2");
+    assert_ne!(pending, staged.program(&db, Direction::Ingress));
+    let web_pending = staged.pending_program(&web, Direction::Ingress);
+    assert_ne!(
+        web_pending,
+        staged.program(&web, Direction::Ingress),
+        "the office deletion reaches every endpoint"
+    );
+
+    // A staged Kubernetes policy previews the knp.default. policy it would write, for the
+    // Kubernetes pods it selects.
+    let k8s = world(&format!(
+        "{ENFORCED}---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {{name: db-k8s, namespace: shop, labels: {{app: db, projectcalico.org/orchestrator: k8s}}}}
+spec: {{node: n1, ipNetworks: [10.0.0.9/32]}}
+---
+apiVersion: projectcalico.org/v3
+kind: StagedKubernetesNetworkPolicy
+metadata: {{name: isolate, namespace: shop}}
+spec:
+  podSelector: {{matchLabels: {{app: db}}}}
+  policyTypes: [Ingress]
+"
+    ));
+    let staged_k8s = &k8s.staged[&(Some("shop".to_owned()), "knp.default.isolate".to_owned())];
+    assert_eq!(
+        staged_k8s.policy.as_ref().map(|p| p.name.as_str()),
+        Some("staged:knp.default.isolate")
+    );
+    let names = |w: &World, e: &EndpointId, pending: bool| -> Vec<String> {
+        let program = if pending {
+            w.pending_program(e, Direction::Ingress)
+        } else {
+            w.program(e, Direction::Ingress)
+        };
+        program
+            .tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .map(|p| p.name.clone())
+            .collect()
+    };
+    let db_k8s = ep("shop", "db-k8s");
+    assert_eq!(
+        names(&k8s, &db_k8s, true),
+        // By order: office 500, the Kubernetes policy 1000, allow-web none (last).
+        [
+            "default.office",
+            "shop/staged:knp.default.isolate",
+            "shop/default.allow-web"
+        ]
+    );
+    assert_eq!(
+        names(&k8s, &db_k8s, false),
+        ["default.office", "shop/default.allow-web"]
+    );
+}
