@@ -98,6 +98,8 @@ const FIXTURES: &[&str] = &[
     include_str!("../../../userspace/model/tests/fixtures/endpoints.yaml"),
     include_str!("../../../userspace/model/tests/fixtures/network.yaml"),
     include_str!("../../../userspace/model/tests/fixtures/config.yaml"),
+    // Every FelixConfiguration and BGPConfiguration field of upstream's API.
+    include_str!("../../../userspace/model/tests/fixtures/upstream-config.yaml"),
 ];
 
 /// The YAML documents of `text` as values, without the metadata the datastore sets.

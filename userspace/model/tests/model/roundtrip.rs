@@ -12,6 +12,10 @@ const FIXTURES: &[(&str, &str)] = &[
     ("network.yaml", include_str!("../fixtures/network.yaml")),
     ("config.yaml", include_str!("../fixtures/config.yaml")),
     ("ipam.yaml", include_str!("../fixtures/ipam.yaml")),
+    (
+        "upstream-config.yaml",
+        include_str!("../fixtures/upstream-config.yaml"),
+    ),
 ];
 
 /// The documents of a fixture as generic YAML values.
