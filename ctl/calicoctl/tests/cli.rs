@@ -100,6 +100,7 @@ const FIXTURES: &[&str] = &[
     include_str!("../../../userspace/model/tests/fixtures/config.yaml"),
     // Every FelixConfiguration and BGPConfiguration field of upstream's API.
     include_str!("../../../userspace/model/tests/fixtures/upstream-config.yaml"),
+    include_str!("../../../userspace/model/tests/fixtures/upstream-kinds.yaml"),
 ];
 
 /// The YAML documents of `text` as values, without the metadata the datastore sets.

@@ -134,7 +134,7 @@ fn read_value(value: Value, line: usize, out: &mut Vec<Resource>) -> Result<(), 
     let kind = Kind::ALL
         .iter()
         .copied()
-        .find(|k| k.as_str() == kind_name)
+        .find(|k| k.is_named(&kind_name))
         .ok_or_else(|| {
             schema(
                 "kind",

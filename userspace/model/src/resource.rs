@@ -196,6 +196,7 @@ kinds! {
     BGPPeer(BgpPeerSpec): "bgppeers", namespaced = false,
         aliases = ["bgppeer", "bgpp", "bgpps", "bp", "bps"];
     BGPFilter(BgpFilterSpec): "bgpfilters", namespaced = false, aliases = ["bgpfilter"];
+    QoSPolicy(QosPolicySpec): "qospolicies", namespaced = false, aliases = ["qospolicy"];
     FelixConfiguration(FelixConfigurationSpec): "felixconfigurations", namespaced = false,
         aliases = ["felixconfiguration", "felixconfig", "felixconfigs"];
     ClusterInformation(ClusterInformationSpec): "clusterinformations", namespaced = false,
@@ -212,6 +213,13 @@ kinds! {
 }
 
 impl Kind {
+    /// Whether a document's `kind:` names this kind: its own name, or `IPAMConfiguration`,
+    /// the projectcalico.org/v3 name of what libcalico calls `IPAMConfig` (the same singleton
+    /// at the same key; the document keeps its own spelling).
+    pub fn is_named(self, name: &str) -> bool {
+        name == self.as_str() || (self == Kind::IPAMConfig && name == "IPAMConfiguration")
+    }
+
     /// Kinds whose single meaningful object is named `default` (or `node.<name>` per node for
     /// the configuration kinds).
     pub fn is_singleton(self) -> bool {

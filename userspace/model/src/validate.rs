@@ -42,7 +42,7 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
             format!("must be `{API_VERSION}`, not `{api_version}`"),
         );
     }
-    if kind_field != kind.as_str() {
+    if !kind.is_named(kind_field) {
         v.err("kind", format!("must be `{kind}`, not `{kind_field}`"));
     }
     v.metadata(kind, resource.metadata());
@@ -100,6 +100,7 @@ pub fn validate(resource: &Resource) -> Result<(), ValidationErrors> {
         Resource::BGPConfiguration(o) => v.bgp_configuration(name, &o.spec),
         Resource::BGPPeer(o) => v.bgp_peer(&o.spec),
         Resource::BGPFilter(o) => v.bgp_filter(&o.spec),
+        Resource::QoSPolicy(o) => v.qos_policy(&o.spec),
         Resource::FelixConfiguration(o) => v.felix_configuration(name, &o.spec),
         Resource::ClusterInformation(_) => v.singleton_name(name),
         Resource::KubeControllersConfiguration(o) => {
@@ -835,6 +836,79 @@ impl Validator {
             &spec.allow_spoofed_source_prefixes,
             None,
         );
+        if let Some(controls) = &spec.qos_controls {
+            self.qos_controls(controls);
+        }
+    }
+
+    /// A QoSPolicy as upstream validates it: selectors, at least one egress rule, a DSCP
+    /// value or name, nets of the rule's IP version, ports only with a protocol that has them.
+    fn qos_policy(&mut self, spec: &QosPolicySpec) {
+        self.order("spec.order", spec.order);
+        self.selector("spec.selector", &spec.selector, false);
+        self.selector("spec.namespaceSelector", &spec.namespace_selector, false);
+        if spec.egress.is_empty() {
+            self.err("spec.egress", "required: at least one rule");
+        }
+        for (i, rule) in spec.egress.iter().enumerate() {
+            let path = format!("spec.egress[{i}]");
+            match &rule.action.dscp {
+                Some(dscp) => self.dscp(&format!("{path}.action.dscp"), dscp),
+                None => self.err(format!("{path}.action.dscp"), "required"),
+            }
+            if let Some(v) = rule.ip_version.filter(|v| *v != 4 && *v != 6) {
+                self.err(format!("{path}.ipVersion"), format!("{v} is not 4 or 6"));
+            }
+            if let Some(Protocol::Name(name)) = &rule.protocol {
+                if !Protocol::NAMES.iter().any(|(known, _)| known == name) {
+                    self.err(format!("{path}.protocol"), format!("protocol name `{name}` is not valid: names are written TCP, UDP, ICMP, ICMPv6, SCTP or UDPLite"));
+                }
+            }
+            self.nets(
+                &format!("{path}.destination.nets"),
+                &rule.destination.nets,
+                rule.ip_version,
+            );
+            if !rule.destination.ports.is_empty() {
+                let p = format!("{path}.destination.ports");
+                if !rule.protocol.as_ref().is_some_and(Protocol::has_ports) {
+                    self.err(
+                        &p,
+                        "ports are only valid with protocol TCP, UDP, SCTP or UDPLite",
+                    );
+                }
+                self.ports(&p, &rule.destination.ports);
+            }
+        }
+    }
+
+    /// A DSCP value: 0-63 or one of upstream's names.
+    fn dscp(&mut self, path: &str, value: &serde_json::Value) {
+        let ok = match value {
+            serde_json::Value::Number(n) => n.as_i64().is_some_and(|n| (0..=63).contains(&n)),
+            serde_json::Value::String(s) => DSCP_NAMES.contains(&s.as_str()),
+            _ => false,
+        };
+        if !ok {
+            self.err(
+                path,
+                format!("`{value}` is not a DSCP value (0-63, or a name such as EF, AF11, CS1)"),
+            );
+        }
+    }
+
+    /// A workload's `qosControls`: upstream's fields, non-negative integers, a DSCP value.
+    fn qos_controls(&mut self, controls: &QosControls) {
+        for (field, value) in controls {
+            let path = format!("spec.qosControls.{field}");
+            if !QOS_CONTROLS_FIELDS.contains(&field.as_str()) {
+                self.err(&path, format!("unknown field `{field}`"));
+            } else if field == "dscp" {
+                self.dscp(&path, value);
+            } else if !value.as_i64().is_some_and(|n| n >= 0) {
+                self.err(&path, format!("`{value}` is not a non-negative integer"));
+            }
+        }
     }
 
     fn endpoint_port(&mut self, path: &str, name: &str, protocol: &Protocol, port: i64) {
@@ -1218,7 +1292,11 @@ impl Validator {
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
         };
-        if let Some(lws) = spec.upstream_only.get("localWorkloadSelector") {
+        if let Some(lws) = spec
+            .upstream_only
+            .get("localWorkloadSelector")
+            .filter(|v| v.as_str() != Some(""))
+        {
             match lws.as_str() {
                 Some(sel) => {
                     self.selector("spec.localWorkloadSelector", &Some(sel.to_owned()), false)
@@ -1900,6 +1978,11 @@ pub fn inert_fields(resource: &Resource) -> Vec<String> {
         Resource::BGPPeer(o) => spec_fields(&o.spec.upstream_only),
         // Stored for BGPPeers' `filters`, which the BIRD configuration does not render yet.
         Resource::BGPFilter(_) => vec!["spec".to_owned()],
+        // QoS (DSCP marking, bandwidth and connection limits) is not applied here.
+        Resource::QoSPolicy(_) => vec!["spec".to_owned()],
+        Resource::WorkloadEndpoint(o) if o.spec.qos_controls.is_some() => {
+            vec!["spec.qosControls".to_owned()]
+        }
         _ => Vec::new(),
     }
 }

@@ -50,6 +50,9 @@ pub struct WorkloadEndpointSpec {
     pub ports: Vec<WorkloadEndpointPort>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_spoofed_source_prefixes: Vec<String>,
+    /// Upstream's QoS controls: stored, not applied by this dataplane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_controls: Option<super::QosControls>,
 }
 
 /// A 1:1 NAT mapping on a workload endpoint.

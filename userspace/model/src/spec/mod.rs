@@ -7,9 +7,11 @@ mod endpoint;
 mod ipam;
 mod network;
 mod policy;
+mod qos;
 
 pub use config::*;
 pub use endpoint::*;
 pub use ipam::*;
 pub use network::*;
 pub use policy::*;
+pub use qos::*;

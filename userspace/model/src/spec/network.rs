@@ -299,15 +299,34 @@ pub struct SecretKeyRef {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BgpPeerSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Upstream's fields are plain strings whose empty value means unset (and is not
+    // written back): read that way here.
+    #[serde(
+        default,
+        deserialize_with = "empty_as_none",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub node: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "empty_as_none",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub node_selector: Option<String>,
-    #[serde(default, rename = "peerIP", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "peerIP",
+        deserialize_with = "empty_as_none",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub peer_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub as_number: Option<AsNumber>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "empty_as_none",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub peer_selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_original_next_hop: Option<bool>,
@@ -392,4 +411,9 @@ pub struct BgpFilterPrefixLength {
     pub min: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<i64>,
+}
+
+/// An optional string whose empty value means unset.
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
 }

@@ -203,6 +203,12 @@ fn bad_inputs_name_their_field() {
         (kind("BGPPeer", "x", "localWorkloadSelector: all()"), "spec.asNumber", "required when localWorkloadSelector"),
         (kind("Node", "n", "bgp: {}"), "spec.bgp", "should not be empty"),
         (kind("BlockAffinity", "b", "state: confirmed\nnode: n\ncidr: 10.0.0.0/26\ndeleted: 'true'"), "spec.deleted", "cannot be set to true"),
+        (kind("QoSPolicy", "q", "selector: all()"), "spec.egress", "at least one rule"),
+        (kind("QoSPolicy", "q", "egress: [{action: {dscp: 64}}]"), "spec.egress[0].action.dscp", "not a DSCP value"),
+        (kind("QoSPolicy", "q", "egress: [{action: {dscp: XX}}]"), "spec.egress[0].action.dscp", "not a DSCP value"),
+        (kind("QoSPolicy", "q", "egress: [{action: {dscp: EF}, destination: {ports: [80]}}]"), "spec.egress[0].destination.ports", "only valid with protocol"),
+        (wep("qosControls: {ingressBandwidth: -1}"), "spec.qosControls.ingressBandwidth", "not a non-negative integer"),
+        (wep("qosControls: {ingressBandwith: 1}"), "spec.qosControls.ingressBandwith", "unknown field"),
         // --- staged policies: read and validated as the policy they would enforce
         (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Later\nselector: all()"), "spec", "stagedAction: unknown variant `Later`"),
         (kind("StagedGlobalNetworkPolicy", "s", "stagedAction: Set\nselectr: all()"), "spec", "unknown field `selectr`"),
@@ -374,6 +380,9 @@ fn upstream_rules_accept_the_nearest_valid_form() {
         kind("KubeControllersConfiguration", "default", "healthChecks: Enabled\ncontrollers: {node: {reconcilerPeriod: 5m, syncLabels: Enabled, leakGracePeriod: 15m, hostEndpoint: {autoCreate: Disabled}}, policy: {reconcilerPeriod: 5m}, loadBalancer: {assignIPs: AllServices}}"),
         rule("action: Allow\nsource:\n  namespaceSelector: global()"),
         policy("egress: [{action: Allow, destination: {services: {name: s, namespace: n}}}]"),
+        // Upstream's plain strings: empty means unset.
+        kind("BGPPeer", "x", "node: ''\nnodeSelector: all()\npeerIP: ''\npeerSelector: all()\nlocalWorkloadSelector: ''"),
+        "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: false, maxBlocksPerHost: 0, autoAllocateBlocks: true}\n".to_owned(),
     ] {
         assert!(problems(&text).is_empty(), "{text}: {:?}", problems(&text));
     }

@@ -16,6 +16,10 @@ const FIXTURES: &[(&str, &str)] = &[
         "upstream-config.yaml",
         include_str!("../fixtures/upstream-config.yaml"),
     ),
+    (
+        "upstream-kinds.yaml",
+        include_str!("../fixtures/upstream-kinds.yaml"),
+    ),
 ];
 
 /// The documents of a fixture as generic YAML values.
