@@ -905,7 +905,7 @@ impl Validator {
                 self.err(&path, format!("unknown field `{field}`"));
             } else if field == "dscp" {
                 self.dscp(&path, value);
-            } else if !value.as_i64().is_some_and(|n| n >= 0) {
+            } else if value.as_i64().is_none_or(|n| n < 0) {
                 self.err(&path, format!("`{value}` is not a non-negative integer"));
             }
         }
