@@ -26,8 +26,8 @@ use calico_model::{
     Order,
 };
 use calico_policy::{
-    Direction, EndpointId, EndpointInfo, IpSetSource, Item, NetworkSetInfo, PolicyInfo, PolicyKey,
-    PolicyProgram, SelectorScope, StagedPolicy, World,
+    Direction, EndpointId, EndpointInfo, IpSetSource, Item, NamedPortKey, NamedPortMembers,
+    NetworkSetInfo, PolicyInfo, PolicyKey, PolicyProgram, SelectorScope, StagedPolicy, World,
 };
 use calico_selector::Selector;
 use ipnet::IpNet;
@@ -114,6 +114,8 @@ pub struct EndpointPolicy {
     pub egress: PolicyProgram,
     /// Every IP set the two programs consult, resolved.
     pub ipsets: BTreeMap<SelectorScope, Vec<IpNet>>,
+    /// Every named port on the programs' peer side, resolved.
+    pub named_ports: BTreeMap<NamedPortKey, NamedPortMembers>,
 }
 
 impl EndpointPolicy {
@@ -130,6 +132,17 @@ impl IpSetSource for EndpointPolicy {
         // Every scope the programs consult was resolved with them.
         self.ipsets.get(scope).cloned().unwrap_or_default()
     }
+
+    fn named_ports(&self, key: &NamedPortKey) -> NamedPortMembers {
+        self.named_ports.get(key).cloned().unwrap_or_default()
+    }
+}
+
+/// The peer-side named ports of both of an endpoint's programs.
+fn named_peer_ports(ingress: &PolicyProgram, egress: &PolicyProgram) -> BTreeSet<NamedPortKey> {
+    let mut keys = ingress.named_peer_ports(Direction::Ingress);
+    keys.extend(egress.named_peer_ports(Direction::Egress));
+    keys
 }
 
 /// A local endpoint whose policy changed.
@@ -154,11 +167,19 @@ pub fn from_scratch(world: &World, id: &EndpointId) -> Option<EndpointPolicy> {
             (s, p)
         })
         .collect();
+    let named_ports = named_peer_ports(&ingress, &egress)
+        .into_iter()
+        .map(|k| {
+            let m = world.named_port_members(&k);
+            (k, m)
+        })
+        .collect();
     Some(EndpointPolicy {
         addresses: info.addresses.clone(),
         ingress,
         egress,
         ipsets,
+        named_ports,
     })
 }
 
@@ -204,6 +225,9 @@ pub struct Calculator {
     /// Which local endpoints each policy (`ns/name` or `name`) applies to, either direction.
     members: BTreeMap<String, BTreeSet<EndpointId>>,
     dirty: BTreeSet<EndpointId>,
+    /// Which local endpoints' programs resolve each peer-side named port (with its parsed
+    /// scope): a peer in that scope changing its ports, labels or addresses changes them.
+    named_users: BTreeMap<NamedPortKey, (ParsedScope, BTreeSet<EndpointId>)>,
     stats: CalcStats,
     /// Counts the updates taken: anything derived from [`Calculator::world`] is stale once
     /// it moves.
@@ -322,6 +346,7 @@ impl Calculator {
                         self.dirty.insert(id.clone());
                     }
                     let after = self.world.effective_labels(id);
+                    self.named_port_peer_changed(id, &before, &after, false);
                     if before != after {
                         let addresses = self.world.endpoints[id].addresses.clone();
                         self.endpoint_sets_changed(id, &before, &addresses, &after, &addresses);
@@ -373,6 +398,13 @@ impl Calculator {
                         self.dirty.insert(id.clone());
                     }
                 }
+                let named: Vec<EndpointId> = self
+                    .named_users
+                    .iter()
+                    .filter(|((scope, _, _), _)| scope.namespace_selector.is_some())
+                    .flat_map(|(_, (_, users))| users.iter().cloned())
+                    .collect();
+                self.dirty.extend(named);
                 let scoped: Vec<SelectorScope> = self
                     .ipsets
                     .keys()
@@ -406,11 +438,11 @@ impl Calculator {
 
     fn apply_endpoint(&mut self, id: EndpointId, endpoint: Option<EndpointInfo>, local: bool) {
         let before_labels = self.world.effective_labels(&id);
-        let before_addresses = self
+        let (before_addresses, before_ports) = self
             .world
             .endpoints
             .get(&id)
-            .map(|e| e.addresses.clone())
+            .map(|e| (e.addresses.clone(), e.ports.clone()))
             .unwrap_or_default();
         let exists = endpoint.is_some();
         match endpoint {
@@ -422,12 +454,18 @@ impl Calculator {
             }
         }
         let after_labels = self.world.effective_labels(&id);
-        let after_addresses = self
+        let (after_addresses, after_ports) = self
             .world
             .endpoints
             .get(&id)
-            .map(|e| e.addresses.clone())
+            .map(|e| (e.addresses.clone(), e.ports.clone()))
             .unwrap_or_default();
+        self.named_port_peer_changed(
+            &id,
+            &before_labels,
+            &after_labels,
+            before_addresses != after_addresses || before_ports != after_ports,
+        );
         if self.local.contains(&id) || (local && exists) {
             self.dirty.insert(id.clone());
         }
@@ -447,6 +485,39 @@ impl Calculator {
 
     /// Refreshes every IP set that endpoint `id` was or is a member of, when its membership
     /// or addresses changed.
+    /// A peer in the scope of some named port (before or after the change) changed: the
+    /// programs resolving that named port are recomputed. `other_change`: its addresses or
+    /// ports changed (labels are compared here).
+    fn named_port_peer_changed(
+        &mut self,
+        id: &EndpointId,
+        before_labels: &BTreeMap<String, String>,
+        after_labels: &BTreeMap<String, String>,
+        other_change: bool,
+    ) {
+        let ns = id.namespace.as_deref();
+        let mut touched = Vec::new();
+        for ((scope, _, _), (parsed, users)) in &self.named_users {
+            if users.is_empty()
+                || !self.world.in_scope(
+                    ns,
+                    parsed.namespace_selector.as_ref(),
+                    scope.namespace.as_deref(),
+                )
+            {
+                continue;
+            }
+            let (was, is) = (
+                parsed.selector.matches(before_labels),
+                parsed.selector.matches(after_labels),
+            );
+            if (was || is) && (was != is || other_change) {
+                touched.extend(users.iter().cloned());
+            }
+        }
+        self.dirty.extend(touched);
+    }
+
     fn endpoint_sets_changed(
         &mut self,
         id: &EndpointId,
@@ -546,6 +617,11 @@ impl Calculator {
 
     fn forget_dependencies(&mut self, id: &EndpointId) {
         if let Some(old) = self.current.get(id) {
+            for key in old.named_ports.keys() {
+                if let Some((_, u)) = self.named_users.get_mut(key) {
+                    u.remove(id);
+                }
+            }
             for scope in old.ipsets.keys() {
                 if let Some(u) = self.users.get_mut(scope) {
                     u.remove(id);
@@ -596,11 +672,22 @@ impl Calculator {
                 .or_default()
                 .insert(id.clone());
         }
+        let mut named_ports = BTreeMap::new();
+        for key in named_peer_ports(&ingress, &egress) {
+            let members = self.world.named_port_members(&key);
+            self.named_users
+                .entry(key.clone())
+                .or_insert_with(|| (ParsedScope::new(&key.0), BTreeSet::new()))
+                .1
+                .insert(id.clone());
+            named_ports.insert(key, members);
+        }
         Some(EndpointPolicy {
             addresses,
             ingress,
             egress,
             ipsets,
+            named_ports,
         })
     }
 }

@@ -11,6 +11,9 @@ use proptest::prelude::*;
 
 const LABELS: &[&str] = &["app=web", "app=db", "app=cache", "tier=a", "tier=b"];
 
+/// Named ports endpoints may have: (name, protocol, number).
+const NAMED_PORTS: &[(&str, u8, u16)] = &[("http", 6, 80), ("http", 6, 8080), ("dns", 17, 53)];
+
 fn labels(kvs: &[&str]) -> BTreeMap<String, String> {
     kvs.iter()
         .map(|kv| {
@@ -36,7 +39,12 @@ fn endpoint_id(i: usize) -> EndpointId {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Endpoint(usize, Option<(Vec<&'static str>, Vec<usize>, bool)>),
+    Endpoint(
+        usize,
+        Option<(Vec<&'static str>, Vec<usize>, bool, Vec<usize>)>,
+    ),
+    /// Profile rules naming ports on the peer side (with or without a selector).
+    NamedPortProfile(bool),
     Policy(usize, Option<Box<PolicyInfo>>),
     ProfileLabels(Vec<&'static str>),
     ProfileRules(Vec<calico_model::spec::Rule>),
@@ -52,7 +60,9 @@ fn op() -> impl Strategy<Value = Op> {
             prop::collection::vec(pick(LABELS), 0..3),
             prop::collection::vec(0..testing::ADDRESSES.len(), 0..3),
             prop::bool::weighted(0.7),
+            prop::collection::vec(0..NAMED_PORTS.len(), 0..3),
         ))).prop_map(|(i, e)| Op::Endpoint(i, e)),
+        1 => any::<bool>().prop_map(Op::NamedPortProfile),
         3 => (0usize..5).prop_flat_map(|i| (Just(i), prop::option::weighted(0.75, testing::policy(i))))
             .prop_map(|(i, p)| Op::Policy(i, p.map(Box::new))),
         1 => prop::collection::vec(pick(LABELS), 0..2).prop_map(Op::ProfileLabels),
@@ -75,7 +85,7 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
             let id = endpoint_id(*i);
             locals.retain(|l| *l != id);
             match e {
-                Some((l, addrs, local)) => {
+                Some((l, addrs, local, ports)) => {
                     let info = EndpointInfo {
                         labels: labels(l).into(),
                         profiles: vec!["prof".into()],
@@ -83,7 +93,17 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
                             .iter()
                             .map(|a| testing::ADDRESSES[*a].parse().unwrap())
                             .collect(),
-                        ports: Vec::new(),
+                        ports: ports
+                            .iter()
+                            .map(|p| {
+                                let (name, protocol, port) = NAMED_PORTS[*p];
+                                calico_policy::NamedPort {
+                                    name: name.into(),
+                                    protocol: Some(protocol),
+                                    port,
+                                }
+                            })
+                            .collect(),
                     };
                     world.endpoints.insert(id.clone(), info.clone());
                     if *local {
@@ -117,6 +137,35 @@ fn step(world: &mut World, locals: &mut Vec<EndpointId>, op: &Op) -> Update {
                 namespace,
                 name,
                 policy: p.as_deref().cloned(),
+            }
+        }
+        Op::NamedPortProfile(with_selector) => {
+            let selector = if *with_selector {
+                "selector: app == 'web', "
+            } else {
+                ""
+            };
+            let rules = calico_model::parse_documents(&format!(
+                "apiVersion: projectcalico.org/v3\nkind: Profile\nmetadata: {{name: x}}\nspec:\n  ingress: [{{action: Allow, protocol: TCP, destination: {{{selector}ports: [http]}}}}, {{action: Allow, protocol: UDP, source: {{ports: [dns]}}}}]\n"
+            ))
+            .map(|r| match &r[0] {
+                calico_model::Resource::Profile(p) => p.spec.ingress.clone(),
+                _ => unreachable!(),
+            })
+            .unwrap();
+            let spec = ProfileSpec {
+                ingress: rules.clone(),
+                egress: rules,
+                labels_to_apply: world
+                    .profiles
+                    .get("prof")
+                    .map(|p| p.labels_to_apply.clone())
+                    .unwrap_or_default(),
+            };
+            world.profiles.insert("prof".into(), spec.clone());
+            Update::Profile {
+                name: "prof".into(),
+                profile: Some(spec),
             }
         }
         Op::ProfileLabels(l) => {

@@ -132,16 +132,15 @@ fn check_supported(
             }
         }
         // Named ports on the endpoint's own side were resolved with its program (a name it
-        // does not have matches no port); on the peer's side they would need per-peer port
-        // sets.
+        // does not have matches no port); the peers' named `ports` expand per port number
+        // (see `expand_named_peer_ports`); named `notPorts` of the peers would need the
+        // complement of (address, port) pairs.
         let peer_side = std::ptr::eq(e, peer_entity(rule, direction));
-        for (field, ports) in [("ports", &e.ports), ("notPorts", &e.not_ports)] {
-            if peer_side && ports.iter().any(|p| matches!(p, Port::Named(_))) {
-                return Err(err(
-                    &format!("{side}.{field}"),
-                    "named ports of the peers are not supported yet (the endpoint's own are)",
-                ));
-            }
+        if peer_side && e.not_ports.iter().any(|p| matches!(p, Port::Named(_))) {
+            return Err(err(
+                &format!("{side}.notPorts"),
+                "named notPorts of the peers are not supported (named ports and the endpoint's own named notPorts are)",
+            ));
         }
     }
     Ok(())
@@ -196,7 +195,8 @@ type ProtocolSignature = (bool, bool, Vec<(Option<bool>, Option<bool>)>);
 
 /// One rule of the program, with where it sits.
 struct FlatRule<'a> {
-    rule: &'a Rule,
+    /// The rule as written, or one of the rules a peer-side named port expands it into.
+    rule: std::borrow::Cow<'a, Rule>,
     namespace: Option<&'a str>,
     /// Index of its tier (or profile) in evaluation order.
     group: usize,
@@ -357,16 +357,20 @@ impl CompiledProgram {
             for p in &tier.policies {
                 for (i, r) in p.rules.iter().enumerate() {
                     check_supported(&p.name, i, r, direction)?;
-                    rules.push(FlatRule {
-                        rule: r,
-                        namespace: p.namespace.as_deref(),
-                        group: g,
-                        at: RuleRef::Rule {
-                            tier: Some(tier.name.clone()),
-                            policy: p.name.clone(),
-                            index: i,
-                        },
-                    });
+                    for rule in
+                        expand_named_peer_ports(ipsets, r, p.namespace.as_deref(), direction)
+                    {
+                        rules.push(FlatRule {
+                            rule,
+                            namespace: p.namespace.as_deref(),
+                            group: g,
+                            at: RuleRef::Rule {
+                                tier: Some(tier.name.clone()),
+                                policy: p.name.clone(),
+                                index: i,
+                            },
+                        });
+                    }
                 }
             }
         }
@@ -375,16 +379,18 @@ impl CompiledProgram {
             groups.push(Group { tier_default: None });
             for (i, r) in profile_rules.iter().enumerate() {
                 check_supported(name, i, r, direction)?;
-                rules.push(FlatRule {
-                    rule: r,
-                    namespace: None,
-                    group: g,
-                    at: RuleRef::Rule {
-                        tier: None,
-                        policy: name.clone(),
-                        index: i,
-                    },
-                });
+                for rule in expand_named_peer_ports(ipsets, r, None, direction) {
+                    rules.push(FlatRule {
+                        rule,
+                        namespace: None,
+                        group: g,
+                        at: RuleRef::Rule {
+                            tier: None,
+                            policy: name.clone(),
+                            index: i,
+                        },
+                    });
+                }
             }
         }
 
@@ -439,7 +445,7 @@ impl CompiledProgram {
         };
         let mut peers: Vec<PeerPredicate> = Vec::with_capacity(rules.len());
         for f in &rules {
-            let e = peer_entity(f.rule, direction);
+            let e = peer_entity(&f.rule, direction);
             let nets = (!e.nets.is_empty())
                 .then(|| parse_nets(&e.nets).iter().map(IpNet::trunc).collect());
             let has_sel = e.selector.is_some() || e.namespace_selector.is_some();
@@ -619,7 +625,7 @@ impl CompiledProgram {
                 .iter()
                 .map(|f| {
                     local_matches(
-                        local_entity(f.rule, direction),
+                        local_entity(&f.rule, direction),
                         f.namespace,
                         *ip,
                         &mut selected,
@@ -717,7 +723,7 @@ impl CompiledProgram {
                             .iter()
                             .map(|r| *r as usize)
                             .filter(|&r| {
-                                let rule = rules[r].rule;
+                                let rule = &rules[r].rule;
                                 local_sig[r]
                                     && rule.ip_version.is_none_or(|v| (v == 4) == *peer_v4)
                                     && rule
@@ -931,7 +937,7 @@ fn paint(
 ) -> Vec<(u16, u16, u32)> {
     let dims: Vec<Option<Vec<(u32, u32)>>> = applicable
         .iter()
-        .map(|&r| dim_ranges(rules[r].rule, protocol))
+        .map(|&r| dim_ranges(&rules[r].rule, protocol))
         .collect();
     // Interval boundaries from the applicable rules only.
     let mut cuts: BTreeSet<u32> = BTreeSet::new();
@@ -1033,6 +1039,70 @@ pub fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
 }
 
 /// The side of a rule that describes the other end of the connection.
+/// A rule whose peer side names ports by name, as the rules it stands for: one with its
+/// numeric ports (if any), then per named port and per number it resolves to, one matching
+/// that number at the addresses of the peers having it (inside the rule's own nets, if it
+/// has any). All keep the rule's place, so the first that matches decides as it would. A
+/// name no peer has adds nothing: it matches no packet. Other rules pass through as they are.
+fn expand_named_peer_ports<'a>(
+    ipsets: &dyn IpSetSource,
+    rule: &'a Rule,
+    policy_namespace: Option<&str>,
+    direction: Direction,
+) -> Vec<std::borrow::Cow<'a, Rule>> {
+    let peer = peer_entity(rule, direction);
+    if !peer.ports.iter().any(|p| matches!(p, Port::Named(_))) {
+        return vec![std::borrow::Cow::Borrowed(rule)];
+    }
+    let source_is_peer = direction == Direction::Ingress;
+    let with_peer = |ports: Vec<Port>, nets: Option<Vec<String>>| {
+        let mut r = rule.clone();
+        let e = if source_is_peer {
+            &mut r.source
+        } else {
+            &mut r.destination
+        };
+        e.ports = ports;
+        if let Some(nets) = nets {
+            e.nets = nets;
+        }
+        std::borrow::Cow::Owned(r)
+    };
+    let mut out = Vec::new();
+    let numeric: Vec<Port> = peer
+        .ports
+        .iter()
+        .filter(|p| !matches!(p, Port::Named(_)))
+        .cloned()
+        .collect();
+    if !numeric.is_empty() {
+        out.push(with_peer(numeric, None));
+    }
+    let own_nets = crate::eval::parse_nets(&peer.nets);
+    let protocol = rule.protocol.as_ref().and_then(|p| p.number());
+    for name in peer.ports.iter().filter_map(|p| match p {
+        Port::Named(n) => Some(n),
+        _ => None,
+    }) {
+        let key = (
+            crate::world::named_port_scope(peer, policy_namespace),
+            name.clone(),
+            protocol,
+        );
+        for (port, addresses) in ipsets.named_ports(&key) {
+            let nets: Vec<String> = addresses
+                .iter()
+                .filter(|a| own_nets.is_empty() || own_nets.iter().any(|n| n.contains(&a.addr())))
+                .map(|a| a.to_string())
+                .collect();
+            if !nets.is_empty() {
+                out.push(with_peer(vec![Port::Number(i64::from(port))], Some(nets)));
+            }
+        }
+    }
+    out
+}
+
 fn peer_entity(r: &Rule, direction: Direction) -> &EntityRule {
     match direction {
         Direction::Ingress => &r.source,

@@ -176,11 +176,13 @@ pub fn rule_matches(
     )
 }
 
-fn port_in(ports: &[Port], port: u16) -> bool {
+/// Whether `port` is among `ports`; a name matches through `named` (the peer holding the
+/// address has a port by that name with that number).
+fn port_in(ports: &[Port], port: u16, named: &dyn Fn(&str) -> bool) -> bool {
     ports.iter().any(|p| match p {
         Port::Number(n) => *n == i64::from(port),
         Port::Range(a, b) => (*a..=*b).contains(&i64::from(port)),
-        Port::Named(_) => false,
+        Port::Named(name) => named(name),
     })
 }
 
@@ -202,7 +204,12 @@ fn entity_matches(
     port: u16,
     protocol: u8,
 ) -> bool {
-    entity_address_matches(world, e, policy_namespace, ip) && entity_ports_match(e, port, protocol)
+    // A name still here is the peer's (the endpoint's own were resolved with its program,
+    // and a name it lacks is not found below either).
+    let scope = crate::world::named_port_scope(e, policy_namespace);
+    let named = |name: &str| world.has_named_port(&scope, ip, name, protocol, port);
+    entity_address_matches(world, e, policy_namespace, ip)
+        && entity_ports_match(e, port, protocol, &named)
 }
 
 /// The address half of an entity match: nets, notNets, selector, notSelector,
@@ -263,12 +270,17 @@ pub(crate) fn entity_selectors(
 }
 
 /// The port half of an entity match.
-pub(crate) fn entity_ports_match(e: &EntityRule, port: u16, protocol: u8) -> bool {
-    let in_ports = has_ports(protocol) && port_in(&e.ports, port);
+pub(crate) fn entity_ports_match(
+    e: &EntityRule,
+    port: u16,
+    protocol: u8,
+    named: &dyn Fn(&str) -> bool,
+) -> bool {
+    let in_ports = has_ports(protocol) && port_in(&e.ports, port, named);
     if !e.ports.is_empty() && !in_ports {
         return false;
     }
-    if !e.not_ports.is_empty() && has_ports(protocol) && port_in(&e.not_ports, port) {
+    if !e.not_ports.is_empty() && has_ports(protocol) && port_in(&e.not_ports, port, named) {
         return false;
     }
     true

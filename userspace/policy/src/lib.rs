@@ -22,7 +22,7 @@ pub use compile::{range_to_prefixes, Cell, CompileError, CompiledProgram, PeerSe
 pub use eval::{evaluate, Direction, Packet, RuleRef, Verdict};
 pub use program::{PolicyProgram, ProgramPolicy, ProgramTier};
 pub use world::{
-    namespace_of_profile, staged_name, EndpointId, EndpointInfo, EndpointLabels, IpSetSource, Item,
-    LabelSet, NetworkSetInfo, PolicyInfo, PolicyKey, Rules, SelectorScope, StagedPolicy, World,
-    NAMESPACE_PROFILE_PREFIX,
+    named_port_scope, namespace_of_profile, staged_name, EndpointId, EndpointInfo, EndpointLabels,
+    IpSetSource, Item, LabelSet, NamedPort, NamedPortKey, NamedPortMembers, NetworkSetInfo,
+    PolicyInfo, PolicyKey, Rules, SelectorScope, StagedPolicy, World, NAMESPACE_PROFILE_PREFIX,
 };

@@ -212,6 +212,44 @@ fn with_local_ports(rules: &[Rule], direction: Direction, ports: &[NamedPort]) -
 }
 
 impl PolicyProgram {
+    /// Every named port on the peer side of this program's rules (the source of an ingress
+    /// rule, the destination of an egress rule): what compiling it resolves through
+    /// [`crate::IpSetSource::named_ports`]. Named `notPorts` there are refused at compile.
+    pub fn named_peer_ports(
+        &self,
+        direction: Direction,
+    ) -> std::collections::BTreeSet<crate::NamedPortKey> {
+        let source_is_peer = direction == Direction::Ingress;
+        let rules = self
+            .tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .flat_map(|p| p.rules.iter().map(move |r| (r, p.namespace.as_deref())))
+            .chain(
+                self.profiles
+                    .iter()
+                    .flat_map(|(_, rules)| rules.iter().map(|r| (r, None))),
+            );
+        let mut out = std::collections::BTreeSet::new();
+        for (rule, namespace) in rules {
+            let peer = if source_is_peer {
+                &rule.source
+            } else {
+                &rule.destination
+            };
+            for port in &peer.ports {
+                if let Port::Named(name) = port {
+                    out.insert((
+                        crate::world::named_port_scope(peer, namespace),
+                        name.clone(),
+                        rule.protocol.as_ref().and_then(|p| p.number()),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Every selector scope compiling this program consults (both sides of every rule,
     /// selector and notSelector): the IP sets it depends on.
     pub fn scopes(&self) -> std::collections::BTreeSet<crate::SelectorScope> {

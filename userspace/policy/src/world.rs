@@ -524,6 +524,90 @@ impl SelectorScope {
 /// Where compiled programs get the prefixes a rule selector stands for.
 pub trait IpSetSource {
     fn prefixes(&self, scope: &SelectorScope) -> Vec<IpNet>;
+    /// The endpoints a peer-side named port resolves to, by port number: for each number,
+    /// the addresses of the endpoints in the key's scope that have the port by that name and
+    /// protocol with that number.
+    fn named_ports(&self, key: &NamedPortKey) -> NamedPortMembers;
+}
+
+/// A named port on a rule's peer side: the peers' scope, the port name, the rule's protocol.
+pub type NamedPortKey = (SelectorScope, String, Option<u8>);
+
+/// What a [`NamedPortKey`] resolves to: (port number, the addresses having it), sorted.
+pub type NamedPortMembers = Vec<(u16, Vec<IpNet>)>;
+
+/// The scope of a rule side's named ports (`policy_namespace` is the policy's): its selector
+/// pair as for IP sets, or every endpoint in the cluster when the side names no selector
+/// (a Kubernetes `to: []` with a named port reaches pods in any namespace).
+pub fn named_port_scope(
+    e: &calico_model::spec::EntityRule,
+    policy_namespace: Option<&str>,
+) -> SelectorScope {
+    if e.selector.is_none() && e.namespace_selector.is_none() {
+        SelectorScope::new(None, None, None)
+    } else {
+        SelectorScope::new(
+            e.selector.as_deref(),
+            e.namespace_selector.as_deref(),
+            policy_namespace,
+        )
+    }
+}
+
+impl World {
+    /// Whether an endpoint holding `ip` in `scope` has port `name` for `protocol` numbered
+    /// `port`: a peer-side named port's match, as the reference evaluator reads it.
+    pub fn has_named_port(
+        &self,
+        scope: &SelectorScope,
+        ip: IpAddr,
+        name: &str,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        self.named_port_members(&(scope.clone(), name.to_owned(), Some(protocol)))
+            .iter()
+            .any(|(p, nets)| *p == port && nets.iter().any(|n| n.contains(&ip)))
+    }
+
+    /// What a peer-side named port resolves to, from scratch (see [`IpSetSource::named_ports`]).
+    pub fn named_port_members(&self, (scope, name, protocol): &NamedPortKey) -> NamedPortMembers {
+        let parse = |t: &Option<String>| {
+            t.as_deref()
+                .map(|t| Selector::parse(t).unwrap_or_else(|_| Selector::all()))
+        };
+        let (selector, namespace_selector) =
+            (parse(&scope.selector), parse(&scope.namespace_selector));
+        let all = Selector::all();
+        let selector = selector.as_ref().unwrap_or(&all);
+        let mut by_port: BTreeMap<u16, BTreeSet<IpNet>> = BTreeMap::new();
+        for (id, ep) in
+            self.endpoints_visible(namespace_selector.as_ref(), scope.namespace.as_deref())
+        {
+            let ports: Vec<u16> = ep
+                .ports
+                .iter()
+                .filter(|p| &p.name == name && (protocol.is_none() || p.protocol == *protocol))
+                .map(|p| p.port)
+                .collect();
+            if ports.is_empty()
+                || ep.addresses.is_empty()
+                || !selector.matches(&self.endpoint_labels(id, ep))
+            {
+                continue;
+            }
+            for port in ports {
+                by_port
+                    .entry(port)
+                    .or_default()
+                    .extend(ep.addresses.iter().map(|a| IpNet::from(*a)));
+            }
+        }
+        by_port
+            .into_iter()
+            .map(|(p, nets)| (p, nets.into_iter().collect()))
+            .collect()
+    }
 }
 
 impl IpSetSource for World {
@@ -540,6 +624,10 @@ impl IpSetSource for World {
             parse(&scope.namespace_selector).as_ref(),
             scope.namespace.as_deref(),
         )
+    }
+
+    fn named_ports(&self, key: &NamedPortKey) -> NamedPortMembers {
+        self.named_port_members(key)
     }
 }
 

@@ -496,29 +496,161 @@ spec:
             "compiled tables for {packet:?}"
         );
     }
-    // The peers' named ports: an egress rule's destination.
-    let peer_side = world(
-        "
+}
+
+/// The peers' named ports (an egress rule's destination, an ingress rule's source) match
+/// each peer's own number for the name and the rule's protocol, beside numeric ports, inside
+/// the rule's nets; a name no selected peer has matches nothing. Reference and compiled
+/// tables agree on every combination; named notPorts of the peers are refused by name.
+#[test]
+fn named_ports_of_the_peers() {
+    use calico_policy::CompiledProgram;
+    let peers = "
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec:
+  node: n1
+  ipNetworks: [10.0.0.9/32]
+  ports: [{name: http, protocol: TCP, port: 8080}, {name: dns, protocol: UDP, port: 53}]
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: api-2, namespace: shop, labels: {app: api}}
+spec:
+  node: n1
+  ipNetworks: [10.0.0.10/32]
+  ports: [{name: http, protocol: TCP, port: 9090}]
+---
+apiVersion: projectcalico.org/v3
+kind: WorkloadEndpoint
+metadata: {name: api-3, namespace: blog, labels: {app: api}}
+spec:
+  node: n1
+  ipNetworks: [10.0.1.9/32]
+  ports: [{name: http, protocol: TCP, port: 7070}]
+";
+    let w = world(&format!(
+        "{peers}---
 apiVersion: projectcalico.org/v3
 kind: NetworkPolicy
-metadata: {name: out, namespace: shop}
+metadata: {{name: out, namespace: shop}}
+spec:
+  selector: app == 'web'
+  types: [Egress, Ingress]
+  egress:
+  - {{action: Allow, protocol: TCP, destination: {{selector: app == 'api', ports: [http, 443]}}}}
+  - {{action: Allow, protocol: UDP, destination: {{ports: [dns]}}}}
+  - {{action: Allow, protocol: TCP, destination: {{nets: [10.0.1.0/24], ports: [http]}}}}
+  - {{action: Allow, protocol: TCP, destination: {{ports: [nosuch]}}}}
+  ingress:
+  - {{action: Allow, protocol: TCP, source: {{selector: app == 'api', ports: [http]}}}}
+"
+    ));
+    let web = ep("shop", "web-1");
+    let mut checked = 0;
+    for direction in [Direction::Egress, Direction::Ingress] {
+        let program = w.program(&web, direction);
+        let compiled =
+            CompiledProgram::compile(&w, &program, &["10.0.0.1".parse().unwrap()], direction)
+                .expect("the peers' named ports compile");
+        for peer in ["10.0.0.9", "10.0.0.10", "10.0.1.9", "10.0.0.2", "192.0.2.1"] {
+            for protocol in [6u8, 17] {
+                for port in [53u16, 443, 7070, 8080, 9090, 1] {
+                    let mut packet = match direction {
+                        Direction::Egress => tcp("10.0.0.1", peer, port),
+                        Direction::Ingress => Packet {
+                            src_port: port,
+                            dst_port: 40000,
+                            ..tcp(peer, "10.0.0.1", 0)
+                        },
+                    };
+                    packet.protocol = protocol;
+                    let reference = evaluate(&w, &program, &packet);
+                    assert_eq!(
+                        compiled.lookup(&packet),
+                        Some(&reference),
+                        "{direction:?} {packet:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 120);
+    let allowed = |d, p: Packet| evaluate(&w, &w.program(&web, d), &p).allowed();
+    // Each peer's own number for `http`, in the selector's namespace (api-3 is in blog).
+    assert!(allowed(
+        Direction::Egress,
+        tcp("10.0.0.1", "10.0.0.9", 8080)
+    ));
+    assert!(allowed(
+        Direction::Egress,
+        tcp("10.0.0.1", "10.0.0.10", 9090)
+    ));
+    assert!(
+        !allowed(Direction::Egress, tcp("10.0.0.1", "10.0.0.9", 9090)),
+        "api-2's number is not api-1's"
+    );
+    assert!(
+        allowed(Direction::Egress, tcp("10.0.0.1", "10.0.0.9", 443)),
+        "numeric ports stay"
+    );
+    // No selector: any endpoint with the name, in any namespace, inside the rule's nets.
+    assert!(allowed(
+        Direction::Egress,
+        tcp("10.0.0.1", "10.0.1.9", 7070)
+    ));
+    assert!(allowed(
+        Direction::Egress,
+        Packet {
+            protocol: 17,
+            ..tcp("10.0.0.1", "10.0.0.9", 53)
+        }
+    ));
+    assert!(
+        !allowed(Direction::Egress, tcp("10.0.0.1", "10.0.0.2", 8080)),
+        "db-1 has no http port"
+    );
+    // Ingress: the peer's source port.
+    assert!(allowed(
+        Direction::Ingress,
+        Packet {
+            src_port: 8080,
+            dst_port: 1,
+            ..tcp("10.0.0.9", "10.0.0.1", 0)
+        }
+    ));
+    assert!(!allowed(
+        Direction::Ingress,
+        Packet {
+            src_port: 9090,
+            dst_port: 1,
+            ..tcp("10.0.0.9", "10.0.0.1", 0)
+        }
+    ));
+
+    let refused = world(&format!(
+        "{peers}---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: out, namespace: shop}}
 spec:
   selector: app == 'web'
   types: [Egress]
   egress:
-  - {action: Allow, protocol: TCP, destination: {ports: [http]}}
-",
-    );
-    let web = ep("shop", "web-1");
-    let program = peer_side.program(&web, Direction::Egress);
+  - {{action: Allow, protocol: TCP, destination: {{notPorts: [http]}}}}
+"
+    ));
+    let program = refused.program(&web, Direction::Egress);
     let err = CompiledProgram::compile(
-        &peer_side,
+        &refused,
         &program,
         &["10.0.0.1".parse().unwrap()],
         Direction::Egress,
     )
-    .expect_err("peer-side named port");
-    assert_eq!(err.field, "destination.ports", "{err}");
+    .expect_err("named notPorts of the peers");
+    assert_eq!(err.field, "destination.notPorts", "{err}");
 }
 
 /// Staged policies change the pending program only: a staged Set takes its enforced
