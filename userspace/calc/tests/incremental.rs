@@ -37,6 +37,9 @@ fn endpoint_id(i: usize) -> EndpointId {
     }
 }
 
+/// An endpoint's labels, address indexes, whether it is local, named port indexes.
+type EndpointOp = (Vec<&'static str>, Vec<usize>, bool, Vec<usize>);
+
 #[derive(Debug, Clone)]
 enum Op {
     Endpoint(
