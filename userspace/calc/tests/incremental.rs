@@ -42,10 +42,7 @@ type EndpointOp = (Vec<&'static str>, Vec<usize>, bool, Vec<usize>);
 
 #[derive(Debug, Clone)]
 enum Op {
-    Endpoint(
-        usize,
-        Option<(Vec<&'static str>, Vec<usize>, bool, Vec<usize>)>,
-    ),
+    Endpoint(usize, Option<EndpointOp>),
     /// Profile rules naming ports on the peer side (with or without a selector).
     NamedPortProfile(bool),
     Policy(usize, Option<Box<PolicyInfo>>),
