@@ -894,3 +894,59 @@ fn staged_policies_show_in_flow_records_without_being_enforced() -> Result<()> {
         )
     })
 }
+
+/// A rule naming the peer's port follows the peer's WorkloadEndpoint: the client may reach
+/// the server only on the server's port named `web`; moving `web` from 8080 to 9090 by
+/// editing nothing but the server's endpoint moves what the client reaches (each refusal
+/// beside a connection on the other port of the same server).
+#[test]
+fn a_named_port_of_the_peer_follows_its_workload_endpoint() -> Result<()> {
+    if !require(
+        "a_named_port_of_the_peer_follows_its_workload_endpoint",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let s = Setup::new()?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+    let _servers = (
+        s.server().ns.tcp_server(8080)?,
+        s.server().ns.tcp_server(9090)?,
+    );
+    let server_with_web = |port: u16| {
+        format!(
+            "{}  ports: [{{name: web, protocol: TCP, port: {port}}}]\n",
+            workload_yaml(&s.agent.node, "server", s.server(), "server")
+        )
+    };
+    let wait_connects = |port: u16, expected: bool| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ok = s.client().ns.tcp_connects(
+                s.server().address.into(),
+                port,
+                Duration::from_millis(500),
+            )?;
+            if ok == expected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "client → server:{port} stayed {ok}, expected {expected}; agent log:\n{}",
+                    s.agent.log()
+                );
+            }
+        }
+    };
+    s.store.apply(&server_with_web(8080))?;
+    s.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: client-to-web}\nspec:\n  selector: role == 'client'\n  types: [Egress]\n  egress:\n  - {action: Allow, protocol: TCP, destination: {selector: role == 'server', ports: [web]}}\n",
+    )?;
+    wait_connects(9090, false)?;
+    wait_connects(8080, true)?;
+    // Only the server's endpoint changes.
+    s.store.apply(&server_with_web(9090))?;
+    wait_connects(8080, false)?;
+    wait_connects(9090, true)?;
+    Ok(())
+}
