@@ -175,14 +175,18 @@ impl Drop for NetNs {
 pub struct TcpServer {
     listener: TcpListener,
     thread: Option<JoinHandle<()>>,
+    peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
 impl TcpServer {
     fn serve(listener: TcpListener) -> Result<Self> {
         let accepting = listener.try_clone()?;
+        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers.clone();
         let thread = std::thread::spawn(move || {
             // Ends when drop shuts the socket down (accept then fails).
-            while let Ok((mut stream, _)) = accepting.accept() {
+            while let Ok((mut stream, peer)) = accepting.accept() {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
                 std::thread::spawn(move || {
                     let _ = copy(&mut stream, &mut sink());
                 });
@@ -191,7 +195,13 @@ impl TcpServer {
         Ok(Self {
             listener,
             thread: Some(thread),
+            peers,
         })
+    }
+
+    /// The source address of every connection accepted so far, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -77,6 +77,11 @@ pub(crate) const TOOLS: &[Tool] = &[
     tool("umount", "mount", "clean-up of the kubelet test's mounts"),
     tool("iperf3", "iperf3", "dataplane benchmark"),
     tool(
+        "nft",
+        "nftables",
+        "calico-node's natOutgoing (its own `inet calico` table)",
+    ),
+    tool(
         "iptables-nft-restore",
         "iptables",
         "dataplane benchmark baseline",

@@ -124,6 +124,8 @@ pub struct FelixSettings {
     pub map_sizes: Vec<(&'static str, u32)>,
     /// Flow logs, when `flowLogsFileEnabled`.
     pub flow_logs: Option<crate::flowlogs::FlowLogSettings>,
+    /// `natOutgoingAddress`: what natOutgoing SNATs to instead of the interface's address.
+    pub nat_outgoing_address: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for FelixSettings {
@@ -134,6 +136,7 @@ impl Default for FelixSettings {
             bpf_debug: None,
             map_sizes: Vec::new(),
             flow_logs: None,
+            nat_outgoing_address: None,
         }
     }
 }
@@ -177,6 +180,15 @@ impl FelixSettings {
                 );
             }
             directory = spec.flow_logs_file_directory.clone().or(directory);
+            if let Some(a) = spec
+                .nat_outgoing_address
+                .as_deref()
+                .filter(|a| !a.is_empty())
+            {
+                out.nat_outgoing_address = Some(a.parse().map_err(|_| {
+                    format!("spec.natOutgoingAddress: `{a}` is not an IPv4 address")
+                })?);
+            }
             if let Some(l) = &spec.failsafe_inbound_host_ports {
                 out.failsafe_inbound = failsafe(l, "spec.failsafeInboundHostPorts")?;
             }

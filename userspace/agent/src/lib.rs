@@ -18,6 +18,7 @@ pub mod failsafe;
 pub mod flowlogs;
 pub mod health;
 pub mod metrics;
+pub mod nat;
 pub mod netlink;
 pub mod routes;
 pub mod syncer;
@@ -89,6 +90,11 @@ struct Agent {
     felix_node: Option<FelixConfigurationSpec>,
     admission: admission::Admission,
     synced: bool,
+    /// IP pools by name: CIDR and natOutgoing (see `nat`).
+    pools: std::collections::BTreeMap<String, (ipnet::IpNet, bool)>,
+    /// The natOutgoing task's input.
+    nat: tokio::sync::watch::Sender<nat::DesiredNat>,
+    nat_address: Option<std::net::Ipv4Addr>,
 }
 
 pub async fn run(flags: Flags) -> anyhow::Result<()> {
@@ -212,6 +218,9 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         felix_node: None,
         admission: admission::Admission::default(),
         synced: false,
+        pools: Default::default(),
+        nat: nat::spawn(refresh),
+        nat_address: None,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_refresh = Instant::now();
@@ -299,6 +308,7 @@ impl Agent {
                     }
                     self.calc.reset();
                     self.driver.clear_places();
+                    self.pools.clear();
                     if let Some(b) = self.bird.as_mut() {
                         b.clear();
                     }
@@ -328,7 +338,10 @@ impl Agent {
             }
         }
         match FelixSettings::resolve(self.felix_global.as_ref(), self.felix_node.as_ref()) {
-            Ok(s) => self.driver.set_settings(s).await,
+            Ok(s) => {
+                self.nat_address = s.nat_outgoing_address;
+                self.driver.set_settings(s).await
+            }
             Err(e) => {
                 tracing::error!(error = %e, "FelixConfiguration refused; previous settings stay")
             }
@@ -369,7 +382,30 @@ impl Agent {
             }
             self.metrics.in_sync.set(1);
         }
+        self.publish_nat();
         self.driver.refresh_counters(&self.calc);
+    }
+
+    /// What natOutgoing should do now, to its task (which applies it off this loop).
+    fn publish_nat(&self) {
+        let desired = nat::DesiredNat {
+            masquerade: self
+                .pools
+                .values()
+                .filter(|(_, nat)| *nat)
+                .map(|(n, _)| *n)
+                .collect(),
+            pools: self.pools.values().map(|(n, _)| *n).collect(),
+            address: self.nat_address,
+            complete: self.synced,
+        };
+        self.nat.send_if_modified(|current| {
+            let changed = *current != desired;
+            if changed {
+                *current = desired;
+            }
+            changed
+        });
     }
 
     fn put(&mut self, resource: &Resource) {
@@ -407,6 +443,17 @@ impl Agent {
                 }
                 return;
             }
+            Resource::IPPool(p) => match p.spec.cidr.parse::<ipnet::IpNet>() {
+                Ok(cidr) => {
+                    self.pools.insert(
+                        p.metadata.name.clone(),
+                        (cidr, p.spec.nat_outgoing == Some(true)),
+                    );
+                }
+                Err(_) => {
+                    self.pools.remove(&p.metadata.name);
+                }
+            },
             Resource::WorkloadEndpoint(w) => {
                 let id = EndpointId {
                     namespace: w.metadata.namespace.clone(),
@@ -517,6 +564,10 @@ impl Agent {
                 set: None,
             },
             Kind::Tier => Update::Tier { name, tier: None },
+            Kind::IPPool => {
+                self.pools.remove(&name);
+                return;
+            }
             Kind::FelixConfiguration => {
                 if name == "default" {
                     self.felix_global = None;

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use calico_model::Kind;
 use harness::{
-    require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Store, Workload,
+    require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Store, Veth, Workload,
 };
 
 const NEEDS: &[Requirement] = &[
@@ -948,5 +948,104 @@ fn a_named_port_of_the_peer_follows_its_workload_endpoint() -> Result<()> {
     s.store.apply(&server_with_web(9090))?;
     wait_connects(8080, false)?;
     wait_connects(9090, true)?;
+    Ok(())
+}
+
+/// natOutgoing: a workload reaches an "outside" namespace (which has no route back to the
+/// pool) only once its pool has `natOutgoing: true`, and the outside sees the node's address
+/// (then FelixConfiguration's `natOutgoingAddress`); pool-to-pool traffic keeps the
+/// workload's own address.
+#[test]
+fn nat_outgoing_hides_pool_addresses_from_the_outside_only() -> Result<()> {
+    if !require(
+        "nat_outgoing_hides_pool_addresses_from_the_outside_only",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let s = Setup::new()?;
+    s.wait_ping(true, Duration::from_secs(10))?;
+    let outside = NetNs::new("out")?;
+    let link = Veth::between(&s.host, &outside)?;
+    for address in ["192.0.2.1/24", "192.0.2.3/24"] {
+        s.host
+            .exec_ok("ip", &["addr", "add", address, "dev", &link.a_name])?;
+    }
+    s.host.exec_ok("ip", &["link", "set", &link.a_name, "up"])?;
+    outside.exec_ok("ip", &["addr", "add", "192.0.2.2/24", "dev", &link.b_name])?;
+    outside.exec_ok("ip", &["link", "set", &link.b_name, "up"])?;
+    let outside_server = outside.tcp_server(8000)?;
+    let inside_server = s.server().ns.tcp_server(9000)?;
+    let outside_ip: std::net::IpAddr = "192.0.2.2".parse()?;
+    let pool = |nat: bool| {
+        format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool1}}\nspec: {{cidr: 10.65.0.0/16, natOutgoing: {nat}}}\n")
+    };
+    // Connects to `to:port` until a connection is accepted from `source`.
+    let wait_seen = |server: &harness::TcpServer,
+                     to: std::net::IpAddr,
+                     port: u16,
+                     source: &str|
+     -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let connected = s
+                .client()
+                .ns
+                .tcp_connects(to, port, Duration::from_millis(500))?;
+            if connected && server.peers().iter().any(|p| p.ip().to_string() == source) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no connection to {to}:{port} seen from {source} (connected: {connected}, seen: {:?}); agent log:\n{}",
+                    server.peers(),
+                    s.agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // A pool without natOutgoing: the outside cannot answer the pool's address.
+    s.store.apply(&pool(false))?;
+    wait_seen(&inside_server, s.server().address.into(), 9000, "10.65.0.1")?;
+    assert!(
+        !s.client()
+            .ns
+            .tcp_connects(outside_ip, 8000, Duration::from_secs(1))?,
+        "reached the outside without natOutgoing"
+    );
+    assert!(
+        outside_server.peers().is_empty(),
+        "{:?}",
+        outside_server.peers()
+    );
+
+    s.store.apply(&pool(true))?;
+    wait_seen(&outside_server, outside_ip, 8000, "192.0.2.1")?;
+    assert!(
+        outside_server
+            .peers()
+            .iter()
+            .all(|p| !p.ip().to_string().starts_with("10.65.")),
+        "the pool's address reached the outside: {:?}",
+        outside_server.peers()
+    );
+    // Pool to pool: not translated.
+    let before = inside_server.peers().len();
+    wait_seen(&inside_server, s.server().address.into(), 9000, "10.65.0.1")?;
+    assert!(
+        inside_server.peers()[before..]
+            .iter()
+            .all(|p| p.ip().to_string() == "10.65.0.1"),
+        "{:?}",
+        inside_server.peers()
+    );
+
+    s.store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\nspec: {natOutgoingAddress: 192.0.2.3}\n",
+    )?;
+    wait_seen(&outside_server, outside_ip, 8000, "192.0.2.3")?;
+    drop(link);
     Ok(())
 }
