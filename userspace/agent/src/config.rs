@@ -126,6 +126,8 @@ pub struct FelixSettings {
     pub flow_logs: Option<crate::flowlogs::FlowLogSettings>,
     /// `natOutgoingAddress`: what natOutgoing SNATs to instead of the interface's address.
     pub nat_outgoing_address: Option<std::net::Ipv4Addr>,
+    /// `vxlanMTU`: the VXLAN device's MTU (else the underlay's less the overhead).
+    pub vxlan_mtu: Option<u32>,
 }
 
 impl Default for FelixSettings {
@@ -137,6 +139,7 @@ impl Default for FelixSettings {
             map_sizes: Vec::new(),
             flow_logs: None,
             nat_outgoing_address: None,
+            vxlan_mtu: None,
         }
     }
 }
@@ -180,6 +183,14 @@ impl FelixSettings {
                 );
             }
             directory = spec.flow_logs_file_directory.clone().or(directory);
+            if let Some(mtu) = spec.vxlan_mtu {
+                out.vxlan_mtu = Some(
+                    u32::try_from(mtu)
+                        .ok()
+                        .filter(|m| (68..=65535).contains(m))
+                        .ok_or_else(|| format!("spec.vxlanMTU: {mtu} is not an MTU"))?,
+                );
+            }
             if let Some(a) = spec
                 .nat_outgoing_address
                 .as_deref()

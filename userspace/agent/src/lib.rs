@@ -22,6 +22,7 @@ pub mod nat;
 pub mod netlink;
 pub mod routes;
 pub mod syncer;
+pub mod vxlan;
 
 use std::{
     sync::Arc,
@@ -90,11 +91,15 @@ struct Agent {
     felix_node: Option<FelixConfigurationSpec>,
     admission: admission::Admission,
     synced: bool,
-    /// IP pools by name: CIDR and natOutgoing (see `nat`).
-    pools: std::collections::BTreeMap<String, (ipnet::IpNet, bool)>,
+    /// IP pools by name, as natOutgoing and the overlay see them.
+    pools: std::collections::BTreeMap<String, calico_model::spec::IpPoolSpec>,
     /// The natOutgoing task's input.
     nat: tokio::sync::watch::Sender<nat::DesiredNat>,
     nat_address: Option<std::net::Ipv4Addr>,
+    /// Every node's overlay fields, and the overlay task's input.
+    nodes: std::collections::BTreeMap<String, vxlan::NodeTunnel>,
+    vxlan: tokio::sync::watch::Sender<vxlan::VxlanInputs>,
+    vxlan_mtu: Option<u32>,
 }
 
 pub async fn run(flags: Flags) -> anyhow::Result<()> {
@@ -185,6 +190,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     driver.expire_conntrack_elsewhere(refresh);
 
     let (sync_tx, mut sync_rx) = mpsc::channel(4096);
+    let (etcd_for_overlay, agent_node) = (etcd.clone(), node.clone());
     syncer::spawn(
         etcd,
         NodeRegistration {
@@ -221,6 +227,9 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         pools: Default::default(),
         nat: nat::spawn(refresh),
         nat_address: None,
+        nodes: Default::default(),
+        vxlan: vxlan::spawn(etcd_for_overlay, agent_node, refresh),
+        vxlan_mtu: None,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_refresh = Instant::now();
@@ -309,6 +318,7 @@ impl Agent {
                     self.calc.reset();
                     self.driver.clear_places();
                     self.pools.clear();
+                    self.nodes.clear();
                     if let Some(b) = self.bird.as_mut() {
                         b.clear();
                     }
@@ -340,6 +350,7 @@ impl Agent {
         match FelixSettings::resolve(self.felix_global.as_ref(), self.felix_node.as_ref()) {
             Ok(s) => {
                 self.nat_address = s.nat_outgoing_address;
+                self.vxlan_mtu = s.vxlan_mtu;
                 self.driver.set_settings(s).await
             }
             Err(e) => {
@@ -383,7 +394,38 @@ impl Agent {
             self.metrics.in_sync.set(1);
         }
         self.publish_nat();
+        self.publish_vxlan();
         self.driver.refresh_counters(&self.calc);
+    }
+
+    /// What the overlay should be now, to its task.
+    fn publish_vxlan(&self) {
+        let desired = vxlan::VxlanInputs {
+            pools: self
+                .pools
+                .iter()
+                .filter(|(_, p)| !p.is_disabled())
+                .filter_map(|(name, p)| {
+                    Some(vxlan::OverlayPool {
+                        name: name.clone(),
+                        cidr: p.cidr.parse().ok()?,
+                        mode: p
+                            .vxlan_mode
+                            .unwrap_or(calico_model::spec::EncapsulationMode::Never),
+                    })
+                })
+                .collect(),
+            nodes: self.nodes.clone(),
+            mtu: self.vxlan_mtu,
+            complete: self.synced,
+        };
+        self.vxlan.send_if_modified(|current| {
+            let changed = *current != desired;
+            if changed {
+                *current = desired;
+            }
+            changed
+        });
     }
 
     /// What natOutgoing should do now, to its task (which applies it off this loop).
@@ -392,10 +434,14 @@ impl Agent {
             masquerade: self
                 .pools
                 .values()
-                .filter(|(_, nat)| *nat)
-                .map(|(n, _)| *n)
+                .filter(|p| p.nat_outgoing == Some(true))
+                .filter_map(|p| p.cidr.parse().ok())
                 .collect(),
-            pools: self.pools.values().map(|(n, _)| *n).collect(),
+            pools: self
+                .pools
+                .values()
+                .filter_map(|p| p.cidr.parse().ok())
+                .collect(),
             address: self.nat_address,
             complete: self.synced,
         };
@@ -443,17 +489,13 @@ impl Agent {
                 }
                 return;
             }
-            Resource::IPPool(p) => match p.spec.cidr.parse::<ipnet::IpNet>() {
-                Ok(cidr) => {
-                    self.pools.insert(
-                        p.metadata.name.clone(),
-                        (cidr, p.spec.nat_outgoing == Some(true)),
-                    );
-                }
-                Err(_) => {
-                    self.pools.remove(&p.metadata.name);
-                }
-            },
+            Resource::IPPool(p) => {
+                self.pools.insert(p.metadata.name.clone(), p.spec.clone());
+            }
+            Resource::Node(n) => {
+                self.nodes
+                    .insert(n.metadata.name.clone(), vxlan::node_tunnel(&n.spec));
+            }
             Resource::WorkloadEndpoint(w) => {
                 let id = EndpointId {
                     namespace: w.metadata.namespace.clone(),
@@ -566,6 +608,10 @@ impl Agent {
             Kind::Tier => Update::Tier { name, tier: None },
             Kind::IPPool => {
                 self.pools.remove(&name);
+                return;
+            }
+            Kind::Node => {
+                self.nodes.remove(&name);
                 return;
             }
             Kind::FelixConfiguration => {

@@ -259,6 +259,317 @@ impl Netlink {
     }
 }
 
+/// The VXLAN device the overlay uses, as it should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanDevice {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    /// The node's own underlay address (the tunnel's source).
+    pub local: std::net::Ipv4Addr,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// The node's tunnel address, on the device as a /32.
+    pub address: std::net::Ipv4Addr,
+}
+
+/// A route to a remote node's block, owned by the overlay (protocol 80, unicast): through the
+/// VXLAN device to the remote tunnel address (on-link), or straight to the remote node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRoute {
+    pub dest: IpNet,
+    pub gateway: std::net::Ipv4Addr,
+    /// Some: through this interface, on-link (the VXLAN device).
+    pub onlink_via: Option<u32>,
+}
+
+impl Netlink {
+    /// The index of interface `name`, if it exists.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        Ok(self.links().await?.get(name).copied())
+    }
+
+    /// Makes `device` exist as specified (created, or its MAC, MTU and state set) with its
+    /// address; returns its index.
+    pub async fn ensure_vxlan(&self, device: &VxlanDevice) -> Result<u32, NetlinkError> {
+        let index = match self.link_index(&device.name).await? {
+            Some(i) => i,
+            None => {
+                let message = rtnetlink::LinkVxlan::new(&device.name, device.vni)
+                    .port(device.port)
+                    .local(device.local)
+                    .learning(false)
+                    .mtu(device.mtu)
+                    .address(device.mac.to_vec())
+                    .up()
+                    .build();
+                self.handle
+                    .link()
+                    .add(message)
+                    .execute()
+                    .await
+                    .map_err(fail(format!("creating {}", device.name)))?;
+                self.link_index(&device.name)
+                    .await?
+                    .ok_or_else(|| NetlinkError {
+                        action: format!("finding {} after creating it", device.name),
+                        source: std::io::Error::other("not listed"),
+                    })?
+            }
+        };
+        let message = rtnetlink::LinkUnspec::new_with_index(index)
+            .mtu(device.mtu)
+            .address(device.mac.to_vec())
+            .up()
+            .build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(fail(format!("setting up {}", device.name)))?;
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(device.address), 32)
+            .replace()
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e))
+                if Errno::from_raw(e.raw_code().abs()) == Errno::EEXIST => {}
+            Err(e) => return Err(fail(format!("addressing {}", device.name))(e)),
+        }
+        Ok(index)
+    }
+
+    /// The MTU of the interface holding address `ip`, if one does.
+    pub async fn mtu_of_address(&self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+        let mut stream = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(a) = stream.try_next().await.map_err(fail("listing addresses"))? {
+            let a: AddressMessage = a;
+            if a.attributes
+                .iter()
+                .any(|attr| matches!(attr, AddressAttribute::Address(x) if *x == ip))
+            {
+                index = Some(a.header.index);
+            }
+        }
+        let Some(index) = index else { return Ok(None) };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        while let Some(l) = links.try_next().await.map_err(fail("reading a link"))? {
+            if let Some(mtu) = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            }) {
+                return Ok(Some(mtu));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes interface `name` if it exists (its routes and neighbours go with it).
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
+        if let Some(index) = self.link_index(name).await? {
+            self.handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(fail(format!("deleting {name}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the permanent ARP entries on `ifindex` exactly `wanted` (tunnel address → MAC).
+    pub async fn set_neighbours(
+        &self,
+        ifindex: u32,
+        wanted: &BTreeMap<std::net::Ipv4Addr, [u8; 6]>,
+    ) -> Result<(), NetlinkError> {
+        use rtnetlink::packet_route::{
+            neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+            AddressFamily,
+        };
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        let mut stale = Vec::new();
+        while let Some(n) = stream
+            .try_next()
+            .await
+            .map_err(fail("listing neighbours"))?
+        {
+            if n.header.ifindex != ifindex {
+                continue;
+            }
+            let ip = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            if ip.is_none_or(|ip| !wanted.contains_key(&ip)) {
+                stale.push(n);
+            }
+        }
+        for n in stale {
+            let _ = self.handle.neighbours().del(n).execute().await;
+        }
+        for (ip, mac) in wanted {
+            self.handle
+                .neighbours()
+                .add(ifindex, IpAddr::V4(*ip))
+                .link_layer_address(mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(fail(format!("neighbour {ip}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the forwarding database of the VXLAN device `ifindex` exactly `wanted` (remote
+    /// tunnel MAC → the remote node's underlay address).
+    pub async fn set_fdb(
+        &self,
+        ifindex: u32,
+        wanted: &BTreeMap<[u8; 6], std::net::Ipv4Addr>,
+    ) -> Result<(), NetlinkError> {
+        use rtnetlink::packet_route::{
+            neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourState},
+            AddressFamily,
+        };
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        let mut stale = Vec::new();
+        while let Some(n) = stream.try_next().await.map_err(fail("listing the fdb"))? {
+            if n.header.ifindex != ifindex {
+                continue;
+            }
+            let mac = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+                _ => None,
+            });
+            // The device's own all-zero default entries are the kernel's.
+            if mac.is_some_and(|m| m != [0; 6] && !wanted.contains_key(&m)) {
+                stale.push(n);
+            }
+        }
+        for n in stale {
+            let _ = self.handle.neighbours().del(n).execute().await;
+        }
+        for (mac, remote) in wanted {
+            self.handle
+                .neighbours()
+                .add_bridge(ifindex, mac)
+                .destination(IpAddr::V4(*remote))
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(fail(format!("fdb entry for {remote}")))?;
+        }
+        Ok(())
+    }
+
+    /// The overlay's routes (protocol 80, unicast, main table).
+    pub async fn remote_routes(&self) -> Result<Vec<RemoteRoute>, NetlinkError> {
+        let request = RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(request).execute();
+        let mut out = Vec::new();
+        while let Some(r) = stream.try_next().await.map_err(fail("listing routes"))? {
+            if r.header.table != 254
+                || r.header.kind != RouteType::Unicast
+                || r.header.protocol != RouteProtocol::Other(BLACKHOLE_PROTOCOL)
+            {
+                continue;
+            }
+            let (Some(dest), Some(gateway)) = (
+                destination(&r),
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(
+                        rtnetlink::packet_route::route::RouteAddress::Inet(g),
+                    ) => Some(*g),
+                    _ => None,
+                }),
+            ) else {
+                continue;
+            };
+            let onlink = r
+                .header
+                .flags
+                .contains(rtnetlink::packet_route::route::RouteFlags::Onlink);
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            out.push(RemoteRoute {
+                dest,
+                gateway,
+                onlink_via: oif.filter(|_| onlink),
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn replace_remote(&self, route: &RemoteRoute) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(remote_message(route))
+            .replace()
+            .execute()
+            .await
+            .map_err(fail(format!("adding route {route:?}")))
+    }
+
+    pub async fn delete_remote(&self, route: &RemoteRoute) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .route()
+            .del(remote_message(route))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if Errno::from_raw(e.raw_code().abs()) == Errno::ESRCH =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(fail(format!("deleting route {route:?}"))(e)),
+        }
+    }
+}
+
+fn remote_message(route: &RemoteRoute) -> RouteMessage {
+    let IpNet::V4(dest) = route.dest else {
+        unreachable!("the overlay routes IPv4 blocks")
+    };
+    let mut builder = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        .destination_prefix(dest.network(), dest.prefix_len())
+        .gateway(route.gateway)
+        .protocol(RouteProtocol::Other(BLACKHOLE_PROTOCOL));
+    if let Some(oif) = route.onlink_via {
+        builder = builder.output_interface(oif);
+    }
+    let mut m = builder.build();
+    if route.onlink_via.is_some() {
+        m.header.flags |= rtnetlink::packet_route::route::RouteFlags::Onlink;
+    }
+    m
+}
+
 fn destination(r: &RouteMessage) -> Option<IpNet> {
     let len = r.header.destination_prefix_length;
     r.attributes.iter().find_map(|a| match a {
