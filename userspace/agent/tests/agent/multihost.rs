@@ -75,6 +75,63 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>)
     Ok(())
 }
 
+/// Who reaches whom: pings between every ordered pair of workloads.
+fn matrix(workloads: &[(NetNs, IpAddr)]) -> Result<Vec<Vec<bool>>> {
+    workloads
+        .iter()
+        .enumerate()
+        .map(|(i, (from, _))| {
+            workloads
+                .iter()
+                .enumerate()
+                .map(|(j, (_, to))| if i == j { Ok(true) } else { from.ping(*to) })
+                .collect()
+        })
+        .collect()
+}
+
+fn print_matrix(m: &[Vec<bool>]) -> String {
+    let mut out = String::from("from \\ to   host1 host2 host3\n");
+    for (i, row) in m.iter().enumerate() {
+        out.push_str(&format!("host{}       ", i + 1));
+        for (j, ok) in row.iter().enumerate() {
+            out.push_str(if i == j {
+                "  -   "
+            } else if *ok {
+                "  ok  "
+            } else {
+                " DENY "
+            });
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Waits (30 s at most) for the matrix to be `want`; on failure shows it with `routes_of`'s
+/// routes.
+fn expect_matrix(
+    workloads: &[(NetNs, IpAddr)],
+    routes_of: &NetNs,
+    want: &dyn Fn(usize, usize) -> bool,
+) -> Result<Vec<Vec<bool>>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = matrix(workloads)?;
+        if m.iter().enumerate().all(|(i, row)| {
+            row.iter()
+                .enumerate()
+                .all(|(j, ok)| i == j || *ok == want(i, j))
+        }) {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            let routes = routes_of.exec_ok("ip", &["route"])?;
+            bail!("matrix:\n{}routes on host1:\n{routes}", print_matrix(&m));
+        }
+    }
+}
+
 #[test]
 fn three_hosts_route_workloads_over_bgp() -> Result<()> {
     let _load = harness::beside_others();
@@ -214,59 +271,17 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
     );
     eprintln!("calicoctl node status on host 1:\n{status}");
 
-    let matrix = |hosts: &[Host]| -> Result<Vec<Vec<bool>>> {
+    let workloads = |hosts: &[Host]| -> Vec<(NetNs, IpAddr)> {
         hosts
             .iter()
-            .map(|from| {
-                hosts
-                    .iter()
-                    .map(|to| {
-                        if std::ptr::eq(from, to) {
-                            Ok(true)
-                        } else {
-                            from.workload.ping(to.workload_ip)
-                        }
-                    })
-                    .collect()
-            })
+            .map(|h| (NetNs::borrow(h.workload.name()), h.workload_ip))
             .collect()
     };
-    let print = |m: &[Vec<bool>]| {
-        let mut out = String::from("from \\ to   host1 host2 host3\n");
-        for (i, row) in m.iter().enumerate() {
-            out.push_str(&format!("host{}       ", i + 1));
-            for (j, ok) in row.iter().enumerate() {
-                out.push_str(if i == j {
-                    "  -   "
-                } else if *ok {
-                    "  ok  "
-                } else {
-                    " DENY "
-                });
-            }
-            out.push('\n');
-        }
-        out
-    };
-    let expect = |hosts: &[Host], want: &dyn Fn(usize, usize) -> bool| -> Result<Vec<Vec<bool>>> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let m = matrix(hosts)?;
-            if m.iter().enumerate().all(|(i, row)| {
-                row.iter()
-                    .enumerate()
-                    .all(|(j, ok)| i == j || *ok == want(i, j))
-            }) {
-                return Ok(m);
-            }
-            if Instant::now() > deadline {
-                let routes = hosts[0].ns.exec_ok("ip", &["route"])?;
-                bail!("matrix:\n{}routes on host1:\n{routes}", print(&m));
-            }
-        }
+    let expect = |hosts: &[Host], want: &dyn Fn(usize, usize) -> bool| {
+        expect_matrix(&workloads(hosts), &hosts[0].ns, want)
     };
     let m = expect(&hosts, &|_, _| true)?;
-    eprintln!("workloads across hosts, no policy:\n{}", print(&m));
+    eprintln!("workloads across hosts, no policy:\n{}", print_matrix(&m));
 
     // A deny for one pair only: host1's workload into host3's.
     apply(&format!(
@@ -274,7 +289,7 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
         hosts[0].workload_ip, hosts[2].workload_ip
     ))?;
     let m = expect(&hosts, &|i, j| !(i == 0 && j == 2))?;
-    eprintln!("with deny-1-to-3:\n{}", print(&m));
+    eprintln!("with deny-1-to-3:\n{}", print_matrix(&m));
 
     // A configuration that cannot be used is refused loudly: agent log, metric, node status;
     // BIRD keeps running the last good one.
@@ -366,5 +381,223 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
         stopped.elapsed().as_secs_f64()
     );
     assert!(!hosts[0].workload.ping(hosts[2].workload_ip)?);
+    Ok(())
+}
+
+/// A host of the overlay test: its namespace, agent and one workload.
+struct OverlayHost {
+    ns: NetNs,
+    agent: AgentProcess,
+    workload: NetNs,
+    workload_ip: IpAddr,
+    _forward: Forward,
+}
+
+/// Hosts on two subnets joined only by a router, no BGP anywhere: an IPPool with
+/// `vxlanMode: Always` carries workloads across (a policy enforced across the overlay);
+/// `CrossSubnet` then reaches the host on the same subnet directly (no encapsulation, shown
+/// in its route) while the other subnet stays encapsulated.
+#[test]
+fn hosts_on_two_subnets_reach_each_other_over_vxlan() -> Result<()> {
+    let _load = harness::beside_others();
+    if !require(
+        "hosts_on_two_subnets_reach_each_other_over_vxlan",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Bpf,
+            Requirement::Etcd,
+        ],
+    ) {
+        return Ok(());
+    }
+    let bin = bin_dir();
+    let etcd = Etcd::start()?;
+    let store = harness::Store::connect(&etcd)?;
+    let pool = |mode: &str| {
+        format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.65.0.0/16\n  blockSize: 26\n  vxlanMode: {mode}\n")
+    };
+    store.apply(&pool("Always"))?;
+
+    // The router: subnet 1 (10.98.1.0/24, a bridge: hosts 1 and 3) and subnet 2
+    // (10.98.2.0/24: host 2).
+    let router = NetNs::new("rt")?;
+    router.exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    router.exec_ok("ip", &["link", "add", "br1", "type", "bridge"])?;
+    router.exec_ok("ip", &["addr", "add", "10.98.1.254/24", "dev", "br1"])?;
+    router.exec_ok("ip", &["link", "set", "br1", "up"])?;
+    let mut hosts = Vec::new();
+    for (i, underlay, gateway) in [
+        (1, "10.98.1.1", "10.98.1.254"),
+        (2, "10.98.2.1", "10.98.2.254"),
+        (3, "10.98.1.3", "10.98.1.254"),
+    ] {
+        let ns = NetNs::new("vx")?;
+        let leg = unique_name("rl");
+        Command::new("ip")
+            .args([
+                "link",
+                "add",
+                "eth1",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &leg,
+                "netns",
+                router.name(),
+            ])
+            .status()?;
+        if i == 2 {
+            router.exec_ok("ip", &["addr", "add", "10.98.2.254/24", "dev", &leg])?;
+            router.exec_ok("ip", &["link", "set", &leg, "up"])?;
+        } else {
+            router.exec_ok("ip", &["link", "set", &leg, "master", "br1", "up"])?;
+        }
+        ns.add_address("eth1", &format!("{underlay}/24"))?;
+        ns.exec_ok("ip", &["route", "add", "default", "via", gateway])?;
+        let forward = Forward::loopback(&ns, etcd.port())?;
+        let node = format!("{}-v{i}", unique_name("n"));
+        let agent = AgentProcess::start_with(
+            &bin.join("calico-node"),
+            &ns,
+            &etcd.endpoint(),
+            &node,
+            &[
+                "--ip",
+                &format!("{underlay}/24"),
+                "--networking-backend",
+                "none",
+            ],
+        )?;
+        let workload = NetNs::new("vw")?;
+        let container = format!("{}{}", unique_name("c"), "0".repeat(20));
+        let result = harness::cni(
+            &bin,
+            &ns,
+            &etcd.endpoint(),
+            &node,
+            "ADD",
+            &container,
+            &workload,
+        )?;
+        let workload_ip: IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("CNI result {result}"))?;
+        hosts.push(OverlayHost {
+            ns,
+            agent,
+            workload,
+            workload_ip,
+            _forward: forward,
+        });
+    }
+    for h in &mut hosts {
+        h.agent.wait_ready(&h.ns, true, Duration::from_secs(30))?;
+    }
+    let workloads: Vec<(NetNs, IpAddr)> = hosts
+        .iter()
+        .map(|h| (NetNs::borrow(h.workload.name()), h.workload_ip))
+        .collect();
+    let with_log = |e: anyhow::Error| {
+        let logs: String = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| format!("--- host{} agent log:\n{}\n", i + 1, h.agent.log()))
+            .collect();
+        e.context(logs)
+    };
+    let m = expect_matrix(&workloads, &hosts[0].ns, &|_, _| true).map_err(with_log)?;
+    eprintln!("vxlanMode Always, no policy:\n{}", print_matrix(&m));
+    // Each host's tunnel address and MAC are on its Node, and its tunnel address is in IPAM.
+    let nodes = store.list(calico_model::Kind::Node)?;
+    assert_eq!(nodes.len(), 3);
+    for n in &nodes {
+        let calico_model::Resource::Node(n) = n else {
+            unreachable!()
+        };
+        let tunnel = n.spec.ipv4_vxlan_tunnel_addr.as_deref().unwrap_or_default();
+        assert!(tunnel.starts_with("10.65."), "{n:?}");
+        assert!(n.spec.vxlan_tunnel_mac_addr.is_some(), "{n:?}");
+    }
+    let routes = hosts[0]
+        .ns
+        .exec_ok("ip", &["route", "show", "proto", "80"])?;
+    eprintln!("host1's overlay routes (Always):\n{routes}");
+    assert_eq!(
+        routes
+            .lines()
+            .filter(|l| l.contains("dev vxlan.calico") && l.contains("onlink"))
+            .count(),
+        2,
+        "both remote blocks through the tunnel:\n{routes}"
+    );
+    let details = hosts[0]
+        .ns
+        .exec_ok("ip", &["-d", "link", "show", "vxlan.calico"])?;
+    assert!(
+        details.contains("vxlan id 4096") && details.contains("dstport 4789"),
+        "{details}"
+    );
+    assert!(
+        details.contains("mtu 1450"),
+        "the underlay's 1500 less 50: {details}"
+    );
+
+    // A policy across the overlay: host1's workload reaches no other.
+    store.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-from-1\nspec:\n  selector: all()\n  ingress:\n  - action: Deny\n    source:\n      nets: ['{}/32']\n  - action: Allow\n  egress:\n  - action: Allow\n",
+        hosts[0].workload_ip
+    ))?;
+    let m = expect_matrix(&workloads, &hosts[0].ns, &|i, _| i != 0).map_err(with_log)?;
+    eprintln!("with deny-from-1 (Always):\n{}", print_matrix(&m));
+
+    // CrossSubnet: host3 (host1's subnet) directly, host2 (the other subnet) still tunnelled.
+    store.apply(&pool("CrossSubnet"))?;
+    let host3_block = |routes: &str| {
+        routes
+            .lines()
+            .find(|l| l.contains("via 10.98.1.3"))
+            .map(str::to_owned)
+    };
+    wait_for(
+        "host3 reached directly from host1",
+        Duration::from_secs(30),
+        || {
+            Ok(host3_block(
+                &hosts[0]
+                    .ns
+                    .exec_ok("ip", &["route", "show", "proto", "80"])?,
+            )
+            .is_some())
+        },
+    )
+    .map_err(with_log)?;
+    let routes = hosts[0]
+        .ns
+        .exec_ok("ip", &["route", "show", "proto", "80"])?;
+    eprintln!("host1's overlay routes (CrossSubnet):\n{routes}");
+    let direct = host3_block(&routes).unwrap_or_default();
+    assert!(
+        direct.contains("dev eth1") && !direct.contains("vxlan"),
+        "{direct}"
+    );
+    assert_eq!(
+        routes
+            .lines()
+            .filter(|l| l.contains("dev vxlan.calico"))
+            .count(),
+        1,
+        "host2's block stays encapsulated:\n{routes}"
+    );
+    let m = expect_matrix(&workloads, &hosts[0].ns, &|i, _| i != 0).map_err(with_log)?;
+    eprintln!("with deny-from-1 (CrossSubnet):\n{}", print_matrix(&m));
+    // And without the policy every pair again.
+    store.delete(calico_model::Kind::GlobalNetworkPolicy, None, "deny-from-1")?;
+    expect_matrix(&workloads, &hosts[0].ns, &|_, _| true).map_err(with_log)?;
     Ok(())
 }
