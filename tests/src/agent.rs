@@ -28,10 +28,17 @@ pub struct AgentProcess {
     pub pin_path: PathBuf,
     extra: Vec<String>,
     log: tempfile::NamedTempFile,
+    /// Holds the MTU file the agent writes (never the machine's /var/lib/calico/mtu).
+    state: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl AgentProcess {
+    /// Where this agent writes the workloads' MTU (a CNI configuration's `mtu_file`).
+    pub fn mtu_file(&self) -> PathBuf {
+        self.state.path().join("mtu")
+    }
+
     /// Starts `binary` (calico-node) in `host` for node `node`, talking to etcd at `etcd`.
     pub fn start(binary: &Path, host: &NetNs, etcd: &str, node: &str) -> Result<Self> {
         Self::start_with(binary, host, etcd, node, &[])
@@ -53,6 +60,7 @@ impl AgentProcess {
             node: node.to_owned(),
             pin_path: PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("tcn"))),
             log: tempfile::NamedTempFile::new()?,
+            state: tempfile::tempdir()?,
             child: None,
         };
         agent.spawn()?;
@@ -82,6 +90,8 @@ impl AgentProcess {
             ])
             .arg("--bpf-pin-path")
             .arg(&self.pin_path)
+            .arg("--mtu-file")
+            .arg(self.mtu_file())
             .args(&self.extra)
             .env("ETCD_ENDPOINTS", &self.etcd)
             .env(

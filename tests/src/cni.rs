@@ -75,6 +75,9 @@ pub fn cni_conf(etcd: &str, node: &str) -> serde_json::Value {
         "nodename": node,
         "etcd_endpoints": etcd,
         "ipam": { "type": "calico-ipam" },
+        // Never the machine's /var/lib/calico/mtu: a test that wants an agent's MTU names
+        // that agent's file (`AgentProcess::mtu_file`).
+        "mtu_file": "/nonexistent/calico-tests/mtu",
     })
 }
 

@@ -233,7 +233,7 @@ fn plan(env: &Env, conf: &NetConf, veth: &str, addresses: &[IpNet]) -> Plan {
         host_veth: veth.to_owned(),
         netns: PathBuf::from(&env.netns),
         ifname: env.ifname.clone(),
-        mtu: conf.mtu.unwrap_or(1500),
+        mtu: conf.workload_mtu(),
         addresses: addresses.to_vec(),
     }
 }

@@ -73,6 +73,10 @@ pub struct NetConf {
     pub nodename: Option<String>,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Where calico-node writes the MTU workloads should use (upstream's path by default),
+    /// read when `mtu` is not set.
+    #[serde(default)]
+    pub mtu_file: Option<String>,
     #[serde(default)]
     pub kubernetes: Option<Value>,
     #[serde(default)]
@@ -90,7 +94,24 @@ pub struct NetConf {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Where calico-node writes the workloads' MTU (upstream's path).
+pub const DEFAULT_MTU_FILE: &str = "/var/lib/calico/mtu";
+
 impl NetConf {
+    /// The workload's MTU: `mtu` if set, else what calico-node wrote to the MTU file (the
+    /// overlay's, when VXLAN is on), else 1500.
+    pub fn workload_mtu(&self) -> u32 {
+        if let Some(mtu) = self.mtu {
+            return mtu;
+        }
+        let path = self.mtu_file.as_deref().unwrap_or(DEFAULT_MTU_FILE);
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .filter(|m| (68..=65535).contains(m))
+            .unwrap_or(1500)
+    }
+
     /// Parses stdin. A body that is not JSON is a decoding failure (6); a missing or mistyped
     /// field Calico needs is an invalid configuration (7).
     pub fn parse(stdin: &[u8]) -> Result<(Self, Value), CniError> {

@@ -52,6 +52,10 @@ pub struct Flags {
     /// Where BIRD's configuration (bird.cfg), control socket (bird.ctl) and pid file live.
     #[arg(long, env = "CALICO_BIRD_DIR", default_value = "/var/run/calico")]
     pub bird_dir: PathBuf,
+    /// Where the MTU workloads should use is written (the overlay device's, when VXLAN is on):
+    /// the CNI plugin reads it when its configuration sets no `mtu`, as upstream's does.
+    #[arg(long, env = "FELIX_MTUFILEPATH", default_value = "/var/lib/calico/mtu")]
+    pub mtu_file: PathBuf,
     /// Also serve Docker's remote network and IPAM driver (as `calico-libnetwork` does).
     #[arg(long, env = "CALICO_LIBNETWORK_ENABLED")]
     pub libnetwork: bool,

@@ -228,7 +228,12 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         nat: nat::spawn(refresh),
         nat_address: None,
         nodes: Default::default(),
-        vxlan: vxlan::spawn(etcd_for_overlay, agent_node, refresh),
+        vxlan: vxlan::spawn(
+            etcd_for_overlay,
+            agent_node,
+            flags.mtu_file.clone(),
+            refresh,
+        ),
         vxlan_mtu: None,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -184,7 +184,12 @@ pub fn node_tunnel(spec: &calico_model::spec::NodeSpec) -> NodeTunnel {
 }
 
 /// Starts the overlay task; it ends when the sender is dropped.
-pub fn spawn(etcd: EtcdConfig, me: String, refresh: Duration) -> watch::Sender<VxlanInputs> {
+pub fn spawn(
+    etcd: EtcdConfig,
+    me: String,
+    mtu_file: std::path::PathBuf,
+    refresh: Duration,
+) -> watch::Sender<VxlanInputs> {
     let (tx, mut rx) = watch::channel(VxlanInputs::default());
     tokio::spawn(async move {
         let netlink = match Netlink::connect() {
@@ -217,6 +222,8 @@ pub fn spawn(etcd: EtcdConfig, me: String, refresh: Duration) -> watch::Sender<V
             if !inputs.enabled() {
                 if programmed || netlink.link_index(DEVICE).await.ok().flatten().is_some() {
                     remove(&netlink).await;
+                    // Workloads made from now on get the full MTU again.
+                    let _ = std::fs::remove_file(&mtu_file);
                     programmed = false;
                 }
                 continue;
@@ -264,9 +271,12 @@ pub fn spawn(etcd: EtcdConfig, me: String, refresh: Duration) -> watch::Sender<V
             )
             .await
             {
-                Ok(routes) => {
+                Ok((routes, mtu)) => {
                     if !programmed {
-                        tracing::info!(%tunnel, mac = %format_mac(&mac), routes, "VXLAN overlay programmed");
+                        tracing::info!(%tunnel, mac = %format_mac(&mac), routes, mtu, "VXLAN overlay programmed");
+                    }
+                    if let Err(e) = write_mtu(&mtu_file, mtu) {
+                        tracing::warn!(path = %mtu_file.display(), error = %e, "writing the workloads' MTU");
                     }
                     programmed = true;
                 }
@@ -277,8 +287,22 @@ pub fn spawn(etcd: EtcdConfig, me: String, refresh: Duration) -> watch::Sender<V
     tx
 }
 
+/// Writes `mtu` to `path` (whole, through a rename) unless it holds it already.
+fn write_mtu(path: &std::path::Path, mtu: u32) -> std::io::Result<()> {
+    let text = format!("{mtu}\n");
+    if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
 /// Brings the device, ARP and forwarding entries and routes to what the inputs say; returns
-/// the number of remote routes.
+/// the number of remote routes and the device's MTU.
 async fn program(
     netlink: &Netlink,
     me: &str,
@@ -287,7 +311,7 @@ async fn program(
     local: Ipv4Addr,
     tunnel: Ipv4Addr,
     mac: [u8; 6],
-) -> Result<usize, crate::netlink::NetlinkError> {
+) -> Result<(usize, u32), crate::netlink::NetlinkError> {
     let mtu = match inputs.mtu {
         Some(m) => m,
         None => netlink
@@ -346,7 +370,7 @@ async fn program(
     for route in wanted.difference(&actual) {
         netlink.replace_remote(route).await?;
     }
-    Ok(wanted.len())
+    Ok((wanted.len(), mtu))
 }
 
 /// No VXLAN pool any more: the device (with its ARP and forwarding entries and on-link

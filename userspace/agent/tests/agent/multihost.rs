@@ -460,7 +460,7 @@ fn hosts_on_two_subnets_reach_each_other_over_vxlan() -> Result<()> {
         ns.exec_ok("ip", &["route", "add", "default", "via", gateway])?;
         let forward = Forward::loopback(&ns, etcd.port())?;
         let node = format!("{}-v{i}", unique_name("n"));
-        let agent = AgentProcess::start_with(
+        let mut agent = AgentProcess::start_with(
             &bin.join("calico-node"),
             &ns,
             &etcd.endpoint(),
@@ -472,22 +472,28 @@ fn hosts_on_two_subnets_reach_each_other_over_vxlan() -> Result<()> {
                 "none",
             ],
         )?;
+        agent.wait_ready(&ns, true, Duration::from_secs(30))?;
+        // The overlay is up once the agent writes the workloads' MTU (the device's).
+        wait_for("the overlay's MTU file", Duration::from_secs(30), || {
+            Ok(std::fs::read_to_string(agent.mtu_file()).is_ok_and(|t| t.trim() == "1450"))
+        })
+        .with_context(|| agent.log())?;
         let workload = NetNs::new("vw")?;
         let container = format!("{}{}", unique_name("c"), "0".repeat(20));
-        let result = harness::cni(
-            &bin,
-            &ns,
-            &etcd.endpoint(),
-            &node,
-            "ADD",
-            &container,
-            &workload,
-        )?;
+        // No `mtu` in the configuration: the plugin takes the agent's.
+        let mut conf = harness::cni_conf(&etcd.endpoint(), &node);
+        conf["mtu_file"] = agent.mtu_file().display().to_string().into();
+        let result = harness::cni_with_conf(&bin, &ns, &conf, "ADD", &container, &workload, "")?;
         let workload_ip: IpAddr = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .with_context(|| format!("CNI result {result}"))?;
+        let link = workload.exec_ok("ip", &["link", "show", "eth0"])?;
+        assert!(
+            link.contains("mtu 1450"),
+            "the workload's MTU leaves room for VXLAN: {link}"
+        );
         hosts.push(OverlayHost {
             ns,
             agent,
@@ -495,9 +501,6 @@ fn hosts_on_two_subnets_reach_each_other_over_vxlan() -> Result<()> {
             workload_ip,
             _forward: forward,
         });
-    }
-    for h in &mut hosts {
-        h.agent.wait_ready(&h.ns, true, Duration::from_secs(30))?;
     }
     let workloads: Vec<(NetNs, IpAddr)> = hosts
         .iter()
