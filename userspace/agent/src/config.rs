@@ -22,6 +22,10 @@ pub struct Flags {
     /// The node's IPv4 address (and subnet) registered in its Node resource for BGP.
     #[arg(long, env = "IP")]
     pub ip: Option<String>,
+    /// The node's IPv6 address (and subnet), registered for BGP (`spec.bgp.ipv6Address`): its
+    /// IPv6 sessions go from it.
+    #[arg(long, env = "IP6")]
+    pub ip6: Option<String>,
     /// The node's AS number registered in its Node resource.
     #[arg(long, env = "AS")]
     pub as_number: Option<u32>,

@@ -196,6 +196,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         NodeRegistration {
             name: node.clone(),
             ipv4_address: flags.ip.clone(),
+            ipv6_address: flags.ip6.clone(),
             as_number: flags.as_number,
         },
         sync_tx,

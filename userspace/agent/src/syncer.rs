@@ -32,6 +32,7 @@ pub enum SyncEvent {
 pub struct NodeRegistration {
     pub name: String,
     pub ipv4_address: Option<String>,
+    pub ipv6_address: Option<String>,
     pub as_number: Option<u32>,
 }
 
@@ -103,6 +104,9 @@ async fn register(store: &Datastore, node: &NodeRegistration) -> Result<(), Data
         let bgp = n.spec.bgp.get_or_insert_with(Default::default);
         if node.ipv4_address.is_some() {
             bgp.ipv4_address = node.ipv4_address.clone();
+        }
+        if node.ipv6_address.is_some() {
+            bgp.ipv6_address = node.ipv6_address.clone();
         }
         if let Some(asn) = node.as_number {
             bgp.as_number = Some(calico_model::AsNumber(asn));

@@ -42,6 +42,9 @@ pub struct NodeInfo {
     pub ipv4: Option<IpAddr>,
     /// The subnet of the node's address, when given (`192.0.2.10/24`).
     pub subnet: Option<IpNet>,
+    /// `spec.bgp.ipv6Address`: the node's IPv6 sessions go from and to it.
+    pub ipv6: Option<IpAddr>,
+    pub subnet6: Option<IpNet>,
     pub asn: Option<u32>,
     pub rr_cluster_id: Option<String>,
 }
@@ -100,25 +103,37 @@ impl BgpInputs {
 
 fn node_info(n: &Object<NodeSpec, calico_model::spec::NodeStatus>) -> Result<NodeInfo, BgpError> {
     let bgp = n.spec.bgp.clone().unwrap_or_default();
-    let (ipv4, subnet) = match &bgp.ipv4_address {
-        None => (None, None),
+    let address = |field: &str, value: &Option<String>, expected: &'static str| match value {
+        None => Ok((None, None)),
         Some(a) => match a.parse::<IpNet>() {
-            Ok(net) => (Some(net.addr()), Some(net.trunc())),
-            Err(_) => (
+            Ok(net) => Ok((Some(net.addr()), Some(net.trunc()))),
+            Err(_) => Ok((
                 Some(a.parse::<IpAddr>().map_err(|_| BgpError::Invalid {
-                    what: format!("Node {} spec.bgp.ipv4Address", n.metadata.name),
+                    what: format!("Node {} spec.bgp.{field}", n.metadata.name),
                     value: a.clone(),
-                    expected: "an IPv4 address or address/prefix",
+                    expected,
                 })?),
                 None,
-            ),
+            )),
         },
     };
+    let (ipv4, subnet) = address(
+        "ipv4Address",
+        &bgp.ipv4_address,
+        "an IPv4 address or address/prefix",
+    )?;
+    let (ipv6, subnet6) = address(
+        "ipv6Address",
+        &bgp.ipv6_address,
+        "an IPv6 address or address/prefix",
+    )?;
     Ok(NodeInfo {
         name: n.metadata.name.clone(),
         labels: n.metadata.labels.clone(),
         ipv4,
         subnet,
+        ipv6,
+        subnet6,
         asn: bgp.as_number.map(|a| a.0),
         rr_cluster_id: bgp.route_reflector_cluster_id,
     })
@@ -170,13 +185,20 @@ pub fn sessions(inputs: &BgpInputs, me: &NodeInfo) -> Result<Vec<Session>, BgpEr
     };
     let mut out: Vec<Session> = Vec::new();
     let mut add = |s: Session| {
-        if Some(s.address) != me.ipv4 && !out.iter().any(|o| o.address == s.address) {
+        // An IPv6 session needs an IPv6 address of this node to go from.
+        let own = if s.address.is_ipv4() {
+            me.ipv4
+        } else {
+            me.ipv6
+        };
+        if own.is_some() && Some(s.address) != own && !out.iter().any(|o| o.address == s.address) {
             out.push(s);
         }
     };
     if inputs.config.node_to_node_mesh_enabled.unwrap_or(true) {
         for n in inputs.nodes.iter().filter(|n| n.name != me.name) {
-            if let Some(ip) = n.ipv4 {
+            // One session per address family both nodes have.
+            for ip in [n.ipv4, n.ipv6].into_iter().flatten() {
                 add(Session {
                     name: format!("Mesh_{}", ident(&ip)),
                     address: ip,
@@ -230,7 +252,7 @@ pub fn sessions(inputs: &BgpInputs, me: &NodeInfo) -> Result<Vec<Session>, BgpEr
                 )? {
                     continue;
                 }
-                if let Some(ip) = n.ipv4 {
+                for ip in [n.ipv4, n.ipv6].into_iter().flatten() {
                     add(Session {
                         name: format!("Node_{}", ident(&ip)),
                         address: ip,
@@ -294,6 +316,20 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
         .filter(|b| b.addr().is_ipv4() && enabled.iter().any(|p| p.contains(*b)))
         .copied()
         .collect();
+    // IPv6: only with an IPv6 address of this node to hold sessions from.
+    let v6 = me.ipv6.is_some();
+    let enabled6: Vec<IpNet> = inputs
+        .pools
+        .iter()
+        .filter(|(c, disabled, no_export)| v6 && !disabled && !no_export && c.addr().is_ipv6())
+        .map(|(c, _, _)| *c)
+        .collect();
+    let exported6: Vec<IpNet> = inputs
+        .blocks
+        .iter()
+        .filter(|b| b.addr().is_ipv6() && enabled6.iter().any(|p| p.contains(*b)))
+        .copied()
+        .collect();
 
     let mut c = String::new();
     let _ = writeln!(
@@ -310,9 +346,13 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
     // Connected routes (not the workloads' veths) resolve next hops of multihop sessions.
     let _ = writeln!(
         c,
-        "protocol direct {{ ipv4; interface -\"cali*\", \"*\"; }}"
+        "protocol direct {{ ipv4;{} interface -\"cali*\", \"*\"; }}",
+        if v6 { " ipv6;" } else { "" }
     );
     let _ = writeln!(c, "protocol kernel {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  scan time 10;\n  graceful restart;\n}}");
+    if v6 {
+        let _ = writeln!(c, "protocol kernel kernel6 {{\n  ipv6 {{ import none; export where source = RTS_BGP; }};\n  scan time 10;\n  graceful restart;\n}}");
+    }
     let _ = writeln!(c, "protocol static calico_blocks {{\n  ipv4;");
     for b in &exported {
         let _ = writeln!(c, "  route {b} blackhole;");
@@ -341,18 +381,42 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
         }
     }
     let _ = writeln!(c, "}}");
+    if v6 {
+        let _ = writeln!(c, "protocol static calico_blocks6 {{\n  ipv6;");
+        for b in &exported6 {
+            let _ = writeln!(c, "  route {b} blackhole;");
+        }
+        for block in inputs
+            .config
+            .service_cluster_ips
+            .iter()
+            .chain(&inputs.config.service_external_ips)
+        {
+            if let Ok(IpNet::V6(n)) = block.cidr.parse::<IpNet>() {
+                let _ = writeln!(c, "  route {} blackhole;", n.trunc());
+            }
+        }
+        let _ = writeln!(c, "}}");
+    }
     // What goes out: this node's blocks, and on route reflectors the pool routes learned.
     let _ = write!(
         c,
-        "filter calico_export {{\n  if proto = \"calico_blocks\" then accept;\n"
+        "filter calico_export {{\n  if proto = \"calico_blocks\"{} then accept;\n",
+        if v6 {
+            " || proto = \"calico_blocks6\""
+        } else {
+            ""
+        }
     );
-    if me.rr_cluster_id.is_some() && !enabled.is_empty() {
-        let set: Vec<String> = enabled.iter().map(|p| format!("{p}+")).collect();
-        let _ = writeln!(
-            c,
-            "  if source = RTS_BGP && net ~ [ {} ] then accept;",
-            set.join(", ")
-        );
+    for pools in [&enabled, &enabled6] {
+        if me.rr_cluster_id.is_some() && !pools.is_empty() {
+            let set: Vec<String> = pools.iter().map(|p| format!("{p}+")).collect();
+            let _ = writeln!(
+                c,
+                "  if source = RTS_BGP && net ~ [ {} ] then accept;",
+                set.join(", ")
+            );
+        }
     }
     let _ = writeln!(c, "  reject;\n}}");
     let listen = inputs
@@ -361,11 +425,15 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
         .map(|p| format!(" port {p}"))
         .unwrap_or_default();
     for s in sessions(inputs, me)? {
+        let (local, subnet, family) = match (s.address, me.ipv6) {
+            (IpAddr::V6(_), Some(own)) => (own, me.subnet6, "ipv6"),
+            _ => (IpAddr::V4(router_id), me.subnet, "ipv4"),
+        };
         let _ = writeln!(c, "protocol bgp {} {{", s.name);
-        let _ = writeln!(c, "  local {router_id}{listen} as {my_as};");
+        let _ = writeln!(c, "  local {local}{listen} as {my_as};");
         let port = s.port.map(|p| format!(" port {p}")).unwrap_or_default();
         let _ = writeln!(c, "  neighbor {}{port} as {};", s.address, s.asn);
-        let same_subnet = me.subnet.is_some_and(|n| n.contains(&s.address));
+        let same_subnet = subnet.is_some_and(|n| n.contains(&s.address));
         let _ = writeln!(c, "  {};", if same_subnet { "direct" } else { "multihop" });
         if s.rr_client {
             let _ = writeln!(
@@ -397,7 +465,7 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
         );
         let _ = writeln!(
             c,
-            "  ipv4 {{ import all; export filter calico_export; next hop self; }};\n}}"
+            "  {family} {{ import all; export filter calico_export; next hop self; }};\n}}"
         );
     }
     Ok(c)

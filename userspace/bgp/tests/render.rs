@@ -252,3 +252,89 @@ spec: {{peerIP: '192.0.2.254', asNumber: 64999, password: {{file: {}}}}}
     }
     let _: IpAddr = "10.99.0.1".parse().unwrap();
 }
+
+/// Dual stack: nodes with an IPv6 address hold IPv6 sessions between those addresses (an
+/// `ipv6` channel), export their IPv6 blocks and program learned IPv6 routes; a node without
+/// one keeps its IPv4 sessions only. BIRD parses the result.
+#[test]
+fn dual_stack_nodes_mesh_over_both_families() {
+    let resources = parse_documents(
+        "apiVersion: projectcalico.org/v3
+kind: Node
+metadata: {name: a}
+spec: {bgp: {ipv4Address: 10.99.0.1/24, ipv6Address: 'fd99::1/64'}}
+---
+apiVersion: projectcalico.org/v3
+kind: Node
+metadata: {name: b}
+spec: {bgp: {ipv4Address: 10.99.0.2/24, ipv6Address: 'fd99::2/64'}}
+---
+apiVersion: projectcalico.org/v3
+kind: Node
+metadata: {name: c}
+spec: {bgp: {ipv4Address: 10.99.0.3/24}}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: v4}
+spec: {cidr: 10.65.0.0/16}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: v6}
+spec: {cidr: 'fd65::/48', blockSize: 122}
+",
+    )
+    .unwrap();
+    let i = BgpInputs::from_resources(
+        &resources,
+        vec![
+            "10.65.0.0/26".parse().unwrap(),
+            "fd65::/122".parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        names(&i, "a"),
+        ["Mesh_10_99_0_2", "Mesh_fd99__2", "Mesh_10_99_0_3"]
+    );
+    assert_eq!(
+        names(&i, "c"),
+        ["Mesh_10_99_0_1", "Mesh_10_99_0_2"],
+        "no IPv6 of its own"
+    );
+    let config = render(&i, "a").unwrap();
+    for line in [
+        "protocol direct { ipv4; ipv6; interface",
+        "protocol kernel kernel6 {",
+        "route fd65::/122 blackhole;",
+        "if proto = \"calico_blocks\" || proto = \"calico_blocks6\" then accept;",
+        "local fd99::1 as 64512;",
+        "neighbor fd99::2 as 64512;",
+        "ipv6 { import all; export filter calico_export; next hop self; };",
+    ] {
+        assert!(config.contains(line), "{line} missing:\n{config}");
+    }
+    let v4_only = render(&i, "c").unwrap();
+    assert!(!v4_only.contains("ipv6"), "{v4_only}");
+    if !harness::require(
+        "dual_stack_nodes_mesh_over_both_families",
+        &[harness::Requirement::Bird],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.conf");
+    std::fs::write(&file, &config).unwrap();
+    let out = std::process::Command::new("bird")
+        .arg("-p")
+        .arg("-c")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bird rejected it: {}\n{config}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

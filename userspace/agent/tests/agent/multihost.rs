@@ -604,3 +604,181 @@ fn hosts_on_two_subnets_reach_each_other_over_vxlan() -> Result<()> {
     expect_matrix(&workloads, &hosts[0].ns, &|_, _| true).map_err(with_log)?;
     Ok(())
 }
+
+/// Dual stack over BGP: three hosts with IPv4 and IPv6 underlay addresses, each agent with
+/// BIRD, an IPv4 and an IPv6 pool, workloads with one address of each. The mesh holds an
+/// IPv4 and an IPv6 session between every pair; workloads reach each other over both
+/// families; an IPv6 policy denies host1's workload over IPv6 only.
+#[test]
+fn three_hosts_dual_stack_over_bgp() -> Result<()> {
+    let _load = harness::beside_others();
+    if !require(
+        "three_hosts_dual_stack_over_bgp",
+        &[
+            Requirement::Root,
+            Requirement::NetNs,
+            Requirement::Bpf,
+            Requirement::Etcd,
+            Requirement::Bird,
+        ],
+    ) {
+        return Ok(());
+    }
+    let bin = bin_dir();
+    let etcd = Etcd::start()?;
+    let store = harness::Store::connect(&etcd)?;
+    store.apply("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: v4}\nspec: {cidr: 10.65.0.0/16, blockSize: 26}\n---\napiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: v6}\nspec: {cidr: 'fd65::/48', blockSize: 122}\n")?;
+    let underlay = NetNs::new("ul")?;
+    underlay.exec_ok("ip", &["link", "add", "br0", "type", "bridge"])?;
+    underlay.exec_ok("ip", &["link", "set", "br0", "up"])?;
+    let mut hosts = Vec::new();
+    let mut v6_workloads = Vec::new();
+    for i in 1..=3u8 {
+        let ns = NetNs::new("ds")?;
+        let leg = unique_name("ul");
+        Command::new("ip")
+            .args([
+                "link",
+                "add",
+                "eth1",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &leg,
+                "netns",
+                underlay.name(),
+            ])
+            .status()?;
+        underlay.exec_ok("ip", &["link", "set", &leg, "master", "br0", "up"])?;
+        let underlay_ip = format!("10.99.0.{i}");
+        ns.add_address("eth1", &format!("{underlay_ip}/24"))?;
+        ns.exec_ok(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd99::{i}/64"),
+                "dev",
+                "eth1",
+                "nodad",
+            ],
+        )?;
+        let forward = Forward::loopback(&ns, etcd.port())?;
+        let bird_dir = tempfile::tempdir()?;
+        let node = format!("{}-d{i}", unique_name("n"));
+        let agent = AgentProcess::start_with(
+            &bin.join("calico-node"),
+            &ns,
+            &etcd.endpoint(),
+            &node,
+            &[
+                "--ip",
+                &format!("{underlay_ip}/24"),
+                "--ip6",
+                &format!("fd99::{i}/64"),
+                "--networking-backend",
+                "bird",
+                "--bird-dir",
+                &bird_dir.path().display().to_string(),
+            ],
+        )?;
+        let workload = NetNs::new("dw")?;
+        let container = format!("{}{}", unique_name("c"), "0".repeat(20));
+        let mut conf = harness::cni_conf(&etcd.endpoint(), &node);
+        conf["ipam"]["assign_ipv4"] = "true".into();
+        conf["ipam"]["assign_ipv6"] = "true".into();
+        let result = harness::cni_with_conf(&bin, &ns, &conf, "ADD", &container, &workload, "")?;
+        let address = |v4: bool| -> Result<IpAddr> {
+            result["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| ip["address"].as_str())
+                .filter_map(|a| a.split('/').next()?.parse::<IpAddr>().ok())
+                .find(|a| a.is_ipv4() == v4)
+                .with_context(|| format!("CNI result {result}"))
+        };
+        let (workload_ip, workload_ip6) = (address(true)?, address(false)?);
+        v6_workloads.push((NetNs::borrow(workload.name()), workload_ip6));
+        hosts.push(Host {
+            ns,
+            agent,
+            bird_dir,
+            underlay_ip,
+            workload,
+            workload_ip,
+            _forward: forward,
+        });
+    }
+    for h in &mut hosts {
+        h.agent.wait_ready(&h.ns, true, Duration::from_secs(30))?;
+    }
+    // Four sessions on every host: IPv4 and IPv6 to each of the two others.
+    for h in &hosts {
+        wait_for(
+            &format!("dual-stack mesh on {}", h.underlay_ip),
+            Duration::from_secs(60),
+            || {
+                Ok(h.birdc(&["show", "protocols"])
+                    .matches("Established")
+                    .count()
+                    == 4)
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{}\nagent log:\n{}",
+                h.birdc(&["show", "protocols"]),
+                h.agent.log()
+            )
+        })?;
+    }
+    let v4_workloads: Vec<(NetNs, IpAddr)> = hosts
+        .iter()
+        .map(|h| (NetNs::borrow(h.workload.name()), h.workload_ip))
+        .collect();
+    let m4 = expect_matrix(&v4_workloads, &hosts[0].ns, &|_, _| true)?;
+    let m6 = expect_matrix(&v6_workloads, &hosts[0].ns, &|_, _| true).with_context(|| {
+        hosts[0]
+            .ns
+            .exec_ok("ip", &["-6", "route"])
+            .unwrap_or_default()
+    })?;
+    eprintln!(
+        "IPv4, no policy:\n{}IPv6, no policy:\n{}",
+        print_matrix(&m4),
+        print_matrix(&m6)
+    );
+    let routes6 = hosts[0]
+        .ns
+        .exec_ok("ip", &["-6", "route", "show", "proto", "bird"])?;
+    eprintln!("host1's IPv6 routes from BGP:\n{routes6}");
+    assert_eq!(
+        routes6.lines().filter(|l| l.starts_with("fd65:")).count(),
+        2,
+        "{routes6}"
+    );
+    // Its own IPv6 block is blackholed (unassigned addresses in it go nowhere).
+    let blackholes = hosts[0]
+        .ns
+        .exec_ok("ip", &["-6", "route", "show", "type", "blackhole"])?;
+    assert!(blackholes.contains("fd65::"), "{blackholes}");
+
+    // An IPv6 policy: host1's workload reaches no other over IPv6; IPv4 is untouched.
+    store.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-v6-from-1\nspec:\n  selector: all()\n  ingress:\n  - action: Deny\n    source:\n      nets: ['{}/128']\n  - action: Allow\n  egress:\n  - action: Allow\n",
+        v6_workloads[0].1
+    ))?;
+    let m6 = expect_matrix(&v6_workloads, &hosts[0].ns, &|i, _| i != 0)?;
+    let m4 = expect_matrix(&v4_workloads, &hosts[0].ns, &|_, _| true)?;
+    eprintln!(
+        "with deny-v6-from-1, IPv6:\n{}IPv4:\n{}",
+        print_matrix(&m6),
+        print_matrix(&m4)
+    );
+    Ok(())
+}
