@@ -123,7 +123,19 @@ pub struct ProgramRef {
     /// The peer class table (in `POLICY_PEER_CLASSES`) it reads, shared by every program with
     /// the same (net class, mask) → class mapping.
     pub classes: u32,
+    /// `PROGRAM_*` flags.
+    pub flags: u32,
 }
+
+/// A host endpoint's program: a packet whose local address is not one of the endpoint's is
+/// traffic the host forwards (not to or from the host itself), which its policy does not
+/// judge (upstream's semantics for host endpoints): it passes, counted as `HostForwarded`.
+/// A workload's program never has it: there such a packet is spoofed and dropped.
+pub const PROGRAM_FORWARD_PASSES: u32 = 1;
+
+/// The verdict index `decide` gives traffic a host endpoint forwards (see
+/// [`PROGRAM_FORWARD_PASSES`]); never an index of a compiled program.
+pub const VERDICT_FORWARDED: u32 = u32::MAX - 1;
 
 /// LPM data: a nets table id or an IP set id (big-endian, always fully matched) then the
 /// address as IPv6 (IPv4 mapped to ::ffff:a.b.c.d).
@@ -291,8 +303,11 @@ pub enum PolicyStat {
     /// Allowed flows left untracked because their interface holds its share of the
     /// conntrack table already (`CONNTRACK_LIMIT`): one workload cannot evict everybody's.
     ConntrackOverLimit = 9,
+    /// Packets a host endpoint's interface carried for traffic the host forwards (see
+    /// [`PROGRAM_FORWARD_PASSES`]): passed unjudged.
+    HostForwarded = 10,
 }
-pub const POLICY_STAT_COUNT: u32 = 10;
+pub const POLICY_STAT_COUNT: u32 = 11;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -36,8 +36,8 @@ use calico_bpf_common::{
     VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_ANSWERED, CT_FIN_HI,
     CT_FIN_LO, CT_OPENED_BY_LO, CT_RST, FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES,
     POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS, POLICY_MAX_PROGRAM_SETS,
-    POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, TC_EGRESS, TC_INGRESS,
-    VERDICT_FIXED_BITS,
+    POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, PROGRAM_FORWARD_PASSES,
+    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS, VERDICT_FORWARDED,
 };
 
 #[map(name = "POLICY_EPS")]
@@ -368,6 +368,18 @@ fn decide(scratch: &mut Scratch, from_workload: bool) -> Option<VerdictValue> {
     scratch.peer_key.data.addr = *peer_addr;
     scratch.local_key.program = id;
     scratch.local_key.addr = *local_addr;
+    // The endpoint's own addresses first: on a host endpoint anything else is forwarded.
+    // SAFETY: the value is copied out at once.
+    let local = match unsafe { POLICY_LOCALS.get(&scratch.local_key) } {
+        Some(class) => *class,
+        None if scratch.program_ref.flags & PROGRAM_FORWARD_PASSES != 0 => {
+            return Some(VerdictValue {
+                action: ACTION_ALLOW,
+                rule: VERDICT_FORWARDED,
+            })
+        }
+        None => return None,
+    };
     scratch.class_key.table = classes;
     scratch.class_key.net_class = *POLICY_NETS.get(&scratch.peer_key)?;
     // The peer's membership of each IP set the program consults: one lookup per set in the
@@ -390,8 +402,6 @@ fn decide(scratch: &mut Scratch, from_workload: bool) -> Option<VerdictValue> {
     scratch.class_key.mask = mask;
     // SAFETY: the value is copied out at once.
     let peer = unsafe { *POLICY_PEER_CLASSES.get(&scratch.class_key)? };
-    // SAFETY: the value is copied out at once.
-    let local = unsafe { *POLICY_LOCALS.get(&scratch.local_key)? };
     let flow = &scratch.flow;
     let protocol = unsafe {
         POLICY_PROTOS.get(ProtoKey {
@@ -760,6 +770,10 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         return TC_ACT_PIPE;
     }
     let decision = decide(scratch, hook == TC_INGRESS);
+    if decision.is_some_and(|v| v.rule == VERDICT_FORWARDED) {
+        count(PolicyStat::HostForwarded);
+        return TC_ACT_PIPE;
+    }
     scratch.decided = true;
     scratch.program = scratch.program_ref.program;
     (scratch.verdict, scratch.action) = match decision {

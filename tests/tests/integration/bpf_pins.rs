@@ -130,7 +130,7 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
         std::mem::size_of::<EndpointKey>(),
         "the endpoint map kept the old key"
     );
-    assert!(dir.0.join("layout-v4").is_dir(), "no layout version marker");
+    assert!(dir.0.join("layout-v5").is_dir(), "no layout version marker");
     assert!(!retired.exists(), "the retired map's pin stayed");
     // A restart that does not know the configured size (etcd unreachable) keeps it.
     drop(dp);

@@ -21,6 +21,9 @@ use crate::{
     routes::DesiredRoutes,
 };
 
+/// A host endpoint's `interfaceName` for every host interface.
+pub const WILDCARD: &str = "*";
+
 /// Where a local endpoint lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointPlace {
@@ -92,19 +95,25 @@ fn compile_endpoint(
             } else {
                 policy.program(direction).clone()
             };
-            match CompiledProgram::compile_with(policy, &program, &policy.addresses, direction) {
-                Ok(c) => (direction, c, None),
-                Err(e) => {
-                    let empty = CompiledProgram::compile_with(
-                        policy,
-                        &PolicyProgram::default(),
-                        &policy.addresses,
-                        direction,
-                    )
-                    .expect("an empty program compiles");
-                    (direction, empty, Some(e))
-                }
-            }
+            let (mut compiled, error) =
+                match CompiledProgram::compile_with(policy, &program, &policy.addresses, direction)
+                {
+                    Ok(c) => (c, None),
+                    Err(e) => {
+                        let empty = CompiledProgram::compile_with(
+                            policy,
+                            &PolicyProgram::default(),
+                            &policy.addresses,
+                            direction,
+                        )
+                        .expect("an empty program compiles");
+                        (empty, Some(e))
+                    }
+                };
+            // A host endpoint's policy judges traffic to and from the host; what the host
+            // forwards through its interfaces passes (upstream's semantics).
+            compiled.forwarded_passes = host;
+            (direction, compiled, error)
         })
         .collect();
     CompiledEndpoint { directions }
@@ -286,10 +295,13 @@ impl Driver {
                 if known && self.programmed.contains_key(&index) {
                     return;
                 }
+                let wildcard = self.wildcard_covers(&name);
                 let owner: Vec<EndpointId> = self
                     .places
                     .iter()
-                    .filter(|(_, p)| p.interface == name)
+                    .filter(|(_, p)| {
+                        p.interface == name || (wildcard && p.host && p.interface == WILDCARD)
+                    })
                     .map(|(id, _)| id.clone())
                     .collect();
                 if owner.is_empty() {
@@ -353,43 +365,90 @@ impl Driver {
         self.program_with(id, None).await;
     }
 
+    /// The interfaces an endpoint's programs go on: its own; for a host endpoint with
+    /// `interfaceName: "*"` every host interface no other host endpoint names (not loopback,
+    /// the workloads' veths or the overlay's device), as upstream's wildcard.
+    fn interfaces_of(&self, id: &EndpointId) -> Vec<(String, u32)> {
+        let Some(place) = self.places.get(id) else {
+            return Vec::new();
+        };
+        if !(place.host && place.interface == WILDCARD) {
+            return self
+                .interfaces
+                .get(&place.interface)
+                .map(|i| vec![(place.interface.clone(), *i)])
+                .unwrap_or_default();
+        }
+        self.interfaces
+            .iter()
+            .filter(|(name, _)| self.wildcard_covers(name))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect()
+    }
+
+    /// Whether a `*` host endpoint covers interface `name`.
+    fn wildcard_covers(&self, name: &str) -> bool {
+        name != "lo"
+            && name != crate::vxlan::DEVICE
+            && !name.starts_with(&self.interface_prefix)
+            && !self
+                .places
+                .values()
+                .any(|p| p.host && p.interface == name)
+    }
+
     /// As [`Driver::program`], with the endpoint's programs compiled already (or compiled
     /// here when `None`).
     async fn program_with(&mut self, id: &EndpointId, compiled: Option<CompiledEndpoint>) {
         let (Some(place), Some(policy)) = (self.places.get(id), self.policies.get(id)) else {
             return;
         };
-        let Some(&ifindex) = self.interfaces.get(&place.interface) else {
+        let targets = self.interfaces_of(id);
+        if targets.is_empty() {
             tracing::debug!(endpoint = ?id, interface = %place.interface, "interface not there yet");
             return;
-        };
+        }
         let place = place.clone();
+        let compiled =
+            compiled.unwrap_or_else(|| compile_endpoint(policy, place.host, &self.settings));
+        for (interface, ifindex) in targets {
+            self.install_on(id, &place, &interface, ifindex, &compiled);
+        }
+        self.metrics.endpoints.set(self.programmed.len() as i64);
+    }
+
+    /// Attaches to and installs `compiled` on one of `id`'s interfaces.
+    fn install_on(
+        &mut self,
+        id: &EndpointId,
+        place: &EndpointPlace,
+        interface: &str,
+        ifindex: u32,
+        compiled: &CompiledEndpoint,
+    ) {
         let t0 = std::time::Instant::now();
         if self.programmed.get(&ifindex) != Some(id) {
             if !self.attached.contains(&ifindex) {
                 let attached = if place.host {
-                    self.dataplane.attach_host(&place.interface)
+                    self.dataplane.attach_host(interface)
                 } else {
-                    self.dataplane.attach(&place.interface)
+                    self.dataplane.attach(interface)
                 };
                 if let Err(e) = attached {
-                    tracing::error!(endpoint = ?id, interface = %place.interface, error = %e, "attaching the policy programs failed");
+                    tracing::error!(endpoint = ?id, %interface, error = %e, "attaching the policy programs failed");
                     return;
                 }
                 self.attached.insert(ifindex);
             }
             if !place.host {
-                if let Err(e) = calico_hostlink::configure_host_end(&place.interface, false) {
-                    tracing::warn!(interface = %place.interface, error = %e, "interface sysctls");
+                if let Err(e) = calico_hostlink::configure_host_end(interface, false) {
+                    tracing::warn!(%interface, error = %e, "interface sysctls");
                 }
             }
         }
         let t1 = std::time::Instant::now();
-        let compiled =
-            compiled.unwrap_or_else(|| compile_endpoint(policy, place.host, &self.settings));
-        let t_compiled = std::time::Instant::now();
         let mut failed = false;
-        for (direction, compiled, error) in compiled.directions {
+        for (direction, compiled, error) in &compiled.directions {
             if let Some(e) = error {
                 // Never silently allowed: the endpoint drops in this direction until the
                 // policy is fixed.
@@ -398,7 +457,7 @@ impl Driver {
             }
             if let Err(e) =
                 self.dataplane
-                    .install(ifindex, Hook::for_direction(direction), &compiled)
+                    .install(ifindex, Hook::for_direction(*direction), compiled)
             {
                 // The dataplane leaves the hook without a program: it drops until a retry
                 // succeeds (never the previous policy, never open).
@@ -415,15 +474,11 @@ impl Driver {
         if self.programmed.insert(ifindex, id.clone()).as_ref() != Some(id) {
             self.routes_dirty = true;
         }
-        self.metrics.endpoints.set(self.programmed.len() as i64);
-        let t2 = std::time::Instant::now();
         tracing::debug!(
             endpoint = ?id,
-            interface = %place.interface,
+            %interface,
             attach_us = (t1 - t0).as_micros() as u64,
-            compile_us = (t_compiled - t1).as_micros() as u64,
-            install_us = (t2 - t_compiled).as_micros() as u64,
-            routes_us = t2.elapsed().as_micros() as u64,
+            install_us = t1.elapsed().as_micros() as u64,
             "programmed"
         );
     }
@@ -431,30 +486,48 @@ impl Driver {
     /// Takes an endpoint's programs and its own routes away (just those: a batch removing many
     /// endpoints must not dump the routing table once per endpoint).
     async fn unprogram(&mut self, id: &EndpointId) {
-        let Some((&ifindex, _)) = self.programmed.iter().find(|(_, e)| *e == id) else {
-            return;
-        };
-        self.programmed.remove(&ifindex);
-        self.metrics.endpoints.set(self.programmed.len() as i64);
-        self.failed.remove(id);
-        // A workload interface that outlives its endpoint (deleted before the CNI DEL) keeps
-        // its classifiers with no program, so it drops; anything else is released.
-        let still_a_workload = self
-            .interfaces
+        let ifindexes: Vec<u32> = self
+            .programmed
             .iter()
-            .any(|(name, i)| *i == ifindex && name.starts_with(&self.interface_prefix));
-        let released = if still_a_workload {
-            [Hook::Ingress, Hook::Egress]
-                .into_iter()
-                .try_for_each(|h| self.dataplane.remove(ifindex, h))
-        } else {
-            self.attached.remove(&ifindex);
-            self.dataplane.forget_interface(ifindex)
-        };
-        if let Err(e) = released {
-            tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
+            .filter(|(_, e)| *e == id)
+            .map(|(i, _)| *i)
+            .collect();
+        if ifindexes.is_empty() {
+            return;
         }
+        self.failed.remove(id);
+        for ifindex in ifindexes {
+            self.programmed.remove(&ifindex);
+            // A workload interface that outlives its endpoint (deleted before the CNI DEL)
+            // keeps its classifiers with no program, so it drops; anything else is released.
+            let still_a_workload = self
+                .interfaces
+                .iter()
+                .any(|(name, i)| *i == ifindex && name.starts_with(&self.interface_prefix));
+            let released = if still_a_workload {
+                [Hook::Ingress, Hook::Egress]
+                    .into_iter()
+                    .try_for_each(|h| self.dataplane.remove(ifindex, h))
+            } else {
+                self.attached.remove(&ifindex);
+                self.dataplane.forget_interface(ifindex)
+            };
+            if let Err(e) = released {
+                tracing::warn!(endpoint = ?id, error = %e, "removing the endpoint's programs");
+            }
+        }
+        self.metrics.endpoints.set(self.programmed.len() as i64);
         self.routes_dirty = true;
+        // A `*` host endpoint takes the host interfaces a named one left.
+        let wildcards: Vec<EndpointId> = self
+            .places
+            .iter()
+            .filter(|(w, p)| p.host && p.interface == WILDCARD && *w != id)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for w in wildcards {
+            self.program(&w).await;
+        }
     }
 
     /// Sets this node's blocks (from its block affinities).
@@ -769,6 +842,7 @@ impl Driver {
             Metrics::set_total(&self.metrics.events_lost, c.events_lost);
             Metrics::set_total(&self.metrics.counters_lost, c.counters_lost);
             Metrics::set_total(&self.metrics.conntrack_over_limit, c.conntrack_over_limit);
+            Metrics::set_total(&self.metrics.host_forwarded, c.host_forwarded);
         }
     }
 }

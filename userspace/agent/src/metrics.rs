@@ -48,6 +48,7 @@ pub struct Metrics {
     pub events_lost: Counter,
     pub counters_lost: Counter,
     pub conntrack_over_limit: Counter,
+    pub host_forwarded: Counter,
     pub bird_config_errors: Counter,
     pub bird_restarts: Counter,
     latency: Histogram,
@@ -82,6 +83,7 @@ impl Default for Metrics {
             events_lost: Counter::default(),
             counters_lost: Counter::default(),
             conntrack_over_limit: Counter::default(),
+            host_forwarded: Counter::default(),
             bird_config_errors: Counter::default(),
             bird_restarts: Counter::default(),
             latency: Histogram::new(BUCKETS),
@@ -171,6 +173,11 @@ impl Default for Metrics {
                 "felix_bpf_conntrack_over_limit",
                 "Allowed flows left untracked because their interface held its share of the conntrack table",
                 m.conntrack_over_limit.clone(),
+            );
+            r.register(
+                "felix_bpf_packets_host_forwarded",
+                "Packets host endpoints' interfaces carried for traffic the host forwards (their policy judges only traffic to and from the host)",
+                m.host_forwarded.clone(),
             );
             r.register(
                 "felix_bpf_rule_counters_lost",

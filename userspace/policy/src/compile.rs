@@ -51,6 +51,10 @@ pub struct Cell {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CompiledProgram {
     pub direction: Option<Direction>,
+    /// A host endpoint's program: traffic whose local address is not the endpoint's is traffic
+    /// the host forwards, which passes unjudged (upstream's semantics). A workload's program
+    /// drops it (a spoofed address).
+    pub forwarded_passes: bool,
     /// The rules' own nets and notNets → net class; longest prefix wins; every family has a
     /// /0 entry.
     pub peer_nets: Vec<(IpNet, u32)>,
@@ -764,6 +768,7 @@ impl CompiledProgram {
             peer_nets,
             peer_sets,
             peer_classes: peer_classes_out,
+            forwarded_passes: false,
             local_addresses,
             protocols,
             other_protocol,

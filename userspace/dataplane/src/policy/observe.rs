@@ -44,6 +44,8 @@ pub struct PolicyCounters {
     pub counters_lost: u64,
     /// Allowed flows left untracked: their interface held its share of the table.
     pub conntrack_over_limit: u64,
+    /// Packets host endpoints' interfaces carried for traffic the host forwards (unjudged).
+    pub host_forwarded: u64,
 }
 
 /// A rule counter's packets and bytes summed over CPUs.
@@ -186,6 +188,7 @@ impl PolicyDataplane {
             events_lost: sum(PolicyStat::EventsLost)?,
             counters_lost: sum(PolicyStat::CountersLost)?,
             conntrack_over_limit: sum(PolicyStat::ConntrackOverLimit)?,
+            host_forwarded: sum(PolicyStat::HostForwarded)?,
         })
     }
 }

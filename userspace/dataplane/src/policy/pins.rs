@@ -19,7 +19,7 @@ use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP};
 use crate::DataplaneError;
 
 /// Bump when a pinned map's meaning changes in a way its sizes do not show.
-pub(super) const LAYOUT_VERSION: u32 = 4;
+pub(super) const LAYOUT_VERSION: u32 = 5;
 const VERSION_PREFIX: &str = "layout-v";
 
 /// Maps earlier layouts pinned that this one no longer has (v3's per-program peer tables,

@@ -234,6 +234,7 @@ impl PolicyDataplane {
                             nets,
                             sets: ids.len() as u32,
                             classes,
+                            flags: program_flags(compiled),
                         },
                         0,
                     )
@@ -344,6 +345,7 @@ impl PolicyDataplane {
                         nets,
                         sets,
                         classes,
+                        flags: program_flags(compiled),
                     },
                     0,
                 );
@@ -522,5 +524,14 @@ impl PolicyDataplane {
             self.released_counters.clear();
         }
         programs.len()
+    }
+}
+
+/// The `PROGRAM_*` flags of `compiled`'s endpoint entry.
+fn program_flags(compiled: &calico_policy::CompiledProgram) -> u32 {
+    if compiled.forwarded_passes {
+        calico_bpf_common::PROGRAM_FORWARD_PASSES
+    } else {
+        0
     }
 }
