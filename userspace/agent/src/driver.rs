@@ -69,6 +69,45 @@ pub struct Driver {
     /// committed; None when they change nothing there. Valid for `pending_revision`.
     pending_programs: std::collections::HashMap<(EndpointId, Direction), Option<PolicyProgram>>,
     pending_revision: Option<u64>,
+    /// GlobalNetworkPolicies with host-endpoint-only settings (see `compile_endpoint`).
+    host_only: BTreeMap<String, HostOnlyPolicy>,
+}
+
+/// A GlobalNetworkPolicy's settings that matter for host endpoints only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostOnlyPolicy {
+    pub apply_on_forward: bool,
+    pub pre_dnat: bool,
+    pub do_not_track: bool,
+}
+
+/// A preDNAT or doNotTrack policy in a host endpoint's program, as the compile error that
+/// makes the endpoint drop that direction: this dataplane judges host endpoint traffic after
+/// DNAT and tracks every allowed flow, so such a policy cannot mean here what it says.
+fn unsupported_on_host(
+    program: &PolicyProgram,
+    host_only: &BTreeMap<String, HostOnlyPolicy>,
+) -> Option<calico_policy::CompileError> {
+    program
+        .tiers
+        .iter()
+        .flat_map(|t| &t.policies)
+        .find_map(|p| {
+            let flags = host_only.get(&p.name)?;
+            let field = if flags.pre_dnat {
+                "preDNAT"
+            } else if flags.do_not_track {
+                "doNotTrack"
+            } else {
+                return None;
+            };
+            Some(calico_policy::CompileError {
+                policy: p.name.clone(),
+                index: 0,
+                field: field.to_owned(),
+                reason: format!("{field} policies are not supported by this dataplane (host endpoint policy applies after DNAT, to tracked flows)"),
+            })
+        })
 }
 
 /// An endpoint's two programs, compiled; a program that cannot be enforced is replaced by the
@@ -86,6 +125,7 @@ fn compile_endpoint(
     policy: &EndpointPolicy,
     host: bool,
     settings: &FelixSettings,
+    host_only: &BTreeMap<String, HostOnlyPolicy>,
 ) -> CompiledEndpoint {
     let directions = [Direction::Ingress, Direction::Egress]
         .into_iter()
@@ -95,24 +135,46 @@ fn compile_endpoint(
             } else {
                 policy.program(direction).clone()
             };
-            let (mut compiled, error) =
-                match CompiledProgram::compile_with(policy, &program, &policy.addresses, direction)
-                {
-                    Ok(c) => (c, None),
-                    Err(e) => {
-                        let empty = CompiledProgram::compile_with(
-                            policy,
-                            &PolicyProgram::default(),
-                            &policy.addresses,
-                            direction,
-                        )
-                        .expect("an empty program compiles");
-                        (empty, Some(e))
-                    }
-                };
+            let unsupported = host
+                .then(|| unsupported_on_host(&program, host_only))
+                .flatten();
+            let compiled_or_error = match unsupported {
+                Some(e) => Err(e),
+                None => {
+                    CompiledProgram::compile_with(policy, &program, &policy.addresses, direction)
+                }
+            };
+            let (mut compiled, error) = match compiled_or_error {
+                Ok(c) => (c, None),
+                Err(e) => {
+                    // Nothing but a host's failsafe ports: the direction drops, the host stays
+                    // reachable for its operators.
+                    let nothing = if host {
+                        with_failsafe(&PolicyProgram::default(), direction, settings)
+                    } else {
+                        PolicyProgram::default()
+                    };
+                    let empty = CompiledProgram::compile_with(
+                        policy,
+                        &nothing,
+                        &policy.addresses,
+                        direction,
+                    )
+                    .expect("a program of failsafe ports compiles");
+                    (empty, Some(e))
+                }
+            };
             // A host endpoint's policy judges traffic to and from the host; what the host
-            // forwards through its interfaces passes (upstream's semantics).
-            compiled.forwarded_passes = host;
+            // forwards through its interfaces passes (upstream's semantics) unless an
+            // applyOnForward policy applies to it: this dataplane does not judge forwarded
+            // traffic by policy, so then it is dropped rather than let through unjudged.
+            let forward_judged = policy
+                .program(direction)
+                .tiers
+                .iter()
+                .flat_map(|t| &t.policies)
+                .any(|p| host_only.get(&p.name).is_some_and(|f| f.apply_on_forward));
+            compiled.forwarded_passes = host && !forward_judged;
             (direction, compiled, error)
         })
         .collect();
@@ -148,6 +210,7 @@ impl Driver {
             rule_seen: Default::default(),
             pending_programs: Default::default(),
             pending_revision: None,
+            host_only: BTreeMap::new(),
         }
     }
 
@@ -185,6 +248,24 @@ impl Driver {
             }
         }
         self.settings = settings;
+        let hosts: Vec<EndpointId> = self
+            .places
+            .iter()
+            .filter(|(_, p)| p.host)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in hosts {
+            self.program(&id).await;
+        }
+    }
+
+    /// The GlobalNetworkPolicies with host-endpoint-only settings; host endpoints are
+    /// programmed again when they change.
+    pub async fn set_host_only_policies(&mut self, policies: BTreeMap<String, HostOnlyPolicy>) {
+        if policies == self.host_only {
+            return;
+        }
+        self.host_only = policies;
         let hosts: Vec<EndpointId> = self
             .places
             .iter()
@@ -256,13 +337,19 @@ impl Driver {
             })
             .collect();
         let settings = &self.settings;
+        let forward = &self.host_only;
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(work.len());
         if threads <= 1 {
             return work
                 .into_iter()
-                .map(|(id, policy, host)| (id.clone(), compile_endpoint(policy, host, settings)))
+                .map(|(id, policy, host)| {
+                    (
+                        id.clone(),
+                        compile_endpoint(policy, host, settings, forward),
+                    )
+                })
                 .collect();
         }
         let chunk = work.len().div_ceil(threads);
@@ -273,7 +360,10 @@ impl Driver {
                     scope.spawn(move || {
                         part.iter()
                             .map(|(id, policy, host)| {
-                                ((*id).clone(), compile_endpoint(policy, *host, settings))
+                                (
+                                    (*id).clone(),
+                                    compile_endpoint(policy, *host, settings, forward),
+                                )
                             })
                             .collect::<Vec<_>>()
                     })
@@ -391,10 +481,7 @@ impl Driver {
         name != "lo"
             && name != crate::vxlan::DEVICE
             && !name.starts_with(&self.interface_prefix)
-            && !self
-                .places
-                .values()
-                .any(|p| p.host && p.interface == name)
+            && !self.places.values().any(|p| p.host && p.interface == name)
     }
 
     /// As [`Driver::program`], with the endpoint's programs compiled already (or compiled
@@ -409,8 +496,17 @@ impl Driver {
             return;
         }
         let place = place.clone();
-        let compiled =
-            compiled.unwrap_or_else(|| compile_endpoint(policy, place.host, &self.settings));
+        let compiled = compiled.unwrap_or_else(|| {
+            compile_endpoint(policy, place.host, &self.settings, &self.host_only)
+        });
+        if place.host
+            && compiled
+                .directions
+                .iter()
+                .any(|(_, c, _)| !c.forwarded_passes)
+        {
+            tracing::warn!(endpoint = ?id, "an applyOnForward policy applies to this host endpoint; this dataplane does not judge forwarded traffic by policy, so traffic the host forwards through it is dropped");
+        }
         for (interface, ifindex) in targets {
             self.install_on(id, &place, &interface, ifindex, &compiled);
         }

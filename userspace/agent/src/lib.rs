@@ -100,6 +100,9 @@ struct Agent {
     nodes: std::collections::BTreeMap<String, vxlan::NodeTunnel>,
     vxlan: tokio::sync::watch::Sender<vxlan::VxlanInputs>,
     vxlan_mtu: Option<u32>,
+    /// GlobalNetworkPolicies with host-endpoint-only settings (applyOnForward, preDNAT,
+    /// doNotTrack).
+    host_only: std::collections::BTreeMap<String, driver::HostOnlyPolicy>,
 }
 
 pub async fn run(flags: Flags) -> anyhow::Result<()> {
@@ -236,6 +239,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             refresh,
         ),
         vxlan_mtu: None,
+        host_only: Default::default(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_refresh = Instant::now();
@@ -325,6 +329,7 @@ impl Agent {
                     self.driver.clear_places();
                     self.pools.clear();
                     self.nodes.clear();
+                    self.host_only.clear();
                     if let Some(b) = self.bird.as_mut() {
                         b.clear();
                     }
@@ -363,6 +368,9 @@ impl Agent {
                 tracing::error!(error = %e, "FelixConfiguration refused; previous settings stay")
             }
         }
+        self.driver
+            .set_host_only_policies(self.host_only.clone())
+            .await;
         let calc_started = Instant::now();
         let changes = self.calc.flush();
         let n = changes.len();
@@ -498,6 +506,18 @@ impl Agent {
             Resource::IPPool(p) => {
                 self.pools.insert(p.metadata.name.clone(), p.spec.clone());
             }
+            Resource::GlobalNetworkPolicy(p) => {
+                let flags = driver::HostOnlyPolicy {
+                    apply_on_forward: p.spec.apply_on_forward == Some(true),
+                    pre_dnat: p.spec.pre_dnat == Some(true),
+                    do_not_track: p.spec.do_not_track == Some(true),
+                };
+                if flags == driver::HostOnlyPolicy::default() {
+                    self.host_only.remove(&p.metadata.name);
+                } else {
+                    self.host_only.insert(p.metadata.name.clone(), flags);
+                }
+            }
             Resource::Node(n) => {
                 self.nodes
                     .insert(n.metadata.name.clone(), vxlan::node_tunnel(&n.spec));
@@ -577,11 +597,16 @@ impl Agent {
                     local: false,
                 }
             }
-            Kind::NetworkPolicy | Kind::GlobalNetworkPolicy => Update::Policy {
-                namespace,
-                name,
-                policy: None,
-            },
+            Kind::NetworkPolicy | Kind::GlobalNetworkPolicy => {
+                if kind == Kind::GlobalNetworkPolicy {
+                    self.host_only.remove(&name);
+                }
+                Update::Policy {
+                    namespace,
+                    name,
+                    policy: None,
+                }
+            }
             Kind::StagedNetworkPolicy | Kind::StagedGlobalNetworkPolicy => Update::Staged {
                 key: (namespace, name),
                 staged: None,

@@ -1978,6 +1978,21 @@ pub fn inert_fields(resource: &Resource) -> Vec<String> {
         Resource::BGPPeer(o) => spec_fields(&o.spec.upstream_only),
         // Stored for BGPPeers' `filters`, which the BIRD configuration does not render yet.
         Resource::BGPFilter(_) => vec!["spec".to_owned()],
+        // This dataplane judges host endpoint traffic after DNAT and tracks every allowed
+        // flow: the host endpoints such a policy selects drop the traffic it would judge
+        // (calico-node refuses it there) rather than apply it differently.
+        Resource::GlobalNetworkPolicy(o)
+            if o.spec.pre_dnat == Some(true) || o.spec.do_not_track == Some(true) =>
+        {
+            [
+                ("spec.preDNAT", o.spec.pre_dnat),
+                ("spec.doNotTrack", o.spec.do_not_track),
+            ]
+            .into_iter()
+            .filter(|(_, on)| *on == Some(true))
+            .map(|(f, _)| f.to_owned())
+            .collect()
+        }
         // QoS (DSCP marking, bandwidth and connection limits) is not applied here.
         Resource::QoSPolicy(_) => vec!["spec".to_owned()],
         Resource::WorkloadEndpoint(o) if o.spec.qos_controls.is_some() => {

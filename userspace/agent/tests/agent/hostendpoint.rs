@@ -167,9 +167,18 @@ fn a_wildcard_host_endpoint_covers_every_host_interface() -> Result<()> {
         Ok(())
     };
     // Both interfaces: 9090 dropped, 8080 and the failsafe ssh open.
-    wait("9090 dropped through interface a", &|| Ok(!connects(&a, &host, via_a(9090))?))?;
-    wait("9090 dropped through interface b", &|| Ok(!connects(&b, &host, via_b(9090))?))?;
-    for (from, to) in [(&a, via_a(8080)), (&b, via_b(8080)), (&a, via_a(22)), (&b, via_b(22))] {
+    wait("9090 dropped through interface a", &|| {
+        Ok(!connects(&a, &host, via_a(9090))?)
+    })?;
+    wait("9090 dropped through interface b", &|| {
+        Ok(!connects(&b, &host, via_b(9090))?)
+    })?;
+    for (from, to) in [
+        (&a, via_a(8080)),
+        (&b, via_b(8080)),
+        (&a, via_a(22)),
+        (&b, via_b(22)),
+    ] {
         assert!(connects(from, &host, to)?, "{to} stays open");
     }
     // Forwarded between the two networks: not the host's traffic, so not its policy's.
@@ -186,12 +195,46 @@ fn a_wildcard_host_endpoint_covers_every_host_interface() -> Result<()> {
         link_b.a_name
     ))?;
     wait("9090 open through b", &|| connects(&b, &host, via_b(9090)))?;
-    assert!(!connects(&b, &host, via_b(8080))?, "b follows its own endpoint now");
+    assert!(
+        !connects(&b, &host, via_b(8080))?,
+        "b follows its own endpoint now"
+    );
     assert!(connects(&a, &host, via_a(8080))?, "a stays the wildcard's");
     assert!(!connects(&a, &host, via_a(9090))?, "a stays the wildcard's");
     // The named one gone, the wildcard takes b back.
     store.delete(calico_model::Kind::HostEndpoint, None, &format!("{node}-b"))?;
-    wait("b back under the wildcard", &|| Ok(!connects(&b, &host, via_b(9090))?))?;
+    wait("b back under the wildcard", &|| {
+        Ok(!connects(&b, &host, via_b(9090))?)
+    })?;
     assert!(connects(&b, &host, via_b(8080))?);
+
+    // A preDNAT policy cannot be applied here: the endpoints it selects drop that direction
+    // (never let through unjudged), failsafe ports still open.
+    store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: pre-dnat\nspec:\n  selector: role == 'host'\n  preDNAT: true\n  applyOnForward: true\n  types: [Ingress]\n  ingress: [{action: Allow}]\n",
+    )?;
+    wait("8080 dropped under a preDNAT policy", &|| {
+        Ok(!connects(&a, &host, via_a(8080))?)
+    })?;
+    assert!(connects(&a, &host, via_a(22))?, "failsafe ssh stays open");
+    assert!(agent
+        .log()
+        .contains("preDNAT policies are not supported by this dataplane"));
+    store.delete(calico_model::Kind::GlobalNetworkPolicy, None, "pre-dnat")?;
+    wait("8080 back", &|| connects(&a, &host, via_a(8080)))?;
+    // An applyOnForward policy on the host endpoint: forwarded traffic is not judged by
+    // policy here, so it is dropped rather than passed unjudged.
+    store.apply(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: forward\nspec:\n  selector: role == 'host'\n  applyOnForward: true\n  types: [Ingress]\n  ingress: [{action: Allow}]\n",
+    )?;
+    wait("forwarded traffic dropped", &|| {
+        Ok(!connects(&a, &b, to_b)?)
+    })?;
+    assert!(
+        connects(&a, &host, via_a(9090))?,
+        "the host's own traffic: allowed by the policy"
+    );
+    store.delete(calico_model::Kind::GlobalNetworkPolicy, None, "forward")?;
+    wait("forwarded traffic passes again", &|| connects(&a, &b, to_b))?;
     Ok(())
 }
