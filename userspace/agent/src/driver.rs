@@ -248,15 +248,7 @@ impl Driver {
             }
         }
         self.settings = settings;
-        let hosts: Vec<EndpointId> = self
-            .places
-            .iter()
-            .filter(|(_, p)| p.host)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in hosts {
-            self.program(&id).await;
-        }
+        self.reprogram_host_endpoints().await;
     }
 
     /// The GlobalNetworkPolicies with host-endpoint-only settings; host endpoints are
@@ -266,6 +258,11 @@ impl Driver {
             return;
         }
         self.host_only = policies;
+        self.reprogram_host_endpoints().await;
+    }
+
+    /// Programs every host endpoint again (what their programs are built from changed).
+    async fn reprogram_host_endpoints(&mut self) {
         let hosts: Vec<EndpointId> = self
             .places
             .iter()
@@ -668,13 +665,7 @@ impl Driver {
             workload_interfaces,
             complete: self.routes_complete,
         };
-        self.routes.send_if_modified(|current| {
-            let changed = *current != desired;
-            if changed {
-                *current = desired;
-            }
-            changed
-        });
+        crate::publish(&self.routes, desired);
     }
 
     /// From now on the published routes are all there should be (stale ones may go).

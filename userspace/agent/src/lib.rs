@@ -283,6 +283,17 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Hands `value` to a task's watch channel, waking it only when it differs from what it has.
+pub(crate) fn publish<T: PartialEq>(tx: &tokio::sync::watch::Sender<T>, value: T) {
+    tx.send_if_modified(|current| {
+        let changed = *current != value;
+        if changed {
+            *current = value;
+        }
+        changed
+    });
+}
+
 /// Many endpoints mean many map and link operations; lift the soft open-file limit to the hard
 /// one, as daemons do.
 fn raise_fd_limit() {
@@ -433,13 +444,7 @@ impl Agent {
             mtu: self.vxlan_mtu,
             complete: self.synced,
         };
-        self.vxlan.send_if_modified(|current| {
-            let changed = *current != desired;
-            if changed {
-                *current = desired;
-            }
-            changed
-        });
+        crate::publish(&self.vxlan, desired);
     }
 
     /// What natOutgoing should do now, to its task (which applies it off this loop).
@@ -459,13 +464,7 @@ impl Agent {
             address: self.nat_address,
             complete: self.synced,
         };
-        self.nat.send_if_modified(|current| {
-            let changed = *current != desired;
-            if changed {
-                *current = desired;
-            }
-            changed
-        });
+        crate::publish(&self.nat, desired);
     }
 
     fn put(&mut self, resource: &Resource) {

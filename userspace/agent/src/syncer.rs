@@ -151,15 +151,40 @@ async fn follow_liveness(mut live: tokio::sync::watch::Receiver<bool>, metrics: 
 /// This node's confirmed block affinities, from a watch on its own affinity keys: the load on
 /// etcd does not grow with the number of nodes (listing everyone's every few seconds did).
 async fn affinities(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>) {
-    // Affinity name → its block, for deletions (which carry only the name).
-    let mut confirmed: BTreeMap<String, IpNet> = BTreeMap::new();
+    let (by_node_tx, mut by_node) = tokio::sync::watch::channel(BTreeMap::new());
+    let prefix = keys::node_affinities_prefix(&node);
+    tokio::spawn(async move { watch_confirmed_blocks(&store, prefix, by_node_tx).await });
     let mut last: Option<BTreeSet<IpNet>> = None;
-    let mut watch = store.watch(keys::node_affinities_prefix(&node), None);
-    let put = |confirmed: &mut BTreeMap<String, IpNet>, r: &Resource| {
+    while by_node.changed().await.is_ok() {
+        let blocks = by_node
+            .borrow_and_update()
+            .get(&node)
+            .cloned()
+            .unwrap_or_default();
+        if last.as_ref() != Some(&blocks) {
+            last = Some(blocks.clone());
+            if tx.send(SyncEvent::Blocks(blocks)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Follows the confirmed block affinities under `prefix` (one node's, or every node's) into
+/// `out` (each node's blocks), until nobody reads it any more.
+pub async fn watch_confirmed_blocks(
+    store: &Datastore,
+    prefix: String,
+    out: tokio::sync::watch::Sender<BTreeMap<String, BTreeSet<IpNet>>>,
+) {
+    // Affinity name → (node, block), for deletions (which carry only the name).
+    let mut confirmed: BTreeMap<String, (String, IpNet)> = BTreeMap::new();
+    let mut watch = store.watch(prefix, None);
+    let put = |confirmed: &mut BTreeMap<String, (String, IpNet)>, r: &Resource| {
         if let Resource::BlockAffinity(a) = r {
             match a.spec.cidr.parse() {
-                Ok(cidr) if a.spec.node == node && a.spec.state == "confirmed" => {
-                    confirmed.insert(a.metadata.name.clone(), cidr);
+                Ok(cidr) if a.spec.state == "confirmed" => {
+                    confirmed.insert(a.metadata.name.clone(), (a.spec.node.clone(), cidr));
                 }
                 _ => {
                     confirmed.remove(&a.metadata.name);
@@ -180,15 +205,16 @@ async fn affinities(store: Datastore, node: String, tx: mpsc::Sender<SyncEvent>)
                 confirmed.remove(&name);
             }
             WatchEvent::Unreadable { error, .. } => {
-                tracing::error!(%error, "an affinity of this node cannot be read");
+                tracing::error!(%error, "a block affinity cannot be read");
             }
         }
-        let blocks: BTreeSet<IpNet> = confirmed.values().copied().collect();
-        if last.as_ref() != Some(&blocks) {
-            last = Some(blocks.clone());
-            if tx.send(SyncEvent::Blocks(blocks)).await.is_err() {
-                return;
-            }
+        let mut by_node: BTreeMap<String, BTreeSet<IpNet>> = BTreeMap::new();
+        for (node, block) in confirmed.values() {
+            by_node.entry(node.clone()).or_default().insert(*block);
+        }
+        crate::publish(&out, by_node);
+        if out.is_closed() {
+            return;
         }
     }
 }

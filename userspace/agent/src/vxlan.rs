@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use calico_datastore::{keys, Datastore, EtcdConfig, WatchEvent};
+use calico_datastore::{keys, Datastore, EtcdConfig};
 use calico_model::{spec::EncapsulationMode, Kind, Resource};
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::watch;
@@ -232,7 +232,11 @@ pub fn spawn(
                 match Datastore::connect(&etcd).await {
                     Ok(s) => {
                         let (btx, brx) = watch::channel(BTreeMap::new());
-                        tokio::spawn(watch_affinities(s.clone(), btx));
+                        let (watched, prefix) =
+                            (s.clone(), keys::prefix_for(Kind::BlockAffinity, None));
+                        tokio::spawn(async move {
+                            crate::syncer::watch_confirmed_blocks(&watched, prefix, btx).await
+                        });
                         blocks_rx = Some(brx);
                         store = Some(s);
                     }
@@ -441,58 +445,6 @@ async fn register_tunnel(store: &Datastore, me: &str, inputs: &VxlanInputs) -> R
     store.update(node).await.map_err(|e| e.to_string())?;
     tracing::info!(node = %me, %address, "VXLAN tunnel address allocated and recorded on the Node");
     Ok(())
-}
-
-/// Every node's confirmed blocks, from a watch on all block affinities.
-async fn watch_affinities(store: Datastore, tx: watch::Sender<BTreeMap<String, BTreeSet<IpNet>>>) {
-    // Affinity name → (node, block), for deletions (which carry only the name).
-    let mut confirmed: BTreeMap<String, (String, IpNet)> = BTreeMap::new();
-    let mut watch = store.watch(keys::prefix_for(Kind::BlockAffinity, None), None);
-    let put = |confirmed: &mut BTreeMap<String, (String, IpNet)>, r: &Resource| {
-        if let Resource::BlockAffinity(a) = r {
-            match a.spec.cidr.parse() {
-                Ok(cidr) if a.spec.state == "confirmed" => {
-                    confirmed.insert(a.metadata.name.clone(), (a.spec.node.clone(), cidr));
-                }
-                _ => {
-                    confirmed.remove(&a.metadata.name);
-                }
-            }
-        }
-    };
-    while let Some(event) = watch.next().await {
-        match event {
-            WatchEvent::Snapshot { resources, .. } => {
-                confirmed.clear();
-                for r in resources {
-                    put(&mut confirmed, &r);
-                }
-            }
-            WatchEvent::Put { resource, .. } => put(&mut confirmed, &resource),
-            WatchEvent::Deleted { name, .. } => {
-                confirmed.remove(&name);
-            }
-            WatchEvent::Unreadable { error, .. } => {
-                tracing::error!(%error, "a block affinity cannot be read");
-            }
-        }
-        let mut by_node: BTreeMap<String, BTreeSet<IpNet>> = BTreeMap::new();
-        for (node, block) in confirmed.values() {
-            by_node.entry(node.clone()).or_default().insert(*block);
-        }
-        if tx.send_if_modified(|current| {
-            let changed = *current != by_node;
-            if changed {
-                *current = by_node;
-            }
-            changed
-        }) {
-            tracing::debug!(nodes = tx.borrow().len(), "remote blocks changed");
-        }
-        if tx.is_closed() {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -212,6 +212,20 @@ fn with_local_ports(rules: &[Rule], direction: Direction, ports: &[NamedPort]) -
 }
 
 impl PolicyProgram {
+    /// Every rule of the program with the namespace it is read in (its policy's; None for
+    /// global policies and profiles).
+    fn rules(&self) -> impl Iterator<Item = (&Rule, Option<&str>)> {
+        self.tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .flat_map(|p| p.rules.iter().map(move |r| (r, p.namespace.as_deref())))
+            .chain(
+                self.profiles
+                    .iter()
+                    .flat_map(|(_, rules)| rules.iter().map(|r| (r, None))),
+            )
+    }
+
     /// Every named port on the peer side of this program's rules (the source of an ingress
     /// rule, the destination of an egress rule): what compiling it resolves through
     /// [`crate::IpSetSource::named_ports`]. Named `notPorts` there are refused at compile.
@@ -220,16 +234,7 @@ impl PolicyProgram {
         direction: Direction,
     ) -> std::collections::BTreeSet<crate::NamedPortKey> {
         let source_is_peer = direction == Direction::Ingress;
-        let rules = self
-            .tiers
-            .iter()
-            .flat_map(|t| &t.policies)
-            .flat_map(|p| p.rules.iter().map(move |r| (r, p.namespace.as_deref())))
-            .chain(
-                self.profiles
-                    .iter()
-                    .flat_map(|(_, rules)| rules.iter().map(|r| (r, None))),
-            );
+        let rules = self.rules();
         let mut out = std::collections::BTreeSet::new();
         for (rule, namespace) in rules {
             let peer = if source_is_peer {
@@ -254,16 +259,7 @@ impl PolicyProgram {
     /// selector and notSelector): the IP sets it depends on.
     pub fn scopes(&self) -> std::collections::BTreeSet<crate::SelectorScope> {
         let mut out = std::collections::BTreeSet::new();
-        let rules = self
-            .tiers
-            .iter()
-            .flat_map(|t| &t.policies)
-            .flat_map(|p| p.rules.iter().map(move |r| (r, p.namespace.as_deref())))
-            .chain(
-                self.profiles
-                    .iter()
-                    .flat_map(|(_, rules)| rules.iter().map(|r| (r, None))),
-            );
+        let rules = self.rules();
         for (rule, namespace) in rules {
             for e in [&rule.source, &rule.destination] {
                 let ns_sel = e.namespace_selector.as_deref();

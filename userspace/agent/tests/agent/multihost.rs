@@ -20,7 +20,97 @@ struct Host {
     underlay_ip: String,
     workload: NetNs,
     workload_ip: IpAddr,
+    /// With dual stack, the workload's IPv6 address.
+    workload_ip6: Option<IpAddr>,
     _forward: Forward,
+}
+
+/// Host `i` of a BGP test: a namespace with a leg on `underlay`'s bridge (10.99.0.<i>/24, and
+/// fd99::<i>/64 with `dual_stack`), calico-node with BIRD, and a workload made by the CNI
+/// plugin (an address of each family with `dual_stack`).
+fn bgp_host(bin: &Path, etcd: &Etcd, underlay: &NetNs, i: u8, dual_stack: bool) -> Result<Host> {
+    let ns = NetNs::new("mh")?;
+    let leg = unique_name("ul");
+    Command::new("ip")
+        .args([
+            "link",
+            "add",
+            "eth1",
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &leg,
+            "netns",
+            underlay.name(),
+        ])
+        .status()?;
+    underlay.exec_ok("ip", &["link", "set", &leg, "master", "br0", "up"])?;
+    let underlay_ip = format!("10.99.0.{i}");
+    ns.add_address("eth1", &format!("{underlay_ip}/24"))?;
+    let ip6 = format!("fd99::{i}/64");
+    if dual_stack {
+        ns.exec_ok("ip", &["-6", "addr", "add", &ip6, "dev", "eth1", "nodad"])?;
+    }
+    let forward = Forward::loopback(&ns, etcd.port())?;
+    let bird_dir = tempfile::tempdir()?;
+    let node = format!("{}-h{i}", unique_name("n"));
+    let ip = format!("{underlay_ip}/24");
+    let bird = bird_dir.path().display().to_string();
+    let mut args = vec![
+        "--ip",
+        &ip,
+        "--networking-backend",
+        "bird",
+        "--bird-dir",
+        &bird,
+    ];
+    if dual_stack {
+        args.extend(["--ip6", &ip6]);
+    }
+    let agent = AgentProcess::start_with(
+        &bin.join("calico-node"),
+        &ns,
+        &etcd.endpoint(),
+        &node,
+        &args,
+    )?;
+    // A workload through the CNI plugin (its addresses from this host's blocks).
+    let workload = NetNs::new("mw")?;
+    let container = format!("{}{}", unique_name("c"), "0".repeat(20));
+    let mut conf = harness::cni_conf(&etcd.endpoint(), &node);
+    if dual_stack {
+        conf["ipam"]["assign_ipv4"] = "true".into();
+        conf["ipam"]["assign_ipv6"] = "true".into();
+    }
+    let result = harness::cni_with_conf(bin, &ns, &conf, "ADD", &container, &workload, "")?;
+    let address = |v4: bool| -> Option<IpAddr> {
+        result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str())
+            .filter_map(|a| a.split('/').next()?.parse::<IpAddr>().ok())
+            .find(|a| a.is_ipv4() == v4)
+    };
+    let workload_ip = address(true).with_context(|| format!("CNI result {result}"))?;
+    let workload_ip6 = address(false);
+    anyhow::ensure!(
+        !dual_stack || workload_ip6.is_some(),
+        "no IPv6 address: {result}"
+    );
+    Ok(Host {
+        ns,
+        agent,
+        bird_dir,
+        underlay_ip,
+        workload,
+        workload_ip,
+        workload_ip6,
+        _forward: forward,
+    })
 }
 
 impl Host {
@@ -166,70 +256,7 @@ fn three_hosts_route_workloads_over_bgp() -> Result<()> {
     underlay.exec_ok("ip", &["link", "set", "br0", "up"])?;
     let mut hosts = Vec::new();
     for i in 1..=3u8 {
-        let ns = NetNs::new("mh")?;
-        let leg = unique_name("ul");
-        Command::new("ip")
-            .args([
-                "link",
-                "add",
-                "eth1",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &leg,
-                "netns",
-                underlay.name(),
-            ])
-            .status()?;
-        underlay.exec_ok("ip", &["link", "set", &leg, "master", "br0", "up"])?;
-        let underlay_ip = format!("10.99.0.{i}");
-        ns.add_address("eth1", &format!("{underlay_ip}/24"))?;
-        let forward = Forward::loopback(&ns, etcd.port())?;
-        let bird_dir = tempfile::tempdir()?;
-        let node = format!("{}-h{i}", unique_name("n"));
-        let agent = AgentProcess::start_with(
-            &bin.join("calico-node"),
-            &ns,
-            &etcd.endpoint(),
-            &node,
-            &[
-                "--ip",
-                &format!("{underlay_ip}/24"),
-                "--networking-backend",
-                "bird",
-                "--bird-dir",
-                &bird_dir.path().display().to_string(),
-            ],
-        )?;
-        // A workload through the CNI plugin (its address from this host's block).
-        let workload = NetNs::new("mw")?;
-        let container = format!("{}{}", unique_name("c"), "0".repeat(20));
-        let result = harness::cni(
-            &bin,
-            &ns,
-            &etcd.endpoint(),
-            &node,
-            "ADD",
-            &container,
-            &workload,
-        )?;
-        let workload_ip: IpAddr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("CNI result {result}"))?;
-        hosts.push(Host {
-            ns,
-            agent,
-            bird_dir,
-            underlay_ip,
-            workload,
-            workload_ip,
-            _forward: forward,
-        });
+        hosts.push(bgp_host(&bin, &etcd, &underlay, i, false)?);
     }
     for h in &mut hosts {
         h.agent.wait_ready(&h.ns, true, Duration::from_secs(30))?;
@@ -632,88 +659,13 @@ fn three_hosts_dual_stack_over_bgp() -> Result<()> {
     underlay.exec_ok("ip", &["link", "add", "br0", "type", "bridge"])?;
     underlay.exec_ok("ip", &["link", "set", "br0", "up"])?;
     let mut hosts = Vec::new();
-    let mut v6_workloads = Vec::new();
     for i in 1..=3u8 {
-        let ns = NetNs::new("ds")?;
-        let leg = unique_name("ul");
-        Command::new("ip")
-            .args([
-                "link",
-                "add",
-                "eth1",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &leg,
-                "netns",
-                underlay.name(),
-            ])
-            .status()?;
-        underlay.exec_ok("ip", &["link", "set", &leg, "master", "br0", "up"])?;
-        let underlay_ip = format!("10.99.0.{i}");
-        ns.add_address("eth1", &format!("{underlay_ip}/24"))?;
-        ns.exec_ok(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd99::{i}/64"),
-                "dev",
-                "eth1",
-                "nodad",
-            ],
-        )?;
-        let forward = Forward::loopback(&ns, etcd.port())?;
-        let bird_dir = tempfile::tempdir()?;
-        let node = format!("{}-d{i}", unique_name("n"));
-        let agent = AgentProcess::start_with(
-            &bin.join("calico-node"),
-            &ns,
-            &etcd.endpoint(),
-            &node,
-            &[
-                "--ip",
-                &format!("{underlay_ip}/24"),
-                "--ip6",
-                &format!("fd99::{i}/64"),
-                "--networking-backend",
-                "bird",
-                "--bird-dir",
-                &bird_dir.path().display().to_string(),
-            ],
-        )?;
-        let workload = NetNs::new("dw")?;
-        let container = format!("{}{}", unique_name("c"), "0".repeat(20));
-        let mut conf = harness::cni_conf(&etcd.endpoint(), &node);
-        conf["ipam"]["assign_ipv4"] = "true".into();
-        conf["ipam"]["assign_ipv6"] = "true".into();
-        let result = harness::cni_with_conf(&bin, &ns, &conf, "ADD", &container, &workload, "")?;
-        let address = |v4: bool| -> Result<IpAddr> {
-            result["ips"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|ip| ip["address"].as_str())
-                .filter_map(|a| a.split('/').next()?.parse::<IpAddr>().ok())
-                .find(|a| a.is_ipv4() == v4)
-                .with_context(|| format!("CNI result {result}"))
-        };
-        let (workload_ip, workload_ip6) = (address(true)?, address(false)?);
-        v6_workloads.push((NetNs::borrow(workload.name()), workload_ip6));
-        hosts.push(Host {
-            ns,
-            agent,
-            bird_dir,
-            underlay_ip,
-            workload,
-            workload_ip,
-            _forward: forward,
-        });
+        hosts.push(bgp_host(&bin, &etcd, &underlay, i, true)?);
     }
+    let v6_workloads: Vec<(NetNs, IpAddr)> = hosts
+        .iter()
+        .filter_map(|h| Some((NetNs::borrow(h.workload.name()), h.workload_ip6?)))
+        .collect();
     for h in &mut hosts {
         h.agent.wait_ready(&h.ns, true, Duration::from_secs(30))?;
     }
