@@ -335,7 +335,7 @@ mod policy_layout {
     fn policy_map_types_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<ProgramRef>(), 20);
+        assert_eq!(size_of::<ProgramRef>(), 24);
         assert_eq!(size_of::<PeerKeyData>(), 20);
         assert_eq!(size_of::<SetList>(), 4 * POLICY_MAX_PROGRAM_SETS);
         assert_eq!(size_of::<PeerClassKey>(), 16);
