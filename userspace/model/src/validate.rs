@@ -1575,6 +1575,10 @@ impl Validator {
             ),
             ("bpfHostNetworkedNATWithoutCTLB", &["Disabled", "Enabled"]),
             ("routeSource", &["WorkloadIPs", "CalicoIPAM"]),
+            (
+                "natOutgoingExclusions",
+                &["IPPoolsOnly", "IPPoolsAndHostIPs"],
+            ),
         ] {
             if let Some(v) = extra(field) {
                 match v.as_str() {
