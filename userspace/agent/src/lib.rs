@@ -100,6 +100,9 @@ struct Agent {
     nodes: std::collections::BTreeMap<String, vxlan::NodeTunnel>,
     vxlan: tokio::sync::watch::Sender<vxlan::VxlanInputs>,
     vxlan_mtu: Option<u32>,
+    /// Pools, nodes or their settings changed since natOutgoing and the overlay were last
+    /// told: only then are their inputs rebuilt (a policy batch touches none of them).
+    networking_dirty: bool,
     /// GlobalNetworkPolicies with host-endpoint-only settings (applyOnForward, preDNAT,
     /// doNotTrack).
     host_only: std::collections::BTreeMap<String, driver::HostOnlyPolicy>,
@@ -239,6 +242,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             refresh,
         ),
         vxlan_mtu: None,
+        networking_dirty: true,
         host_only: Default::default(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -339,6 +343,7 @@ impl Agent {
                     self.calc.reset();
                     self.driver.clear_places();
                     self.pools.clear();
+                    self.networking_dirty = true;
                     self.nodes.clear();
                     self.host_only.clear();
                     if let Some(b) = self.bird.as_mut() {
@@ -371,8 +376,11 @@ impl Agent {
         }
         match FelixSettings::resolve(self.felix_global.as_ref(), self.felix_node.as_ref()) {
             Ok(s) => {
-                self.nat_address = s.nat_outgoing_address;
-                self.vxlan_mtu = s.vxlan_mtu;
+                if (self.nat_address, self.vxlan_mtu) != (s.nat_outgoing_address, s.vxlan_mtu) {
+                    self.nat_address = s.nat_outgoing_address;
+                    self.vxlan_mtu = s.vxlan_mtu;
+                    self.networking_dirty = true;
+                }
                 self.driver.set_settings(s).await
             }
             Err(e) => {
@@ -405,6 +413,7 @@ impl Agent {
         if snapshot_seen {
             if !self.synced {
                 self.synced = true;
+                self.networking_dirty = true;
                 // Workload interfaces with no endpoint get guarded before the sweep, which
                 // then keeps their (possibly adopted) attachments.
                 self.driver.guard_unknown_workloads();
@@ -418,8 +427,10 @@ impl Agent {
             }
             self.metrics.in_sync.set(1);
         }
-        self.publish_nat();
-        self.publish_vxlan();
+        if std::mem::take(&mut self.networking_dirty) {
+            self.publish_nat();
+            self.publish_vxlan();
+        }
         self.driver.refresh_counters(&self.calc);
     }
 
@@ -504,6 +515,7 @@ impl Agent {
             }
             Resource::IPPool(p) => {
                 self.pools.insert(p.metadata.name.clone(), p.spec.clone());
+                self.networking_dirty = true;
             }
             Resource::GlobalNetworkPolicy(p) => {
                 let flags = driver::HostOnlyPolicy {
@@ -518,8 +530,11 @@ impl Agent {
                 }
             }
             Resource::Node(n) => {
-                self.nodes
-                    .insert(n.metadata.name.clone(), vxlan::node_tunnel(&n.spec));
+                let tunnel = vxlan::node_tunnel(&n.spec);
+                if self.nodes.get(&n.metadata.name) != Some(&tunnel) {
+                    self.nodes.insert(n.metadata.name.clone(), tunnel);
+                    self.networking_dirty = true;
+                }
             }
             Resource::WorkloadEndpoint(w) => {
                 let id = EndpointId {
@@ -638,10 +653,12 @@ impl Agent {
             Kind::Tier => Update::Tier { name, tier: None },
             Kind::IPPool => {
                 self.pools.remove(&name);
+                self.networking_dirty = true;
                 return;
             }
             Kind::Node => {
                 self.nodes.remove(&name);
+                self.networking_dirty = true;
                 return;
             }
             Kind::FelixConfiguration => {

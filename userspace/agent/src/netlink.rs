@@ -384,6 +384,37 @@ impl Netlink {
         Ok(())
     }
 
+    /// Deletes the entries of `family` (ARP, or the bridge forwarding database) on `ifindex`
+    /// that `keep` does not want.
+    async fn drop_stale_neighbours(
+        &self,
+        family: rtnetlink::packet_route::AddressFamily,
+        ifindex: u32,
+        what: &str,
+        keep: impl Fn(&rtnetlink::packet_route::neighbour::NeighbourMessage) -> bool,
+    ) -> Result<(), NetlinkError> {
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        let mut stale = Vec::new();
+        while let Some(n) = stream
+            .try_next()
+            .await
+            .map_err(fail(format!("listing {what}")))?
+        {
+            if n.header.ifindex == ifindex && !keep(&n) {
+                stale.push(n);
+            }
+        }
+        for n in stale {
+            let _ = self.handle.neighbours().del(n).execute().await;
+        }
+        Ok(())
+    }
+
     /// Makes the permanent ARP entries on `ifindex` exactly `wanted` (tunnel address → MAC).
     pub async fn set_neighbours(
         &self,
@@ -394,32 +425,13 @@ impl Netlink {
             neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
             AddressFamily,
         };
-        let mut stream = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        let mut stale = Vec::new();
-        while let Some(n) = stream
-            .try_next()
-            .await
-            .map_err(fail("listing neighbours"))?
-        {
-            if n.header.ifindex != ifindex {
-                continue;
-            }
-            let ip = n.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            });
-            if ip.is_none_or(|ip| !wanted.contains_key(&ip)) {
-                stale.push(n);
-            }
-        }
-        for n in stale {
-            let _ = self.handle.neighbours().del(n).execute().await;
-        }
+        self.drop_stale_neighbours(AddressFamily::Inet, ifindex, "neighbours", |n| {
+            n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip))
+                    if wanted.contains_key(ip))
+            })
+        })
+        .await?;
         for (ip, mac) in wanted {
             self.handle
                 .neighbours()
@@ -445,29 +457,15 @@ impl Netlink {
             neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourState},
             AddressFamily,
         };
-        let mut stream = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        let mut stale = Vec::new();
-        while let Some(n) = stream.try_next().await.map_err(fail("listing the fdb"))? {
-            if n.header.ifindex != ifindex {
-                continue;
-            }
+        self.drop_stale_neighbours(AddressFamily::Bridge, ifindex, "the fdb", |n| {
             let mac = n.attributes.iter().find_map(|a| match a {
                 NeighbourAttribute::LinkLayerAddress(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
                 _ => None,
             });
             // The device's own all-zero default entries are the kernel's.
-            if mac.is_some_and(|m| m != [0; 6] && !wanted.contains_key(&m)) {
-                stale.push(n);
-            }
-        }
-        for n in stale {
-            let _ = self.handle.neighbours().del(n).execute().await;
-        }
+            mac.is_none_or(|m| m == [0; 6] || wanted.contains_key(&m))
+        })
+        .await?;
         for (mac, remote) in wanted {
             self.handle
                 .neighbours()

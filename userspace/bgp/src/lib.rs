@@ -304,32 +304,48 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
     };
     let default_as = inputs.config.as_number.map_or(DEFAULT_AS, |a| a.0);
     let my_as = me.asn.unwrap_or(default_as);
-    let enabled: Vec<IpNet> = inputs
-        .pools
-        .iter()
-        .filter(|(c, disabled, no_export)| !disabled && !no_export && c.addr().is_ipv4())
-        .map(|(c, _, _)| *c)
-        .collect();
-    let exported: Vec<IpNet> = inputs
-        .blocks
-        .iter()
-        .filter(|b| b.addr().is_ipv4() && enabled.iter().any(|p| p.contains(*b)))
-        .copied()
-        .collect();
     // IPv6: only with an IPv6 address of this node to hold sessions from.
     let v6 = me.ipv6.is_some();
-    let enabled6: Vec<IpNet> = inputs
-        .pools
+    // Per family: the enabled pools exporting their blocks, and this node's blocks in them.
+    let enabled_of = |ipv4: bool| -> Vec<IpNet> {
+        inputs
+            .pools
+            .iter()
+            .filter(|(c, disabled, no_export)| {
+                !disabled && !no_export && c.addr().is_ipv4() == ipv4 && (ipv4 || v6)
+            })
+            .map(|(c, _, _)| *c)
+            .collect()
+    };
+    let (enabled, enabled6) = (enabled_of(true), enabled_of(false));
+    let exported_of = |pools: &[IpNet]| -> Vec<IpNet> {
+        inputs
+            .blocks
+            .iter()
+            .filter(|b| pools.iter().any(|p| p.contains(*b)))
+            .copied()
+            .collect()
+    };
+    // Service ranges every node advertises (BGPConfiguration serviceClusterIPs and
+    // serviceExternalIPs), so traffic for services reaches some node.
+    let services = inputs
+        .config
+        .service_cluster_ips
         .iter()
-        .filter(|(c, disabled, no_export)| v6 && !disabled && !no_export && c.addr().is_ipv6())
-        .map(|(c, _, _)| *c)
-        .collect();
-    let exported6: Vec<IpNet> = inputs
-        .blocks
-        .iter()
-        .filter(|b| b.addr().is_ipv6() && enabled6.iter().any(|p| p.contains(*b)))
-        .copied()
-        .collect();
+        .chain(&inputs.config.service_external_ips)
+        .map(|block| {
+            block
+                .cidr
+                .parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| BgpError::Invalid {
+                    what: "BGPConfiguration default spec.serviceClusterIPs/serviceExternalIPs"
+                        .into(),
+                    value: block.cidr.clone(),
+                    expected: "a CIDR",
+                })
+        })
+        .collect::<Result<Vec<IpNet>, _>>()?;
 
     let mut c = String::new();
     let _ = writeln!(
@@ -349,52 +365,29 @@ pub fn render(inputs: &BgpInputs, node: &str) -> Result<String, BgpError> {
         "protocol direct {{ ipv4;{} interface -\"cali*\", \"*\"; }}",
         if v6 { " ipv6;" } else { "" }
     );
-    let _ = writeln!(c, "protocol kernel {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  scan time 10;\n  graceful restart;\n}}");
-    if v6 {
-        let _ = writeln!(c, "protocol kernel kernel6 {{\n  ipv6 {{ import none; export where source = RTS_BGP; }};\n  scan time 10;\n  graceful restart;\n}}");
+    // Per family: learned BGP routes into the kernel, and this node's blocks and the service
+    // ranges as blackhole statics for export.
+    let families = [("", "ipv4", &enabled), ("6", "ipv6", &enabled6)];
+    let families = &families[..if v6 { 2 } else { 1 }];
+    for (suffix, channel, _) in families {
+        let name = if suffix.is_empty() {
+            String::new()
+        } else {
+            format!(" kernel{suffix}")
+        };
+        let _ = writeln!(c, "protocol kernel{name} {{\n  {channel} {{ import none; export where source = RTS_BGP; }};\n  scan time 10;\n  graceful restart;\n}}");
     }
-    let _ = writeln!(c, "protocol static calico_blocks {{\n  ipv4;");
-    for b in &exported {
-        let _ = writeln!(c, "  route {b} blackhole;");
-    }
-    // Service ranges every node advertises (BGPConfiguration serviceClusterIPs and
-    // serviceExternalIPs), so traffic for services reaches some node.
-    for block in inputs
-        .config
-        .service_cluster_ips
-        .iter()
-        .chain(&inputs.config.service_external_ips)
-    {
-        match block.cidr.parse::<IpNet>() {
-            Ok(IpNet::V4(n)) => {
-                let _ = writeln!(c, "  route {} blackhole;", n.trunc());
-            }
-            Ok(IpNet::V6(_)) => {}
-            Err(_) => {
-                return Err(BgpError::Invalid {
-                    what: "BGPConfiguration default spec.serviceClusterIPs/serviceExternalIPs"
-                        .into(),
-                    value: block.cidr.clone(),
-                    expected: "a CIDR",
-                })
-            }
-        }
-    }
-    let _ = writeln!(c, "}}");
-    if v6 {
-        let _ = writeln!(c, "protocol static calico_blocks6 {{\n  ipv6;");
-        for b in &exported6 {
-            let _ = writeln!(c, "  route {b} blackhole;");
-        }
-        for block in inputs
-            .config
-            .service_cluster_ips
-            .iter()
-            .chain(&inputs.config.service_external_ips)
-        {
-            if let Ok(IpNet::V6(n)) = block.cidr.parse::<IpNet>() {
-                let _ = writeln!(c, "  route {} blackhole;", n.trunc());
-            }
+    for (suffix, channel, pools) in families {
+        let ipv4 = suffix.is_empty();
+        let _ = writeln!(c, "protocol static calico_blocks{suffix} {{\n  {channel};");
+        let routes = exported_of(pools).into_iter().chain(
+            services
+                .iter()
+                .copied()
+                .filter(|n| n.addr().is_ipv4() == ipv4),
+        );
+        for route in routes {
+            let _ = writeln!(c, "  route {route} blackhole;");
         }
         let _ = writeln!(c, "}}");
     }
