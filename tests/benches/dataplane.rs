@@ -406,7 +406,8 @@ fn main() -> anyhow::Result<()> {
     ) {
         return Ok(());
     }
-    let setups = [
+    const ALL_ROWS: usize = 7;
+    let setups: [Setup; ALL_ROWS] = [
         Setup::Direct,
         Setup::Plain,
         Setup::Ebpf(0),
@@ -415,6 +416,16 @@ fn main() -> anyhow::Result<()> {
         Setup::Nft(10_000),
         Setup::Legacy(10_000),
     ];
+    // BENCH_ROWS=2,3 measures only those rows (by position, from 0): for working on one path.
+    let setups: Vec<Setup> = match std::env::var("BENCH_ROWS") {
+        Ok(rows) => rows
+            .split(',')
+            .filter_map(|r| r.trim().parse::<usize>().ok())
+            .filter_map(|r| setups.get(r).copied())
+            .collect(),
+        Err(_) => setups.to_vec(),
+    };
+    anyhow::ensure!(!setups.is_empty(), "BENCH_ROWS selects no row");
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -495,6 +506,10 @@ fn main() -> anyhow::Result<()> {
     println!("\n{table}\n{verdicts}");
     for n in &notes {
         println!("{n}");
+    }
+    if setups.len() < ALL_ROWS {
+        // A partial run is for working on a path, not the record.
+        return Ok(());
     }
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     std::fs::create_dir_all(&docs)?;

@@ -133,6 +133,12 @@ pub struct ProgramRef {
 /// A workload's program never has it: there such a packet is spoofed and dropped.
 pub const PROGRAM_FORWARD_PASSES: u32 = 1;
 
+/// A host endpoint's program (its interface is not a workload veth whose peer sits in
+/// another namespace): traffic forwarded to it in BPF is redirected to the interface's egress,
+/// where its own classifier judges it. A workload's program judges such traffic in the
+/// forwarding classifier, which then hands it to the veth's peer (`bpf_redirect_peer`).
+pub const PROGRAM_HOST: u32 = 2;
+
 /// The verdict index `decide` gives traffic a host endpoint forwards (see
 /// [`PROGRAM_FORWARD_PASSES`]); never an index of a compiled program.
 pub const VERDICT_FORWARDED: u32 = u32::MAX - 1;
@@ -411,7 +417,18 @@ pub struct CtValue {
     pub flags: u32,
     /// Index of the rule (verdict) that allowed the flow.
     pub rule: u32,
+    /// Where the flow's packets arriving at the entry's interface from its side (tc ingress)
+    /// were last forwarded: `bpf_ktime_get_ns()` of the FIB lookup (0: none cached), the
+    /// local endpoint's interface, and the destination then source MAC written to the frame.
+    /// Established packets reuse it for [`FORWARD_CACHE_NS`] instead of a FIB lookup.
+    pub fwd_ns: u64,
+    pub fwd_ifindex: u32,
+    pub fwd_macs: [u8; 12],
 }
+
+/// How long a flow's cached forwarding decision is used before the FIB is asked again (a
+/// moved or recreated workload is followed within this time).
+pub const FORWARD_CACHE_NS: u64 = 1_000_000_000;
 
 #[cfg(feature = "user")]
 mod ct_pod {
@@ -425,6 +442,6 @@ mod ct_layout {
     #[test]
     fn conntrack_types_have_no_padding() {
         assert_eq!(core::mem::size_of::<super::CtKey>(), 44);
-        assert_eq!(core::mem::size_of::<super::CtValue>(), 24);
+        assert_eq!(core::mem::size_of::<super::CtValue>(), 48);
     }
 }

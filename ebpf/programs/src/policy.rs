@@ -6,6 +6,12 @@
 //! receives, judged by its ingress policy). An attached interface without a program for the
 //! hook drops IP traffic (fail closed: between attach and install, after a failed install).
 //!
+//! Forwarding: what a workload sends to another local workload is judged here twice, by the
+//! sender's egress policy and then by the receiver's ingress policy (as the receiver's
+//! `policy_egress` would), and handed to the receiver's veth peer (`bpf_redirect_peer`): one
+//! pass through a backlog queue instead of two, no host routing. An established flow's
+//! entry caches the FIB's answer (interface, MACs) for [`FORWARD_CACHE_NS`].
+//!
 //! Parsing: Ethernet; IPv4 with options; IPv6 with up to four extension headers (hop-by-hop,
 //! routing, destination options, fragment). Non-IP frames (ARP) pass. A later fragment carries
 //! no transport header: it follows the verdict its datagram's first fragment got at the same
@@ -21,7 +27,10 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer,
+        bpf_skb_load_bytes,
+    },
     macros::{classifier, map},
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -34,9 +43,10 @@ use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, FragKey, LocalKey, PeerClassKey, PeerKeyData, PolicyStat,
     PortKeyData, ProgramRef, ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictEvent,
     VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_ANSWERED, CT_FIN_HI,
-    CT_FIN_LO, CT_OPENED_BY_LO, CT_RST, FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES,
+    CT_FIN_LO, CT_OPENED_BY_LO, CT_RST, FORWARD_CACHE_NS, FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES,
     POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS, POLICY_MAX_PROGRAM_SETS,
     POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, PROGRAM_FORWARD_PASSES,
+    PROGRAM_HOST,
     TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS, VERDICT_FORWARDED,
 };
 
@@ -134,6 +144,37 @@ struct Scratch {
     program: u32,
     verdict: u32,
     action: u32,
+    /// This packet's `bpf_ktime_get_ns()`.
+    now: u64,
+    /// The tracked flow's cached forwarding (`fwd_ifindex` 0: none, or too old).
+    fwd_ifindex: u32,
+    fwd_macs: [u8; 12],
+    /// The local endpoint [`forward`] hands the packet to, once its policy allows it.
+    peer_out: u32,
+    /// The frame's first [`HEAD_LEN`] bytes (Ethernet, an IPv4 header without options), read
+    /// in one call; `head_ok` false when the frame is shorter.
+    head: [u8; HEAD_LEN],
+    head_ok: bool,
+    /// The conntrack key's low side is the packet's source (set by [`ct_key`]).
+    src_first: bool,
+}
+
+/// See [`Scratch::head`].
+const HEAD_LEN: usize = ETH_HLEN + 20;
+
+/// Reads the frame's head into the scratch slot: most of what the judging and the forwarding
+/// look at, in one helper call instead of one per field.
+#[inline(always)]
+fn read_head(ctx: &TcContext, scratch: &mut Scratch) {
+    // SAFETY: the context is this program's skb and `head` HEAD_LEN writable bytes.
+    scratch.head_ok = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            scratch.head.as_mut_ptr() as *mut _,
+            HEAD_LEN as u32,
+        )
+    } == 0;
 }
 
 #[map(name = "POLICY_RULE_STATS")]
@@ -226,6 +267,24 @@ fn parse_ip(ctx: &TcContext, offset: usize, v6: bool) -> Result<IpHeader, ()> {
     Ok((src, dst, protocol, l4, first))
 }
 
+/// [`parse_ip`] of the IPv4 header in the frame's head.
+#[inline(always)]
+fn ipv4_of_head(head: &[u8; HEAD_LEN]) -> Result<IpHeader, ()> {
+    let ip = &head[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(());
+    }
+    let first = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
+    Ok((
+        mapped_v4([ip[12], ip[13], ip[14], ip[15]]),
+        mapped_v4([ip[16], ip[17], ip[18], ip[19]]),
+        ip[9],
+        ETH_HLEN + ihl,
+        first,
+    ))
+}
+
 fn is_ports(protocol: u8) -> bool {
     matches!(protocol, 6 | 17 | 132 | 136)
 }
@@ -233,13 +292,21 @@ fn is_ports(protocol: u8) -> bool {
 /// Parses the packet into `scratch`; `Ok(false)` for frames policy does not judge.
 #[inline(always)]
 fn parse(ctx: &TcContext, scratch: &mut Scratch) -> Result<bool, ()> {
-    let ether: [u8; 2] = ctx.load(12).map_err(|_| ())?;
+    let ether: [u8; 2] = if scratch.head_ok {
+        [scratch.head[12], scratch.head[13]]
+    } else {
+        ctx.load(12).map_err(|_| ())?
+    };
     let v6 = match u16::from_be_bytes(ether) {
         ETH_P_IP => false,
         ETH_P_IPV6 => true,
         _ => return Ok(false),
     };
-    let (src, dst, protocol, l4, first) = parse_ip(ctx, ETH_HLEN, v6)?;
+    let (src, dst, protocol, l4, first) = if !v6 && scratch.head_ok {
+        ipv4_of_head(&scratch.head)?
+    } else {
+        parse_ip(ctx, ETH_HLEN, v6)?
+    };
     scratch.has_inner = false;
     let flow = &mut scratch.flow;
     flow.src = src;
@@ -254,15 +321,20 @@ fn parse(ctx: &TcContext, scratch: &mut Scratch) -> Result<bool, ()> {
         // No transport header in this fragment: judged with ports 0 (fail closed).
         return Ok(true);
     }
-    if is_ports(protocol) {
+    if protocol == 6 {
+        // Ports and flags in one read.
+        let tcp: [u8; 14] = ctx.load(l4).map_err(|_| ())?;
+        flow.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        flow.dim = u16::from_be_bytes([tcp[2], tcp[3]]);
+        flow.ct_src_port = flow.src_port;
+        flow.ct_dst_port = flow.dim;
+        flow.tcp_flags = tcp[13];
+    } else if is_ports(protocol) {
         let ports: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
         flow.src_port = u16::from_be_bytes([ports[0], ports[1]]);
         flow.dim = u16::from_be_bytes([ports[2], ports[3]]);
         flow.ct_src_port = flow.src_port;
         flow.ct_dst_port = flow.dim;
-        if protocol == 6 {
-            flow.tcp_flags = ctx.load(l4 + 13).map_err(|_| ())?;
-        }
     } else if protocol == 1 || protocol == 58 {
         let head: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
         flow.dim = u16::from_be_bytes(head);
@@ -307,33 +379,55 @@ fn parse(ctx: &TcContext, scratch: &mut Scratch) -> Result<bool, ()> {
     Ok(true)
 }
 
-/// The conntrack key of a tuple at `ifindex`: low (address, port) first.
+/// A flow's tuple, borrowed where it lies (a copy would cost stack and time).
+#[derive(Clone, Copy)]
+struct TupleRef<'a> {
+    src: &'a [u8; 16],
+    dst: &'a [u8; 16],
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// The conntrack key of a tuple at `ifindex`: low (address, port) first. Returns whether
+/// that is the source.
 #[inline(always)]
-fn ct_key(ifindex: u32, t: &Tuple, out: &mut CtKey) {
-    let mut src_first = true;
-    let mut decided = false;
-    for i in 0..16 {
-        if !decided && t.src[i] != t.dst[i] {
-            src_first = t.src[i] < t.dst[i];
-            decided = true;
-        }
-    }
-    if !decided {
-        src_first = t.src_port <= t.dst_port;
-    }
+fn ct_key(ifindex: u32, t: TupleRef, out: &mut CtKey) -> bool {
+    // Compared as two big-endian words each: the byte order, without a loop of branches.
+    let word = |a: &[u8; 16], i: usize| {
+        u64::from_be_bytes([
+            a[i],
+            a[i + 1],
+            a[i + 2],
+            a[i + 3],
+            a[i + 4],
+            a[i + 5],
+            a[i + 6],
+            a[i + 7],
+        ])
+    };
+    let (s0, s1, d0, d1) = (word(t.src, 0), word(t.src, 8), word(t.dst, 0), word(t.dst, 8));
+    let src_first = if s0 != d0 {
+        s0 < d0
+    } else if s1 != d1 {
+        s1 < d1
+    } else {
+        t.src_port <= t.dst_port
+    };
     out.ifindex = ifindex;
     out.protocol = u32::from(t.protocol);
     if src_first {
-        out.addr_lo = t.src;
-        out.addr_hi = t.dst;
+        out.addr_lo = *t.src;
+        out.addr_hi = *t.dst;
         out.port_lo = t.src_port;
         out.port_hi = t.dst_port;
     } else {
-        out.addr_lo = t.dst;
-        out.addr_hi = t.src;
+        out.addr_lo = *t.dst;
+        out.addr_hi = *t.src;
         out.port_lo = t.dst_port;
         out.port_hi = t.src_port;
     }
+    src_first
 }
 
 #[inline(always)]
@@ -434,19 +528,132 @@ fn decide(scratch: &mut Scratch, from_workload: bool) -> Option<VerdictValue> {
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// A packet a workload sent that may go on: when the FIB says it leaves through another local
-/// endpoint's interface, it is sent straight there (MACs from the FIB, TTL/hop limit taken
-/// down as routing would), past the host's routing and netfilter path; that interface's own
-/// classifier still judges it for the destination. Anything else (other hosts, unresolved
-/// neighbours, TTL about to expire, fragments) takes the kernel's path.
+/// What [`forward`] answers for a packet it rewrote for a workload's veth: the forwarding
+/// classifier judges it by that workload's policy, then hands it to the veth's peer.
+const JUDGE_PEER: i32 = -2;
+
+/// A packet a workload sent that may go on: when the FIB (or the flow's cached answer) says it
+/// leaves through another local endpoint's interface, it is sent straight there (MACs from
+/// the FIB, TTL/hop limit taken down as routing would), past the host's routing and netfilter
+/// path. To a workload it goes into the veth's peer once [`judge`] has applied the workload's
+/// policy ([`JUDGE_PEER`]); to a host endpoint, to the interface's egress, whose classifier
+/// judges it. Anything else (other hosts, unresolved neighbours, TTL about to expire,
+/// fragments) takes the kernel's path.
 // Not inlined: its frame and the judging's are never on the stack together.
 #[inline(never)]
 fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
-    let flow = &scratch.flow;
-    let v4 = flow.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    let Some(fib) = FIB.get_ptr_mut(0) else {
+    let cached = scratch.fwd_ifindex != 0;
+    let (out, macs) = if cached {
+        (scratch.fwd_ifindex, scratch.fwd_macs)
+    } else {
+        match fib_route(ctx, scratch, ifindex) {
+            Some(route) => route,
+            None => return TC_ACT_PIPE,
+        }
+    };
+    if out == ifindex {
+        return TC_ACT_PIPE;
+    }
+    // SAFETY: the reference is copied out at once.
+    let Some(target) = (unsafe {
+        POLICY_EPS.get(EndpointKey {
+            ifindex: out,
+            hook: TC_EGRESS,
+        })
+    }) else {
         return TC_ACT_PIPE;
     };
+    let host = target.flags & PROGRAM_HOST != 0;
+    if !host {
+        // For `judge_for_peer`.
+        scratch.program_ref = *target;
+    }
+    if !cached {
+        // The flow's entry (written by `remember_flow` for this packet or an earlier one)
+        // keeps the answer for the packets after it.
+        if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.key) {
+            // SAFETY: the entry is this map's value; a racing update loses only the cache.
+            unsafe {
+                (*entry).fwd_ns = scratch.now;
+                (*entry).fwd_ifindex = out;
+                (*entry).fwd_macs = macs;
+            }
+        }
+    }
+    let v4 = scratch.flow.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    if v4 && scratch.head_ok {
+        // MACs, TTL and header checksum rewritten in the head and stored in one call.
+        let head = &mut scratch.head;
+        let ttl = head[ETH_HLEN + 8];
+        if ttl <= 1 {
+            return TC_ACT_PIPE;
+        }
+        let old = u16::from_be_bytes([ttl, head[ETH_HLEN + 9]]);
+        let check = u16::from_be_bytes([head[ETH_HLEN + 10], head[ETH_HLEN + 11]]);
+        let check = checksum_update(check, old, old - 0x0100);
+        head[ETH_HLEN + 8] = ttl - 1;
+        head[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&check.to_be_bytes());
+        head[..12].copy_from_slice(&macs);
+        if ctx.store(0, head, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    } else {
+        if v4 {
+            let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
+                return TC_ACT_PIPE;
+            };
+            if word[0] <= 1 {
+                return TC_ACT_PIPE;
+            }
+            let new = [word[0] - 1, word[1]];
+            let from = u16::from_ne_bytes(word) as u64;
+            let to = u16::from_ne_bytes(new) as u64;
+            if ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 2).is_err()
+                || ctx.store(ETH_HLEN + 8, &new, 0).is_err()
+            {
+                return TC_ACT_SHOT;
+            }
+        } else {
+            let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
+                return TC_ACT_PIPE;
+            };
+            if hops <= 1 {
+                return TC_ACT_PIPE;
+            }
+            if ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_err() {
+                return TC_ACT_SHOT;
+            }
+        }
+        if ctx.store(0, &macs, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    }
+    count(PolicyStat::Forwarded);
+    if host {
+        // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success.
+        return unsafe { bpf_redirect(out, 0) as i32 };
+    }
+    scratch.peer_out = out;
+    JUDGE_PEER
+}
+
+/// The Internet checksum `check` after a 16-bit word of what it covers went from `old` to
+/// `new` (RFC 1624, eqn. 3).
+#[inline(always)]
+fn checksum_update(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The FIB's answer for the packet in `scratch` arriving at `ifindex`: the interface it leaves
+/// by and the destination then source MAC; `None` when the FIB has no direct answer.
+#[inline(always)]
+fn fib_route(ctx: &TcContext, scratch: &Scratch, ifindex: u32) -> Option<(u32, [u8; 12])> {
+    let flow = &scratch.flow;
+    let v4 = flow.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    let fib = FIB.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, used by this packet only.
     let fib = unsafe { &mut *fib };
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is its "unset" state. Zeroed in
@@ -502,66 +709,32 @@ fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
         )
     };
     if rc != 0 {
-        return TC_ACT_PIPE;
+        return None;
     }
-    let out = fib.ifindex;
-    if out == ifindex
-        || unsafe {
-            POLICY_EPS.get(EndpointKey {
-                ifindex: out,
-                hook: TC_EGRESS,
-            })
-        }
-        .is_none()
-    {
-        return TC_ACT_PIPE;
-    }
-    let (dmac, smac) = (fib.dmac, fib.smac);
-    if v4 {
-        let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
-            return TC_ACT_PIPE;
-        };
-        if word[0] <= 1 {
-            return TC_ACT_PIPE;
-        }
-        let new = [word[0] - 1, word[1]];
-        let from = u16::from_ne_bytes(word) as u64;
-        let to = u16::from_ne_bytes(new) as u64;
-        if ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 2).is_err()
-            || ctx.store(ETH_HLEN + 8, &new, 0).is_err()
-        {
-            return TC_ACT_SHOT;
-        }
-    } else {
-        let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
-            return TC_ACT_PIPE;
-        };
-        if hops <= 1 {
-            return TC_ACT_PIPE;
-        }
-        if ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_err() {
-            return TC_ACT_SHOT;
-        }
-    }
-    if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
-        return TC_ACT_SHOT;
-    }
-    count(PolicyStat::Forwarded);
-    // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success.
-    unsafe { bpf_redirect(out, 0) as i32 }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    Some((fib.ifindex, macs))
 }
 
 /// Judging a packet the workload sent, in a frame of its own so that [`forward`]'s frame is
 /// never stacked on top of it (together they would not fit 512 bytes).
 #[inline(never)]
-fn judge_from_workload(ctx: &TcContext) -> i32 {
-    judge_only(ctx, TC_INGRESS)
+fn judge_from_workload(ctx: &TcContext, ifindex: u32) -> i32 {
+    judge_at(ctx, ifindex, TC_INGRESS, false)
 }
 
 /// Judging a packet going to the workload, likewise in its own frame.
 #[inline(never)]
-fn judge_to_workload(ctx: &TcContext) -> i32 {
-    judge_only(ctx, TC_EGRESS)
+fn judge_to_workload(ctx: &TcContext, ifindex: u32) -> i32 {
+    judge_at(ctx, ifindex, TC_EGRESS, false)
+}
+
+/// Judging a packet [`forward`] sends into the workload behind `out` by that workload's
+/// (ingress) policy, as `out`'s own classifier would, from the flow parsed already.
+#[inline(never)]
+fn judge_for_peer(ctx: &TcContext, out: u32) -> i32 {
+    judge_at(ctx, out, TC_EGRESS, true)
 }
 
 /// Per-rule counters, a verdict event and (when switched on) a debug line for a packet policy
@@ -638,6 +811,8 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
         (*scratch).track = false;
         (*scratch).decided = false;
         (*scratch).first_fragment = false;
+        (*scratch).fwd_ifindex = 0;
+        read_head(ctx, &mut *scratch);
     }
     // Fragments first, in a frame of their own beside the judging's (the two would not fit
     // 512 bytes together).
@@ -645,14 +820,14 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     if gated != UNDECIDED {
         return gated;
     }
-    let verdict = if hook == TC_INGRESS {
-        judge_from_workload(ctx)
-    } else {
-        judge_to_workload(ctx)
-    };
-    // SAFETY: as in judge_only.
+    // SAFETY: the kernel passes a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: as above; judge_only filled it for this packet.
+    let verdict = if hook == TC_INGRESS {
+        judge_from_workload(ctx, ifindex)
+    } else {
+        judge_to_workload(ctx, ifindex)
+    };
+    // SAFETY: as above; judge_at filled it for this packet.
     let scratch = unsafe { &mut *scratch };
     if scratch.decided {
         record(ctx, scratch, ifindex, hook);
@@ -663,34 +838,59 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     if scratch.track {
         remember_flow(ifindex);
     }
-    if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged {
+    // A first fragment takes the kernel's path: its datagram's later fragments do, and the
+    // classifier that sees them must have seen it.
+    if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged || scratch.first_fragment
+    {
         return verdict;
     }
-    forward(ctx, scratch, ifindex)
+    let forwarded = forward(ctx, scratch, ifindex);
+    if forwarded != JUDGE_PEER {
+        return forwarded;
+    }
+    let out = scratch.peer_out;
+    scratch.track = false;
+    scratch.decided = false;
+    let verdict = judge_for_peer(ctx, out);
+    if scratch.decided {
+        record(ctx, scratch, out, TC_EGRESS);
+    }
+    if scratch.track {
+        remember_flow(out);
+    }
+    if verdict != TC_ACT_PIPE {
+        return verdict;
+    }
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success.
+    unsafe { bpf_redirect_peer(out, 0) as i32 }
 }
 
+/// The verdict of the policy at (`ifindex`, `hook`) for the packet, parsed into the scratch
+/// slot unless `parsed` (then it holds this packet's flow already).
 #[inline(always)]
-fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
-    // SAFETY: the kernel passes a valid __sk_buff.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn judge_at(ctx: &TcContext, ifindex: u32, hook: u32, parsed: bool) -> i32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let scratch = unsafe { &mut *scratch };
-    let programmed = match unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) } {
-        Some(found) => {
-            scratch.program_ref = *found;
-            true
-        }
-        None => false,
-    };
-    match parse(ctx, scratch) {
-        Ok(true) => scratch.judged = true,
-        Ok(false) => return TC_ACT_PIPE,
-        Err(()) => {
-            count(PolicyStat::Malformed);
-            return TC_ACT_SHOT;
+    // After `forward` the endpoint's reference is in the slot already.
+    let programmed = parsed
+        || match unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) } {
+            Some(found) => {
+                scratch.program_ref = *found;
+                true
+            }
+            None => false,
+        };
+    if !parsed {
+        match parse(ctx, scratch) {
+            Ok(true) => scratch.judged = true,
+            Ok(false) => return TC_ACT_PIPE,
+            Err(()) => {
+                count(PolicyStat::Malformed);
+                return TC_ACT_SHOT;
+            }
         }
     }
     // IPv6 neighbour discovery, limited to what a workload and its host need of each other
@@ -715,12 +915,25 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         count(PolicyStat::NoPolicy);
         return TC_ACT_SHOT;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = if parsed {
+        scratch.now
+    } else {
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        scratch.now = now;
+        now
+    };
     // An ICMP error about a tracked flow belongs to that flow.
     if scratch.has_inner {
-        let inner = scratch.inner;
-        ct_key(ifindex, &inner, &mut scratch.key);
+        let inner = &scratch.inner;
+        let inner = TupleRef {
+            src: &inner.src,
+            dst: &inner.dst,
+            protocol: inner.protocol,
+            src_port: inner.src_port,
+            dst_port: inner.dst_port,
+        };
+        ct_key(ifindex, inner, &mut scratch.key);
         if let Some(entry) = CONNTRACK.get_ptr_mut(scratch.key) {
             // SAFETY: the entry is this map's value; a racing update only loses a timestamp.
             unsafe { (*entry).last_seen_ns = now };
@@ -728,14 +941,14 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
             return TC_ACT_PIPE;
         }
     }
-    let tuple = Tuple {
-        src: scratch.flow.src,
-        dst: scratch.flow.dst,
+    let tuple = TupleRef {
+        src: &scratch.flow.src,
+        dst: &scratch.flow.dst,
         protocol: scratch.flow.protocol,
         src_port: scratch.flow.ct_src_port,
         dst_port: scratch.flow.ct_dst_port,
     };
-    ct_key(ifindex, &tuple, &mut scratch.key);
+    scratch.src_first = ct_key(ifindex, tuple, &mut scratch.key);
     let flow = &scratch.flow;
     let key = &scratch.key;
     // A SYN starts a connection: policy judges it even where an entry for the same ports
@@ -748,7 +961,7 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         CONNTRACK.get_ptr_mut(key)
     };
     if let Some(entry) = tracked {
-        let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
+        let from_lo = scratch.src_first;
         // SAFETY: as above.
         unsafe {
             (*entry).last_seen_ns = now;
@@ -765,6 +978,12 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
                 flags |= CT_RST;
             }
             (*entry).flags = flags;
+            // Packets from this side reuse where the flow was last forwarded, while fresh.
+            let fwd_ns = (*entry).fwd_ns;
+            if hook == TC_INGRESS && fwd_ns != 0 && now.wrapping_sub(fwd_ns) < FORWARD_CACHE_NS {
+                scratch.fwd_ifindex = (*entry).fwd_ifindex;
+                scratch.fwd_macs = (*entry).fwd_macs;
+            }
         }
         count(PolicyStat::Tracked);
         return TC_ACT_PIPE;
@@ -781,11 +1000,10 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
         None => (u32::MAX, 0),
     };
     let flow = &scratch.flow;
-    let key = &scratch.key;
     match decision {
         Some(v) if v.action == ACTION_ALLOW => {
             if flow.tcp_flags & TCP_RST == 0 {
-                let from_lo = key.addr_lo == flow.src && key.port_lo == flow.ct_src_port;
+                let from_lo = scratch.src_first;
                 // Tracked by `remember_flow`, in a frame of its own.
                 scratch.track = true;
                 scratch.track_value = CtValue {
@@ -793,6 +1011,9 @@ fn judge_only(ctx: &TcContext, hook: u32) -> i32 {
                     last_seen_ns: now,
                     flags: if from_lo { CT_OPENED_BY_LO } else { 0 },
                     rule: v.rule,
+                    fwd_ns: 0,
+                    fwd_ifindex: 0,
+                    fwd_macs: [0; 12],
                 };
             }
             count(PolicyStat::Allowed);
@@ -823,11 +1044,20 @@ fn fragment_verdict(ctx: &TcContext, hook: u32) -> Option<i32> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let scratch = unsafe { &mut *scratch };
-    let ether: [u8; 2] = ctx.load(12).ok()?;
+    let ether: [u8; 2] = if scratch.head_ok {
+        [scratch.head[12], scratch.head[13]]
+    } else {
+        ctx.load(12).ok()?
+    };
     let key = &mut scratch.frag_key;
     let later = match u16::from_be_bytes(ether) {
         ETH_P_IP => {
-            let frags: [u8; 4] = ctx.load(ETH_HLEN + 4).ok()?;
+            let frags: [u8; 4] = if scratch.head_ok {
+                let h = &scratch.head;
+                [h[18], h[19], h[20], h[21]]
+            } else {
+                ctx.load(ETH_HLEN + 4).ok()?
+            };
             let flags = u16::from_be_bytes([frags[2], frags[3]]);
             if flags & 0x3fff == 0 {
                 return None;

@@ -146,3 +146,97 @@ fn pins_of_an_older_layout_are_migrated_or_recreated() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `bytes` as bpftool's `hex` arguments.
+fn hex_args(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_conntrack_pin_of_layout_5_keeps_its_flows() -> anyhow::Result<()> {
+    if !require(
+        "a_conntrack_pin_of_layout_5_keeps_its_flows",
+        &[Requirement::Root, Requirement::Bpf],
+    ) {
+        return Ok(());
+    }
+    let dir = PinDir(PathBuf::from("/sys/fs/bpf").join(unique_name("pin5")));
+    std::fs::create_dir_all(&dir.0)?;
+    std::fs::create_dir_all(dir.0.join("layout-v5"))?;
+    // Layout 5's conntrack: the same key, a 24-byte value (no forwarding cache), one flow.
+    let pin = dir.0.join(CONNTRACK_MAP);
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type", "lru_hash", "key", "44", "value", "24", "entries", "1024", "name",
+        ])
+        .arg(CONNTRACK_MAP)
+        .output()?;
+    anyhow::ensure!(
+        created.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let mapped = |a: [u8; 4]| {
+        let mut m = [0u8; 16];
+        m[10] = 0xff;
+        m[11] = 0xff;
+        m[12..].copy_from_slice(&a);
+        m
+    };
+    let mut key = Vec::new();
+    key.extend(7u32.to_ne_bytes());
+    key.extend(6u32.to_ne_bytes());
+    key.extend(mapped([10, 0, 0, 1]));
+    key.extend(mapped([10, 0, 0, 9]));
+    key.extend(80u16.to_ne_bytes());
+    key.extend(40000u16.to_ne_bytes());
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let mut value = Vec::new();
+    value.extend(now.to_ne_bytes());
+    value.extend(now.to_ne_bytes());
+    value.extend(calico_bpf_common::CT_ANSWERED.to_ne_bytes());
+    value.extend(3u32.to_ne_bytes());
+    let updated = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&pin)
+        .arg("key")
+        .arg("hex")
+        .args(hex_args(&key))
+        .arg("value")
+        .arg("hex")
+        .args(hex_args(&value))
+        .output()?;
+    anyhow::ensure!(
+        updated.status.success(),
+        "bpftool map update: {}",
+        String::from_utf8_lossy(&updated.stderr)
+    );
+
+    let (dp, _) = PolicyDataplane::load(&LoadOptions {
+        pin_path: Some(dir.0.clone()),
+        ..Default::default()
+    })?;
+    let info = aya::maps::MapInfo::from_pin(&pin)?;
+    assert_eq!(
+        info.value_size() as usize,
+        std::mem::size_of::<calico_bpf_common::CtValue>(),
+        "conntrack kept the old value"
+    );
+    let flows = dp.tracked_flows()?;
+    assert_eq!(flows.len(), 1, "the layout-5 flow was not migrated");
+    let flow = &flows[0];
+    assert_eq!(
+        (flow.ifindex, flow.protocol, flow.ports, flow.answered),
+        (7, 6, (80, 40000), true)
+    );
+    assert_eq!(
+        flow.addresses,
+        ("10.0.0.1".parse()?, "10.0.0.9".parse()?),
+        "the flow's addresses were misread"
+    );
+    assert!(flow.idle < std::time::Duration::from_secs(60));
+    Ok(())
+}

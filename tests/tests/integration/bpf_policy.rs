@@ -563,3 +563,82 @@ fn a_flood_from_one_workload_leaves_another_workloads_flow_alive() -> anyhow::Re
     }
     Ok(())
 }
+
+/// Installs the compiled policy of endpoint `name` (address `ip`) on `ifindex`.
+fn install_endpoint(
+    dp: &mut PolicyDataplane,
+    w: &World,
+    ifindex: u32,
+    name: &str,
+    ip: IpAddr,
+) -> anyhow::Result<()> {
+    let id = EndpointId {
+        namespace: Some("default".into()),
+        name: name.into(),
+    };
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let hook = Hook::for_direction(direction);
+        let compiled = CompiledProgram::compile(w, &w.program(&id, direction), &[ip], direction)?;
+        dp.install(ifindex, hook, &compiled)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn traffic_forwarded_in_bpf_is_judged_by_the_receivers_policy() -> anyhow::Result<()> {
+    if !require(
+        "traffic_forwarded_in_bpf_is_judged_by_the_receivers_policy",
+        NEEDS,
+    ) {
+        return Ok(());
+    }
+    let (host, a, b, s) = three_workloads("fh")?;
+    let _listener = s.ns.tcp_server(8080)?;
+    // Every workload is an endpoint, so traffic between them is forwarded veth to veth in
+    // BPF (into the receiver's namespace, past its veth's own classifier): the receiver's
+    // policy must still decide.
+    let (mut dp, s_index) = policy_dataplane_on(&host, &s)?;
+    let (a_if, b_if) = (a.host_if.clone(), b.host_if.clone());
+    host.run(|| dp.attach(&a_if))??;
+    host.run(|| dp.attach(&b_if))??;
+    let (a_index, b_index) = (host.ifindex(&a.host_if)?, host.ifindex(&b.host_if)?);
+    let policies = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\nspec:\n  selector: app == 'server'\n  types: [Ingress, Egress]\n  ingress:\n    - {action: Allow, protocol: TCP, source: {selector: app == 'b'}, destination: {ports: [8080]}}\n  egress:\n    - {action: Allow}\n---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: clients, namespace: default}\nspec:\n  selector: \"app in {'a', 'b'}\"\n  types: [Ingress, Egress]\n  ingress: [{action: Allow}]\n  egress: [{action: Allow}]\n";
+    let w = world(policies, s.ip, a.ip, b.ip);
+    install_endpoint(&mut dp, &w, s_index, "server", s.ip)?;
+    install_endpoint(&mut dp, &w, a_index, "client-a", a.ip)?;
+    install_endpoint(&mut dp, &w, b_index, "client-b", b.ip)?;
+
+    let forwarded_before = dp.counters()?.forwarded;
+    assert!(
+        tcp_connects(&b.ns, s.ip, 8080)?,
+        "TCP 8080 from b is allowed by the server's policy"
+    );
+    assert!(
+        dp.counters()?.forwarded > forwarded_before,
+        "b's connection was not forwarded in BPF"
+    );
+    // a's own policy allows everything out: only the server's can stop it.
+    let forwarded_before = dp.counters()?.forwarded;
+    denied_by_program(&dp, "TCP 8080 from a", || tcp_connects(&a.ns, s.ip, 8080))?;
+    assert!(
+        dp.counters()?.forwarded > forwarded_before,
+        "a's SYN did not reach the receiver's policy by the BPF path"
+    );
+    // And the receiver's policy changes take effect on that path too.
+    let open = policies.replace(
+        "{selector: app == 'b'}",
+        "{selector: \"app in {'a', 'b'}\"}",
+    );
+    install_endpoint(
+        &mut dp,
+        &world(&open, s.ip, a.ip, b.ip),
+        s_index,
+        "server",
+        s.ip,
+    )?;
+    assert!(
+        tcp_connects(&a.ns, s.ip, 8080)?,
+        "TCP 8080 from a is allowed once the server's policy says so"
+    );
+    Ok(())
+}

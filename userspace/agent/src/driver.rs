@@ -175,6 +175,7 @@ fn compile_endpoint(
                 .flat_map(|t| &t.policies)
                 .any(|p| host_only.get(&p.name).is_some_and(|f| f.apply_on_forward));
             compiled.forwarded_passes = host && !forward_judged;
+            compiled.host = host;
             (direction, compiled, error)
         })
         .collect();

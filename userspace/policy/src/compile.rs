@@ -55,6 +55,9 @@ pub struct CompiledProgram {
     /// the host forwards, which passes unjudged (upstream's semantics). A workload's program
     /// drops it (a spoofed address).
     pub forwarded_passes: bool,
+    /// A host endpoint's program (not a workload's): traffic forwarded to its interface is
+    /// judged there, not handed straight to a veth's peer.
+    pub host: bool,
     /// The rules' own nets and notNets → net class; longest prefix wins; every family has a
     /// /0 entry.
     pub peer_nets: Vec<(IpNet, u32)>,
@@ -769,6 +772,7 @@ impl CompiledProgram {
             peer_sets,
             peer_classes: peer_classes_out,
             forwarded_passes: false,
+            host: false,
             local_addresses,
             protocols,
             other_protocol,

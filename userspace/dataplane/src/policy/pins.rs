@@ -5,8 +5,10 @@
 //!
 //! * Same layout: reused as it is. A capacity nobody asked to change (not in the load's map
 //!   sizes) counts as the same: a restart without its configuration keeps the pinned size.
-//! * Conntrack with a new capacity only: migrated (its entries copied into the new map after
-//!   the load, as many as fit), so tracked flows survive a resize.
+//! * Conntrack with a new capacity, or with the shorter value of an earlier release (its value
+//!   only grows at the end, so an old value is a prefix of the new one): migrated (its entries
+//!   copied into the new map after the load, as many as fit, new fields zero), so tracked
+//!   flows survive a resize and an upgrade.
 //! * Anything else that differs, or a different layout version: the pin is removed and the
 //!   load creates the map afresh (the agent reinstalls every table; conntrack is kept across
 //!   a version change when its own layout did not change).
@@ -17,6 +19,10 @@ use aya::maps::{HashMap, Map, MapData, MapInfo};
 use calico_bpf_common::{CtKey, CtValue, CONNTRACK_MAP};
 
 use crate::DataplaneError;
+
+/// The conntrack value of layouts up to 5 (before the forwarding cache): `CtValue`'s first
+/// fields.
+const CT_VALUE_V5_SIZE: u32 = 24;
 
 /// Bump when a pinned map's meaning changes in a way its sizes do not show.
 pub(super) const LAYOUT_VERSION: u32 = 5;
@@ -71,7 +77,13 @@ pub(super) fn decide(
     sized: bool,
 ) -> Decision {
     let conntrack = name == CONNTRACK_MAP;
-    if !found.same_shape(wanted) {
+    let older_conntrack = conntrack
+        && (found.map_type, found.key_size) == (wanted.map_type, wanted.key_size)
+        && found.value_size == CT_VALUE_V5_SIZE
+        && wanted.value_size > found.value_size;
+    if older_conntrack {
+        Decision::Migrate
+    } else if !found.same_shape(wanted) {
         Decision::Recreate
     } else if sized && found.max_entries != wanted.max_entries {
         if conntrack {
@@ -188,26 +200,66 @@ pub(super) fn migrate_conntrack(
     old: MapData,
     into: &mut HashMap<MapData, CtKey, CtValue>,
 ) -> Result<usize, DataplaneError> {
-    let old = Map::from_map_data(old)
-        .and_then(HashMap::<MapData, CtKey, CtValue>::try_from)
-        .map_err(|source| DataplaneError::Map {
-            map: CONNTRACK_MAP,
-            action: "open the previous layout's map",
-            source,
-        })?;
+    let open_err = |source| DataplaneError::Map {
+        map: CONNTRACK_MAP,
+        action: "open the previous layout's map",
+        source,
+    };
+    let value_size = old.info().map(|i| i.value_size()).unwrap_or(0);
+    let old = Map::from_map_data(old).map_err(open_err)?;
     let mut copied = 0;
-    for entry in old.iter().filter_map(Result::ok) {
-        if into.insert(entry.0, entry.1, 0).is_err() {
-            break;
+    if value_size == CT_VALUE_V5_SIZE {
+        let old = HashMap::<MapData, CtKey, [u8; CT_VALUE_V5_SIZE as usize]>::try_from(old)
+            .map_err(open_err)?;
+        for (key, prefix) in old.iter().filter_map(Result::ok) {
+            if into.insert(key, ct_value_from_v5(prefix), 0).is_err() {
+                break;
+            }
+            copied += 1;
         }
-        copied += 1;
+    } else {
+        let old = HashMap::<MapData, CtKey, CtValue>::try_from(old).map_err(open_err)?;
+        for (key, value) in old.iter().filter_map(Result::ok) {
+            if into.insert(key, value, 0).is_err() {
+                break;
+            }
+            copied += 1;
+        }
     }
     Ok(copied)
+}
+
+/// A layout-5 conntrack value, as this release's (no forwarding cached).
+fn ct_value_from_v5(v5: [u8; CT_VALUE_V5_SIZE as usize]) -> CtValue {
+    let u64_at = |i: usize| u64::from_ne_bytes(v5[i..i + 8].try_into().expect("8 bytes"));
+    let u32_at = |i: usize| u32::from_ne_bytes(v5[i..i + 4].try_into().expect("4 bytes"));
+    CtValue {
+        created_ns: u64_at(0),
+        last_seen_ns: u64_at(8),
+        flags: u32_at(16),
+        rule: u32_at(20),
+        ..CtValue::default()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layout_5_conntrack_value_keeps_its_fields() {
+        let mut v5 = [0u8; CT_VALUE_V5_SIZE as usize];
+        v5[..8].copy_from_slice(&7u64.to_ne_bytes());
+        v5[8..16].copy_from_slice(&9u64.to_ne_bytes());
+        v5[16..20].copy_from_slice(&3u32.to_ne_bytes());
+        v5[20..].copy_from_slice(&42u32.to_ne_bytes());
+        let v = ct_value_from_v5(v5);
+        assert_eq!(
+            (v.created_ns, v.last_seen_ns, v.flags, v.rule),
+            (7, 9, 3, 42)
+        );
+        assert_eq!((v.fwd_ns, v.fwd_ifindex), (0, 0));
+    }
 
     const HASH: u32 = 1;
     const LRU: u32 = 9;
@@ -265,6 +317,21 @@ mod tests {
         assert_eq!(
             decide(CONNTRACK_MAP, &ct, &ct, false, false),
             Decision::Reuse
+        );
+        // An earlier release's shorter value: migrated, whatever the version marker says.
+        let ct_v5 = layout(LRU, 44, CT_VALUE_V5_SIZE, 1024);
+        let ct_now = layout(LRU, 44, 48, 1024);
+        assert_eq!(
+            decide(CONNTRACK_MAP, &ct_v5, &ct_now, false, false),
+            Decision::Migrate
+        );
+        assert_eq!(
+            decide(CONNTRACK_MAP, &ct_now, &ct_v5, false, false),
+            Decision::Recreate
+        );
+        assert_eq!(
+            decide("POLICY_EPS", &ct_v5, &ct_now, false, false),
+            Decision::Recreate
         );
         let ct_new_key = layout(LRU, 52, 16, 1024);
         assert_eq!(

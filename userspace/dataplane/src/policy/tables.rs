@@ -529,9 +529,12 @@ impl PolicyDataplane {
 
 /// The `PROGRAM_*` flags of `compiled`'s endpoint entry.
 fn program_flags(compiled: &calico_policy::CompiledProgram) -> u32 {
+    let mut flags = 0;
     if compiled.forwarded_passes {
-        calico_bpf_common::PROGRAM_FORWARD_PASSES
-    } else {
-        0
+        flags |= calico_bpf_common::PROGRAM_FORWARD_PASSES;
     }
+    if compiled.host {
+        flags |= calico_bpf_common::PROGRAM_HOST;
+    }
+    flags
 }
