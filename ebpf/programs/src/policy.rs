@@ -159,6 +159,21 @@ struct Scratch {
     src_first: bool,
 }
 
+/// `from` copied into `to` field by field (a whole-struct copy is a call to memmove in BPF,
+/// on every packet).
+#[inline(always)]
+fn copy_program_ref(from: &ProgramRef, to: &mut ProgramRef) {
+    // SAFETY: both are valid, aligned references.
+    unsafe {
+        to.program = core::ptr::read_volatile(&from.program);
+        to.other_protocol = core::ptr::read_volatile(&from.other_protocol);
+        to.nets = core::ptr::read_volatile(&from.nets);
+        to.sets = core::ptr::read_volatile(&from.sets);
+        to.classes = core::ptr::read_volatile(&from.classes);
+        to.flags = core::ptr::read_volatile(&from.flags);
+    }
+}
+
 /// See [`Scratch::head`].
 const HEAD_LEN: usize = ETH_HLEN + 20;
 
@@ -566,7 +581,7 @@ fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
     let host = target.flags & PROGRAM_HOST != 0;
     if !host {
         // For `judge_for_peer`.
-        scratch.program_ref = *target;
+        copy_program_ref(target, &mut scratch.program_ref);
     }
     if !cached {
         // The flow's entry (written by `remember_flow` for this packet or an earlier one)
@@ -816,9 +831,18 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     }
     // Fragments first, in a frame of their own beside the judging's (the two would not fit
     // 512 bytes together).
-    let gated = fragment_gate(ctx, hook);
-    if gated != UNDECIDED {
-        return gated;
+    // SAFETY: as above.
+    let unfragmented_v4 = unsafe {
+        let head = &(*scratch).head;
+        (*scratch).head_ok
+            && u16::from_be_bytes([head[12], head[13]]) == ETH_P_IP
+            && u16::from_be_bytes([head[ETH_HLEN + 6], head[ETH_HLEN + 7]]) & 0x3fff == 0
+    };
+    if !unfragmented_v4 {
+        let gated = fragment_gate(ctx, hook);
+        if gated != UNDECIDED {
+            return gated;
+        }
     }
     // SAFETY: the kernel passes a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -878,7 +902,7 @@ fn judge_at(ctx: &TcContext, ifindex: u32, hook: u32, parsed: bool) -> i32 {
     let programmed = parsed
         || match unsafe { POLICY_EPS.get(EndpointKey { ifindex, hook }) } {
             Some(found) => {
-                scratch.program_ref = *found;
+                copy_program_ref(found, &mut scratch.program_ref);
                 true
             }
             None => false,
@@ -982,7 +1006,11 @@ fn judge_at(ctx: &TcContext, ifindex: u32, hook: u32, parsed: bool) -> i32 {
             let fwd_ns = (*entry).fwd_ns;
             if hook == TC_INGRESS && fwd_ns != 0 && now.wrapping_sub(fwd_ns) < FORWARD_CACHE_NS {
                 scratch.fwd_ifindex = (*entry).fwd_ifindex;
-                scratch.fwd_macs = (*entry).fwd_macs;
+                let macs = &(*entry).fwd_macs;
+                for i in 0..12 {
+                    // Byte by byte: a whole-array copy is a call to memmove in BPF.
+                    scratch.fwd_macs[i] = core::ptr::read_volatile(&macs[i]);
+                }
             }
         }
         count(PolicyStat::Tracked);
