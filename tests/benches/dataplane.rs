@@ -223,18 +223,51 @@ fn iperf(topo: &Topology, udp: Option<usize>) -> anyhow::Result<(f64, f64)> {
     }
 }
 
+const CONNECTION_PORTS: std::ops::Range<u16> = 7070..7078;
+
 /// New TCP connections per second: connect, then close with RST (no TIME_WAIT pile-up).
+///
+/// At 20,000 a second the client's ephemeral ports wrap within a run, and a SYN that reuses a
+/// recent 4-tuple is sometimes lost, on every path alike, costing a 1 s retransmission (3 s
+/// of 3 in the worst runs): the client gets the widest port range and rotates over
+/// [`CONNECTION_PORTS`] server ports, so a 4-tuple comes back only after minutes.
 fn connections(topo: &Topology) -> anyhow::Result<f64> {
-    let addr = SocketAddr::new(topo.server_ip, 7070);
+    topo.client.exec_ok(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=1024 65535"],
+    )?;
+    let addrs: Vec<SocketAddr> = CONNECTION_PORTS
+        .map(|p| SocketAddr::new(topo.server_ip, p))
+        .collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let listener = topo.server.run(|| TcpListener::bind(("0.0.0.0", 7070)))??;
-    listener.set_nonblocking(true)?;
+    let listeners = CONNECTION_PORTS
+        .map(|p| {
+            let l = topo.server.run(|| TcpListener::bind(("0.0.0.0", p)))??;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .collect::<anyhow::Result<Vec<TcpListener>>>()?;
     let count = std::thread::scope(|s| -> anyhow::Result<usize> {
         let acceptor = s.spawn(|| {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((c, _)) => drop(c),
-                    Err(_) => std::thread::sleep(Duration::from_micros(50)),
+                let mut accepted = false;
+                for listener in &listeners {
+                    // Reset, not closed: no server-side state outlives the connection.
+                    if let Ok((c, _)) = listener.accept() {
+                        accepted = true;
+                        let _ = nix::sys::socket::setsockopt(
+                            &c,
+                            nix::sys::socket::sockopt::Linger,
+                            &nix::libc::linger {
+                                l_onoff: 1,
+                                l_linger: 0,
+                            },
+                        );
+                        drop(c);
+                    }
+                }
+                if !accepted {
+                    std::thread::sleep(Duration::from_micros(50));
                 }
             }
         });
@@ -242,7 +275,8 @@ fn connections(topo: &Topology) -> anyhow::Result<f64> {
             let deadline = Instant::now() + Duration::from_secs(SECONDS);
             let mut n = 0usize;
             while Instant::now() < deadline {
-                if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                let addr = &addrs[n % addrs.len()];
+                if let Ok(c) = TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
                     let _ = nix::sys::socket::setsockopt(
                         &c,
                         nix::sys::socket::sockopt::Linger,
