@@ -43,11 +43,10 @@ use calico_bpf_common::{
     CtKey, CtValue, EndpointKey, FragKey, LocalKey, PeerClassKey, PeerKeyData, PolicyStat,
     PortKeyData, ProgramRef, ProtoKey, RuleStatKey, RuleStatValue, SetList, VerdictEvent,
     VerdictKeyData, VerdictValue, ACTION_ALLOW, CONNTRACK_MAX_ENTRIES, CT_ANSWERED, CT_FIN_HI,
-    CT_FIN_LO, CT_OPENED_BY_LO, CT_RST, FORWARD_CACHE_NS, FRAGMENTS_MAX_ENTRIES, POLICY_MAX_CLASSES,
-    POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS, POLICY_MAX_PROGRAM_SETS,
+    CT_FIN_LO, CT_OPENED_BY_LO, CT_RST, FORWARD_CACHE_NS, FRAGMENTS_MAX_ENTRIES,
+    POLICY_MAX_CLASSES, POLICY_MAX_ENDPOINTS, POLICY_MAX_IP_SET_MEMBERS, POLICY_MAX_PROGRAM_SETS,
     POLICY_MAX_RULE_STATS, POLICY_MAX_VERDICTS, POLICY_STAT_COUNT, PROGRAM_FORWARD_PASSES,
-    PROGRAM_HOST,
-    TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS, VERDICT_FORWARDED,
+    PROGRAM_HOST, TC_EGRESS, TC_INGRESS, VERDICT_FIXED_BITS, VERDICT_FORWARDED,
 };
 
 #[map(name = "POLICY_EPS")]
@@ -421,7 +420,12 @@ fn ct_key(ifindex: u32, t: TupleRef, out: &mut CtKey) -> bool {
             a[i + 7],
         ])
     };
-    let (s0, s1, d0, d1) = (word(t.src, 0), word(t.src, 8), word(t.dst, 0), word(t.dst, 8));
+    let (s0, s1, d0, d1) = (
+        word(t.src, 0),
+        word(t.src, 8),
+        word(t.dst, 0),
+        word(t.dst, 8),
+    );
     let src_first = if s0 != d0 {
         s0 < d0
     } else if s1 != d1 {
@@ -864,8 +868,7 @@ fn judge(ctx: &mut TcContext, hook: u32) -> i32 {
     }
     // A first fragment takes the kernel's path: its datagram's later fragments do, and the
     // classifier that sees them must have seen it.
-    if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged || scratch.first_fragment
-    {
+    if verdict != TC_ACT_PIPE || hook != TC_INGRESS || !scratch.judged || scratch.first_fragment {
         return verdict;
     }
     let forwarded = forward(ctx, scratch, ifindex);
