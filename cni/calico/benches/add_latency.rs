@@ -83,7 +83,12 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let etcd = runtime.block_on(etcd_with_pools(&[("bench", "198.18.40.0/22")]))?;
-    let calico_conf = netconf(&etcd, "bench", "1.0.0", "bench-node");
+    let mut calico_conf = netconf(&etcd, "bench", "1.0.0", "bench-node");
+    // CNI_BENCH_LOG=<file>: the plugins' debug log (each ADD's phases, timed) goes there.
+    if let Ok(path) = std::env::var("CNI_BENCH_LOG") {
+        calico_conf["log_level"] = json!("debug");
+        calico_conf["log_file_path"] = json!(path);
+    }
     let data_dir = tempfile_dir();
     let ptp_conf = json!({
         "cniVersion": "1.0.0", "name": "bench-ptp", "type": "ptp", "ipMasq": false,

@@ -55,7 +55,12 @@ pub async fn run(
         delegate::run(env, &ipam_type, "STATUS", stdin)?;
         return Ok(None);
     }
+    let connecting = std::time::Instant::now();
     let store = connect(conf).await?;
+    tracing::debug!(
+        ms = connecting.elapsed().as_secs_f64() * 1e3,
+        "datastore connected"
+    );
     let node = conf.node_name();
     let workload = Workload::new(&node, &env.container_id, &env.ifname, &env.args);
     match command {
@@ -135,8 +140,12 @@ async fn add(
     workload: &Workload,
     ipam_type: &str,
 ) -> Result<String, CniError> {
+    let started = std::time::Instant::now();
+    let phase =
+        |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "ADD: {what}");
     let stored = stored_endpoint(store, workload).await?;
     let veth = host_veth(store, workload, env, stored.as_ref()).await?;
+    phase("endpoint read");
     // A retried ADD for the same attachment answers with what is already there, if it is
     // there: in this call's namespace, with its addresses and routes. A container whose
     // namespace was replaced (same ID, new CNI_NETNS) is wired again, keeping its addresses.
@@ -173,7 +182,9 @@ async fn add(
 
     // Read before anything is allocated or wired: a pod the API does not know fails clean.
     let pod = crate::kubernetes::pod_info(conf, workload).await?;
+    phase("pod read");
     let ipam_result = delegate::add(env, ipam_type, stdin)?;
+    phase("addresses assigned");
     let addresses: Vec<IpNet> = ipam_result
         .ips
         .iter()
@@ -194,6 +205,7 @@ async fn add(
             return Err(wiring_error(e));
         }
     };
+    phase("wired");
     let record = async {
         if workload.orchestrator == "cni" {
             ensure_network_profile(store, &conf.name).await?;
@@ -216,6 +228,7 @@ async fn add(
         let _ = delegate::run(env, ipam_type, "DEL", stdin);
         return Err(datastore_error(e));
     }
+    phase("endpoint written");
     Ok(build_result(
         conf,
         env,

@@ -94,11 +94,16 @@ pub async fn run(
     raw: &Value,
     version: &str,
 ) -> Result<Option<String>, CniError> {
+    let started = std::time::Instant::now();
+    let phase =
+        |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "IPAM: {what}");
     let _lock = match command {
         Command::Add | Command::Del | Command::Gc => Some(host_lock()?),
         _ => None,
     };
+    phase("host lock taken");
     let store = connect(conf).await;
+    phase("datastore connected");
     if command == Command::Status {
         return store.map(|_| None).map_err(|e| {
             CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
@@ -112,6 +117,7 @@ pub async fn run(
     match command {
         Command::Add => {
             let held = ipam.adopt_held(&handle).await.map_err(ipam_error)?;
+            phase("handle read");
             if !held.is_empty() {
                 // A retried ADD: answer with what this attachment already holds (its handle
                 // record restored if a failed attempt lost it).
@@ -170,6 +176,7 @@ pub async fn run(
                 }
                 done
             };
+            phase("assigned");
             Ok(Some(result_for(&ips).to_json(version)))
         }
         Command::Del => {
