@@ -1009,10 +1009,9 @@ fn judge_at(ctx: &TcContext, ifindex: u32, hook: u32, parsed: bool) -> i32 {
             let fwd_ns = (*entry).fwd_ns;
             if hook == TC_INGRESS && fwd_ns != 0 && now.wrapping_sub(fwd_ns) < FORWARD_CACHE_NS {
                 scratch.fwd_ifindex = (*entry).fwd_ifindex;
-                let macs = &(*entry).fwd_macs;
-                for i in 0..12 {
-                    // Byte by byte: a whole-array copy is a call to memmove in BPF.
-                    scratch.fwd_macs[i] = core::ptr::read_volatile(&macs[i]);
+                // Byte by byte: a whole-array copy is a call to memmove in BPF.
+                for (to, from) in scratch.fwd_macs.iter_mut().zip(&(*entry).fwd_macs) {
+                    *to = core::ptr::read_volatile(from);
                 }
             }
         }
