@@ -11,6 +11,7 @@
 //! shared [`metrics::Metrics`].
 
 pub mod admission;
+pub mod allocator;
 pub mod bird;
 pub mod config;
 pub mod driver;

@@ -7,6 +7,7 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    calico_node::allocator::purge_freed_memory_at_once();
     let flags = calico_node::config::Flags::parse();
     let level = match flags.log_level.to_ascii_lowercase().as_str() {
         "warning" => "warn".to_owned(),
