@@ -223,6 +223,18 @@ fn iperf(topo: &Topology, udp: Option<usize>) -> anyhow::Result<(f64, f64)> {
     }
 }
 
+/// Closing `socket` sends a reset and leaves no state behind (no TIME_WAIT).
+fn reset_on_close(socket: &TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
 const CONNECTION_PORTS: std::ops::Range<u16> = 7070..7078;
 
 /// New TCP connections per second: connect, then close with RST (no TIME_WAIT pile-up).
@@ -255,14 +267,7 @@ fn connections(topo: &Topology) -> anyhow::Result<f64> {
                     // Reset, not closed: no server-side state outlives the connection.
                     if let Ok((c, _)) = listener.accept() {
                         accepted = true;
-                        let _ = nix::sys::socket::setsockopt(
-                            &c,
-                            nix::sys::socket::sockopt::Linger,
-                            &nix::libc::linger {
-                                l_onoff: 1,
-                                l_linger: 0,
-                            },
-                        );
+                        reset_on_close(&c);
                         drop(c);
                     }
                 }
@@ -277,14 +282,7 @@ fn connections(topo: &Topology) -> anyhow::Result<f64> {
             while Instant::now() < deadline {
                 let addr = &addrs[n % addrs.len()];
                 if let Ok(c) = TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
-                    let _ = nix::sys::socket::setsockopt(
-                        &c,
-                        nix::sys::socket::sockopt::Linger,
-                        &nix::libc::linger {
-                            l_onoff: 1,
-                            l_linger: 0,
-                        },
-                    );
+                    reset_on_close(&c);
                     n += 1;
                 }
             }

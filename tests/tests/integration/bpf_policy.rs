@@ -117,17 +117,7 @@ fn install(
     ifindex: u32,
     server: IpAddr,
 ) -> anyhow::Result<()> {
-    let id = EndpointId {
-        namespace: Some("default".into()),
-        name: "server".into(),
-    };
-    for direction in [Direction::Ingress, Direction::Egress] {
-        let hook = Hook::for_direction(direction);
-        let compiled =
-            CompiledProgram::compile(w, &w.program(&id, direction), &[server], direction)?;
-        dp.install(ifindex, hook, &compiled)?;
-    }
-    Ok(())
+    install_endpoint(dp, w, ifindex, "server", server)
 }
 
 #[test]
