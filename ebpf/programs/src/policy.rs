@@ -281,6 +281,22 @@ fn parse_ip(ctx: &TcContext, offset: usize, v6: bool) -> Result<IpHeader, ()> {
     Ok((src, dst, protocol, l4, first))
 }
 
+/// The frame's EtherType, from the head when it was read.
+#[inline(always)]
+fn ether_type(ctx: &TcContext, scratch: &Scratch) -> Option<u16> {
+    if scratch.head_ok {
+        Some(u16::from_be_bytes([scratch.head[12], scratch.head[13]]))
+    } else {
+        ctx.load::<[u8; 2]>(12).ok().map(u16::from_be_bytes)
+    }
+}
+
+/// An address as the classifier holds it is IPv4 (v4-mapped).
+#[inline(always)]
+fn is_v4(a: &[u8; 16]) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
 /// [`parse_ip`] of the IPv4 header in the frame's head.
 #[inline(always)]
 fn ipv4_of_head(head: &[u8; HEAD_LEN]) -> Result<IpHeader, ()> {
@@ -306,20 +322,18 @@ fn is_ports(protocol: u8) -> bool {
 /// Parses the packet into `scratch`; `Ok(false)` for frames policy does not judge.
 #[inline(always)]
 fn parse(ctx: &TcContext, scratch: &mut Scratch) -> Result<bool, ()> {
-    let ether: [u8; 2] = if scratch.head_ok {
-        [scratch.head[12], scratch.head[13]]
-    } else {
-        ctx.load(12).map_err(|_| ())?
-    };
-    let v6 = match u16::from_be_bytes(ether) {
+    let v6 = match ether_type(ctx, scratch).ok_or(())? {
         ETH_P_IP => false,
         ETH_P_IPV6 => true,
         _ => return Ok(false),
     };
-    let (src, dst, protocol, l4, first) = if !v6 && scratch.head_ok {
+    // An IPv4 frame without a whole head has no whole IPv4 header: malformed.
+    let (src, dst, protocol, l4, first) = if v6 {
+        parse_ip(ctx, ETH_HLEN, true)?
+    } else if scratch.head_ok {
         ipv4_of_head(&scratch.head)?
     } else {
-        parse_ip(ctx, ETH_HLEN, v6)?
+        return Err(());
     };
     scratch.has_inner = false;
     let flow = &mut scratch.flow;
@@ -391,6 +405,18 @@ fn parse(ctx: &TcContext, scratch: &mut Scratch) -> Result<bool, ()> {
         }
     }
     Ok(true)
+}
+
+impl Tuple {
+    fn as_ref(&self) -> TupleRef<'_> {
+        TupleRef {
+            src: &self.src,
+            dst: &self.dst,
+            protocol: self.protocol,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        }
+    }
 }
 
 /// A flow's tuple, borrowed where it lies (a copy would cost stack and time).
@@ -599,9 +625,12 @@ fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
             }
         }
     }
-    let v4 = scratch.flow.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    if v4 && scratch.head_ok {
-        // MACs, TTL and header checksum rewritten in the head and stored in one call.
+    if is_v4(&scratch.flow.dst) {
+        // MACs, TTL and header checksum rewritten in the head and stored in one call (an
+        // IPv4 packet that got here was parsed from the head).
+        if !scratch.head_ok {
+            return TC_ACT_PIPE;
+        }
         let head = &mut scratch.head;
         let ttl = head[ETH_HLEN + 8];
         if ttl <= 1 {
@@ -617,33 +646,13 @@ fn forward(ctx: &mut TcContext, scratch: &mut Scratch, ifindex: u32) -> i32 {
             return TC_ACT_SHOT;
         }
     } else {
-        if v4 {
-            let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
-                return TC_ACT_PIPE;
-            };
-            if word[0] <= 1 {
-                return TC_ACT_PIPE;
-            }
-            let new = [word[0] - 1, word[1]];
-            let from = u16::from_ne_bytes(word) as u64;
-            let to = u16::from_ne_bytes(new) as u64;
-            if ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 2).is_err()
-                || ctx.store(ETH_HLEN + 8, &new, 0).is_err()
-            {
-                return TC_ACT_SHOT;
-            }
-        } else {
-            let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
-                return TC_ACT_PIPE;
-            };
-            if hops <= 1 {
-                return TC_ACT_PIPE;
-            }
-            if ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_err() {
-                return TC_ACT_SHOT;
-            }
+        let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
+            return TC_ACT_PIPE;
+        };
+        if hops <= 1 {
+            return TC_ACT_PIPE;
         }
-        if ctx.store(0, &macs, 0).is_err() {
+        if ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_err() || ctx.store(0, &macs, 0).is_err() {
             return TC_ACT_SHOT;
         }
     }
@@ -671,7 +680,7 @@ fn checksum_update(check: u16, old: u16, new: u16) -> u16 {
 #[inline(always)]
 fn fib_route(ctx: &TcContext, scratch: &Scratch, ifindex: u32) -> Option<(u32, [u8; 12])> {
     let flow = &scratch.flow;
-    let v4 = flow.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    let v4 = is_v4(&flow.dst);
     let fib = FIB.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, used by this packet only.
     let fib = unsafe { &mut *fib };
@@ -952,15 +961,7 @@ fn judge_at(ctx: &TcContext, ifindex: u32, hook: u32, parsed: bool) -> i32 {
     };
     // An ICMP error about a tracked flow belongs to that flow.
     if scratch.has_inner {
-        let inner = &scratch.inner;
-        let inner = TupleRef {
-            src: &inner.src,
-            dst: &inner.dst,
-            protocol: inner.protocol,
-            src_port: inner.src_port,
-            dst_port: inner.dst_port,
-        };
-        ct_key(ifindex, inner, &mut scratch.key);
+        ct_key(ifindex, scratch.inner.as_ref(), &mut scratch.key);
         if let Some(entry) = CONNTRACK.get_ptr_mut(scratch.key) {
             // SAFETY: the entry is this map's value; a racing update only loses a timestamp.
             unsafe { (*entry).last_seen_ns = now };
@@ -1074,28 +1075,23 @@ fn fragment_verdict(ctx: &TcContext, hook: u32) -> Option<i32> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let scratch = unsafe { &mut *scratch };
-    let ether: [u8; 2] = if scratch.head_ok {
-        [scratch.head[12], scratch.head[13]]
-    } else {
-        ctx.load(12).ok()?
-    };
+    let ether = ether_type(ctx, scratch)?;
     let key = &mut scratch.frag_key;
-    let later = match u16::from_be_bytes(ether) {
+    let later = match ether {
         ETH_P_IP => {
-            let frags: [u8; 4] = if scratch.head_ok {
-                let h = &scratch.head;
-                [h[18], h[19], h[20], h[21]]
-            } else {
-                ctx.load(ETH_HLEN + 4).ok()?
-            };
-            let flags = u16::from_be_bytes([frags[2], frags[3]]);
+            // Without a whole head, not a whole IPv4 header: the judging drops it.
+            if !scratch.head_ok {
+                return None;
+            }
+            let ip = &scratch.head[ETH_HLEN..];
+            let flags = u16::from_be_bytes([ip[6], ip[7]]);
             if flags & 0x3fff == 0 {
                 return None;
             }
-            key.id = u32::from(u16::from_be_bytes([frags[0], frags[1]]));
-            key.protocol = u32::from(ctx.load::<u8>(ETH_HLEN + 9).ok()?);
-            key.src = mapped_v4(ctx.load(ETH_HLEN + 12).ok()?);
-            key.dst = mapped_v4(ctx.load(ETH_HLEN + 16).ok()?);
+            key.id = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+            key.protocol = u32::from(ip[9]);
+            key.src = mapped_v4([ip[12], ip[13], ip[14], ip[15]]);
+            key.dst = mapped_v4([ip[16], ip[17], ip[18], ip[19]]);
             flags & 0x1fff != 0
         }
         ETH_P_IPV6 => {

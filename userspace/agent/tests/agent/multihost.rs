@@ -25,28 +25,23 @@ struct Host {
     _forward: Forward,
 }
 
+/// A veth from `host`'s `eth1` to `other`; returns the name of `other`'s end.
+fn eth1_leg(host: &NetNs, other: &NetNs, prefix: &str) -> Result<String> {
+    let leg = unique_name(prefix);
+    let status = Command::new("ip")
+        .args(["link", "add", "eth1", "netns", host.name(), "type", "veth"])
+        .args(["peer", "name", &leg, "netns", other.name()])
+        .status()?;
+    anyhow::ensure!(status.success(), "ip link add eth1 in {}", host.name());
+    Ok(leg)
+}
+
 /// Host `i` of a BGP test: a namespace with a leg on `underlay`'s bridge (10.99.0.<i>/24, and
 /// fd99::<i>/64 with `dual_stack`), calico-node with BIRD, and a workload made by the CNI
 /// plugin (an address of each family with `dual_stack`).
 fn bgp_host(bin: &Path, etcd: &Etcd, underlay: &NetNs, i: u8, dual_stack: bool) -> Result<Host> {
     let ns = NetNs::new("mh")?;
-    let leg = unique_name("ul");
-    Command::new("ip")
-        .args([
-            "link",
-            "add",
-            "eth1",
-            "netns",
-            ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &leg,
-            "netns",
-            underlay.name(),
-        ])
-        .status()?;
+    let leg = eth1_leg(&ns, underlay, "ul")?;
     underlay.exec_ok("ip", &["link", "set", &leg, "master", "br0", "up"])?;
     let underlay_ip = format!("10.99.0.{i}");
     ns.add_address("eth1", &format!("{underlay_ip}/24"))?;
@@ -460,23 +455,7 @@ fn hosts_on_two_subnets_reach_each_other_over_vxlan() -> Result<()> {
         (3, "10.98.1.3", "10.98.1.254"),
     ] {
         let ns = NetNs::new("vx")?;
-        let leg = unique_name("rl");
-        Command::new("ip")
-            .args([
-                "link",
-                "add",
-                "eth1",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &leg,
-                "netns",
-                router.name(),
-            ])
-            .status()?;
+        let leg = eth1_leg(&ns, &router, "rl")?;
         if i == 2 {
             router.exec_ok("ip", &["addr", "add", "10.98.2.254/24", "dev", &leg])?;
             router.exec_ok("ip", &["link", "set", &leg, "up"])?;

@@ -207,26 +207,28 @@ pub(super) fn migrate_conntrack(
     };
     let value_size = old.info().map(|i| i.value_size()).unwrap_or(0);
     let old = Map::from_map_data(old).map_err(open_err)?;
-    let mut copied = 0;
     if value_size == CT_VALUE_V5_SIZE {
         let old = HashMap::<MapData, CtKey, [u8; CT_VALUE_V5_SIZE as usize]>::try_from(old)
             .map_err(open_err)?;
-        for (key, prefix) in old.iter().filter_map(Result::ok) {
-            if into.insert(key, ct_value_from_v5(prefix), 0).is_err() {
-                break;
-            }
-            copied += 1;
-        }
+        let entries = old.iter().filter_map(Result::ok);
+        Ok(copy_flows(
+            entries.map(|(k, v5)| (k, ct_value_from_v5(v5))),
+            into,
+        ))
     } else {
         let old = HashMap::<MapData, CtKey, CtValue>::try_from(old).map_err(open_err)?;
-        for (key, value) in old.iter().filter_map(Result::ok) {
-            if into.insert(key, value, 0).is_err() {
-                break;
-            }
-            copied += 1;
-        }
+        Ok(copy_flows(old.iter().filter_map(Result::ok), into))
     }
-    Ok(copied)
+}
+
+/// Inserts `flows` into `into` until it is full; returns how many went in.
+fn copy_flows(
+    flows: impl Iterator<Item = (CtKey, CtValue)>,
+    into: &mut HashMap<MapData, CtKey, CtValue>,
+) -> usize {
+    flows
+        .take_while(|(key, value)| into.insert(key, value, 0).is_ok())
+        .count()
 }
 
 /// A layout-5 conntrack value, as this release's (no forwarding cached).
