@@ -29,8 +29,8 @@ use std::{
 use anyhow::{Context, Result};
 use calico_model::{parse_documents, Resource};
 use harness::{
-    cni_with_args, require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement, Store,
-    Workload,
+    cni_conf, cni_with_conf, require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement,
+    Store, Workload,
 };
 
 const NAMESPACES: usize = 5_000;
@@ -341,34 +341,22 @@ fn main() -> Result<()> {
     // same-namespace policy once its address is in the server's set).
     let mut new_pod = Vec::new();
     let mut cni_add = Vec::new();
+    let mut conf = cni_conf(&etcd.endpoint(), &node);
+    // CNI_BENCH_LOG=<file>: the plugins' debug log (each ADD's phases, timed) goes there.
+    if let Ok(path) = std::env::var("CNI_BENCH_LOG") {
+        conf["log_level"] = "debug".into();
+        conf["log_file_path"] = path.into();
+    }
     for n in 0..SAMPLES {
         let pod = NetNs::new("pod")?;
         let container = format!("scale{n:04}{}", std::process::id());
         let t0 = Instant::now();
         let args = format!("K8S_POD_NAMESPACE=ns0;K8S_POD_NAME=new{n}");
-        cni_with_args(
-            &bin,
-            &host,
-            &etcd.endpoint(),
-            &node,
-            "ADD",
-            &container,
-            &pod,
-            &args,
-        )?;
+        cni_with_conf(&bin, &host, &conf, "ADD", &container, &pod, &args)?;
         cni_add.push(t0.elapsed());
         let arrived = probe.first_from(&pod, 7000, t0)?;
         new_pod.push(arrived - t0);
-        cni_with_args(
-            &bin,
-            &host,
-            &etcd.endpoint(),
-            &node,
-            "DEL",
-            &container,
-            &pod,
-            &args,
-        )?;
+        cni_with_conf(&bin, &host, &conf, "DEL", &container, &pod, &args)?;
     }
 
     // Idle: what one node asks of etcd per second, beside its watches.
