@@ -77,6 +77,17 @@ impl Store {
         })
     }
 
+    /// etcd's current revision (that of the last write to any key).
+    pub fn revision(&self) -> Result<i64> {
+        let answer = self
+            .rt
+            .block_on(self.ds.etcd().get("/calico/.revision-probe", None))?;
+        answer
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| anyhow::anyhow!("etcd answered without a header"))
+    }
+
     /// Every stored object of `kind`.
     pub fn list(&self, kind: Kind) -> Result<Vec<calico_model::Resource>> {
         Ok(self.rt.block_on(self.ds.list(kind, None))?.0)

@@ -12,7 +12,8 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use crate::{
-    connect, datastore_error, delegate,
+    connect, datastore_error,
+    delegate::Ipam,
     identity::Workload,
     ipam_plugin::valid_attachments,
     netconf::NetConf,
@@ -47,36 +48,38 @@ pub async fn run(
                 "network configuration has no `ipam.type`",
             )
         })?;
-    if command == Command::Status {
-        connect(conf).await.map_err(|e| {
-            CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
-                .with_details(e.to_string())
-        })?;
-        delegate::run(env, &ipam_type, "STATUS", stdin)?;
-        return Ok(None);
-    }
     let connecting = std::time::Instant::now();
-    let store = connect(conf).await?;
+    let store = connect(conf).await;
     tracing::debug!(
         ms = connecting.elapsed().as_secs_f64() * 1e3,
         "datastore connected"
     );
+    let store = match (command, store) {
+        (Command::Status, Err(e)) => {
+            return Err(
+                CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
+                    .with_details(e.to_string()),
+            )
+        }
+        (_, store) => store?,
+    };
+    let ipam = Ipam::find(&ipam_type, env, conf, raw, stdin, &store);
     let node = conf.node_name();
     let workload = Workload::new(&node, &env.container_id, &env.ifname, &env.args);
     match command {
-        Command::Add => add(env, conf, stdin, version, &store, &workload, &ipam_type)
+        Command::Add => add(env, conf, version, &store, &workload, &ipam)
             .await
             .map(Some),
-        Command::Del => del(env, conf, stdin, &store, &workload, &ipam_type)
+        Command::Del => del(env, &store, &workload, &ipam).await.map(|()| None),
+        Command::Check => check(env, conf, raw, &store, &workload, &ipam)
             .await
             .map(|()| None),
-        Command::Check => check(env, conf, raw, stdin, &store, &workload, &ipam_type)
-            .await
-            .map(|()| None),
-        Command::Gc => gc(env, conf, raw, stdin, &store, &node, &ipam_type)
-            .await
-            .map(|()| None),
-        Command::Version | Command::Status => unreachable!("handled before"),
+        Command::Gc => gc(conf, raw, &store, &node, &ipam).await.map(|()| None),
+        Command::Status => ipam.run(Command::Status).await.map(|()| None),
+        Command::Version => Err(CniError::new(
+            code::GENERIC,
+            "VERSION is answered before the network is reached",
+        )),
     }
 }
 
@@ -134,11 +137,10 @@ fn build_result(
 async fn add(
     env: &Env,
     conf: &NetConf,
-    stdin: &[u8],
     version: &str,
     store: &Datastore,
     workload: &Workload,
-    ipam_type: &str,
+    ipam: &Ipam<'_>,
 ) -> Result<String, CniError> {
     let started = std::time::Instant::now();
     let phase =
@@ -183,7 +185,7 @@ async fn add(
     // Read before anything is allocated or wired: a pod the API does not know fails clean.
     let pod = crate::kubernetes::pod_info(conf, workload).await?;
     phase("pod read");
-    let ipam_result = delegate::add(env, ipam_type, stdin)?;
+    let ipam_result = ipam.add().await?;
     phase("addresses assigned");
     let addresses: Vec<IpNet> = ipam_result
         .ips
@@ -191,17 +193,17 @@ async fn add(
         .map(|i| IpNet::new(i.address.addr(), i.address.max_prefix_len()).expect("host prefix"))
         .collect();
     if addresses.is_empty() {
-        let _ = delegate::run(env, ipam_type, "DEL", stdin);
+        let _ = ipam.run(Command::Del).await;
         return Err(CniError::new(
             code::GENERIC,
-            format!("IPAM plugin {ipam_type} assigned no address"),
+            format!("IPAM plugin {} assigned no address", ipam.name()),
         ));
     }
     let plan = plan(env, conf, &veth, &addresses);
     let wired = match wiring::wire(&plan) {
         Ok(w) => w,
         Err(e) => {
-            let _ = delegate::run(env, ipam_type, "DEL", stdin);
+            let _ = ipam.run(Command::Del).await;
             return Err(wiring_error(e));
         }
     };
@@ -225,7 +227,7 @@ async fn add(
     };
     if let Err(e) = record.await {
         let _ = wiring::unwire(&veth, Some(&plan.netns), &env.ifname);
-        let _ = delegate::run(env, ipam_type, "DEL", stdin);
+        let _ = ipam.run(Command::Del).await;
         return Err(datastore_error(e));
     }
     phase("endpoint written");
@@ -389,17 +391,15 @@ async fn stored_endpoint(
 
 async fn del(
     env: &Env,
-    _conf: &NetConf,
-    stdin: &[u8],
     store: &Datastore,
     workload: &Workload,
-    ipam_type: &str,
+    ipam: &Ipam<'_>,
 ) -> Result<(), CniError> {
     let netns = (!env.netns.is_empty()).then(|| PathBuf::from(&env.netns));
     let stored = stored_endpoint(store, workload).await?;
     let veth = host_veth(store, workload, env, stored.as_ref()).await?;
     wiring::unwire(&veth, netns.as_deref(), &env.ifname).map_err(wiring_error)?;
-    delegate::run(env, ipam_type, "DEL", stdin)?;
+    ipam.run(Command::Del).await?;
     // Gone already, or now belongs to a newer attachment: leave it.
     if stored.is_none_or(|w| w.spec.container_id != env.container_id) {
         return Ok(());
@@ -422,10 +422,9 @@ async fn check(
     env: &Env,
     conf: &NetConf,
     raw: &Value,
-    stdin: &[u8],
     store: &Datastore,
     workload: &Workload,
-    ipam_type: &str,
+    ipam: &Ipam<'_>,
 ) -> Result<(), CniError> {
     let prev = raw
         .get("prevResult")
@@ -451,18 +450,16 @@ async fn check(
     if !problems.is_empty() {
         return Err(CniError::new(code::GENERIC, "CHECK failed").with_details(problems.join("; ")));
     }
-    delegate::run(env, ipam_type, "CHECK", stdin)?;
+    ipam.run(Command::Check).await?;
     Ok(())
 }
 
 async fn gc(
-    env: &Env,
     conf: &NetConf,
     raw: &Value,
-    stdin: &[u8],
     store: &Datastore,
     node: &str,
-    ipam_type: &str,
+    ipam: &Ipam<'_>,
 ) -> Result<(), CniError> {
     let valid = valid_attachments(raw)?;
     let (endpoints, _) = store
@@ -498,6 +495,6 @@ async fn gc(
             }
         }
     }
-    delegate::run(env, ipam_type, "GC", stdin)?;
+    ipam.run(Command::Gc).await?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, collections::BTreeSet, net::IpAddr};
 
+use calico_datastore::Datastore;
 use calico_ipam::{AssignRequest, Ipam, IpamError};
 use calico_model::{Kind, Resource};
 use ipnet::IpNet;
@@ -87,6 +88,7 @@ fn host_lock() -> Result<nix::fcntl::Flock<std::fs::File>, CniError> {
         .map_err(|(_, errno)| fail("take", errno.to_string()))
 }
 
+/// The `calico-ipam` binary's run: connects, then serves the command.
 pub async fn run(
     command: Command,
     env: &Env,
@@ -94,6 +96,32 @@ pub async fn run(
     raw: &Value,
     version: &str,
 ) -> Result<Option<String>, CniError> {
+    let connecting = std::time::Instant::now();
+    let store = connect(conf).await;
+    tracing::debug!(
+        ms = connecting.elapsed().as_secs_f64() * 1e3,
+        "IPAM: datastore connected"
+    );
+    if command == Command::Status {
+        return store.map(|_| None).map_err(|e| {
+            CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
+                .with_details(e.to_string())
+        });
+    }
+    let result = serve(command, env, conf, raw, &store?).await?;
+    Ok(result.map(|r| r.to_json(version)))
+}
+
+/// One IPAM command on an open datastore connection: what `calico-ipam` does, and what the
+/// `calico` plugin runs in its own process when `calico-ipam` is the same program (one
+/// process and one connection per ADD instead of two). ADD answers with the addresses.
+pub async fn serve(
+    command: Command,
+    env: &Env,
+    conf: &NetConf,
+    raw: &Value,
+    store: &Datastore,
+) -> Result<Option<CniResult>, CniError> {
     let started = std::time::Instant::now();
     let phase =
         |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "IPAM: {what}");
@@ -102,15 +130,6 @@ pub async fn run(
         _ => None,
     };
     phase("host lock taken");
-    let store = connect(conf).await;
-    phase("datastore connected");
-    if command == Command::Status {
-        return store.map(|_| None).map_err(|e| {
-            CniError::new(code::PLUGIN_NOT_AVAILABLE, "datastore unreachable")
-                .with_details(e.to_string())
-        });
-    }
-    let store = store?;
     let node = conf.node_name();
     let ipam = Ipam::new(store.clone(), node.clone());
     let handle = Workload::handle(&conf.name, &env.container_id);
@@ -121,7 +140,7 @@ pub async fn run(
             if !held.is_empty() {
                 // A retried ADD: answer with what this attachment already holds (its handle
                 // record restored if a failed attempt lost it).
-                return Ok(Some(result_for(&held).to_json(version)));
+                return Ok(Some(result_for(&held)));
             }
             let workload = Workload::new(&node, &env.container_id, &env.ifname, &env.args);
             let mut attrs = BTreeMap::from([("node".to_owned(), node.clone())]);
@@ -177,7 +196,7 @@ pub async fn run(
                 done
             };
             phase("assigned");
-            Ok(Some(result_for(&ips).to_json(version)))
+            Ok(Some(result_for(&ips)))
         }
         Command::Del => {
             ipam.release_by_handle(&handle).await.map_err(ipam_error)?;
@@ -233,7 +252,12 @@ pub async fn run(
             }
             Ok(None)
         }
-        Command::Version | Command::Status => unreachable!("handled before"),
+        // The connection is open: the datastore is reachable.
+        Command::Status => Ok(None),
+        Command::Version => Err(CniError::new(
+            code::GENERIC,
+            "VERSION is answered before IPAM is reached",
+        )),
     }
 }
 

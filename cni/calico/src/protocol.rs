@@ -63,6 +63,20 @@ pub enum Command {
     Gc,
 }
 
+impl Command {
+    /// The command as CNI_COMMAND spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+        }
+    }
+}
+
 /// The plugin's environment (`CNI_*` variables).
 #[derive(Debug, Clone, Default)]
 pub struct Env {

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use calico_model::{parse_documents, Resource};
 use harness::{
     cni_conf, cni_with_conf, require, unique_name, AgentProcess, Etcd, Forward, NetNs, Requirement,
@@ -357,6 +357,10 @@ fn main() -> Result<()> {
         let arrived = probe.first_from(&pod, 7000, t0)?;
         new_pod.push(arrived - t0);
         cni_with_conf(&bin, &host, &conf, "DEL", &container, &pod, &args)?;
+        // The next sample starts once the agent has applied this DEL (its last write is the
+        // endpoint's deletion), as (a) and (b) start from a settled agent: an ADD then never
+        // queues behind the previous pod's removal.
+        agent_caught_up(&agent, &host, &store)?;
     }
 
     // Idle: what one node asks of etcd per second, beside its watches.
@@ -422,6 +426,22 @@ fn main() -> Result<()> {
         println!("| {map} | {entries} | {capacity} |");
     }
     Ok(())
+}
+
+/// Waits until the agent's dataplane reflects every datastore write made so far.
+fn agent_caught_up(agent: &AgentProcess, host: &NetNs, store: &Store) -> Result<()> {
+    let written = store.revision()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let applied = agent.metric(host, "felix_applied_datastore_revision")?;
+        if applied >= written as f64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent applied revision {applied} but not {written} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -567,7 +587,7 @@ impl Probe {
                 if Instant::now() > deadline {
                     quiet.store(true, Ordering::Relaxed);
                     let _ = sender.join();
-                    anyhow::bail!("port {port}: the deny never took effect");
+                    bail!("port {port}: the deny never took effect");
                 }
             }
             let probe = Instant::now();

@@ -321,6 +321,13 @@ impl Agent {
                 SyncEvent::Blocks(_) => None,
             })
             .min();
+        let revision = batch
+            .iter()
+            .filter_map(|e| match e {
+                SyncEvent::Watch(w, _) => Some(w.revision()),
+                SyncEvent::Blocks(_) => None,
+            })
+            .max();
         let mut snapshot_seen = false;
         for event in batch {
             match event {
@@ -396,6 +403,9 @@ impl Agent {
         let n = changes.len();
         let calculated = calc_started.elapsed();
         self.driver.apply(changes, &self.calc).await;
+        if let Some(revision) = revision {
+            self.metrics.applied_revision.set(revision);
+        }
         tracing::debug!(
             changes = n,
             queued_us = started.map_or(0, |t| (calc_started - t).as_micros() as u64),

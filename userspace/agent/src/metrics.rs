@@ -33,6 +33,8 @@ pub struct Metrics {
     pub in_sync: Gauge,
     /// 1 while the datastore answers.
     pub datastore_connected: Gauge,
+    /// The datastore revision of the last watched change the dataplane reflects.
+    pub applied_revision: Gauge,
     pub resyncs: Counter,
     pub endpoints: Gauge,
     pub compile_errors: Counter,
@@ -69,6 +71,7 @@ impl Default for Metrics {
             last_turn_ms: AtomicU64::new(0),
             in_sync: Gauge::default(),
             datastore_connected: Gauge::default(),
+            applied_revision: Gauge::default(),
             resyncs: Counter::default(),
             endpoints: Gauge::default(),
             compile_errors: Counter::default(),
@@ -107,6 +110,11 @@ impl Default for Metrics {
                 "felix_datastore_connected",
                 "1 while the datastore answers",
                 m.datastore_connected.clone(),
+            );
+            r.register(
+                "felix_applied_datastore_revision",
+                "datastore revision of the last watched change the dataplane reflects",
+                m.applied_revision.clone(),
             );
             // Counters get their `_total` suffix from the encoder.
             r.register(

@@ -189,6 +189,15 @@ fn agent_programs_policy_routes_and_metrics_from_the_datastore() -> Result<()> {
         s.agent.metric(&s.host, "felix_active_local_endpoints")?,
         2.0
     );
+    // The revision the dataplane reflects reaches the datastore's latest write (what a writer
+    // waits on to know its change is in force; the scale benchmark does).
+    let written = s.store.revision()?;
+    wait_metric_above(
+        &s,
+        "felix_applied_datastore_revision",
+        (written - 1) as f64,
+        Duration::from_secs(10),
+    )?;
     // Workload to workload on one host goes veth to veth in BPF (bpf_redirect after a FIB
     // lookup), not through the host's forwarding path.
     let deadline = Instant::now() + Duration::from_secs(5);
