@@ -6,15 +6,16 @@
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
     thread::JoinHandle,
-    time::Duration,
 };
 
 use anyhow::{Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::NetNs;
 
@@ -36,18 +37,23 @@ impl Forward {
         let flag = stop.clone();
         let acceptor = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((inside, _)) => {
-                        let _ = inside.set_nonblocking(false);
-                        if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
-                            // gRPC sends small frames: Nagle plus delayed ACKs on a relay
-                            // would add tens of milliseconds to every watch event.
-                            let _ = inside.set_nodelay(true);
-                            let _ = outside.set_nodelay(true);
-                            relay(inside, outside);
-                        }
+                // Woken by a connection at once; every 100 ms to look at the stop flag. (A
+                // sleep between tries would hold each new connection up to its length, which
+                // a plugin's connect to etcd would then measure.)
+                let mut ready = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                if !matches!(poll(&mut ready, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+                    continue;
+                }
+                // An error: the connection went before it was taken; wait for the next.
+                if let Ok((inside, _)) = listener.accept() {
+                    let _ = inside.set_nonblocking(false);
+                    if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
+                        // gRPC sends small frames: Nagle plus delayed ACKs on a relay would
+                        // add tens of milliseconds to every watch event.
+                        let _ = inside.set_nodelay(true);
+                        let _ = outside.set_nodelay(true);
+                        relay(inside, outside);
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
