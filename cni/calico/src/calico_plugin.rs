@@ -212,18 +212,27 @@ async fn add(
         if workload.orchestrator == "cni" {
             ensure_network_profile(store, &conf.name).await?;
         }
-        store
-            .apply(endpoint(
-                conf,
-                env,
-                workload,
-                pod.as_ref(),
-                &veth,
-                &wired.container_mac,
-                &addresses,
-            ))
-            .await?;
-        Ok::<_, DatastoreError>(())
+        let record = endpoint(
+            conf,
+            env,
+            workload,
+            pod.as_ref(),
+            &veth,
+            &wired.container_mac,
+            &addresses,
+        );
+        // None stored when this ADD began (the usual case): one create, not read-then-write.
+        let created = match stored {
+            None => store.create(record.clone()).await.map(drop),
+            Some(_) => Err(DatastoreError::AlreadyExists {
+                kind: Kind::WorkloadEndpoint,
+                name: workload.endpoint_name(),
+            }),
+        };
+        match created {
+            Err(DatastoreError::AlreadyExists { .. }) => store.apply(record).await.map(drop),
+            other => other,
+        }
     };
     if let Err(e) = record.await {
         let _ = wiring::unwire(&veth, Some(&plan.netns), &env.ifname);

@@ -239,7 +239,16 @@ async fn racing_compare_and_swap_writers_lose_no_update() -> anyhow::Result<()> 
     const INCREMENTS: usize = 20;
     let etcd = Etcd::start()?;
     let store = connect(&etcd).await?;
-    store.create(pool("counter", "10.9.0.0/16")).await?;
+    let created = store.create(pool("counter", "10.9.0.0/16")).await?;
+    let mut unversioned = created.clone();
+    unversioned.metadata_mut().resource_version = None;
+    assert!(
+        matches!(
+            store.write_back(unversioned).await,
+            Err(DatastoreError::BadRequest { .. })
+        ),
+        "write_back without the version it was read at"
+    );
 
     let mut tasks = Vec::new();
     for writer in 0..WRITERS {
@@ -253,7 +262,14 @@ async fn racing_compare_and_swap_writers_lose_no_update() -> anyhow::Result<()> 
                 let n: usize = labels.get("count").map_or(0, |c| c.parse().unwrap());
                 labels.insert("count".into(), (n + 1).to_string());
                 labels.insert("last-writer".into(), writer.to_string());
-                match store.update(current).await {
+                // Half write through `update` (which reads what is stored first), half
+                // through `write_back` (one request): both compare-and-swap.
+                let written = if writer % 2 == 0 {
+                    store.update(current).await
+                } else {
+                    store.write_back(current).await
+                };
+                match written {
                     Ok(written) => wins.push(rv(&written)),
                     Err(DatastoreError::Conflict { .. }) => conflicts += 1,
                     Err(e) => return Err(anyhow::Error::from(e)),
@@ -278,6 +294,7 @@ async fn racing_compare_and_swap_writers_lose_no_update() -> anyhow::Result<()> 
     let last = store.get(Kind::IPPool, None, "counter").await?;
     let count: usize = last.metadata().labels["count"].parse()?;
     assert_eq!(count, WRITERS * INCREMENTS, "an update was lost");
+    assert_eq!(last.metadata().uid, created.metadata().uid, "identity kept");
     assert_eq!(revisions.len(), WRITERS * INCREMENTS);
     println!(
         "{} successful CAS updates from {WRITERS} writers, {conflicts} conflicts retried, none lost",

@@ -40,7 +40,7 @@ const LOCAL: usize = 110;
 const TEAMS: usize = 50;
 const APPS: usize = 5;
 const GLOBAL_POLICIES: usize = 10;
-const SAMPLES: usize = 30;
+const SAMPLES: usize = 100;
 
 /// Cluster endpoint `i`'s address: 10.128.0.0/9 upwards.
 fn address(i: usize) -> Ipv4Addr {

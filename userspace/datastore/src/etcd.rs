@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use calico_model::{validate, Kind, Resource, API_VERSION};
+use calico_model::{validate, Kind, ObjectMeta, Resource, API_VERSION};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
     KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse,
@@ -173,7 +173,8 @@ impl Datastore {
             }
             _ => stored,
         };
-        self.replace_at(resource, &current, &expected).await
+        self.replace_at(resource, current.metadata(), &expected)
+            .await
     }
 
     /// Creates the object, or replaces what is stored whatever its version (retrying when a
@@ -190,7 +191,8 @@ impl Datastore {
                         .resource_version
                         .clone()
                         .unwrap_or_default();
-                    self.replace_at(resource.clone(), &current, &stored).await
+                    self.replace_at(resource.clone(), current.metadata(), &stored)
+                        .await
                 }
             };
             match result {
@@ -208,17 +210,34 @@ impl Datastore {
         })
     }
 
-    /// Writes `resource` over `current` if the stored mod_revision is still `expected`.
+    /// Writes back an object this caller read and changed, if nothing changed it since (its
+    /// `resourceVersion`, which it must carry): one request, where [`Datastore::update`] first
+    /// reads what is stored. Its `uid` and `creationTimestamp` are taken as read. For
+    /// read-modify-write loops (IPAM blocks and handles), which retry on `Conflict`.
+    pub async fn write_back(&self, resource: Resource) -> Result<Resource, DatastoreError> {
+        check(&resource)?;
+        let Some(expected) = resource.metadata().resource_version.clone() else {
+            return Err(DatastoreError::BadRequest {
+                kind: resource.kind(),
+                name: display_name(&resource),
+                message: "write_back needs the resourceVersion it was read at".to_owned(),
+            });
+        };
+        let read = resource.metadata().clone();
+        self.replace_at(resource, &read, &expected).await
+    }
+
+    /// Writes `resource` over what is stored (whose metadata is `current`) if the stored
+    /// mod_revision is still `expected`.
     async fn replace_at(
         &self,
         mut resource: Resource,
-        current: &Resource,
+        current: &ObjectMeta,
         expected: &str,
     ) -> Result<Resource, DatastoreError> {
-        let current_meta = current.metadata().clone();
         let meta = resource.metadata_mut();
-        meta.uid = current_meta.uid;
-        meta.creation_timestamp = current_meta.creation_timestamp;
+        meta.uid = current.uid.clone();
+        meta.creation_timestamp = current.creation_timestamp.clone();
         meta.resource_version = None;
         let key = storage_key(&resource)?;
         let expected_revision: i64 = expected.parse().map_err(|_| DatastoreError::BadRequest {

@@ -197,9 +197,9 @@ impl Ipam {
             }
             // 0. Our own blocks with room, found through this node's affinities: the common
             //    case reads a few keys, not every block in the cluster.
-            if let Some(cidr) = self.own_block_with_room(&pools, &ctx.reserved).await? {
+            if let Some((cidr, read)) = self.own_block_with_room(&pools, &ctx.reserved).await? {
                 let ips = self
-                    .assign_in_block(&cidr, count - got.len(), req, &ctx.reserved)
+                    .assign_in_block(&cidr, Some(read), count - got.len(), req, &ctx.reserved)
                     .await?;
                 self.record(&req.handle, &cidr, ips.len()).await?;
                 let taken = ips.len();
@@ -221,7 +221,7 @@ impl Ipam {
                 .collect();
             if let Some((cidr, _, _)) = mine.first() {
                 let ips = self
-                    .assign_in_block(cidr, count - got.len(), req, &ctx.reserved)
+                    .assign_in_block(cidr, None, count - got.len(), req, &ctx.reserved)
                     .await?;
                 self.record(&req.handle, cidr, ips.len()).await?;
                 got.extend(ips);
@@ -244,7 +244,7 @@ impl Ipam {
             match borrowable {
                 Some((cidr, _, _)) => {
                     let ips = self
-                        .assign_in_block(cidr, count - got.len(), req, &ctx.reserved)
+                        .assign_in_block(cidr, None, count - got.len(), req, &ctx.reserved)
                         .await?;
                     self.record(&req.handle, cidr, ips.len()).await?;
                     got.extend(ips);
@@ -267,12 +267,12 @@ impl Ipam {
     }
 
     /// A block inside `pools` that this node has a confirmed affinity to and that has a free
-    /// address, read through the node's own affinity keys.
+    /// address, read through the node's own affinity keys; with the block as read.
     async fn own_block_with_room(
         &self,
         pools: &[Pool],
         reserved: &[IpNet],
-    ) -> Result<Option<IpNet>, IpamError> {
+    ) -> Result<Option<(IpNet, Resource)>, IpamError> {
         let (affinities, _) = self
             .store
             .list_prefix(&node_affinities_prefix(&self.node))
@@ -299,7 +299,7 @@ impl Ipam {
                     if b.spec.affinity.as_deref() == Some(ours.as_str())
                         && block::free(&b.spec, &cidr, reserved) > 0 =>
                 {
-                    return Ok(Some(cidr))
+                    return Ok(Some((cidr, Resource::IPAMBlock(b))))
                 }
                 Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -330,20 +330,26 @@ impl Ipam {
             .collect())
     }
 
-    /// Re-reads one block and takes up to `want` addresses from it with a compare-and-swap,
-    /// retrying on conflict. Returns what it got (possibly nothing when the block filled up).
+    /// Takes up to `want` addresses from one block with a compare-and-swap, starting from
+    /// `read` (the block as just read) when given, re-reading it on conflict. Returns what it
+    /// got (possibly nothing when the block filled up).
     async fn assign_in_block(
         &self,
         cidr: &IpNet,
+        mut read: Option<Resource>,
         want: usize,
         req: &AssignRequest,
         reserved: &[IpNet],
     ) -> Result<Vec<IpAddr>, IpamError> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut resource = self
-                .store
-                .get(Kind::IPAMBlock, None, &block_name(cidr))
-                .await?;
+            let mut resource = match read.take() {
+                Some(r) => r,
+                None => {
+                    self.store
+                        .get(Kind::IPAMBlock, None, &block_name(cidr))
+                        .await?
+                }
+            };
             let Resource::IPAMBlock(b) = &mut resource else {
                 unreachable!("asked for a block")
             };
@@ -351,7 +357,7 @@ impl Ipam {
             if ips.is_empty() {
                 return Ok(ips);
             }
-            match self.store.update(resource).await {
+            match self.store.write_back(resource).await {
                 Ok(_) => return Ok(ips),
                 Err(DatastoreError::Conflict { .. }) => contended().await,
                 Err(e) => return Err(e.into()),
@@ -397,8 +403,21 @@ impl Ipam {
         if count == 0 {
             return Ok(());
         }
-        self.adjust_handle(handle, cidr.to_string(), count as i64)
-            .await
+        // A new attachment's handle does not exist yet: create it in one request, and read
+        // and change it only when it does (a second family, a retried ADD).
+        let spec = IpamHandleSpec {
+            handle_id: handle.to_owned(),
+            block: BTreeMap::from([(cidr.to_string(), count)]),
+            deleted: false,
+        };
+        match self.store.create(handle_resource(spec)).await {
+            Ok(_) => Ok(()),
+            Err(DatastoreError::AlreadyExists { .. }) => {
+                self.adjust_handle(handle, cidr.to_string(), count as i64)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn adjust_handle(&self, handle: &str, cidr: String, delta: i64) -> Result<(), IpamError> {
@@ -430,7 +449,7 @@ impl Ipam {
                             .await
                             .map(drop)
                     } else {
-                        self.store.update(resource).await.map(drop)
+                        self.store.write_back(resource).await.map(drop)
                     }
                 }
             };
@@ -486,7 +505,7 @@ impl Ipam {
             if !block::assign_ip(&mut b.spec, &cidr, ip, handle, attrs) {
                 return Err(IpamError::InUse { ip });
             }
-            match self.store.update(resource).await {
+            match self.store.write_back(resource).await {
                 Ok(_) => return self.record(handle, &cidr, 1).await,
                 Err(DatastoreError::Conflict { .. }) => contended().await,
                 Err(e) => return Err(e.into()),
@@ -591,7 +610,7 @@ impl Ipam {
                     if let Resource::IPAMHandle(h) = &mut resource {
                         h.spec.block = per_block.clone();
                     }
-                    self.store.update(resource).await.map(drop)
+                    self.store.write_back(resource).await.map(drop)
                 }
                 Err(DatastoreError::NotFound { .. }) => {
                     tracing::warn!(handle, addresses = ?held, "allocation without its handle record; adopting it");
@@ -751,7 +770,7 @@ impl Ipam {
             } else {
                 b.spec.affinity = None;
                 b.spec.affinity_claim_time = None;
-                self.store.update(resource).await.map(drop)
+                self.store.write_back(resource).await.map(drop)
             };
             match result {
                 Ok(()) | Err(DatastoreError::NotFound { .. }) => return Ok(()),
@@ -781,7 +800,7 @@ impl Ipam {
             if released.is_empty() {
                 return Ok(released);
             }
-            match self.store.update(resource).await {
+            match self.store.write_back(resource).await {
                 Ok(_) => return Ok(released),
                 Err(DatastoreError::Conflict { .. }) => contended().await,
                 Err(e) => return Err(e.into()),
