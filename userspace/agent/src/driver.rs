@@ -300,7 +300,13 @@ impl Driver {
                 }
             }
         }
+        let compiling = std::time::Instant::now();
         let mut compiled = self.compile_all(steps.iter().filter(|(_, set)| *set).map(|(id, _)| id));
+        tracing::debug!(
+            endpoints = compiled.len(),
+            us = compiling.elapsed().as_micros() as u64,
+            "compiled"
+        );
         for (id, set) in steps {
             // A cold start programs thousands of endpoints in one batch: each one is progress,
             // so liveness holds while it lasts.

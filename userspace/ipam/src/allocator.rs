@@ -91,6 +91,9 @@ struct Context {
     reserved: Vec<IpNet>,
     strict_affinity: bool,
     auto_allocate: bool,
+    /// This node's block affinities, read with the rest: the first look for a block with
+    /// room needs no request of its own.
+    own_affinities: Vec<Resource>,
 }
 
 impl Ipam {
@@ -107,11 +110,12 @@ impl Ipam {
 
     async fn context(&self) -> Result<Context, IpamError> {
         // Independent reads, issued together.
-        let (pools, node, reservations, config) = tokio::join!(
+        let (pools, node, reservations, config, affinities) = tokio::join!(
             self.store.list(Kind::IPPool, None),
             self.store.get(Kind::Node, None, &self.node),
             self.store.list(Kind::IPReservation, None),
             self.store.get(Kind::IPAMConfig, None, "default"),
+            self.own_affinities(),
         );
         let (pools, _) = pools?;
         let node_labels = match node {
@@ -144,7 +148,17 @@ impl Ipam {
             reserved,
             strict_affinity,
             auto_allocate,
+            own_affinities: affinities?,
         })
+    }
+
+    /// The BlockAffinities of this node (its own keys, not everyone's).
+    async fn own_affinities(&self) -> Result<Vec<Resource>, DatastoreError> {
+        let (affinities, _) = self
+            .store
+            .list_prefix(&node_affinities_prefix(&self.node))
+            .await?;
+        Ok(affinities.into_iter().flatten().collect())
     }
 
     /// Assigns the requested numbers of IPv4 and IPv6 addresses to `req.handle`, as host
@@ -191,13 +205,23 @@ impl Ipam {
             });
         }
         let mut got: Vec<IpAddr> = Vec::new();
+        // The first attempt looks through the affinities read with the context; later ones
+        // (a block filled up, or one was claimed) read them again.
+        let mut affinities = Some(ctx.own_affinities.clone());
         for _ in 0..MAX_ATTEMPTS {
             if got.len() == count {
                 break;
             }
+            let affinities = match affinities.take() {
+                Some(read) => read,
+                None => self.own_affinities().await?,
+            };
             // 0. Our own blocks with room, found through this node's affinities: the common
             //    case reads a few keys, not every block in the cluster.
-            if let Some((cidr, read)) = self.own_block_with_room(&pools, &ctx.reserved).await? {
+            if let Some((cidr, read)) = self
+                .own_block_with_room(affinities, &pools, &ctx.reserved)
+                .await?
+            {
                 let ips = self
                     .assign_in_block(&cidr, Some(read), count - got.len(), req, &ctx.reserved)
                     .await?;
@@ -266,19 +290,16 @@ impl Ipam {
         Ok(got)
     }
 
-    /// A block inside `pools` that this node has a confirmed affinity to and that has a free
-    /// address, read through the node's own affinity keys; with the block as read.
+    /// A block inside `pools` that this node has a confirmed affinity to (among `affinities`,
+    /// the node's own) and that has a free address; with the block as read.
     async fn own_block_with_room(
         &self,
+        affinities: Vec<Resource>,
         pools: &[Pool],
         reserved: &[IpNet],
     ) -> Result<Option<(IpNet, Resource)>, IpamError> {
-        let (affinities, _) = self
-            .store
-            .list_prefix(&node_affinities_prefix(&self.node))
-            .await?;
         let ours = format!("host:{}", self.node);
-        for affinity in affinities.into_iter().flatten() {
+        for affinity in affinities {
             let Resource::BlockAffinity(a) = affinity else {
                 continue;
             };
