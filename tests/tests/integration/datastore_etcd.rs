@@ -303,6 +303,67 @@ async fn racing_compare_and_swap_writers_lose_no_update() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `write_all`: every object or none. A stale version or an object that exists already
+/// fails the whole transaction, and nothing of it is written.
+#[tokio::test]
+async fn write_all_writes_every_object_or_none() -> anyhow::Result<()> {
+    if !require(
+        "write_all_writes_every_object_or_none",
+        &[Requirement::Etcd],
+    ) {
+        return Ok(());
+    }
+    use calico_datastore::Write;
+    let etcd = Etcd::start()?;
+    let store = connect(&etcd).await?;
+    let a = store.create(pool("a", "10.10.0.0/16")).await?;
+    let mut changed = a.clone();
+    changed.metadata_mut().labels.insert("n".into(), "1".into());
+    let written = store
+        .write_all(vec![
+            Write::Create(pool("b", "10.11.0.0/16")),
+            Write::Back(changed.clone()),
+        ])
+        .await?;
+    assert_eq!(rv(&written[0]), rv(&written[1]), "one transaction");
+    let stored_a = store.get(Kind::IPPool, None, "a").await?;
+    assert_eq!(stored_a.metadata().labels["n"], "1");
+    assert_eq!(stored_a.metadata().uid, a.metadata().uid, "identity kept");
+    store.get(Kind::IPPool, None, "b").await?;
+
+    // `changed` carries the version before the write: stale now.
+    for (what, writes) in [
+        (
+            "a stale version",
+            vec![
+                Write::Create(pool("c", "10.12.0.0/16")),
+                Write::Back(changed),
+            ],
+        ),
+        (
+            "an object that exists",
+            vec![
+                Write::Create(pool("c", "10.12.0.0/16")),
+                Write::Create(pool("b", "10.11.0.0/16")),
+            ],
+        ),
+    ] {
+        let result = store.write_all(writes).await;
+        assert!(
+            matches!(result, Err(DatastoreError::Conflict { .. })),
+            "{what}: {result:?}"
+        );
+        assert!(
+            matches!(
+                store.get(Kind::IPPool, None, "c").await,
+                Err(DatastoreError::NotFound { .. })
+            ),
+            "{what}: nothing of the transaction was written"
+        );
+    }
+    Ok(())
+}
+
 async fn next_event(watch: &mut calico_datastore::Watch) -> WatchEvent {
     tokio::time::timeout(Duration::from_secs(20), watch.next())
         .await

@@ -249,47 +249,83 @@ async fn an_unstorable_handle_fails_before_anything_is_written() -> anyhow::Resu
     Ok(())
 }
 
-/// An allocation whose handle record was lost (an ADD that failed, or was killed, between the
-/// block write and the handle write, with no rollback after it) is adopted when the handle
-/// asks again: the record is restored with the allocation's block, so release by handle and
-/// `ipam check` see it. (Found by the CNI chaos test: a retried ADD answered with the address
-/// and left it unrecorded.)
+/// Sets the handle record's counts, as a writer that died part-way could leave them.
+async fn set_record(
+    store: &Datastore,
+    handle: &str,
+    counts: &[(&str, usize)],
+) -> anyhow::Result<()> {
+    let mut record = store.get(Kind::IPAMHandle, None, handle).await?;
+    let Resource::IPAMHandle(h) = &mut record else {
+        anyhow::bail!("not a handle")
+    };
+    h.spec.block = counts.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect();
+    store.update(record).await?;
+    Ok(())
+}
+
+async fn record_counts(store: &Datastore, handle: &str) -> anyhow::Result<Option<usize>> {
+    match store.get(Kind::IPAMHandle, None, handle).await {
+        Ok(Resource::IPAMHandle(h)) => Ok(Some(h.spec.block.values().sum())),
+        Ok(other) => anyhow::bail!("not a handle: {other:?}"),
+        Err(calico_datastore::DatastoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A handle's record is what finds its addresses (an allocation and its record are written
+/// in one transaction). A record that counts more than its blocks hold (a release that died
+/// before deleting it) is corrected by the next look, or removed when it holds nothing; an
+/// address whose record an older version lost is still released by its handle.
 #[tokio::test]
-async fn a_retried_assignment_adopts_an_allocation_whose_handle_was_lost() -> anyhow::Result<()> {
-    let Some((_etcd, store)) = setup(&pool("p", "10.22.0.0/30", 30)).await? else {
+async fn a_handle_record_is_brought_to_what_its_blocks_hold() -> anyhow::Result<()> {
+    let Some((_etcd, store)) = setup(&pool("p", "10.22.0.0/28", 30)).await? else {
         return Ok(());
     };
     let ipam = Ipam::new(store.clone(), "node-a");
-    let got = ipam.auto_assign(&request("net1.lost", 1, 0)).await?;
-    store
-        .delete(Kind::IPAMHandle, None, "net1.lost", None)
-        .await?;
-    assert!(
-        store
-            .get(Kind::IPAMHandle, None, "net1.lost")
-            .await
-            .is_err(),
-        "the handle record is gone"
-    );
-    let held = ipam.adopt_held("net1.lost").await?;
-    assert_eq!(held, vec![got[0].addr()], "the allocation is found");
-    let Resource::IPAMHandle(h) = store.get(Kind::IPAMHandle, None, "net1.lost").await? else {
-        panic!("not a handle")
-    };
+    let got = ipam.auto_assign(&request("net1.a", 1, 0)).await?;
+    let block = "10.22.0.0/30";
     assert_eq!(
-        h.spec.block.values().sum::<usize>(),
-        1,
-        "the record counts the address: {:?}",
-        h.spec.block
+        record_counts(&store, "net1.a").await?,
+        Some(1),
+        "written with the address"
     );
-    // Positive control: a handle that holds nothing gets no record.
-    assert!(ipam.adopt_held("net1.nothing").await?.is_empty());
-    assert!(store
-        .get(Kind::IPAMHandle, None, "net1.nothing")
-        .await
-        .is_err());
-    // And the adopted address is released with its handle.
-    ipam.release_by_handle("net1.lost").await?;
-    assert!(ipam.ips_by_handle("net1.lost").await?.is_empty());
+
+    // Over-counted: corrected to what the block holds.
+    set_record(&store, "net1.a", &[(block, 3)]).await?;
+    assert_eq!(ipam.adopt_held("net1.a").await?, vec![got[0].addr()]);
+    assert_eq!(record_counts(&store, "net1.a").await?, Some(1), "corrected");
+
+    // A record of nothing: removed. (Positive control: a handle with no record stays so.)
+    store
+        .create(Resource::IPAMHandle(calico_model::Object {
+            api_version: calico_model::API_VERSION.into(),
+            kind: "IPAMHandle".into(),
+            metadata: calico_model::ObjectMeta {
+                name: "net1.b".into(),
+                ..Default::default()
+            },
+            spec: calico_model::spec::IpamHandleSpec {
+                handle_id: "net1.b".into(),
+                block: [(block.to_owned(), 1)].into(),
+                deleted: false,
+            },
+            status: None,
+        }))
+        .await?;
+    assert!(ipam.adopt_held("net1.b").await?.is_empty());
+    assert_eq!(record_counts(&store, "net1.b").await?, None, "removed");
+    assert!(ipam.adopt_held("net1.never").await?.is_empty());
+    assert_eq!(record_counts(&store, "net1.never").await?, None);
+
+    // An older version's lost record: not found by the handle, but released by it.
+    let legacy = ipam.auto_assign(&request("net1.c", 1, 0)).await?;
+    store.delete(Kind::IPAMHandle, None, "net1.c", None).await?;
+    assert!(ipam.ips_by_handle("net1.c").await?.is_empty());
+    assert_eq!(
+        ipam.release_by_handle("net1.c").await?,
+        vec![legacy[0].addr()],
+        "released all the same"
+    );
     Ok(())
 }

@@ -47,6 +47,55 @@ fn address(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x0A80_0000u32 + i as u32 + 1)
 }
 
+/// The IPAM blocks (/26) of the remote endpoints' addresses, each affine to a cluster node,
+/// every address allocated to its endpoint's handle as the CNI plugin records it.
+fn cluster_blocks() -> Vec<Resource> {
+    let remote = ENDPOINTS - LOCAL;
+    let first = u32::from(address(0)) & !63;
+    let last = u32::from(address(remote - 1));
+    (first..=last)
+        .step_by(64)
+        .enumerate()
+        .map(|(b, base)| {
+            let cidr = ipnet::IpNet::new(Ipv4Addr::from(base).into(), 26).expect("a /26");
+            let node = format!("cluster-node{}", b % NODES);
+            let mut spec = calico_ipam::block::new_block(&cidr, Some(&node));
+            for addr in base..base + 64 {
+                // Endpoint i has address(i).
+                let Some(i) = (addr as usize).checked_sub(u32::from(address(0)) as usize) else {
+                    continue;
+                };
+                if i >= remote {
+                    continue;
+                }
+                let attrs = BTreeMap::from([
+                    ("node".to_owned(), format!("cluster-node{}", i % NODES)),
+                    ("namespace".to_owned(), namespace(i % NAMESPACES)),
+                    ("pod".to_owned(), format!("pod{i}")),
+                ]);
+                let handle = format!("k8s-pod-network.c{i:012x}");
+                calico_ipam::block::assign_ip(
+                    &mut spec,
+                    &cidr,
+                    Ipv4Addr::from(addr).into(),
+                    &handle,
+                    &attrs,
+                );
+            }
+            Resource::IPAMBlock(calico_model::Object {
+                api_version: calico_model::API_VERSION.into(),
+                kind: "IPAMBlock".into(),
+                metadata: calico_model::ObjectMeta {
+                    name: calico_datastore::keys::block_name(&cidr),
+                    ..Default::default()
+                },
+                spec,
+                status: None,
+            })
+        })
+        .collect()
+}
+
 fn namespace(i: usize) -> String {
     format!("ns{i}")
 }
@@ -219,6 +268,10 @@ fn main() -> Result<()> {
             monitoring,
         ));
     }
+    // The other nodes' IPAM blocks holding those endpoints' addresses, in a pool that no
+    // longer hands out addresses: what IPAM reads must not grow with them.
+    objects.push(resource("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: cluster}\nspec: {cidr: 10.128.0.0/9, blockSize: 26, disabled: true}\n"));
+    objects.extend(cluster_blocks());
     store.put_many(&objects)?;
     drop(objects);
 

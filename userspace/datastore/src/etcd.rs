@@ -26,6 +26,16 @@ const APPLY_ATTEMPTS: u32 = 8;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(8);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// One object of a [`Datastore::write_all`] transaction, with its condition.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Created: nothing may be stored under its key.
+    Create(Resource),
+    /// Written back: what is stored must still be the version it was read at (its
+    /// `resourceVersion`); its `uid` and `creationTimestamp` are kept as read.
+    Back(Resource),
+}
+
 /// A connection to the datastore. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct Datastore {
@@ -225,6 +235,69 @@ impl Datastore {
         };
         let read = resource.metadata().clone();
         self.replace_at(resource, &read, &expected).await
+    }
+
+    /// Writes several objects in one transaction: all of them or none. Each [`Write`] carries
+    /// its condition (absent, or unchanged since read); when any does not hold, nothing is
+    /// written and the answer is `Conflict` (naming the first object). Returns the objects as
+    /// written, in order. For objects that must change together, such as an IPAM block's
+    /// allocation and the handle record that counts it.
+    pub async fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Resource>, DatastoreError> {
+        let mut compares = Vec::with_capacity(writes.len());
+        let mut puts = Vec::with_capacity(writes.len());
+        let mut written = Vec::with_capacity(writes.len());
+        for write in writes {
+            let (mut resource, condition) = match write {
+                Write::Create(r) => (r, None),
+                Write::Back(r) => {
+                    let Some(rv) = r.metadata().resource_version.clone() else {
+                        return Err(DatastoreError::BadRequest {
+                            kind: r.kind(),
+                            name: display_name(&r),
+                            message: "a write back needs the resourceVersion it was read at"
+                                .to_owned(),
+                        });
+                    };
+                    let revision = rv.parse::<i64>().map_err(|_| DatastoreError::BadRequest {
+                        kind: r.kind(),
+                        name: display_name(&r),
+                        message: format!("resourceVersion `{rv}` is not a revision number"),
+                    })?;
+                    (r, Some(revision))
+                }
+            };
+            check(&resource)?;
+            let key = storage_key(&resource)?;
+            let meta = resource.metadata_mut();
+            meta.resource_version = None;
+            compares.push(match condition {
+                None => {
+                    meta.uid = Some(uuid::Uuid::new_v4().to_string());
+                    meta.creation_timestamp = Some(now_rfc3339());
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0)
+                }
+                Some(revision) => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+            });
+            puts.push(TxnOp::put(key.as_str(), encode(&resource)?, None));
+            written.push(resource);
+        }
+        let response = self
+            .run_txn(Txn::new().when(compares).and_then(puts))
+            .await?;
+        if !response.succeeded() {
+            let first = written.first();
+            return Err(DatastoreError::Conflict {
+                kind: first.map_or(Kind::IPAMBlock, Resource::kind),
+                name: first.map(display_name).unwrap_or_default(),
+                expected: "each object absent or as read".to_owned(),
+                actual: "one of them changed".to_owned(),
+            });
+        }
+        let revision = response.header().map_or(0, |h| h.revision()).to_string();
+        for resource in &mut written {
+            resource.metadata_mut().resource_version = Some(revision.clone());
+        }
+        Ok(written)
     }
 
     /// Writes `resource` over what is stored (whose metadata is `current`) if the stored

@@ -8,7 +8,7 @@ use std::{
 
 use calico_datastore::{
     keys::{block_name, node_affinities_prefix},
-    Datastore, DatastoreError,
+    Datastore, DatastoreError, Write,
 };
 use calico_model::{
     spec::{BlockAffinitySpec, IpamBlockSpec, IpamHandleSpec},
@@ -83,6 +83,14 @@ pub struct AssignRequest {
 pub struct Ipam {
     store: Datastore,
     node: String,
+}
+
+/// What an assignment knows of its handle's record.
+enum HandleRecord {
+    /// Not read: assumed absent (a new attachment's).
+    Unread,
+    Absent,
+    Read(Box<Resource>),
 }
 
 struct Context {
@@ -225,7 +233,6 @@ impl Ipam {
                 let ips = self
                     .assign_in_block(&cidr, Some(read), count - got.len(), req, &ctx.reserved)
                     .await?;
-                self.record(&req.handle, &cidr, ips.len()).await?;
                 let taken = ips.len();
                 got.extend(ips);
                 // None: the block filled up meanwhile; look wider.
@@ -247,7 +254,6 @@ impl Ipam {
                 let ips = self
                     .assign_in_block(cidr, None, count - got.len(), req, &ctx.reserved)
                     .await?;
-                self.record(&req.handle, cidr, ips.len()).await?;
                 got.extend(ips);
                 continue;
             }
@@ -270,7 +276,6 @@ impl Ipam {
                     let ips = self
                         .assign_in_block(cidr, None, count - got.len(), req, &ctx.reserved)
                         .await?;
-                    self.record(&req.handle, cidr, ips.len()).await?;
                     got.extend(ips);
                 }
                 None => break,
@@ -351,9 +356,9 @@ impl Ipam {
             .collect())
     }
 
-    /// Takes up to `want` addresses from one block with a compare-and-swap, starting from
-    /// `read` (the block as just read) when given, re-reading it on conflict. Returns what it
-    /// got (possibly nothing when the block filled up).
+    /// Takes up to `want` addresses from one block, starting from `read` (the block as just
+    /// read) when given, re-reading it on conflict. Returns what it got (possibly nothing when
+    /// the block filled up).
     async fn assign_in_block(
         &self,
         cidr: &IpNet,
@@ -362,6 +367,7 @@ impl Ipam {
         req: &AssignRequest,
         reserved: &[IpNet],
     ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut record = HandleRecord::Unread;
         for _ in 0..MAX_ATTEMPTS {
             let mut resource = match read.take() {
                 Some(r) => r,
@@ -378,15 +384,68 @@ impl Ipam {
             if ips.is_empty() {
                 return Ok(ips);
             }
-            match self.store.write_back(resource).await {
-                Ok(_) => return Ok(ips),
-                Err(DatastoreError::Conflict { .. }) => contended().await,
-                Err(e) => return Err(e.into()),
+            if self
+                .commit(resource, &req.handle, cidr, ips.len(), &mut record)
+                .await?
+            {
+                return Ok(ips);
             }
         }
         Err(IpamError::Contention {
             what: format!("block {cidr}"),
         })
+    }
+
+    /// Writes a block that now holds `count` more addresses of `handle` together with the
+    /// handle record that counts them, in one transaction: an address is never without its
+    /// record, whatever dies when, so what a handle holds is read from its record and the
+    /// blocks it names, never from every block in the cluster. `false`: something changed
+    /// (the caller reads the block again and retries).
+    async fn commit(
+        &self,
+        block: Resource,
+        handle: &str,
+        cidr: &IpNet,
+        count: usize,
+        record: &mut HandleRecord,
+    ) -> Result<bool, IpamError> {
+        let counted = match record {
+            // A new attachment's record does not exist yet: create it, no read first.
+            HandleRecord::Unread | HandleRecord::Absent => {
+                Write::Create(handle_resource(IpamHandleSpec {
+                    handle_id: handle.to_owned(),
+                    block: BTreeMap::from([(cidr.to_string(), count)]),
+                    deleted: false,
+                }))
+            }
+            HandleRecord::Read(current) => {
+                let mut updated = (**current).clone();
+                if let Resource::IPAMHandle(h) = &mut updated {
+                    *h.spec.block.entry(cidr.to_string()).or_default() += count;
+                }
+                Write::Back(updated)
+            }
+        };
+        match self
+            .store
+            .write_all(vec![Write::Back(block), counted])
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(DatastoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let guessed = matches!(record, HandleRecord::Unread);
+        *record = match self.store.get(Kind::IPAMHandle, None, handle).await {
+            Ok(r) => HandleRecord::Read(Box::new(r)),
+            Err(DatastoreError::NotFound { .. }) => HandleRecord::Absent,
+            Err(e) => return Err(e.into()),
+        };
+        // A record that exists explains a failed guess; anything else is another writer.
+        if !(guessed && matches!(record, HandleRecord::Read(_))) {
+            contended().await;
+        }
+        Ok(false)
     }
 
     /// Claims `cidr` for this node: creates the block with our affinity, then the affinity
@@ -417,28 +476,6 @@ impl Ipam {
         self.store.apply(affinity).await?;
         tracing::info!(node = self.node, %cidr, "claimed IPAM block");
         Ok(())
-    }
-
-    /// Adds `count` addresses in `cidr` to the handle's record.
-    async fn record(&self, handle: &str, cidr: &IpNet, count: usize) -> Result<(), IpamError> {
-        if count == 0 {
-            return Ok(());
-        }
-        // A new attachment's handle does not exist yet: create it in one request, and read
-        // and change it only when it does (a second family, a retried ADD).
-        let spec = IpamHandleSpec {
-            handle_id: handle.to_owned(),
-            block: BTreeMap::from([(cidr.to_string(), count)]),
-            deleted: false,
-        };
-        match self.store.create(handle_resource(spec)).await {
-            Ok(_) => Ok(()),
-            Err(DatastoreError::AlreadyExists { .. }) => {
-                self.adjust_handle(handle, cidr.to_string(), count as i64)
-                    .await
-            }
-            Err(e) => Err(e.into()),
-        }
     }
 
     async fn adjust_handle(&self, handle: &str, cidr: String, delta: i64) -> Result<(), IpamError> {
@@ -507,6 +544,7 @@ impl Ipam {
         let cidr = IpNet::new(ip, pool.block_size)
             .map(|n| n.trunc())
             .map_err(|_| IpamError::NotInPool { ip })?;
+        let mut record = HandleRecord::Unread;
         for _ in 0..MAX_ATTEMPTS {
             let mut resource = match self
                 .store
@@ -526,10 +564,8 @@ impl Ipam {
             if !block::assign_ip(&mut b.spec, &cidr, ip, handle, attrs) {
                 return Err(IpamError::InUse { ip });
             }
-            match self.store.write_back(resource).await {
-                Ok(_) => return self.record(handle, &cidr, 1).await,
-                Err(DatastoreError::Conflict { .. }) => contended().await,
-                Err(e) => return Err(e.into()),
+            if self.commit(resource, handle, &cidr, 1, &mut record).await? {
+                return Ok(());
             }
         }
         Err(IpamError::Contention {
@@ -552,11 +588,34 @@ impl Ipam {
     /// Addresses `handle` holds.
     pub async fn ips_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         Ok(self
-            .all_blocks()
+            .blocks_of_handle(handle)
             .await?
+            .unwrap_or_default()
             .iter()
             .flat_map(|(cidr, spec)| block::held_by(spec, cidr, handle))
             .collect())
+    }
+
+    /// The blocks `handle`'s record names, as (CIDR, spec); `None` without a record (then no
+    /// block holds one of its addresses: see [`Ipam::commit`]).
+    async fn blocks_of_handle(
+        &self,
+        handle: &str,
+    ) -> Result<Option<Vec<(IpNet, IpamBlockSpec)>>, IpamError> {
+        let cidrs: Vec<IpNet> = match self.store.get(Kind::IPAMHandle, None, handle).await {
+            Ok(Resource::IPAMHandle(h)) => {
+                h.spec.block.keys().filter_map(|c| c.parse().ok()).collect()
+            }
+            Ok(_) | Err(DatastoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut blocks = Vec::with_capacity(cidrs.len());
+        for cidr in cidrs {
+            if let Some(Resource::IPAMBlock(b)) = self.stored_block(&cidr).await? {
+                blocks.push((cidr, b.spec));
+            }
+        }
+        Ok(Some(blocks))
     }
 
     /// Releases everything `handle` holds and deletes the handle. Releasing a handle that
@@ -568,14 +627,14 @@ impl Ipam {
             }
             Ok(_) => Vec::new(),
             Err(DatastoreError::NotFound { .. }) => {
-                // No record: look everywhere, so an allocation whose handle write was lost
-                // is still released.
-                let (all, _) = self.store.list(Kind::IPAMBlock, None).await?;
-                all.iter()
-                    .filter_map(|r| match r {
-                        Resource::IPAMBlock(b) => b.spec.cidr.parse().ok(),
-                        _ => None,
-                    })
+                // No record: nothing of this version's making is held, but an older one wrote
+                // the block and the record apart and could lose the record; one read of every
+                // block finds such an address, and only the blocks that hold one are written.
+                self.all_blocks()
+                    .await?
+                    .into_iter()
+                    .filter(|(cidr, spec)| !block::held_by(spec, cidr, handle).is_empty())
+                    .map(|(cidr, _)| cidr)
                     .collect()
             }
             Err(e) => return Err(e.into()),
@@ -608,13 +667,17 @@ impl Ipam {
         Ok(released)
     }
 
-    /// What `handle` holds, with its handle record brought to say so. An allocation whose
-    /// handle write was lost (an ADD killed, or failed with etcd gone before its rollback
-    /// could run) is adopted by the retried ADD instead of staying unrecorded.
+    /// What `handle` holds, with its handle record brought to say so: a record that counts
+    /// addresses its blocks no longer hold (a release that died between freeing them and
+    /// deleting the record) is corrected, or removed when it holds nothing. Reads the record
+    /// and the blocks it names.
     pub async fn adopt_held(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let Some(blocks) = self.blocks_of_handle(handle).await? else {
+            return Ok(Vec::new());
+        };
         let mut per_block: BTreeMap<String, usize> = BTreeMap::new();
         let mut held = Vec::new();
-        for (cidr, spec) in self.all_blocks().await? {
+        for (cidr, spec) in blocks {
             let ips = block::held_by(&spec, &cidr, handle);
             if !ips.is_empty() {
                 per_block.insert(cidr.to_string(), ips.len());
@@ -622,6 +685,18 @@ impl Ipam {
             }
         }
         if held.is_empty() {
+            match self
+                .store
+                .delete(Kind::IPAMHandle, None, handle, None)
+                .await
+            {
+                Ok(_) => tracing::info!(
+                    handle,
+                    "removed a handle record of addresses never assigned"
+                ),
+                Err(DatastoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
             return Ok(held);
         }
         for _ in 0..MAX_ATTEMPTS {
@@ -853,8 +928,8 @@ fn block_resource(cidr: &IpNet, spec: IpamBlockSpec) -> Resource {
     })
 }
 
-/// The handle record is written after the block; a handle the datastore would refuse is
-/// refused before anything is written, so a failed assignment leaves no address behind.
+/// A handle the datastore would refuse is refused before anything is written, so a failed
+/// assignment leaves neither a record nor an address behind.
 fn check_handle(handle: &str) -> Result<(), IpamError> {
     let record = handle_resource(IpamHandleSpec {
         handle_id: handle.to_owned(),
