@@ -53,7 +53,7 @@ impl Store {
             let mut ops = Vec::with_capacity(chunk.len());
             for r in chunk {
                 let key = calico_datastore::keys::key_for(r).map_err(anyhow::Error::msg)?;
-                ops.push(TxnOp::put(key, serde_json::to_vec(r)?, None));
+                ops.push(TxnOp::put(key, calico_datastore::encode(r)?, None));
             }
             txns.push(Txn::new().and_then(ops));
         }

@@ -412,6 +412,21 @@ impl Datastore {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Resource, DatastoreError> {
+        // A block's key follows from its name nearly always: one read, not a listing of
+        // every block's key (thousands in a large cluster, on every IPAM assignment).
+        if let Some(cidr) = (kind == Kind::IPAMBlock)
+            .then(|| crate::keys::block_cidr_guess(name))
+            .flatten()
+        {
+            if let Some(kv) = self
+                .read(&crate::keys::block_key(&cidr), None)
+                .await?
+                .0
+                .first()
+            {
+                return decode(kv);
+            }
+        }
         let key = self.locate(kind, namespace, name).await?;
         let kvs = self.read(&key, None).await?.0;
         match kvs.first() {
@@ -671,7 +686,7 @@ fn is_ipam(kind: Kind) -> bool {
 /// The stored form: v3 objects as upstream stores them (without resourceVersion, which is the
 /// key's revision); IPAM objects as their spec, the shape of upstream's `/calico/ipam/v2/`
 /// values.
-pub(crate) fn encode(resource: &Resource) -> Result<Vec<u8>, DatastoreError> {
+pub fn encode(resource: &Resource) -> Result<Vec<u8>, DatastoreError> {
     let result = if is_ipam(resource.kind()) {
         serde_json::to_vec(&resource.spec_json())
     } else {

@@ -25,6 +25,19 @@ pub fn block_name(cidr: &IpNet) -> String {
     cidr.to_string().replace(['.', ':', '/'], "-")
 }
 
+/// The block a name most likely stands for (`10-0-0-0-26` → 10.0.0.0/26), when one gives
+/// the name back. A guess: a name can in theory stand for two IPv6 blocks (`::ffff:a.b.c.d`
+/// and `::ffff:a:b:c:d` share one), so a reader that does not find the guess looks further.
+pub fn block_cidr_guess(name: &str) -> Option<IpNet> {
+    let (address, len) = name.rsplit_once('-')?;
+    let v4 = address.replace('-', ".");
+    let v6 = address.replace('-', ":");
+    [v4, v6]
+        .iter()
+        .filter_map(|a| format!("{a}/{len}").parse::<IpNet>().ok())
+        .find(|cidr| block_name(cidr) == name)
+}
+
 /// The key segment of a block: `10.0.0.0-26`.
 fn block_segment(cidr: &IpNet) -> String {
     cidr.to_string().replace('/', "-")
@@ -180,6 +193,30 @@ fn parse_segment(segment: &str) -> Option<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_name_gives_its_block_back() {
+        for cidr in [
+            "10.64.0.0/26",
+            "192.168.255.192/26",
+            "fd00::/122",
+            "fd00:1:2::40/122",
+            "2001:db8::/64",
+        ] {
+            let cidr: IpNet = cidr.parse().unwrap();
+            assert_eq!(block_cidr_guess(&block_name(&cidr)), Some(cidr), "{cidr}");
+        }
+        for name in [
+            "",
+            "10-64-0-0",
+            "10-64-0-0-x",
+            "pods",
+            "10-64-0-0-26-1",
+            "-26",
+        ] {
+            assert_eq!(block_cidr_guess(name), None, "{name}");
+        }
+    }
 
     #[test]
     fn resource_keys_follow_upstream() {

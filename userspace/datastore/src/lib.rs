@@ -22,5 +22,5 @@ pub use backoff::Backoff;
 pub use batch::{BatchFailure, BatchWrite};
 pub use config::EtcdConfig;
 pub use error::DatastoreError;
-pub use etcd::{Datastore, Write};
+pub use etcd::{encode, Datastore, Write};
 pub use watch::{SnapshotObjects, Watch, WatchEvent};
