@@ -613,6 +613,22 @@ impl Datastore {
         }
     }
 
+    /// The CIDR of every IPAM block, read as keys alone (a block's value is kilobytes, its
+    /// key tens of bytes): what finding a block nobody has claimed needs.
+    pub async fn block_cidrs(&self) -> Result<Vec<ipnet::IpNet>, DatastoreError> {
+        let (kvs, _) = self
+            .read(
+                &prefix_for(Kind::IPAMBlock, None),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| kv.key_str().ok())
+            .filter_map(crate::keys::block_cidr_of_key)
+            .collect())
+    }
+
     /// The key of a named object; IPAM blocks and affinities are found by listing.
     async fn locate(
         &self,

@@ -184,6 +184,12 @@ pub fn parse_key(key: &str) -> Option<KeyInfo> {
     None
 }
 
+/// The block a block key holds (`…/ipv4/block/10.0.0.0-26` → 10.0.0.0/26).
+pub fn block_cidr_of_key(key: &str) -> Option<IpNet> {
+    let (_, segment) = key.strip_prefix(BLOCKS)?.split_once("/block/")?;
+    parse_segment(segment)
+}
+
 /// `10.0.0.0-26` → `10.0.0.0/26`.
 fn parse_segment(segment: &str) -> Option<IpNet> {
     let (addr, len) = segment.rsplit_once('-')?;

@@ -240,9 +240,19 @@ impl Ipam {
                     continue;
                 }
             }
+            // 1. Claim a block nobody has: which exist is read from the keys alone.
+            if ctx.auto_allocate {
+                let existing: BTreeSet<IpNet> =
+                    self.store.block_cidrs().await?.into_iter().collect();
+                if let Some(cidr) = pools.iter().find_map(|p| next_free_block(p, &existing)) {
+                    self.claim(&cidr, ctx.strict_affinity).await?;
+                    continue;
+                }
+            }
+            // Every block is claimed (or claiming is off): read them whole.
             let blocks = self.blocks_in(&pools).await?;
             let affinity = format!("host:{}", self.node);
-            // 1. Our own blocks with room.
+            // 2. Our own blocks with room that no affinity record names.
             let mine: Vec<&(IpNet, IpamBlockSpec, String)> = blocks
                 .iter()
                 .filter(|(c, s, _)| {
@@ -255,13 +265,6 @@ impl Ipam {
                     .assign_in_block(cidr, None, count - got.len(), req, &ctx.reserved)
                     .await?;
                 got.extend(ips);
-                continue;
-            }
-            // 2. Claim a new block.
-            let existing: BTreeSet<IpNet> = blocks.iter().map(|(c, _, _)| *c).collect();
-            let free_block = pools.iter().find_map(|p| next_free_block(p, &existing));
-            if let (Some(cidr), true) = (free_block, ctx.auto_allocate) {
-                self.claim(&cidr, ctx.strict_affinity).await?;
                 continue;
             }
             // 3. Borrow from another node's block.
@@ -448,16 +451,13 @@ impl Ipam {
         Ok(false)
     }
 
-    /// Claims `cidr` for this node: creates the block with our affinity, then the affinity
-    /// record. Losing the race to another node is not an error.
+    /// Claims `cidr` for this node: the block with our affinity and the affinity record, in one
+    /// transaction (a claim that dies leaves both or neither; this node finds its blocks
+    /// through the records). Losing the race to another node is not an error.
     async fn claim(&self, cidr: &IpNet, strict: bool) -> Result<(), IpamError> {
         let mut spec = block::new_block(cidr, Some(&self.node));
         spec.strict_affinity = strict;
-        match self.store.create(block_resource(cidr, spec)).await {
-            Ok(_) => {}
-            Err(DatastoreError::AlreadyExists { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
+        let block = block_resource(cidr, spec);
         let affinity = Resource::BlockAffinity(Object {
             api_version: API_VERSION.into(),
             kind: Kind::BlockAffinity.as_str().into(),
@@ -473,7 +473,27 @@ impl Ipam {
             },
             status: None,
         });
-        self.store.apply(affinity).await?;
+        match self
+            .store
+            .write_all(vec![
+                Write::Create(block.clone()),
+                Write::Create(affinity.clone()),
+            ])
+            .await
+        {
+            Ok(_) => {}
+            Err(DatastoreError::Conflict { .. }) => {
+                // The block exists (another node won), or a record of ours outlived its block:
+                // the block alone, then the record brought up to date.
+                match self.store.create(block).await {
+                    Ok(_) => {}
+                    Err(DatastoreError::AlreadyExists { .. }) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
+                self.store.apply(affinity).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(node = self.node, %cidr, "claimed IPAM block");
         Ok(())
     }
