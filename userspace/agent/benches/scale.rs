@@ -400,6 +400,10 @@ fn main() -> Result<()> {
         conf["log_level"] = "debug".into();
         conf["log_file_path"] = path.into();
     }
+    // The pods' namespaces go after the last sample: deleting one starts the kernel's
+    // teardown of the namespace in the background (tens of milliseconds of CPU and RTNL),
+    // which would overlap the next sample's ADD.
+    let mut gone_pods = Vec::with_capacity(SAMPLES);
     for n in 0..SAMPLES {
         let pod = NetNs::new("pod")?;
         let container = format!("scale{n:04}{}", std::process::id());
@@ -414,7 +418,9 @@ fn main() -> Result<()> {
         // endpoint's deletion), as (a) and (b) start from a settled agent: an ADD then never
         // queues behind the previous pod's removal.
         agent_caught_up(&agent, &host, &store)?;
+        gone_pods.push(pod);
     }
+    drop(gone_pods);
 
     // Idle: what one node asks of etcd per second, beside its watches.
     let idle = Duration::from_secs(20);
