@@ -221,17 +221,13 @@ async fn add(
             &wired.container_mac,
             &addresses,
         );
-        // None stored when this ADD began (the usual case): one create, not read-then-write.
-        let created = match stored {
-            None => store.create(record.clone()).await.map(drop),
-            Some(_) => Err(DatastoreError::AlreadyExists {
-                kind: Kind::WorkloadEndpoint,
-                name: workload.endpoint_name(),
-            }),
-        };
-        match created {
-            Err(DatastoreError::AlreadyExists { .. }) => store.apply(record).await.map(drop),
-            other => other,
+        match stored {
+            // None stored when this ADD began (the usual case): one create, not read-then-write.
+            None => match store.create(record.clone()).await {
+                Err(DatastoreError::AlreadyExists { .. }) => store.apply(record).await.map(drop),
+                created => created.map(drop),
+            },
+            Some(_) => store.apply(record).await.map(drop),
         }
     };
     if let Err(e) = record.await {

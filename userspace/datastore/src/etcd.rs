@@ -226,13 +226,7 @@ impl Datastore {
     /// read-modify-write loops (IPAM blocks and handles), which retry on `Conflict`.
     pub async fn write_back(&self, resource: Resource) -> Result<Resource, DatastoreError> {
         check(&resource)?;
-        let Some(expected) = resource.metadata().resource_version.clone() else {
-            return Err(DatastoreError::BadRequest {
-                kind: resource.kind(),
-                name: display_name(&resource),
-                message: "write_back needs the resourceVersion it was read at".to_owned(),
-            });
-        };
+        let expected = read_revision(&resource)?.to_string();
         let read = resource.metadata().clone();
         self.replace_at(resource, &read, &expected).await
     }
@@ -250,19 +244,7 @@ impl Datastore {
             let (mut resource, condition) = match write {
                 Write::Create(r) => (r, None),
                 Write::Back(r) => {
-                    let Some(rv) = r.metadata().resource_version.clone() else {
-                        return Err(DatastoreError::BadRequest {
-                            kind: r.kind(),
-                            name: display_name(&r),
-                            message: "a write back needs the resourceVersion it was read at"
-                                .to_owned(),
-                        });
-                    };
-                    let revision = rv.parse::<i64>().map_err(|_| DatastoreError::BadRequest {
-                        kind: r.kind(),
-                        name: display_name(&r),
-                        message: format!("resourceVersion `{rv}` is not a revision number"),
-                    })?;
+                    let revision = read_revision(&r)?;
                     (r, Some(revision))
                 }
             };
@@ -697,6 +679,22 @@ fn is_ipam(kind: Kind) -> bool {
         kind,
         Kind::IPAMBlock | Kind::BlockAffinity | Kind::IPAMHandle | Kind::IPAMConfig
     )
+}
+
+/// The revision `resource` was read at (its `resourceVersion`), which writing it back needs.
+fn read_revision(resource: &Resource) -> Result<i64, DatastoreError> {
+    let bad = |message: String| DatastoreError::BadRequest {
+        kind: resource.kind(),
+        name: display_name(resource),
+        message,
+    };
+    let rv = resource
+        .metadata()
+        .resource_version
+        .as_deref()
+        .ok_or_else(|| bad("a write back needs the resourceVersion it was read at".to_owned()))?;
+    rv.parse()
+        .map_err(|_| bad(format!("resourceVersion `{rv}` is not a revision number")))
 }
 
 /// The stored form: v3 objects as upstream stores them (without resourceVersion, which is the

@@ -141,14 +141,20 @@ pub fn netconf(etcd: &Etcd, name: &str, version: &str, node: &str) -> Value {
     })
 }
 
-/// etcd with the given pools (name, spec in YAML flow form) stored through the datastore.
-pub async fn etcd_with_pools(pools: &[(&str, &str)]) -> anyhow::Result<Etcd> {
-    let etcd = Etcd::start()?;
-    let store =
+/// A datastore connection to the test's etcd.
+pub async fn store_of(etcd: &Etcd) -> anyhow::Result<calico_datastore::Datastore> {
+    Ok(
         calico_datastore::Datastore::connect(&calico_datastore::EtcdConfig::with_endpoints([
             etcd.endpoint()
         ]))
-        .await?;
+        .await?,
+    )
+}
+
+/// etcd with the given pools (name, spec in YAML flow form) stored through the datastore.
+pub async fn etcd_with_pools(pools: &[(&str, &str)]) -> anyhow::Result<Etcd> {
+    let etcd = Etcd::start()?;
+    let store = store_of(&etcd).await?;
     for (name, cidr) in pools {
         let doc = format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{{spec}}}\n", spec = pool_spec(cidr));
         for r in calico_model::parse_documents(&doc)? {
@@ -246,11 +252,7 @@ pub fn enable_host_forwarding() {
 /// IPAM state: (allocated addresses, handles).
 pub async fn ipam_usage(etcd: &Etcd) -> anyhow::Result<(usize, usize)> {
     use calico_model::{Kind, Resource};
-    let store =
-        calico_datastore::Datastore::connect(&calico_datastore::EtcdConfig::with_endpoints([
-            etcd.endpoint()
-        ]))
-        .await?;
+    let store = store_of(etcd).await?;
     let (blocks, _) = store.list(Kind::IPAMBlock, None).await?;
     let allocated = blocks
         .iter()
@@ -264,11 +266,7 @@ pub async fn ipam_usage(etcd: &Etcd) -> anyhow::Result<(usize, usize)> {
 }
 
 pub async fn endpoints(etcd: &Etcd) -> anyhow::Result<Vec<calico_model::Resource>> {
-    let store =
-        calico_datastore::Datastore::connect(&calico_datastore::EtcdConfig::with_endpoints([
-            etcd.endpoint()
-        ]))
-        .await?;
+    let store = store_of(etcd).await?;
     Ok(store
         .list(calico_model::Kind::WorkloadEndpoint, None)
         .await?

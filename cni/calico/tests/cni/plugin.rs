@@ -548,15 +548,6 @@ async fn attachments_sharing_a_name_prefix_keep_their_own_veths() -> anyhow::Res
     Ok(())
 }
 
-async fn store_of(etcd: &harness::Etcd) -> anyhow::Result<calico_datastore::Datastore> {
-    Ok(
-        calico_datastore::Datastore::connect(&calico_datastore::EtcdConfig::with_endpoints([
-            etcd.endpoint()
-        ]))
-        .await?,
-    )
-}
-
 /// A handle record counting an address no block holds (what a DEL that died between freeing
 /// the address and deleting the record leaves; an allocation and its record are written in
 /// one transaction, so an ADD cannot). An ADD for the attachment corrects it: one address,
